@@ -1,0 +1,137 @@
+"""Catalog endpoints: metadata only. No endpoint here, or anywhere, returns rows."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, Request, UploadFile, status
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, caller
+from catalog import service
+from catalog.descriptor import Category, OpeningClass, Sensitivity, parse_descriptor_dict, parse_descriptor_text
+from catalog.schemas import DatasetOut, DatasetPage, DescriptorReport, VersionOut
+from pdao.errors import bad_request, forbidden, too_large
+from policies.catalog_rules import catalog_scope, may_manage_dataset
+from sandbox.store import load_version
+
+router = APIRouter(tags=["catalog"])
+
+Reader = caller("catalog", "read")
+Writer = caller("catalog", "write")
+Loader = caller("dataset_version", "create")
+
+
+@router.get("/datasets", name="datasets.list", response_model=DatasetPage)
+def list_datasets(
+    principal: Reader,
+    session: SessionDep,
+    q: Annotated[str | None, Query(max_length=100, description="text in code, titles, descriptions or field names")] = None,
+    department: Annotated[str | None, Query(max_length=64)] = None,
+    category: Category | None = None,
+    grade: Annotated[int | None, Query(ge=1, le=5)] = None,
+    max_grade: Annotated[int | None, Query(ge=1, le=5)] = None,
+    opening_class: OpeningClass | None = None,
+    sensitivity: Sensitivity | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetPage:
+    """Datasets the caller may see, with search and filters."""
+    flt = service.DatasetFilters(q=q, department=department, category=category, grade=grade, max_grade=max_grade,
+                                 opening_class=opening_class, sensitivity=sensitivity, limit=limit, offset=offset)
+    return service.list_datasets(session, catalog_scope(principal.role, principal.org_id), flt)
+
+
+@router.get("/datasets/{code}", name="datasets.read", response_model=DatasetOut)
+def get_dataset(code: str, principal: Reader, session: SessionDep, request: Request) -> DatasetOut:
+    request.state.object = f"dataset:{code}"[:200]
+    return service.get_dataset(session, code, catalog_scope(principal.role, principal.org_id))
+
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+
+@router.post("/datasets", name="datasets.register", response_model=DescriptorReport,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"type": "object"}},
+                 "application/yaml": {"schema": {"type": "string"}}}}})
+async def register_dataset(request: Request, principal: Writer, session: SessionDep) -> DescriptorReport:
+    """Register or update a dataset descriptor (JSON, or the YAML of `catalog/descriptors`)."""
+    body = await request.body()
+    if len(body) > 1024 * 1024:
+        raise too_large(1024 * 1024)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in YAML_TYPES:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("bad_encoding", "The descriptor must be UTF-8.", "描述文件必须为 UTF-8 编码。") from None
+        desc, problems = parse_descriptor_text(text, "request")
+    else:
+        data = _json_object(body)
+        desc, problems = parse_descriptor_dict(data)
+    if desc is None:
+        raise service.DescriptorsRefused(problems)
+    request.state.object = f"dataset:{desc.code}"
+    return await run_in_threadpool(_register, session, principal, desc)
+
+
+def _register(session, principal, desc) -> DescriptorReport:  # noqa: ANN001
+    owner = service.source_department_of(session, desc.code)
+    if not may_manage_dataset(principal.role, principal.org_code, owner or desc.source_department):
+        raise forbidden("not_your_department", "Only a provider of the source department may register or change "
+                        "this dataset.", "只有数据提供部门本部门的人员可以登记或修改该数据集。")
+    action = service.apply_descriptor(session, desc)
+    session.commit()
+    ds = service.find_dataset(session, desc.code)
+    return DescriptorReport(code=desc.code, action=action, revision=ds.revision)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("bad_json", "The body is not valid JSON.", "请求体不是有效的 JSON。") from None
+    if not isinstance(data, dict):
+        raise bad_request("bad_json", "The descriptor must be a JSON object.", "描述必须是 JSON 对象。")
+    return data
+
+
+class LoadedVersion(VersionOut):
+    code: str
+    warnings: list[dict[str, Any]]
+
+
+@router.post("/datasets/{code}/versions", name="datasets.load_version", response_model=LoadedVersion,
+             status_code=status.HTTP_201_CREATED)
+def add_version(code: str, file: UploadFile, principal: Loader, session: SessionDep, settings: SettingsDep,
+                request: Request, env: Annotated[str, Form(pattern="^(prod|dev)$")] = "prod",
+                note: Annotated[str, Form(max_length=500)] = "") -> LoadedVersion:
+    """Load a data file (Parquet or CSV with a header) as the next immutable version."""
+    request.state.object = f"dataset:{code}"[:200]
+    service.find_dataset(session, code, catalog_scope(principal.role, principal.org_id))
+    if not may_manage_dataset(principal.role, principal.org_code, service.source_department_of(session, code) or ""):
+        raise forbidden("not_your_department", "Only a provider of the source department may load data.",
+                        "只有数据提供部门本部门的人员可以加载数据。")
+    settings.ensure_home()
+    staged = settings.staging_dir / f"upload-{uuid.uuid4().hex}"
+    try:
+        size = 0
+        with staged.open("wb") as out:
+            while chunk := file.file.read(1 << 20):
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise too_large(settings.max_upload_bytes)
+                out.write(chunk)
+        if size == 0:
+            raise bad_request("empty_file", "The file is empty.", "文件为空。")
+        version, report = load_version(session, settings, code, staged, env=env, source="upload", note=note,
+                                       loaded_by=principal.user_id)
+    finally:
+        staged.unlink(missing_ok=True)
+    request.state.object = f"dataset:{code}:{env}:v{version.number}"
+    return LoadedVersion(code=code, warnings=report.warnings,
+                         **version.model_dump(include=set(VersionOut.model_fields)))

@@ -1,0 +1,88 @@
+"""Catalog tables: organizations, datasets, their fields and immutable versions (metadata only)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from pdao.db import utcnow
+
+
+class Organization(SQLModel, table=True):
+    __tablename__ = "organization"
+
+    id: int | None = Field(default=None, primary_key=True)
+    code: str = Field(index=True, unique=True, max_length=64)
+    name_zh: str = Field(max_length=200)
+    name_en: str = Field(max_length=200)
+    kind: str = Field(max_length=20)  # department | company | office | operator | regulator
+    credit_code: str | None = Field(default=None, max_length=18)  # GB 32100 unified social credit code
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Dataset(SQLModel, table=True):
+    __tablename__ = "dataset"
+
+    id: int | None = Field(default=None, primary_key=True)
+    code: str = Field(index=True, unique=True, max_length=128)
+    title_zh: str = Field(max_length=200)
+    title_en: str = Field(max_length=200)
+    description_zh: str = ""
+    description_en: str = ""
+    source_org_id: int = Field(foreign_key="organization.id", index=True)
+    standard: str = Field(max_length=200)
+    update_cycle: str = Field(max_length=20)
+    category: str = Field(max_length=40, index=True)
+    grade: int = Field(index=True)
+    opening_class: str = Field(max_length=20, index=True)
+    privacy_unit: str | None = Field(default=None, max_length=64)
+    keywords: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    revision: int = 1  # bumped whenever the descriptor changes
+    descriptor_sha256: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetField(SQLModel, table=True):
+    __tablename__ = "dataset_field"
+    __table_args__ = (UniqueConstraint("dataset_id", "name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int = Field(foreign_key="dataset.id", index=True)
+    position: int
+    name: str = Field(max_length=64)
+    type: str = Field(max_length=20)
+    sensitivity: str = Field(max_length=20)
+    pii_kind: str | None = Field(default=None, max_length=20)
+    masking: str = Field(max_length=20)
+    grade: int
+    nullable: bool = True
+    domain: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    bounds: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    unit: str | None = Field(default=None, max_length=20)
+    description_zh: str = ""
+    description_en: str = ""
+
+
+class DatasetVersion(SQLModel, table=True):
+    """An immutable snapshot in the domain store. Rows are never rewritten; a new load is a new version."""
+
+    __tablename__ = "dataset_version"
+    __table_args__ = (UniqueConstraint("dataset_id", "env", "number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int = Field(foreign_key="dataset.id", index=True)
+    env: str = Field(max_length=8)  # prod: the real data; dev: the synthetic twin
+    number: int
+    dataset_revision: int
+    row_count: int
+    size_bytes: int
+    sha256: str = Field(max_length=64, index=True)
+    storage_path: str = Field(max_length=400)  # relative to the domain store; never shown to clients
+    source: str = Field(max_length=20)  # upload | cli | synth
+    note: str = ""
+    loaded_by: int | None = Field(default=None, foreign_key="app_user.id")
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,3 @@
+"""pdao core: settings, metadata database, errors, identities, audit, command line."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from pdao.cli import app
+
+app(prog_name="pdao")

@@ -1,0 +1,336 @@
+"""The `pdao` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from sqlmodel import Session, select
+
+from pdao.config import Settings
+from pdao.errors import PdaoError
+
+app = typer.Typer(help="pdao — public-data authorized-operation sandbox (公共数据授权运营沙箱).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+catalog_app = typer.Typer(help="The data catalog.", no_args_is_help=True)
+data_app = typer.Typer(help="Data versions in the domain store.", no_args_is_help=True)
+users_app = typer.Typer(help="Users and API keys.", no_args_is_help=True)
+orgs_app = typer.Typer(help="Organizations.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(data_app, name="data")
+app.add_typer(users_app, name="users")
+app.add_typer(orgs_app, name="orgs")
+
+
+def _fail(err: PdaoError) -> None:
+    typer.secho(f"error [{err.code}]: {err.message}\n       {err.message_zh}", fg="red", err=True)
+    if err.details:
+        details = err.details
+        if isinstance(details, list) and details and isinstance(details[0], dict) and "file" in details[0]:
+            for d in details:
+                where = f"{d['file']}:{d['line']}" if d.get("line") else d["file"]
+                typer.echo(f"  {where}: {d['path'] or '(document)'}: {d['message']}", err=True)
+        else:
+            typer.echo(json.dumps(details, ensure_ascii=False, indent=2, default=str), err=True)
+    raise typer.Exit(1)
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _engine(settings: Settings):  # noqa: ANN202
+    from pdao.demo import prepare_home
+
+    return prepare_home(settings)
+
+
+def _run(fn):  # noqa: ANN001, ANN202
+    try:
+        return fn()
+    except PdaoError as e:
+        _fail(e)
+
+
+@app.command()
+def init() -> None:
+    """Create the home (PDAO_HOME) and bring the metadata database to the latest schema."""
+    s = _settings()
+    _engine(s).dispose()
+    typer.echo(f"ready: {s.home} ({s.database_url.split('://')[0]})")
+
+
+@catalog_app.command("import")
+def catalog_import(paths: Annotated[list[Path] | None, typer.Argument(help="YAML files or folders")] = None) -> None:
+    """Import descriptors all-or-nothing (default: the packaged health descriptors)."""
+    from pdao.demo import import_catalog
+
+    engine = _engine(_settings())
+    report = _run(lambda: import_catalog(engine, paths))
+    for code, action in {**report.organizations, **report.datasets}.items():
+        typer.echo(f"{action:<9} {code}")
+
+
+@catalog_app.command("list")
+def catalog_list() -> None:
+    """List the datasets and their latest versions."""
+    from catalog.service import DatasetFilters, list_datasets
+    from policies.catalog_rules import ALL_CLASSES, CatalogScope
+
+    engine = _engine(_settings())
+    with Session(engine) as session:
+        page = list_datasets(session, CatalogScope(ALL_CLASSES, None), DatasetFilters(limit=500))
+    for d in page.items:
+        typer.echo(f"{d.code:<30} grade {d.grade}  {d.opening_class:<13} prod v{d.latest_version['prod'] or '-'}  "
+                   f"dev v{d.latest_version['dev'] or '-'}  {d.title_zh}")
+
+
+@data_app.command("load")
+def data_load(code: str, file: Path, env: Annotated[str, typer.Option(help="prod or dev (synthetic twin)")] = "prod",
+              note: str = "") -> None:
+    """Check FILE (Parquet, or CSV with a header) against CODE's descriptor and add it as a new version."""
+    from pdao.db import session_scope
+    from sandbox.store import load_version
+
+    if not file.is_file():
+        typer.secho(f"no such file: {file}", fg="red", err=True)
+        raise typer.Exit(1)
+    s = _settings()
+    engine = _engine(s)
+
+    def go():  # noqa: ANN202
+        with session_scope(engine) as session:
+            return load_version(session, s, code, file, env=env, source="cli", note=note)
+
+    version, report = _run(go)
+    typer.echo(f"loaded {code} {env} v{version.number}: {version.row_count:,} rows, sha256 {version.sha256}")
+    for w in report.warnings:
+        typer.secho(f"warning: {w['message']}", fg="yellow")
+
+
+@app.command()
+def synth(scale: Annotated[int, typer.Option(help="outpatient visit rows (about)", min=100)] = 200_000,
+          seed: Annotated[int, typer.Option(help="random seed; same seed, same files")] = 20240113,
+          out: Annotated[Path | None, typer.Option(help="only write Parquet files here; load nothing")] = None,
+          twin: Annotated[bool, typer.Option(help="also make the disjoint dev twin")] = True) -> None:
+    """Generate synthetic Yinchuan health data, deterministic and streamed in chunks."""
+    if out is not None:
+        from sandbox.synth import generate
+
+        out.mkdir(parents=True, exist_ok=True)
+        for code, path in generate(out, scale=scale, seed=seed, twin=False).items():
+            typer.echo(f"{code:<30} {path}")
+        if twin:
+            (out / "twin").mkdir(exist_ok=True)
+            for code, path in generate(out / "twin", scale=scale, seed=seed, twin=True).items():
+                typer.echo(f"{code:<30} {path}")
+        return
+    from pdao.demo import import_catalog, synthesize
+
+    s = _settings()
+    engine = _engine(s)
+    _run(lambda: import_catalog(engine))
+    report = _run(lambda: synthesize(engine, s, scale, seed, twin))
+    for code, env, number, rows in report.loaded:
+        typer.echo(f"{code:<30} {env:<4} v{number}  {rows:>12,} rows")
+
+
+@orgs_app.command("create")
+def orgs_create(code: str, name_zh: Annotated[str, typer.Option()], name_en: Annotated[str, typer.Option()],
+                kind: Annotated[str, typer.Option(help="department|company|office|operator|regulator")] = "company",
+                credit_code: str | None = None) -> None:
+    """Create or update an organization (a tenant company, usually)."""
+    from catalog.descriptor import OrganizationSpec
+    from catalog.service import upsert_organization
+    from pdao.db import session_scope
+    from pydantic import ValidationError
+
+    try:
+        spec = OrganizationSpec(code=code, name={"zh": name_zh, "en": name_en}, kind=kind, credit_code=credit_code)
+    except ValidationError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(1) from None
+    if credit_code:
+        from catalog.identifiers import is_valid_uscc
+
+        if not is_valid_uscc(credit_code):
+            typer.secho("not a valid unified social credit code (GB 32100)", fg="red", err=True)
+            raise typer.Exit(1)
+    engine = _engine(_settings())
+
+    def go() -> str:
+        with session_scope(engine) as session:
+            return upsert_organization(session, spec)
+
+    typer.echo(f"{_run(go)} {code}")
+
+
+@orgs_app.command("list")
+def orgs_list() -> None:
+    from catalog.models import Organization
+
+    engine = _engine(_settings())
+    with Session(engine) as session:
+        for o in session.exec(select(Organization).order_by(Organization.kind, Organization.code)):
+            typer.echo(f"{o.code:<12} {o.kind:<10} {o.name_zh}  ({o.name_en})")
+
+
+def _password(password: str | None) -> str:
+    return password if password is not None else typer.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@users_app.command("create")
+def users_create(username: str, org: Annotated[str, typer.Option(help="organization code")],
+                 role: Annotated[str, typer.Option(help="provider|applicant|office|reviewer|auditor|operator")],
+                 password: Annotated[str | None, typer.Option(help="prompted when left out")] = None,
+                 display_name: str = "") -> None:
+    """Create a user in an organization with a role."""
+    from pdao.db import session_scope
+    from pdao.identity.service import create_user
+
+    engine = _engine(_settings())
+    pw = _password(password)
+
+    def go() -> None:
+        with session_scope(engine) as session:
+            create_user(session, username, pw, org, role, display_name)
+
+    _run(go)
+    typer.echo(f"created {username} ({role} of {org})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    from pdao.identity.service import list_users
+
+    engine = _engine(_settings())
+    with Session(engine) as session:
+        for u, o in list_users(session):
+            state = "active" if u.is_active else "disabled"
+            typer.echo(f"{u.username:<16} {u.role:<10} {o.code:<12} {state}")
+
+
+@users_app.command("set-password")
+def users_set_password(username: str, password: Annotated[str | None, typer.Option()] = None) -> None:
+    """Change a password; every token issued before stops working."""
+    from pdao.db import session_scope
+    from pdao.identity.service import set_password
+
+    engine = _engine(_settings())
+    pw = _password(password)
+
+    def go() -> None:
+        with session_scope(engine) as session:
+            set_password(session, username, pw)
+
+    _run(go)
+    typer.echo(f"password changed for {username}")
+
+
+def _set_active(username: str, active: bool) -> None:
+    from pdao.db import session_scope
+    from pdao.identity.service import set_active
+
+    engine = _engine(_settings())
+
+    def go() -> None:
+        with session_scope(engine) as session:
+            set_active(session, username, active)
+
+    _run(go)
+    typer.echo(f"{'enabled' if active else 'disabled'} {username}")
+
+
+@users_app.command("disable")
+def users_disable(username: str) -> None:
+    """Disable a user; their tokens and API keys stop working at once."""
+    _set_active(username, False)
+
+
+@users_app.command("enable")
+def users_enable(username: str) -> None:
+    _set_active(username, True)
+
+
+@users_app.command("issue-key")
+def users_issue_key(username: str, label: str = "", days: Annotated[int, typer.Option(min=1, max=3650)] = 365,
+                    by: Annotated[str | None, typer.Option(help="the operator issuing it")] = None) -> None:
+    """Issue an API key for a user's scripts (shown once; send it as X-API-Key)."""
+    from pdao.db import session_scope
+    from pdao.identity.models import Role
+    from pdao.identity.service import get_user, issue_api_key
+
+    engine = _engine(_settings())
+
+    def go() -> tuple[str, int]:
+        with session_scope(engine) as session:
+            issuer = None
+            if by is not None:
+                op = get_user(session, by)
+                if op.role != Role.operator:
+                    raise PdaoError(403, "not_operator", "Only an operator issues API keys.", "只有运营方可以签发 API 密钥。")
+                issuer = op.id
+            key, row = issue_api_key(session, username, issuer, label, days)
+            return key, row.id
+
+    key, key_id = _run(go)
+    typer.echo(f"API key #{key_id} for {username} (shown once):\n{key}")
+
+
+@users_app.command("revoke-key")
+def users_revoke_key(key_id: int) -> None:
+    from pdao.db import session_scope
+    from pdao.identity.service import revoke_api_key
+
+    engine = _engine(_settings())
+
+    def go() -> None:
+        with session_scope(engine) as session:
+            revoke_api_key(session, key_id)
+
+    _run(go)
+    typer.echo(f"revoked API key #{key_id}")
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000,
+          workers: Annotated[int, typer.Option(help="server processes")] = 1) -> None:
+    """Serve the API (and /docs) for an existing home."""
+    import uvicorn
+
+    s = _settings()
+    _engine(s).dispose()  # migrate before any worker starts
+    typer.echo(f"serving {s.home} on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info",
+                proxy_headers=False, server_header=False)
+
+
+@app.command()
+def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="serve when ready")] = True,
+         scale: Annotated[int, typer.Option(min=100)] = 200_000, seed: int = 20240113,
+         host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Set up a demo home (catalog, synthetic data, demo users) and serve it."""
+    from pdao.demo import DEMO_USERS, run_demo
+
+    s = _settings()
+    _run(lambda: run_demo(s, scale=scale, seed=seed, echo=typer.echo))
+    typer.echo("\nDemo users (password: $PDAO_DEMO_PASSWORD, default 'pdao-demo'):")
+    for username, org, role in DEMO_USERS:
+        typer.echo(f"  {username:<10} {role:<9} {org}")
+    typer.echo(f"\nLog in:\n  curl -s -X POST http://{host}:{port}/api/v1/auth/token "
+               "-d username=insurer_a -d password=pdao-demo\n"
+               f"  then: curl -s -H 'Authorization: Bearer <token>' http://{host}:{port}/api/v1/datasets\n"
+               f"  or open http://{host}:{port}/docs and use 'Authorize'.")
+    if serve_:
+        serve(host=host, port=port)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="pdao")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Settings, read once from the environment and passed down explicitly."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    demo_password: str = "pdao-demo"
+    token_ttl_minutes: int = 60
+    max_upload_bytes: int = 2 * 1024**3
+    login_max_failures: int = 5
+    login_lock_minutes: int = 15
+    secret_key_override: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("PDAO_HOME", "./.pdao")).expanduser().resolve()
+        url = env.get("PDAO_DATABASE_URL") or f"sqlite:///{home / 'pdao.db'}"
+        return cls(
+            home=home,
+            database_url=normalize_database_url(url),
+            demo_password=env.get("PDAO_DEMO_PASSWORD", "pdao-demo"),
+            token_ttl_minutes=int(env.get("PDAO_TOKEN_TTL_MINUTES", "60")),
+            max_upload_bytes=int(env.get("PDAO_MAX_UPLOAD_MB", "2048")) * 1024**2,
+            secret_key_override=env.get("PDAO_SECRET_KEY") or None,
+        )
+
+    @property
+    def domain_dir(self) -> Path:
+        """The domain store: immutable Parquet snapshots. Nothing outside the sandbox reads it."""
+        return self.home / "domain"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
+
+    def ensure_home(self) -> None:
+        for d in (self.home, self.domain_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def secret_key(self) -> str:
+        """Token signing key: from PDAO_SECRET_KEY, else a random key kept in the home (0600)
+        so that every server process on this home signs alike."""
+        if self.secret_key_override:
+            return self.secret_key_override
+        path = self.home / "secret.key"
+        if not path.exists():
+            self.ensure_home()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process won the race; read theirs
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(48))
+        return path.read_text().strip()
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the common spellings of a PostgreSQL URL and use the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url

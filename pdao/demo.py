@@ -1,0 +1,113 @@
+"""Setting up a home: migrate, import the catalog, synthesize data, create the demo identities."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from catalog.descriptor import PACKAGED_DESCRIPTORS, OrganizationSpec, OrgKind, Text
+from catalog.models import DatasetVersion
+from catalog.service import ImportReport, import_descriptors, upsert_organization
+from pdao.config import Settings
+from pdao.db import make_engine, migrate, session_scope
+from pdao.identity import service as identities
+from pdao.identity.models import User
+
+DEMO_COMPANIES = (
+    OrganizationSpec(code="company_a", name=Text(zh="甲保险公司", en="Insurance Company A"), kind=OrgKind.company),
+    OrganizationSpec(code="company_b", name=Text(zh="乙保险公司", en="Insurance Company B"), kind=OrgKind.company),
+)
+
+# (username, organization code, role) as API.md lists them.
+DEMO_USERS = (
+    ("provider1", "ycwjw", "provider"),
+    ("office1", "office", "office"),
+    ("office2", "office", "office"),
+    ("reviewer1", "office", "reviewer"),
+    ("auditor1", "cac", "auditor"),
+    ("operator1", "operator", "operator"),
+    ("insurer_a", "company_a", "applicant"),
+    ("insurer_b", "company_b", "applicant"),
+)
+
+DEFAULT_SCALE = 200_000  # outpatient visit rows: a few seconds on 2 cores
+DEFAULT_SEED = 20240113  # the date of 银政办发〔2024〕3 号
+
+
+def prepare_home(settings: Settings) -> Engine:
+    settings.ensure_home()
+    migrate(settings.database_url)
+    return make_engine(settings.database_url)
+
+
+def import_catalog(engine: Engine, paths: list[Path] | None = None) -> ImportReport:
+    with session_scope(engine) as session:
+        return import_descriptors(session, paths or [PACKAGED_DESCRIPTORS])
+
+
+@dataclass
+class SynthReport:
+    loaded: list[tuple[str, str, int, int]]  # (code, env, version number, rows)
+
+
+def synthesize(engine: Engine, settings: Settings, scale: int, seed: int, twin: bool = True) -> SynthReport:
+    """Generate the synthetic health data and load it as versions: env prod (the stand-in for the
+    real data) and, with `twin`, the disjoint twin as env dev."""
+    from sandbox.store import load_version
+    from sandbox.synth import generate
+
+    settings.ensure_home()
+    loaded = []
+    for env, is_twin in (("prod", False), ("dev", True)) if twin else (("prod", False),):
+        work = Path(tempfile.mkdtemp(prefix=f"synth-{env}-", dir=settings.staging_dir))
+        try:
+            files = generate(work, scale=scale, seed=seed, twin=is_twin)
+            for code, path in sorted(files.items()):
+                with session_scope(engine) as session:
+                    version, report = load_version(session, settings, code, path, env=env, source="synth",
+                                                   note=f"pdao synth --scale {scale} --seed {seed}")
+                    loaded.append((code, env, version.number, report.row_count))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return SynthReport(loaded)
+
+
+def has_versions(engine: Engine) -> bool:
+    with Session(engine) as session:
+        return session.exec(select(DatasetVersion.id)).first() is not None
+
+
+def ensure_demo_identities(engine: Engine, settings: Settings) -> list[str]:
+    """Create the demo companies and users (idempotent). Answers the usernames created."""
+    created = []
+    with session_scope(engine) as session:
+        for spec in DEMO_COMPANIES:
+            upsert_organization(session, spec)
+        session.flush()
+        for username, org, role in DEMO_USERS:
+            if session.exec(select(User).where(User.username == username)).first() is None:
+                identities.create_user(session, username, settings.demo_password, org, role)
+                created.append(username)
+    return created
+
+
+def run_demo(settings: Settings, scale: int = DEFAULT_SCALE, seed: int = DEFAULT_SEED, echo=print) -> None:  # noqa: ANN001
+    echo(f"pdao home: {settings.home}")
+    engine = prepare_home(settings)
+    echo("metadata database migrated")
+    report = import_catalog(engine)
+    echo(f"catalog imported: {len(report.datasets)} datasets, {len(report.organizations)} organizations")
+    created = ensure_demo_identities(engine, settings)
+    echo(f"demo identities: {len(created)} created, {len(DEMO_USERS) - len(created)} already there")
+    if has_versions(engine):
+        echo("synthetic data already loaded (delete the home to start over)")
+    else:
+        echo(f"generating synthetic health data: scale {scale:,} visits, seed {seed} (and its dev twin) ...")
+        for code, env, number, rows in synthesize(engine, settings, scale, seed).loaded:
+            echo(f"  {code:<30} {env:<4} v{number}  {rows:>10,} rows")
+    engine.dispose()

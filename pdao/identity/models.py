@@ -1,0 +1,63 @@
+"""Users, their organization and role, and the API keys an operator issues for scripts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlmodel import Field, SQLModel
+
+from pdao.db import utcnow
+
+
+class Role(StrEnum):
+    provider = "provider"    # data steward of a source department
+    applicant = "applicant"  # analyst of a data-using company (a tenant)
+    office = "office"        # coordination office
+    reviewer = "reviewer"    # export reviewer
+    auditor = "auditor"      # security reviewer
+    operator = "operator"    # operating entity
+
+
+# Which organization kinds a role may belong to: an applicant is always a company (a tenant), etc.
+ROLE_ORG_KINDS: dict[Role, frozenset[str]] = {
+    Role.provider: frozenset({"department"}),
+    Role.applicant: frozenset({"company"}),
+    Role.office: frozenset({"office"}),
+    Role.reviewer: frozenset({"office"}),
+    Role.auditor: frozenset({"regulator"}),
+    Role.operator: frozenset({"operator"}),
+}
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "app_user"
+
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(index=True, unique=True, max_length=64)
+    display_name: str = Field(default="", max_length=200)
+    org_id: int = Field(foreign_key="organization.id", index=True)
+    role: str = Field(max_length=20)
+    password_hash: str = Field(max_length=300)
+    is_active: bool = True
+    failed_logins: int = 0
+    locked_until: datetime | None = None
+    # Tokens issued before this instant are refused (password change, disable).
+    tokens_valid_after: datetime = Field(default_factory=utcnow)
+    last_login_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="app_user.id", index=True)
+    prefix: str = Field(index=True, unique=True, max_length=16)
+    key_sha256: str = Field(max_length=64)  # the key itself is shown once and never stored
+    label: str = Field(default="", max_length=200)
+    issued_by: int | None = Field(default=None, foreign_key="app_user.id")
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
