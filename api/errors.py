@@ -39,17 +39,20 @@ def _validation_details(exc: RequestValidationError) -> list[dict]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PdaoError)
-    async def _pdao(_request: Request, exc: PdaoError) -> JSONResponse:
+    async def _pdao(request: Request, exc: PdaoError) -> JSONResponse:
+        request.state.reason = exc.code  # the audit event names why
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.state.reason = "invalid_request"
         return error_response(PdaoError(422, "invalid_request", "The request is invalid; see details.",
                                         "请求参数无效，详见 details。", details=_validation_details(exc)))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code, msg, msg_zh = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error.", "HTTP 错误。"))
+        request.state.reason = code
         return error_response(PdaoError(exc.status_code, code, msg, msg_zh, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
