@@ -235,6 +235,7 @@ def _register(session: Session, settings: Settings, ds: Dataset, tmp: Path, dige
             session.rollback()
             final.unlink(missing_ok=True)
             continue
+        session.refresh(version)
         return version
     raise RuntimeError("could not allocate a version number")  # pragma: no cover
 
