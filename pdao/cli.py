@@ -45,14 +45,19 @@ def _settings() -> Settings:
 def _engine(settings: Settings):  # noqa: ANN202
     from pdao.demo import prepare_home
 
-    return prepare_home(settings)
+    return _run(lambda: prepare_home(settings))
 
 
 def _run(fn):  # noqa: ANN001, ANN202
+    from sqlalchemy.exc import OperationalError
+
     try:
         return fn()
     except PdaoError as e:
         _fail(e)
+    except OperationalError as e:
+        _fail(PdaoError(503, "database_unavailable", f"The metadata database cannot be reached: {e.orig}",
+                        f"无法连接元数据数据库：{e.orig}"))
 
 
 @app.command()

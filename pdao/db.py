@@ -60,12 +60,33 @@ def alembic_config(url: str):
     return cfg
 
 
+def ensure_database(url: str) -> None:
+    """Create the SQLite folder, or the PostgreSQL database if the server lacks it."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not url.startswith("postgresql"):
+        return
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+    admin = create_engine(target.set(database="postgres").render_as_string(hide_password=False),
+                          isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = %s", (target.database,)).first()
+            if exists is None:
+                name = target.database.replace('"', '""')
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.dispose()
+
+
 def migrate(url: str, revision: str = "head") -> None:
     """Bring the metadata schema to `revision` (idempotent)."""
     from alembic import command
 
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    ensure_database(url)
     command.upgrade(alembic_config(url), revision)
 
 
