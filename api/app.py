@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from api.errors import install_error_handlers
+from api.errors import install_error_handlers, internal_error_response
+from api.limits import BodySizeLimit, limits_by_path
 from api.routes import admin, auth, datasets, health
 from pdao import __version__, audit
 from pdao.config import Settings
@@ -36,32 +38,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, auth.router, datasets.router, admin.router):
         app.include_router(router, prefix=API_PREFIX)
+    # Added before the audit middleware, so it runs inside it: a refused body is audited too.
+    app.add_middleware(BodySizeLimit, limit_for=limits_by_path(DEFAULT_BODY_LIMIT, [
+        # file uploads: the file itself is checked against max_upload_bytes by the route
+        ("POST", rf"{API_PREFIX}/datasets/[^/]+/versions", settings.max_upload_bytes + MULTIPART_OVERHEAD),
+    ]))
 
     @app.middleware("http")
     async def audit_every_request(request: Request, call_next) -> Response:  # noqa: ANN001
-        request_id = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
-        request.state.request_id = request_id
+        request.state.request_id = _request_id(request.headers.get("x-request-id"))
         try:
             response = await call_next(request)
-        except Exception:
-            await run_in_threadpool(_record, request, 500)
-            raise
+        except Exception:  # noqa: BLE001 - answered here, so the 500 is audited and carries its request id
+            response = internal_error_response(request)
         await run_in_threadpool(_record, request, response.status_code)
-        response.headers["X-Request-ID"] = request_id
+        response.headers["X-Request-ID"] = request.state.request_id
         return response
 
     return app
+
+
+DEFAULT_BODY_LIMIT = 1024 * 1024  # JSON, forms and descriptors
+MULTIPART_OVERHEAD = 64 * 1024
+
+# A client may name its request (to find it in the audit trail), but only with a plain token:
+# anything else would be written into the audit log verbatim.
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+def _request_id(supplied: str | None) -> str:
+    if supplied and _REQUEST_ID_RE.fullmatch(supplied):
+        return supplied
+    return uuid.uuid4().hex
+
+
+def _decision(status: int) -> str:
+    """The audit decision follows the answer: refused requests are denials whatever stage refused
+    them (authentication, role, validation, state, tenant scope); server failures are errors."""
+    if status >= 500:
+        return "error"
+    return "deny" if status >= 400 else "allow"
 
 
 def _record(request: Request, status: int) -> None:
     """One audit event per request, allowed or denied. Failure to audit is logged loudly."""
     state = request.state
     principal = getattr(state, "principal", None)
-    decision = getattr(state, "decision", None)
-    if status >= 500:
-        decision = "error"
-    elif decision is None or (decision == "allow" and status in (401, 403)):
-        decision = "deny" if status in (401, 403, 404, 405) or status == 429 else "allow"
+    reason = getattr(state, "reason", None)
+    if status >= 400 and not reason:
+        reason = f"http_{status}"
     try:
         audit.record(
             request.app.state.engine,
@@ -72,12 +97,12 @@ def _record(request: Request, status: int) -> None:
             auth_method=principal.auth_method if principal else None,
             action=getattr(state, "action", None) or _route_action(request),
             object=getattr(state, "object", None),
-            decision=decision,
+            decision=_decision(status),
             status=status,
-            reason=getattr(state, "reason", None) if status < 400 else getattr(state, "reason", None) or f"http_{status}",
-            method=request.method,
+            reason=reason,
+            method=request.method[:10],
             path=request.url.path[:400],
-            client=request.client.host if request.client else None,
+            client=request.client.host[:64] if request.client else None,
         )
     except Exception:  # noqa: BLE001 - the response is already decided; never hide an audit failure
         log.exception("AUDIT WRITE FAILED for request %s", state.request_id)

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.limits import BodyTooLarge
 from pdao.errors import PdaoError
 
 log = logging.getLogger("pdao.api")
@@ -51,15 +52,30 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            request.state.reason = exc.error.code
+            return error_response(exc.error)
         code, msg, msg_zh = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error.", "HTTP 错误。"))
         request.state.reason = code
         return error_response(PdaoError(exc.status_code, code, msg, msg_zh, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path,
-                      getattr(request.state, "request_id", "-"))
-        return error_response(PdaoError(500, "internal_error",
-                                        "Internal error; nothing was changed. Quote the request id to the operator.",
-                                        "内部错误，未做任何更改。请向运营方提供请求编号。",
-                                        details={"request_id": getattr(request.state, "request_id", None)}))
+        # Normally the audit middleware answers unexpected errors itself (internal_error_response);
+        # this is the last resort for anything raised outside it.
+        return internal_error_response(request, exc)
+
+
+def internal_error_response(request: Request, exc: BaseException | None = None) -> JSONResponse:
+    """The 500 answer: logged with its traceback here, shown to the client without one."""
+    request_id = getattr(request.state, "request_id", None)
+    if exc is None:
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id or "-")
+    else:
+        log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id or "-",
+                  exc_info=(type(exc), exc, exc.__traceback__))
+    request.state.reason = "internal_error"
+    return error_response(PdaoError(500, "internal_error",
+                                    "Internal error; nothing was changed. Quote the request id to the operator.",
+                                    "内部错误，未做任何更改。请向运营方提供请求编号。",
+                                    details={"request_id": request_id}))

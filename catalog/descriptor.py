@@ -287,7 +287,21 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _first_alias_line(text: str) -> int | None:
+    """Anchors and aliases let a few hundred bytes expand into millions of nodes; descriptors need none."""
+    try:
+        for tok in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(tok, (yaml.AliasToken, yaml.AnchorToken)):
+                return tok.start_mark.line + 1
+    except yaml.YAMLError:
+        return None  # malformed: the parser below reports it with its line
+    return None
+
+
 def _load_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None, list[Problem]]:
+    alias_line = _first_alias_line(text)
+    if alias_line is not None:
+        return None, None, [Problem(file, alias_line, "", "YAML anchors and aliases are not allowed in a descriptor")]
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -309,7 +323,7 @@ def _validation_problems(err: ValidationError, node: yaml.Node | None, file: str
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif e["type"] == "enum":
-            msg = f"{msg}, got {e.get('input')!r}"
+            msg = f"{msg}, got {str(e.get('input'))[:40]!r}"
         out.append(Problem(file, _line_of(node, loc), _dotted(loc), msg))
     return out
 

@@ -200,13 +200,15 @@ class DatasetFilters:
 def list_datasets(session: Session, scope: CatalogScope, flt: DatasetFilters) -> DatasetPage:
     stmt = _scoped(select(Dataset, Organization).join(Organization, Dataset.source_org_id == Organization.id), scope)
     if flt.q:
-        like = f"%{flt.q.lower()}%"
+        q = flt.q.lower()
+
+        def hit(col):  # noqa: ANN001, ANN202 - a literal substring: '_' and '%' are not wildcards
+            return func.lower(col).contains(q, autoescape=True)
+
         field_hit = select(DatasetField.dataset_id).where(
-            or_(func.lower(DatasetField.name).like(like), func.lower(DatasetField.description_zh).like(like),
-                func.lower(DatasetField.description_en).like(like)))
-        stmt = stmt.where(or_(func.lower(Dataset.code).like(like), func.lower(Dataset.title_zh).like(like),
-                              func.lower(Dataset.title_en).like(like), func.lower(Dataset.description_zh).like(like),
-                              func.lower(Dataset.description_en).like(like), Dataset.id.in_(field_hit)))
+            or_(hit(DatasetField.name), hit(DatasetField.description_zh), hit(DatasetField.description_en)))
+        stmt = stmt.where(or_(hit(Dataset.code), hit(Dataset.title_zh), hit(Dataset.title_en),
+                              hit(Dataset.description_zh), hit(Dataset.description_en), Dataset.id.in_(field_hit)))
     if flt.department:
         stmt = stmt.where(Organization.code == flt.department)
     if flt.category:

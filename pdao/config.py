@@ -51,6 +51,8 @@ class Settings:
         """Token signing key: from PDAO_SECRET_KEY, else a random key kept in the home (0600)
         so that every server process on this home signs alike."""
         if self.secret_key_override:
+            if len(self.secret_key_override.encode()) < 32:
+                raise ValueError("PDAO_SECRET_KEY must be at least 32 bytes (HS256 wants a key as long as its hash)")
             return self.secret_key_override
         path = self.home / "secret.key"
         if not path.exists():

@@ -58,7 +58,15 @@ def invalid(code: str, message: str, message_zh: str, details: Any = None) -> Pd
     return PdaoError(422, code, message, message_zh, details)
 
 
+def describe_size(n: int) -> str:
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):g} MB"
+    if n >= 1024:
+        return f"{n / 1024:g} KB"
+    return f"{n} bytes"
+
+
 def too_large(limit_bytes: int) -> PdaoError:
-    mb = limit_bytes // (1024 * 1024)
-    return PdaoError(413, "too_large", f"The file is larger than the limit of {mb} MB.",
-                     f"文件超过 {mb} MB 的上限。")
+    size = describe_size(limit_bytes)
+    return PdaoError(413, "too_large", f"The request is larger than the limit of {size}; nothing was changed.",
+                     f"请求内容超过 {size} 的上限，未做任何更改。", details={"limit_bytes": limit_bytes})

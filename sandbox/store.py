@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,12 @@ def quote_literal(value: str) -> str:
 
 @dataclass
 class FileReport:
-    """What a data file looks like against a descriptor. Empty `problems` means it may be loaded."""
+    """What a data file looks like against a descriptor. Empty `problems` means it may be loaded.
+
+    A report says where the problems are (descriptor columns, counts, line or row numbers) and
+    never what is in the cells: it goes back to the uploader and into logs, and a wrong value in a
+    category column, a reader error quoting the file or a CSV whose first line is data would
+    otherwise carry personal data out of the domain."""
 
     format: str
     row_count: int = 0
@@ -95,24 +101,41 @@ def _base_type(t: str) -> str:
     return t.split("(")[0].strip().upper()
 
 
-def check_file(con: duckdb.DuckDBPyConnection, fmt: str, fields: list[DatasetField]) -> FileReport:
-    """Compare the bound `src` view with the descriptor's fields. Reads the data once per check pass."""
+_PLAIN_COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def _unreadable(fmt: str) -> dict[str, Any]:
+    # DuckDB's message names server paths and may quote the file: not passed on.
+    return {"check": "readable", "message": f"the file cannot be read as {fmt}"}
+
+
+def check_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, fields: list[DatasetField]) -> FileReport:
+    """Bind `path` as the view `src` and compare it with the descriptor's fields, in one pass over
+    the data for all value checks."""
     report = FileReport(format=fmt)
     try:
+        _bind_source(con, path, fmt)
         described = con.execute("DESCRIBE src").fetchall()
-    except duckdb.Error as e:
-        report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}: {e}"})
+    except duckdb.Error:
+        report.problems.append(_unreadable(fmt))
         return report
     src_types = {row[0]: row[1] for row in described}
     wanted = [f.name for f in fields]
     missing = [n for n in wanted if n not in src_types]
     extra = [n for n in src_types if n not in wanted]
+    if missing and len(missing) == len(wanted):
+        report.problems.append({"check": "columns", "columns": missing,
+                                "message": "none of the descriptor's columns is in the file; it needs a header "
+                                           f"line naming them: {', '.join(wanted)}"})
+        return report
     if missing:
         report.problems.append({"check": "columns", "message": f"missing columns: {', '.join(missing)}",
                                 "columns": missing})
     if extra:
-        report.problems.append({"check": "columns", "message": f"columns not in the descriptor: {', '.join(extra)}",
-                                "columns": extra})
+        shown = [n for n in extra if _PLAIN_COLUMN.fullmatch(n)]
+        hidden = f" and {len(extra) - len(shown)} more" if len(shown) < len(extra) else ""
+        report.problems.append({"check": "columns", "columns": shown,
+                                "message": f"columns not in the descriptor: {', '.join(shown) or '-'}{hidden}"})
     for f in fields:
         if f.name in src_types and _base_type(src_types[f.name]) not in _COMPATIBLE[f.type]:
             report.problems.append({"check": "type", "column": f.name,
@@ -139,8 +162,8 @@ def check_file(con: duckdb.DuckDBPyConnection, fmt: str, fields: list[DatasetFie
     exprs += [f"count(*) FILTER (WHERE {cond})" for _, _, cond in checks]
     try:
         counts = con.execute(f"SELECT {', '.join(exprs)} FROM src").fetchone()
-    except duckdb.Error as e:
-        report.problems.append({"check": "readable", "message": f"the file cannot be read: {e}"})
+    except duckdb.Error:
+        report.problems.append(_unreadable(fmt))
         return report
     report.row_count = counts[0]
     first_line = 2 if fmt == "csv" else 1  # CSV: line 1 is the header
@@ -157,9 +180,6 @@ def check_file(con: duckdb.DuckDBPyConnection, fmt: str, fields: list[DatasetFie
         elif kind == "null":
             item["message"] = f"{n} row(s) have no value for '{f.name}', which may not be empty"
         elif kind == "domain":
-            # Category values, not personal data: the provider sees what to fix in its own file.
-            item["values"] = [r[0] for r in con.execute(
-                f"SELECT DISTINCT {quote_ident(f.name)} FROM src WHERE {cond} ORDER BY 1 LIMIT {MAX_EXAMPLES}").fetchall()]
             item["message"] = f"{n} value(s) of '{f.name}' are outside its value domain"
         else:
             item["message"] = (f"{n} value(s) of '{f.name}' fall outside the bounds "
@@ -188,8 +208,7 @@ def load_version(session: Session, settings: Settings, dataset_code: str, src: P
     tmp = settings.staging_dir / f"load-{uuid.uuid4().hex}.parquet"
     con = _connect(settings)
     try:
-        _bind_source(con, src, fmt)
-        report = check_file(con, fmt, fields)
+        report = check_file(con, src, fmt, fields)
         if report.problems:
             raise invalid("version_invalid",
                           f"The file does not match the descriptor of '{dataset_code}' "
@@ -198,8 +217,14 @@ def load_version(session: Session, settings: Settings, dataset_code: str, src: P
                           details={"format": fmt, "problems": report.problems, "warnings": report.warnings})
         select_list = ", ".join(f"CAST({quote_ident(f.name)} AS {DUCK_TYPES[f.type]}) AS {quote_ident(f.name)}"
                                 for f in fields)
-        con.execute(f"COPY (SELECT {select_list} FROM src) TO {quote_literal(str(tmp))} "
-                    "(FORMAT parquet, COMPRESSION zstd)")
+        try:
+            con.execute(f"COPY (SELECT {select_list} FROM src) TO {quote_literal(str(tmp))} "
+                        "(FORMAT parquet, COMPRESSION zstd)")
+        except duckdb.Error:
+            tmp.unlink(missing_ok=True)
+            raise invalid("version_invalid", "The file cannot be read; nothing was loaded.",
+                          "无法读取该文件，未加载任何数据。",
+                          details={"format": fmt, "problems": [_unreadable(fmt)], "warnings": []}) from None
     finally:
         con.close()
     try:

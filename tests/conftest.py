@@ -54,7 +54,7 @@ def _build_template(settings: Settings) -> None:
 
 
 def make_settings(home: Path, url: str, **kw) -> Settings:
-    return Settings(home=home, database_url=url, demo_password=DEMO_PASSWORD, secret_key_override="test-signing-key",
+    return Settings(home=home, database_url=url, demo_password=DEMO_PASSWORD, secret_key_override="test-signing-key-of-at-least-32-bytes",
                     **kw)
 
 

@@ -18,7 +18,7 @@ from pdao.identity.models import ApiKey, User
 def pdao(settings, monkeypatch):
     monkeypatch.setenv("PDAO_HOME", str(settings.home))
     monkeypatch.setenv("PDAO_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("PDAO_SECRET_KEY", "test-signing-key")
+    monkeypatch.setenv("PDAO_SECRET_KEY", "test-signing-key-of-at-least-32-bytes")
     runner = CliRunner()
 
     def run(*args: str, ok: bool = True, input: str | None = None):  # noqa: A002

@@ -128,7 +128,7 @@ def test_bad_values_in_csv_are_reported_by_line(engine, settings, tmp_path):
     df.to_csv(csv, index=False)
     problems = {p["check"]: p for p in _refused(engine, settings, csv)["problems"]}
     assert problems["domain"]["column"] == "district" and problems["domain"]["first_lines"] == [6]
-    assert problems["domain"]["values"] == ["朝阳区"]
+    assert "朝阳区" not in str(problems), "a report never quotes cells"
     assert problems["type"]["column"] == "birth_date" and problems["type"]["first_lines"] == [9]
     assert problems["null"]["column"] == "name" and problems["null"]["first_lines"] == [11]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlmodel import Session, select
 
 from catalog.models import Organization
@@ -99,6 +100,19 @@ def _login_failed() -> PdaoError:
                      headers={"WWW-Authenticate": "Bearer"})
 
 
+def _count_failure(session: Session, settings: Settings, user_id: int, now: datetime) -> None:
+    """Count a failed login atomically and lock the account at the limit, committed at once so the
+    count survives the error that follows. An UPDATE … SET n = n + 1, not read-modify-write:
+    parallel guesses must each be counted, or the lockout could be outrun."""
+    session.rollback()  # end the read transaction: a write must start from a fresh snapshot (SQLite WAL)
+    session.execute(update(User).where(User.id == user_id).values(failed_logins=User.failed_logins + 1)
+                    .execution_options(synchronize_session=False))
+    session.execute(update(User).where(User.id == user_id, User.failed_logins >= settings.login_max_failures)
+                    .values(failed_logins=0, locked_until=now + timedelta(minutes=settings.login_lock_minutes))
+                    .execution_options(synchronize_session=False))
+    session.commit()
+
+
 def login(session: Session, settings: Settings, username: str, password: str) -> tuple[str, Principal, datetime]:
     """Check a password; answer a bearer token. Failures count towards a temporary lock."""
     now = utcnow()
@@ -112,12 +126,7 @@ def login(session: Session, settings: Settings, username: str, password: str) ->
                         f"Too many failed logins; try again after {user.locked_until.isoformat(timespec='seconds')}.",
                         f"登录失败次数过多，请于 {user.locked_until.isoformat(timespec='seconds')}（UTC）后重试。")
     if not passwords.verify_password(password, user.password_hash):
-        user.failed_logins += 1
-        if user.failed_logins >= settings.login_max_failures:
-            user.locked_until = now + timedelta(minutes=settings.login_lock_minutes)
-            user.failed_logins = 0
-        session.add(user)
-        session.commit()  # the count must survive the error that follows
+        _count_failure(session, settings, user.id, now)
         raise _login_failed()
     if not user.is_active:
         raise PdaoError(401, "user_disabled", "This account is disabled.", "该账号已停用。",
@@ -136,7 +145,7 @@ def principal_from_token(session: Session, settings: Settings, token: str) -> Pr
     if claims is None:
         raise unauthorized("invalid_token", "The bearer token is invalid or has expired.", "访问令牌无效或已过期。")
     user = session.get(User, claims.user_id)
-    if user is None or not user.is_active or claims.issued_at < user.tokens_valid_after.replace(microsecond=0):
+    if user is None or not user.is_active or claims.issued_at < user.tokens_valid_after:
         raise unauthorized("invalid_token", "The bearer token is no longer valid.", "访问令牌已失效。")
     return _principal(user, session.get(Organization, user.org_id), "token")
 

@@ -22,12 +22,23 @@ class TokenClaims:
     token_id: str
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(t: datetime) -> int:
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+
 def issue_token(user_id: int, secret: str, ttl: timedelta, now: datetime | None = None) -> tuple[str, TokenClaims]:
+    """A signed token. Besides the standard `iat` (whole seconds) it carries `iat_us`, the issue
+    instant in microseconds: a password change or a disable must invalidate a token issued
+    earlier in the same second, and one second of slack would let it live on."""
     now = now or datetime.now(UTC)
-    now = now.replace(microsecond=0)
-    claims = TokenClaims(user_id, now, now + ttl, uuid.uuid4().hex)
+    expires_at = (now + ttl).replace(microsecond=0)  # `exp` is whole seconds
+    claims = TokenClaims(user_id, now, expires_at, uuid.uuid4().hex)
     token = jwt.encode(
-        {"sub": str(user_id), "iat": now, "exp": now + ttl, "jti": claims.token_id, "iss": "pdao"},
+        {"sub": str(user_id), "iat": now, "iat_us": _micros(now), "exp": expires_at, "jti": claims.token_id,
+         "iss": "pdao"},
         secret,
         algorithm=ALGORITHM,
     )
@@ -38,14 +49,20 @@ def decode_token(token: str, secret: str) -> TokenClaims | None:
     """The claims of a valid, unexpired token signed by us, else None."""
     try:
         data = jwt.decode(token, secret, algorithms=[ALGORITHM], issuer="pdao",
-                          options={"require": ["sub", "exp", "iat", "jti"]})
+                          options={"require": ["sub", "exp", "iat", "iat_us", "jti", "iss"]})
+        iat_us = data["iat_us"]
+        if not isinstance(iat_us, int) or isinstance(iat_us, bool):
+            return None
+        issued_at = _EPOCH + timedelta(microseconds=iat_us)
+        if abs(issued_at.timestamp() - float(data["iat"])) > 1:  # both claims must tell the same time
+            return None
         return TokenClaims(
             int(data["sub"]),
-            datetime.fromtimestamp(data["iat"], UTC),
+            issued_at,
             datetime.fromtimestamp(data["exp"], UTC),
             str(data["jti"]),
         )
-    except (jwt.PyJWTError, ValueError, KeyError):
+    except (jwt.PyJWTError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 

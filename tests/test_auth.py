@@ -1,0 +1,346 @@
+"""Authentication through the real HTTP API: password login, lockout, bearer tokens (expiry,
+tampering, revocation by disable and by password change) and operator-issued API keys.
+
+Every test runs on SQLite and on PostgreSQL (see conftest)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from tests.conftest import DEMO_PASSWORD, login
+from sqlmodel import Session, select
+
+from pdao.audit import AuditEvent
+from pdao.identity import service, tokens
+from pdao.identity.models import ApiKey, User
+
+TOKEN_URL = "/api/v1/auth/token"
+SIGNING_KEY = "test-signing-key-of-at-least-32-bytes"  # conftest.make_settings
+
+
+def assert_error(r, status: int, code: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert body["code"] == code, body
+    assert set(body) <= {"code", "message", "message_zh", "details"}
+    assert body["message"] and body["message_zh"]
+    return body
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def user_row(engine, username: str) -> User:
+    with Session(engine) as s:
+        return s.exec(select(User).where(User.username == username)).one()
+
+
+def last_event(engine, path: str) -> AuditEvent:
+    with Session(engine) as s:
+        return s.exec(select(AuditEvent).where(AuditEvent.path == path).order_by(AuditEvent.seq.desc())).first()
+
+
+# --- password login ----------------------------------------------------------------------------
+
+def test_login_answers_a_bearer_token_with_role_org_and_expiry(client, settings):
+    before = datetime.now(UTC)
+    r = client.post(TOKEN_URL, data={"username": "insurer_a", "password": DEMO_PASSWORD})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_type"] == "bearer"
+    assert body["role"] == "applicant" and body["org"] == "company_a"
+    expires = datetime.fromisoformat(body["expires_at"])
+    ttl = timedelta(minutes=settings.token_ttl_minutes)
+    assert before + ttl - timedelta(seconds=5) <= expires <= datetime.now(UTC) + ttl + timedelta(seconds=5)
+    claims = tokens.decode_token(body["access_token"], SIGNING_KEY)
+    assert claims is not None and claims.expires_at == expires
+    me = client.get("/api/v1/me", headers=bearer(body["access_token"]))
+    assert me.status_code == 200, me.text
+    assert me.json() == {"username": "insurer_a", "role": "applicant", "org": "company_a", "org_kind": "company",
+                         "auth_method": "token"}
+
+
+@pytest.mark.parametrize("username,password", [("insurer_a", "wrong-password"), ("nobody_here", "wrong-password"),
+                                               ("nobody_here", DEMO_PASSWORD)])
+def test_wrong_password_and_unknown_user_fail_alike(client, username, password):
+    r = client.post(TOKEN_URL, data={"username": username, "password": password})
+    body = assert_error(r, 401, "login_failed")
+    # the same answer, word for word, whether the user exists or not
+    assert body == {"code": "login_failed", "message": "Wrong username or password.", "message_zh": "用户名或密码错误。"}
+    assert "access_token" not in r.text
+
+
+def test_five_failures_lock_the_account_and_the_count_is_committed(client, engine, settings):
+    assert settings.login_max_failures == 5
+    for i in range(1, 5):
+        assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": f"nope-{i}"}), 401,
+                     "login_failed")
+        # the count survives the error response: it was committed, and another session sees it
+        assert user_row(engine, "insurer_b").failed_logins == i
+    assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": "nope-5"}), 401, "login_failed")
+    row = user_row(engine, "insurer_b")
+    assert row.locked_until is not None and row.locked_until > datetime.now(UTC)
+    # now even the right password is refused
+    body = assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD}), 429,
+                        "login_locked")
+    assert "access_token" not in body
+    # another user is not affected
+    login(client, "insurer_a")
+    # an operator unlocking by resetting the password lets the user in again
+    with Session(engine) as s:
+        service.set_password(s, "insurer_b", "a-new-password")
+        s.commit()
+    login(client, "insurer_b", "a-new-password")
+
+
+def test_a_success_resets_the_failure_count(client, engine):
+    for _ in range(3):
+        client.post(TOKEN_URL, data={"username": "office2", "password": "nope-nope"})
+    assert user_row(engine, "office2").failed_logins == 3
+    login(client, "office2")
+    assert user_row(engine, "office2").failed_logins == 0
+
+
+# --- bearer tokens -------------------------------------------------------------------------------
+
+def test_an_expired_token_is_refused(client, engine):
+    uid = user_row(engine, "auditor1").id
+    expired, _ = tokens.issue_token(uid, SIGNING_KEY, timedelta(minutes=5), now=datetime.now(UTC) - timedelta(hours=1))
+    assert_error(client.get("/api/v1/me", headers=bearer(expired)), 401, "invalid_token")
+    # the same user with a current token from the same key is fine: the refusal was the expiry
+    fresh, _ = tokens.issue_token(uid, SIGNING_KEY, timedelta(minutes=5))
+    assert client.get("/api/v1/me", headers=bearer(fresh)).status_code == 200
+
+
+def test_a_short_ttl_setting_expires_tokens(settings):
+    """Settings.token_ttl_minutes drives the token's exp claim."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    app = create_app(dataclasses.replace(settings, token_ttl_minutes=1))
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            body = c.post(TOKEN_URL, data={"username": "auditor1", "password": DEMO_PASSWORD}).json()
+            claims = tokens.decode_token(body["access_token"], SIGNING_KEY)
+            assert timedelta(seconds=55) <= claims.expires_at - claims.issued_at <= timedelta(seconds=61)
+    finally:
+        app.state.engine.dispose()
+
+
+def _tamper(token: str) -> str:
+    head, payload, sig = token.split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data["sub"] = str(int(data["sub"]) + 1)  # someone else
+    forged = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    return f"{head}.{forged}.{sig}"
+
+
+def test_tampered_forged_and_garbage_tokens_are_refused(client, engine):
+    good = login(client, "insurer_a")["Authorization"].removeprefix("Bearer ")
+    assert client.get("/api/v1/me", headers=bearer(good)).status_code == 200
+    uid = user_row(engine, "operator1").id
+    wrong_key, _ = tokens.issue_token(uid, "not-the-signing-key-but-as-long-as-one", timedelta(minutes=5))
+    none_alg = ".".join([base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode(),
+                         good.split(".")[1], ""])
+    for bad in (_tamper(good), good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB"), wrong_key, none_alg,
+                "not-a-jwt", good + "x"):
+        assert_error(client.get("/api/v1/me", headers=bearer(bad)), 401, "invalid_token")
+
+
+def test_disabling_a_user_stops_their_token_at_once(client, engine, auth):
+    headers = auth("insurer_a")
+    assert client.get("/api/v1/datasets", headers=headers).status_code == 200
+    with Session(engine) as s:
+        service.set_active(s, "insurer_a", False)
+        s.commit()
+    assert_error(client.get("/api/v1/datasets", headers=headers), 401, "invalid_token")
+    # and no new token either
+    r = client.post(TOKEN_URL, data={"username": "insurer_a", "password": DEMO_PASSWORD})
+    assert r.status_code == 401 and "access_token" not in r.text
+    # enabling again does not revive the old token, but a new login works
+    with Session(engine) as s:
+        service.set_active(s, "insurer_a", True)
+        s.commit()
+    assert_error(client.get("/api/v1/datasets", headers=headers), 401, "invalid_token")
+    assert client.get("/api/v1/datasets", headers=login(client, "insurer_a")).status_code == 200
+
+
+def test_a_password_change_invalidates_earlier_tokens_even_in_the_same_second(client, engine):
+    headers = login(client, "reviewer1")
+    assert client.get("/api/v1/me", headers=headers).status_code == 200
+    # Immediately (well within the same second as the token was issued): JWT's iat has only
+    # second precision, which must not let the old token survive the change.
+    with Session(engine) as s:
+        service.set_password(s, "reviewer1", "changed-password-1")
+        s.commit()
+    assert_error(client.get("/api/v1/me", headers=headers), 401, "invalid_token")
+    assert_error(client.post(TOKEN_URL, data={"username": "reviewer1", "password": DEMO_PASSWORD}), 401,
+                 "login_failed")
+    # a token issued right after the change works
+    assert client.get("/api/v1/me", headers=login(client, "reviewer1", "changed-password-1")).status_code == 200
+
+
+def test_token_revocation_is_exact_to_the_microsecond(client, engine):
+    """Deterministic form of the same-second case: a token issued in the same second as a
+    disable, but before it, is refused; one issued a microsecond after it is accepted."""
+    with Session(engine) as s:
+        service.set_active(s, "office1", False)
+        service.set_active(s, "office1", True)
+        s.commit()
+    row = user_row(engine, "office1")
+    cut = row.tokens_valid_after
+    before = cut.replace(microsecond=0) if cut.microsecond else cut - timedelta(microseconds=1)
+    old, _ = tokens.issue_token(row.id, SIGNING_KEY, timedelta(minutes=5), now=before)
+    new, _ = tokens.issue_token(row.id, SIGNING_KEY, timedelta(minutes=5), now=cut + timedelta(microseconds=1))
+    assert_error(client.get("/api/v1/me", headers=bearer(old)), 401, "invalid_token")
+    assert client.get("/api/v1/me", headers=bearer(new)).status_code == 200
+
+
+def test_a_token_without_the_precise_issue_time_is_refused(client, engine):
+    import jwt
+
+    uid = user_row(engine, "office1").id
+    now = datetime.now(UTC)
+    legacy = jwt.encode({"sub": str(uid), "iat": now, "exp": now + timedelta(minutes=5), "jti": "x", "iss": "pdao"},
+                        SIGNING_KEY, algorithm="HS256")
+    assert_error(client.get("/api/v1/me", headers=bearer(legacy)), 401, "invalid_token")
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+def test_api_key_lifecycle(client, engine, auth):
+    op = auth("operator1")
+    r = client.post("/api/v1/api-keys", json={"username": "insurer_a", "label": "underwriting batch"}, headers=op)
+    assert r.status_code == 201, r.text
+    issued = r.json()
+    key, key_id = issued["key"], issued["id"]
+    assert key.startswith("pdao_") and issued["username"] == "insurer_a" and issued["revoked_at"] is None
+    # shown once: the list shows the prefix only, and the database holds only a digest
+    listed = client.get("/api/v1/api-keys", headers=op)
+    assert listed.status_code == 200 and key not in listed.text
+    assert [k["prefix"] for k in listed.json() if k["id"] == key_id] == [issued["prefix"]]
+    with Session(engine) as s:
+        row = s.get(ApiKey, key_id)
+        assert row.key_sha256 == tokens.api_key_digest(key) and key not in row.model_dump_json()
+
+    r = client.get("/api/v1/datasets", headers={"X-API-Key": key})
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == 5  # an applicant's view of the catalog
+    ev = last_event(engine, "/api/v1/datasets")
+    assert (ev.actor, ev.org, ev.role, ev.auth_method, ev.decision) == ("insurer_a", "company_a", "applicant",
+                                                                         "api_key", "allow")
+    me = client.get("/api/v1/me", headers={"X-API-Key": key}).json()
+    assert me["auth_method"] == "api_key" and me["username"] == "insurer_a"
+    with Session(engine) as s:
+        assert s.get(ApiKey, key_id).last_used_at is not None
+
+    # an API key gives the role of its user, not of its issuer
+    assert_error(client.get("/api/v1/users", headers={"X-API-Key": key}), 403, "role_not_permitted")
+
+    r = client.delete(f"/api/v1/api-keys/{key_id}", headers=op)
+    assert r.status_code == 200, r.text
+    assert r.json()["revoked_at"] is not None
+    assert_error(client.get("/api/v1/datasets", headers={"X-API-Key": key}), 401, "invalid_api_key")
+    ev = last_event(engine, "/api/v1/datasets")
+    assert ev.decision == "deny" and ev.reason == "invalid_api_key"
+    assert_error(client.delete("/api/v1/api-keys/999999", headers=op), 404, "not_found")
+
+
+def test_api_key_refusals(client, engine, auth):
+    op = auth("operator1")
+    key = client.post("/api/v1/api-keys", json={"username": "insurer_b"}, headers=op).json()["key"]
+    assert client.get("/api/v1/me", headers={"X-API-Key": key}).status_code == 200
+    for bad in ("", "pdao_", "pdao_short_x", key[:-1] + ("A" if key[-1] != "A" else "B"), "Bearer " + key,
+                "pdao_000000000000_" + "x" * 43):
+        r = client.get("/api/v1/me", headers={"X-API-Key": bad} if bad else {})
+        assert r.status_code == 401, (bad, r.text)
+    # the key stops working when its user is disabled
+    with Session(engine) as s:
+        service.set_active(s, "insurer_b", False)
+        s.commit()
+    assert_error(client.get("/api/v1/me", headers={"X-API-Key": key}), 401, "invalid_api_key")
+
+
+def test_an_expired_api_key_is_refused(client, engine, auth):
+    key = client.post("/api/v1/api-keys", json={"username": "auditor1"}, headers=auth("operator1")).json()
+    with Session(engine) as s:
+        row = s.get(ApiKey, key["id"])
+        row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+        s.add(row)
+        s.commit()
+    assert_error(client.get("/api/v1/me", headers={"X-API-Key": key["key"]}), 401, "invalid_api_key")
+
+
+@pytest.mark.parametrize("username", ["insurer_a", "provider1", "office1", "auditor1", "reviewer1"])
+def test_only_the_operator_issues_revokes_and_lists_keys(client, engine, auth, username):
+    headers = auth(username)
+    assert_error(client.post("/api/v1/api-keys", json={"username": username}, headers=headers), 403,
+                 "role_not_permitted")
+    assert_error(client.get("/api/v1/api-keys", headers=headers), 403, "role_not_permitted")
+    assert_error(client.delete("/api/v1/api-keys/1", headers=headers), 403, "role_not_permitted")
+    with Session(engine) as s:
+        assert s.exec(select(ApiKey)).all() == []  # nothing was issued
+
+
+def test_issue_key_for_unknown_user_is_404_and_issues_nothing(client, engine, auth):
+    assert_error(client.post("/api/v1/api-keys", json={"username": "ghost"}, headers=auth("operator1")), 404,
+                 "not_found")
+    with Session(engine) as s:
+        assert s.exec(select(ApiKey)).all() == []
+
+
+@pytest.mark.parametrize("username,role,org,kind", [
+    ("provider1", "provider", "ycwjw", "department"), ("office1", "office", "office", "office"),
+    ("reviewer1", "reviewer", "office", "office"), ("auditor1", "auditor", "cac", "regulator"),
+    ("operator1", "operator", "operator", "operator"), ("insurer_b", "applicant", "company_b", "company"),
+])
+def test_me(client, username, role, org, kind):
+    r = client.get("/api/v1/me", headers=login(client, username))
+    assert r.status_code == 200
+    assert r.json() == {"username": username, "role": role, "org": org, "org_kind": kind, "auth_method": "token"}
+
+
+def test_me_without_credentials(client):
+    r = client.get("/api/v1/me")
+    assert_error(r, 401, "not_authenticated")
+    assert r.headers.get("www-authenticate") == "Bearer"
+
+
+def test_parallel_failures_are_all_counted(engine, settings):
+    """The lockout cannot be outrun by guessing in parallel: every failure is counted, however
+    many arrive at once (an atomic increment, not read-modify-write)."""
+    import threading
+
+    from pdao.errors import PdaoError
+
+    n = 8
+    barrier = threading.Barrier(n)
+    outcomes: list[str] = []
+
+    def attempt(i: int) -> None:
+        with Session(engine) as s:
+            barrier.wait()
+            try:
+                service.login(s, settings, "auditor1", f"guess-{i}")
+            except PdaoError as e:
+                outcomes.append(e.code)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == n and set(outcomes) <= {"login_failed", "login_locked"}
+    row = user_row(engine, "auditor1")
+    # 8 failures: locked at the 5th; the rest either counted again or refused as locked
+    assert row.locked_until is not None and row.locked_until > datetime.now(UTC)
+    with Session(engine) as s, pytest.raises(PdaoError) as e:
+        service.login(s, settings, "auditor1", DEMO_PASSWORD)
+    assert e.value.code == "login_locked"
