@@ -1,7 +1,7 @@
 """The one authentication + authorization path every endpoint goes through (FastAPI dependencies).
 
 `Authorized(resource, action)` authenticates the caller (bearer token or X-API-Key), asks casbin
-whether the caller's role may do `action` on `resource`, and leaves the decision on
+whether the caller's role may do `action` on `resource`, and leaves who and what on
 `request.state` for the audit middleware, which records every request, allowed or denied.
 """
 
@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from pdao.config import Settings
-from pdao.errors import PdaoError, forbidden, unauthorized
+from pdao.errors import forbidden, unauthorized
 from pdao.identity.service import Principal, principal_from_api_key, principal_from_token
 from policies.enforcer import role_may
 
@@ -63,19 +63,14 @@ class Authorized:
 
     def __call__(self, request: Request, session: SessionDep, settings: SettingsDep,
                  token: Annotated[str | None, Depends(oauth2_scheme)]) -> Principal:
+        # The audit middleware reads action and principal; the error handlers add the reason.
         request.state.action = f"{self.resource}.{self.action}"
-        try:
-            principal = _authenticate(request, session, settings, token)
-        except PdaoError as e:
-            request.state.decision, request.state.reason = "deny", e.code
-            raise
+        principal = _authenticate(request, session, settings, token)
         request.state.principal = principal
         if not role_may(principal.role.value, self.resource, self.action):
-            request.state.decision, request.state.reason = "deny", "role_not_permitted"
             raise forbidden("role_not_permitted",
                             f"The role '{principal.role}' may not {self.action} {self.resource}.",
                             f"角色 {principal.role} 无权对 {self.resource} 执行 {self.action}。")
-        request.state.decision = "allow"
         return principal
 
 

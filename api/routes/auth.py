@@ -5,7 +5,6 @@ from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel
 
 from api.deps import SessionDep, SettingsDep, caller
-from pdao.errors import PdaoError
 from pdao.identity import service
 
 router = APIRouter(tags=["auth"])
@@ -25,13 +24,9 @@ def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()
     """OAuth2 password flow: username and password in a form, a bearer token back."""
     request.state.action = "auth.login"
     request.state.attempted_actor = form.username[:64]
-    try:
-        token, principal, expires_at = service.login(session, settings, form.username, form.password)
-    except PdaoError as e:
-        request.state.decision, request.state.reason = "deny", e.code
-        raise
+    token, principal, expires_at = service.login(session, settings, form.username, form.password)
     session.commit()
-    request.state.principal, request.state.decision = principal, "allow"
+    request.state.principal = principal
     return TokenOut(access_token=token, expires_at=expires_at.isoformat(), role=principal.role.value,
                     org=principal.org_code)
 
