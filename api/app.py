@@ -12,10 +12,11 @@ from starlette.responses import Response
 
 from api.errors import install_error_handlers, internal_error_response
 from api.limits import BodySizeLimit, limits_by_path
-from api.routes import admin, auth, datasets, health
+from api.routes import admin, auth, datasets, health, scenes
 from pdao import __version__, audit
 from pdao.config import Settings
 from pdao.db import make_engine
+from policies.enforcer import SceneEnforcers
 
 log = logging.getLogger("pdao.api")
 
@@ -36,7 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     install_error_handlers(app)
-    for router in (health.router, auth.router, datasets.router, admin.router):
+    app.state.scene_enforcers = SceneEnforcers(app.state.engine)
+    for router in (health.router, auth.router, datasets.router, scenes.router, admin.router):
         app.include_router(router, prefix=API_PREFIX)
     # Added before the audit middleware, so it runs inside it: a refused body is audited too.
     app.add_middleware(BodySizeLimit, limit_for=limits_by_path(DEFAULT_BODY_LIMIT, [
@@ -97,6 +99,7 @@ def _record(request: Request, status: int) -> None:
             auth_method=principal.auth_method if principal else None,
             action=getattr(state, "action", None) or _route_action(request),
             object=getattr(state, "object", None),
+            scene_id=getattr(state, "scene_id", None),
             decision=_decision(status),
             status=status,
             reason=reason,

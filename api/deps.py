@@ -8,7 +8,7 @@ whether the caller's role may do `action` on `resource`, and leaves who and what
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
@@ -19,6 +19,8 @@ from pdao.config import Settings
 from pdao.errors import forbidden, unauthorized
 from pdao.identity.service import Principal, principal_from_api_key, principal_from_token
 from policies.enforcer import role_may
+from policies.models import Scene
+from policies.scenes import get_visible
 
 # auto_error=False: a missing token is our own 401 JSON, and API keys are an alternative.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
@@ -76,3 +78,27 @@ class Authorized:
 
 def caller(resource: str, action: str):  # noqa: ANN201 - an Annotated type
     return Annotated[Principal, Depends(Authorized(resource, action))]
+
+
+class SceneContext(NamedTuple):
+    principal: Principal
+    scene: Scene
+
+
+class SceneAccess:
+    """Dependency for /scenes/{scene_id}/…: the caller's role may `action` scenes, and the scene is
+    one the caller may see. Another tenant's scene answers 404, exactly like a missing one."""
+
+    def __init__(self, action: str) -> None:
+        self._authorized = Authorized("scene", action)
+
+    def __call__(self, scene_id: int, request: Request, session: SessionDep, settings: SettingsDep,
+                 token: Annotated[str | None, Depends(oauth2_scheme)]) -> SceneContext:
+        principal = self._authorized(request, session, settings, token)
+        request.state.scene_id = scene_id
+        request.state.object = f"scene:{scene_id}"
+        return SceneContext(principal, get_visible(session, principal, scene_id))
+
+
+def scene_access(action: str):  # noqa: ANN201 - an Annotated type
+    return Annotated[SceneContext, Depends(SceneAccess(action))]

@@ -17,6 +17,8 @@ class Settings:
     max_upload_bytes: int = 2 * 1024**3
     login_max_failures: int = 5
     login_lock_minutes: int = 15
+    scene_approvals_required: int = 2  # distinct office approvers per scene
+    scene_max_validity_days: int = 366
     secret_key_override: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -31,6 +33,8 @@ class Settings:
             token_ttl_minutes=int(env.get("PDAO_TOKEN_TTL_MINUTES", "60")),
             max_upload_bytes=int(env.get("PDAO_MAX_UPLOAD_MB", "2048")) * 1024**2,
             secret_key_override=env.get("PDAO_SECRET_KEY") or None,
+            scene_approvals_required=int(env.get("PDAO_SCENE_APPROVALS", "2")),
+            scene_max_validity_days=int(env.get("PDAO_SCENE_MAX_VALIDITY_DAYS", "366")),
         )
 
     @property

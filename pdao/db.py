@@ -95,3 +95,4 @@ def import_all_models() -> None:
     import catalog.models  # noqa: F401
     import pdao.audit  # noqa: F401
     import pdao.identity.models  # noqa: F401
+    import policies.models  # noqa: F401

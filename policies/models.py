@@ -1,0 +1,107 @@
+"""Scenes (场景), their data lists (清单), reviews and history; and casbin's policy table."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Integer, String, UniqueConstraint
+from sqlalchemy.ext.mutable import MutableDict
+from sqlmodel import Field, SQLModel
+
+from pdao.db import utcnow
+
+
+class Scene(SQLModel, table=True):
+    __tablename__ = "scene"
+
+    id: int | None = Field(default=None, primary_key=True)
+    org_id: int = Field(foreign_key="organization.id", index=True)  # the tenant
+    applicant_id: int = Field(foreign_key="app_user.id")
+    title: str = Field(max_length=200)
+    purpose: str
+    scene_type: str = Field(max_length=20)
+    legal_basis: str
+    consent_approach: str = ""
+    emergency_plan: str
+    valid_from: date
+    valid_to: date
+    budget_epsilon: float
+    budget_delta: float
+    max_query_epsilon: float
+    epsilon_spent: float = 0.0
+    delta_spent: float = 0.0
+    release_policy: dict[str, Any] = Field(default_factory=dict,
+                                           sa_column=Column(MutableDict.as_mutable(JSON), nullable=False))
+    status: str = Field(max_length=12, index=True)  # stored states; active/expired are derived from dates
+    round: int = 0           # submission round: reviews count within the current round
+    policy_version: int = 0  # bumped whenever the scene's casbin policies change (cache key)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class SceneItem(SQLModel, table=True):
+    __tablename__ = "scene_item"
+    __table_args__ = (UniqueConstraint("scene_id", "dataset", "field", "usage"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    scene_id: int = Field(foreign_key="scene.id", index=True)
+    dataset: str = Field(max_length=128, index=True)
+    field: str = Field(max_length=64)
+    usage: str = Field(max_length=16)
+    struck: bool = False
+    struck_by: int | None = Field(default=None, foreign_key="app_user.id")
+    struck_reason: str = ""
+
+
+class SceneReview(SQLModel, table=True):
+    """One office member's opinion in one submission round."""
+
+    __tablename__ = "scene_review"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scene_id: int = Field(foreign_key="scene.id", index=True)
+    round: int
+    reviewer_id: int = Field(foreign_key="app_user.id")
+    decision: str = Field(max_length=10)  # approve | reject | return
+    struck_items: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    comment: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SceneEvent(SQLModel, table=True):
+    """Every transition: who, when, why."""
+
+    __tablename__ = "scene_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scene_id: int = Field(foreign_key="scene.id", index=True)
+    action: str = Field(max_length=20)
+    from_status: str = Field(max_length=12)
+    to_status: str = Field(max_length=12)
+    actor_id: int | None = Field(default=None, foreign_key="app_user.id")
+    reason: str = ""
+    at: datetime = Field(default_factory=utcnow)
+
+
+class CasbinRule(SQLModel, table=True):
+    """casbin's policy table, in the layout of casbin-sqlalchemy-adapter (which reads it)."""
+
+    __tablename__ = "casbin_rule"
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    ptype: str | None = Field(default=None, sa_column=Column(String(255)))
+    v0: str | None = Field(default=None, sa_column=Column(String(255)))
+    v1: str | None = Field(default=None, sa_column=Column(String(255), index=True))  # the domain: one scene
+    v2: str | None = Field(default=None, sa_column=Column(String(255), index=True))  # the domain of `g` lines
+    v3: str | None = Field(default=None, sa_column=Column(String(255)))
+    v4: str | None = Field(default=None, sa_column=Column(String(255)))
+    v5: str | None = Field(default=None, sa_column=Column(String(255)))
+
+    def __str__(self) -> str:  # the adapter feeds this line to casbin
+        values = [self.ptype]
+        for v in (self.v0, self.v1, self.v2, self.v3, self.v4, self.v5):
+            if v is None:
+                break
+            values.append(v)
+        return ", ".join(values)

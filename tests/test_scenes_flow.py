@@ -1,0 +1,138 @@
+"""The scene life cycle through HTTP: apply, review by two office members, enforce, suspend,
+resume, revoke, expire, emergency stop."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlmodel import Session, update
+
+from policies.models import Scene
+from tests.scene_helpers import active_scene, application, approve, create, today
+
+
+def explain(client, headers, sid, dataset="health.outpatient_visit", field="district", usage="group_by"):
+    r = client.get(f"/api/v1/scenes/{sid}/explain", headers=headers,
+                   params={"dataset": dataset, "field": field, "usage": usage})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_two_approvals_make_a_scene_active_and_enforced(client, auth):
+    a = auth("insurer_a")
+    s = create(client, a)
+    assert s["status"] == "draft" and s["effective_items"] == [] and len(s["items"]) == 4
+    s = client.post(f"/api/v1/scenes/{s['id']}/submit", headers=a).json()
+    assert s["status"] == "submitted" and s["round"] == 1
+    first = client.post(f"/api/v1/scenes/{s['id']}/reviews", headers=auth("office1"),
+                        json={"decision": "approve", "struck_items": [s["items"][3]["id"]], "comment": "no join"}).json()
+    assert first["status"] == "submitted" and first["approvals"] == {"required": 2, "this_round": ["office1"]}
+    again = client.post(f"/api/v1/scenes/{s['id']}/reviews", headers=auth("office1"), json={"decision": "approve"})
+    assert again.status_code == 409 and again.json()["code"] == "already_reviewed"
+    done = approve(client, auth, s["id"], approvers=("office2",))
+    assert done["status"] == "active"
+    assert {(i["field"], i["usage"]) for i in done["effective_items"]} == {
+        ("district", "group_by"), ("fee", "aggregate"), ("visit_date", "filter")}
+    assert explain(client, a, s["id"])["allowed"] is True
+    struck = explain(client, a, s["id"], "health.resident", "id_number", "join_key")
+    assert struck["allowed"] is False and struck["rule"] == "not_in_data_list"
+    other_use = explain(client, a, s["id"], "health.outpatient_visit", "district", "filter")
+    assert other_use["rule"] == "not_in_data_list"
+
+
+def test_suspend_resume_revoke_take_effect_on_the_next_request(client, auth):
+    a, o = auth("insurer_a"), auth("office1")
+    sid = active_scene(client, auth)["id"]
+    assert client.post(f"/api/v1/scenes/{sid}/suspend", headers=o, json={"reason": "audit"}).json()["status"] == "suspended"
+    assert explain(client, a, sid)["rule"] == "scene_suspended"
+    assert client.post(f"/api/v1/scenes/{sid}/resume", headers=o, json={}).json()["status"] == "active"
+    assert explain(client, a, sid)["allowed"] is True
+    r = client.post(f"/api/v1/scenes/{sid}/revoke", headers=o, json={"reason": "misuse"})
+    assert r.json()["status"] == "revoked"
+    assert explain(client, a, sid)["rule"] == "scene_revoked"
+    r = client.post(f"/api/v1/scenes/{sid}/resume", headers=o, json={})
+    assert r.status_code == 409 and r.json()["code"] == "wrong_state"
+    history = [(e["action"], e["to_status"], e["actor"]) for e in client.get(f"/api/v1/scenes/{sid}", headers=o).json()["history"]]
+    assert history[-3:] == [("suspend", "suspended", "office1"), ("resume", "approved", "office1"),
+                            ("revoke", "revoked", "office1")]
+
+
+def test_prohibited_and_identifier_misuse_refused_item_by_item(client, auth):
+    a = auth("insurer_a")
+    body = application(items=[
+        {"dataset": "health.notifiable_disease", "field": "disease", "usage": "aggregate"},
+        {"dataset": "health.resident", "field": "id_number", "usage": "group_by"},
+        {"dataset": "health.resident", "field": "district", "usage": "group_by"},
+    ], emergency_plan="  ")
+    r = client.post("/api/v1/scenes", json=body, headers=a)
+    assert r.status_code == 422 and r.json()["code"] == "scene_refused"
+    rules = {(p["where"], p["rule"]) for p in r.json()["details"]}
+    assert rules == {("emergency_plan", "emergency_plan_required"), ("items[0]", "prohibited_dataset"),
+                     ("items[1]", "never:identifier:group_by")}
+    assert client.get("/api/v1/scenes", headers=a).json() == []
+
+
+def test_a_returned_application_cannot_smuggle_in_a_prohibited_dataset(client, auth):
+    a = auth("insurer_a")
+    s = create(client, a)
+    client.post(f"/api/v1/scenes/{s['id']}/submit", headers=a)
+    r = client.post(f"/api/v1/scenes/{s['id']}/reviews", headers=auth("office1"), json={"decision": "return",
+                                                                                       "comment": "narrow it"})
+    assert r.json()["status"] == "returned"
+    bad = client.patch(f"/api/v1/scenes/{s['id']}", headers=a, json={"items": [
+        {"dataset": "health.notifiable_disease", "field": "reported_on", "usage": "filter"}]})
+    assert bad.status_code == 422 and bad.json()["details"][0]["rule"] == "prohibited_dataset"
+    kept = client.get(f"/api/v1/scenes/{s['id']}", headers=a).json()
+    assert {i["dataset"] for i in kept["items"]} == {"health.outpatient_visit", "health.resident"}
+
+
+def test_not_yet_valid_and_expired_without_any_job(client, auth, engine):
+    a = auth("insurer_a")
+    later = active_scene(client, auth, valid_from=(today() + timedelta(days=3)).isoformat(),
+                         valid_to=(today() + timedelta(days=30)).isoformat())
+    assert later["status"] == "approved" and explain(client, a, later["id"])["rule"] == "scene_approved"
+    now = active_scene(client, auth)
+    assert explain(client, a, now["id"])["allowed"] is True
+    # time passes: the window ends yesterday (nothing runs; the next request simply sees it)
+    with Session(engine) as s:
+        s.exec(update(Scene).where(Scene.id == now["id"]).values(valid_from=today() - timedelta(days=10),
+                                                                 valid_to=today() - timedelta(days=1)))
+        s.commit()
+    assert explain(client, a, now["id"])["rule"] == "scene_expired"
+    got = client.get(f"/api/v1/scenes/{now['id']}", headers=a).json()
+    assert got["status"] == "expired" and got["stored_status"] == "approved" and got["effective_items"] == []
+    r = client.post(f"/api/v1/scenes/{now['id']}/suspend", headers=auth("office1"), json={})
+    assert r.status_code == 409 and r.json()["details"]["status"] == "expired"
+
+
+def test_validity_rules(client, auth):
+    a = auth("insurer_a")
+    past = client.post("/api/v1/scenes", headers=a, json=application(
+        valid_from=(today() - timedelta(days=30)).isoformat(), valid_to=(today() - timedelta(days=1)).isoformat()))
+    assert {p["rule"] for p in past.json()["details"]} == {"validity_in_past"}
+    long = client.post("/api/v1/scenes", headers=a, json=application(valid_to=(today() + timedelta(days=400)).isoformat()))
+    assert {p["rule"] for p in long.json()["details"]} == {"validity_too_long"}
+
+
+def test_other_tenant_sees_nothing(client, auth):
+    sid = active_scene(client, auth)["id"]
+    b = auth("insurer_b")
+    for method, path in [("get", "/api/v1/scenes/{}"), ("get", "/api/v1/scenes/{}/explain?dataset=a&field=b&usage=filter"),
+                         ("post", "/api/v1/scenes/{}/submit"), ("patch", "/api/v1/scenes/{}")]:
+        extra = {"json": {}} if method != "get" else {}
+        r = getattr(client, method)(path.format(sid), headers=b, **extra)
+        missing = getattr(client, method)(path.format(999999), headers=b, **extra)
+        assert (r.status_code, r.json()) == (missing.status_code, missing.json()) == (404, r.json())
+    assert client.get("/api/v1/scenes", headers=b).json() == []
+
+
+def test_emergency_stop_by_dataset(client, auth):
+    s1 = active_scene(client, auth)["id"]
+    s2 = active_scene(client, auth, "insurer_b", items=[
+        {"dataset": "health.inpatient_stay", "field": "district", "usage": "group_by"}])["id"]
+    r = client.post("/api/v1/emergency-stop", headers=auth("office2"),
+                    json={"dataset": "health.outpatient_visit", "reason": "suspected leak"})
+    assert r.status_code == 200 and r.json() == {"suspended": [s1]}
+    assert client.get(f"/api/v1/scenes/{s2}", headers=auth("office1")).json()["status"] == "active"
+    r = client.post("/api/v1/emergency-stop", headers=auth("office2"), json={"org": "company_b", "reason": "x"})
+    assert r.json() == {"suspended": [s2]}
