@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from sqlmodel import Session, select
 
+from pdao.cli_policy import policy_app
 from pdao.config import Settings
 from pdao.errors import PdaoError
 
@@ -23,6 +24,7 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(data_app, name="data")
 app.add_typer(users_app, name="users")
 app.add_typer(orgs_app, name="orgs")
+app.add_typer(policy_app, name="policy")
 
 
 def _fail(err: PdaoError) -> None:
