@@ -10,11 +10,12 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from api.errors import install_error_handlers, internal_error_response
+from api.errors import error_response, install_error_handlers, internal_error_response
 from api.limits import BodySizeLimit, limits_by_path
 from api.routes import admin, auth, datasets, health, scenes
 from pdao import __version__, audit
 from pdao.config import Settings
+from pdao.errors import PdaoError
 from pdao.db import make_engine
 from policies.enforcer import SceneEnforcers
 
@@ -26,6 +27,7 @@ API_PREFIX = "/api/v1"
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     settings.ensure_home()
+    settings.sweep_staging()
     app = FastAPI(
         title="pdao — public-data authorized-operation sandbox",
         description="公共数据授权运营沙箱。Metadata, scenes, queries and results; never raw rows.",
@@ -48,12 +50,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def audit_every_request(request: Request, call_next) -> Response:  # noqa: ANN001
-        request.state.request_id = _request_id(request.headers.get("x-request-id"))
+        request.state.request_id = uuid.uuid4().hex  # ours: unique; a client's own id goes in the detail
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - answered here, so the 500 is audited and carries its request id
             response = internal_error_response(request)
-        await run_in_threadpool(_record, request, response.status_code)
+        if not await run_in_threadpool(_record, request, response.status_code):
+            # Fail closed: an answer that cannot be audited is not given.
+            response = error_response(PdaoError(
+                503, "audit_unavailable", "The audit log cannot be written; the request was not answered.",
+                "审计日志无法写入，请求未予应答。", details={"request_id": request.state.request_id}))
         response.headers["X-Request-ID"] = request.state.request_id
         return response
 
@@ -65,13 +71,17 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 # A client may name its request (to find it in the audit trail), but only with a plain token:
 # anything else would be written into the audit log verbatim.
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
-def _request_id(supplied: str | None) -> str:
-    if supplied and _REQUEST_ID_RE.fullmatch(supplied):
-        return supplied
-    return uuid.uuid4().hex
+def _detail(request: Request, principal) -> dict | None:  # noqa: ANN001
+    out = {}
+    supplied = request.headers.get("x-request-id")
+    if supplied and _CLIENT_REQUEST_ID_RE.fullmatch(supplied):
+        out["client_request_id"] = supplied
+    if principal is not None and principal.api_key_id is not None:
+        out["api_key_id"] = principal.api_key_id
+    return out or None
 
 
 def _decision(status: int) -> str:
@@ -82,8 +92,8 @@ def _decision(status: int) -> str:
     return "deny" if status >= 400 else "allow"
 
 
-def _record(request: Request, status: int) -> None:
-    """One audit event per request, allowed or denied. Failure to audit is logged loudly."""
+def _record(request: Request, status: int) -> bool:
+    """One audit event per request, allowed or denied. False (and a loud log) if it cannot be written."""
     state = request.state
     principal = getattr(state, "principal", None)
     reason = getattr(state, "reason", None)
@@ -106,9 +116,12 @@ def _record(request: Request, status: int) -> None:
             method=request.method[:10],
             path=request.url.path[:400],
             client=request.client.host[:64] if request.client else None,
+            detail=_detail(request, principal),
         )
-    except Exception:  # noqa: BLE001 - the response is already decided; never hide an audit failure
+    except Exception:  # noqa: BLE001 - never hide an audit failure
         log.exception("AUDIT WRITE FAILED for request %s", state.request_id)
+        return False
+    return True
 
 
 def _route_action(request: Request) -> str:

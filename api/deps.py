@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from pdao.config import Settings
-from pdao.errors import forbidden, unauthorized
+from pdao.errors import PdaoError, forbidden, unauthorized
 from pdao.identity.service import Principal, principal_from_api_key, principal_from_token
 from policies.enforcer import role_may
 from policies.models import Scene
@@ -67,7 +67,11 @@ class Authorized:
                  token: Annotated[str | None, Depends(oauth2_scheme)]) -> Principal:
         # The audit middleware reads action and principal; the error handlers add the reason.
         request.state.action = f"{self.resource}.{self.action}"
-        principal = _authenticate(request, session, settings, token)
+        try:
+            principal = _authenticate(request, session, settings, token)
+        except PdaoError as e:
+            request.state.attempted_actor = getattr(e, "attempted_actor", None)
+            raise
         request.state.principal = principal
         if not role_may(principal.role.value, self.resource, self.action):
             raise forbidden("role_not_permitted",

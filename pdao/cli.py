@@ -50,16 +50,34 @@ def _engine(settings: Settings):  # noqa: ANN202
     return _run(lambda: prepare_home(settings))
 
 
-def _run(fn):  # noqa: ANN001, ANN202
+def _run(fn, engine=None, action: str | None = None, obj: str | None = None):  # noqa: ANN001, ANN202
+    """Run a command's work; with `action`, record it in the audit log like an API request
+    (actor `cli:<os user>`), allowed or refused."""
     from sqlalchemy.exc import OperationalError
 
     try:
-        return fn()
+        result = fn()
     except PdaoError as e:
+        if action:
+            _audit(engine, action, obj, "deny", e.code)
         _fail(e)
     except OperationalError as e:
         _fail(PdaoError(503, "database_unavailable", f"The metadata database cannot be reached: {e.orig}",
                         f"无法连接元数据数据库：{e.orig}"))
+    else:
+        if action:
+            _audit(engine, action, obj, "allow", None)
+        return result
+
+
+def _audit(engine, action: str, obj: str | None, decision: str, reason: str | None) -> None:  # noqa: ANN001
+    import getpass
+    import os
+
+    from pdao import audit
+
+    audit.record(engine, actor=f"cli:{getpass.getuser()}"[:64], auth_method="cli", action=f"cli.{action}",
+                 object=obj[:200] if obj else None, decision=decision, reason=reason, detail={"pid": os.getpid()})
 
 
 @app.command()
@@ -76,7 +94,8 @@ def catalog_import(paths: Annotated[list[Path] | None, typer.Argument(help="YAML
     from pdao.demo import import_catalog
 
     engine = _engine(_settings())
-    report = _run(lambda: import_catalog(engine, paths))
+    report = _run(lambda: import_catalog(engine, paths), engine, "catalog.import",
+                  ",".join(str(p) for p in paths or []) or "packaged")
     for code, action in {**report.organizations, **report.datasets}.items():
         typer.echo(f"{action:<9} {code}")
 
@@ -112,7 +131,7 @@ def data_load(code: str, file: Path, env: Annotated[str, typer.Option(help="prod
         with session_scope(engine) as session:
             return load_version(session, s, code, file, env=env, source="cli", note=note)
 
-    version, report = _run(go)
+    version, report = _run(go, engine, "data.load", f"dataset:{code}:{env}")
     typer.echo(f"loaded {code} {env} v{version.number}: {version.row_count:,} rows, sha256 {version.sha256}")
     for w in report.warnings:
         typer.secho(f"warning: {w['message']}", fg="yellow")
@@ -139,8 +158,8 @@ def synth(scale: Annotated[int, typer.Option(help="outpatient visit rows (about)
 
     s = _settings()
     engine = _engine(s)
-    _run(lambda: import_catalog(engine))
-    report = _run(lambda: synthesize(engine, s, scale, seed, twin))
+    _run(lambda: import_catalog(engine), engine, "catalog.import", "packaged")
+    report = _run(lambda: synthesize(engine, s, scale, seed, twin), engine, "synth", f"scale={scale} seed={seed}")
     for code, env, number, rows in report.loaded:
         typer.echo(f"{code:<30} {env:<4} v{number}  {rows:>12,} rows")
 
@@ -172,7 +191,7 @@ def orgs_create(code: str, name_zh: Annotated[str, typer.Option()], name_en: Ann
         with session_scope(engine) as session:
             return upsert_organization(session, spec)
 
-    typer.echo(f"{_run(go)} {code}")
+    typer.echo(f"{_run(go, engine, 'orgs.create', f'org:{code}')} {code}")
 
 
 @orgs_app.command("list")
@@ -205,7 +224,7 @@ def users_create(username: str, org: Annotated[str, typer.Option(help="organizat
         with session_scope(engine) as session:
             create_user(session, username, pw, org, role, display_name)
 
-    _run(go)
+    _run(go, engine, "users.create", f"user:{username}")
     typer.echo(f"created {username} ({role} of {org})")
 
 
@@ -233,7 +252,7 @@ def users_set_password(username: str, password: Annotated[str | None, typer.Opti
         with session_scope(engine) as session:
             set_password(session, username, pw)
 
-    _run(go)
+    _run(go, engine, "users.set_password", f"user:{username}")
     typer.echo(f"password changed for {username}")
 
 
@@ -247,7 +266,7 @@ def _set_active(username: str, active: bool) -> None:
         with session_scope(engine) as session:
             set_active(session, username, active)
 
-    _run(go)
+    _run(go, engine, "users.enable" if active else "users.disable", f"user:{username}")
     typer.echo(f"{'enabled' if active else 'disabled'} {username}")
 
 
@@ -283,7 +302,7 @@ def users_issue_key(username: str, label: str = "", days: Annotated[int, typer.O
             key, row = issue_api_key(session, username, issuer, label, days)
             return key, row.id
 
-    key, key_id = _run(go)
+    key, key_id = _run(go, engine, "users.issue_key", f"user:{username}")
     typer.echo(f"API key #{key_id} for {username} (shown once):\n{key}")
 
 
@@ -298,7 +317,7 @@ def users_revoke_key(key_id: int) -> None:
         with session_scope(engine) as session:
             revoke_api_key(session, key_id)
 
-    _run(go)
+    _run(go, engine, "users.revoke_key", f"api_key:{key_id}")
     typer.echo(f"revoked API key #{key_id}")
 
 

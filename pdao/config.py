@@ -50,6 +50,19 @@ class Settings:
         for d in (self.home, self.domain_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
 
+    def sweep_staging(self, older_than_seconds: float = 24 * 3600) -> int:
+        """Remove what crashed loads left in staging (a live load is never a day old)."""
+        import shutil
+        import time
+
+        removed = 0
+        cutoff = time.time() - older_than_seconds
+        for p in self.staging_dir.glob("*") if self.staging_dir.exists() else ():
+            if p.lstat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     @property
     def secret_key(self) -> str:
         """Token signing key: from PDAO_SECRET_KEY, else a random key kept in the home (0600)

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS, OrganizationSpec, OrgKind, Text
-from catalog.models import DatasetVersion
+from catalog.models import Dataset, DatasetVersion
 from catalog.service import ImportReport, import_descriptors, upsert_organization
 from pdao.config import Settings
 from pdao.db import make_engine, migrate, session_scope
@@ -55,19 +55,25 @@ class SynthReport:
     loaded: list[tuple[str, str, int, int]]  # (code, env, version number, rows)
 
 
-def synthesize(engine: Engine, settings: Settings, scale: int, seed: int, twin: bool = True) -> SynthReport:
+def synthesize(engine: Engine, settings: Settings, scale: int, seed: int, twin: bool = True,
+               only: set[tuple[str, str]] | None = None) -> SynthReport:
     """Generate the synthetic health data and load it as versions: env prod (the stand-in for the
-    real data) and, with `twin`, the disjoint twin as env dev."""
+    real data) and, with `twin`, the disjoint twin as env dev. `only` limits the loads to these
+    (code, env) pairs."""
     from sandbox.store import load_version
     from sandbox.synth import generate
 
     settings.ensure_home()
     loaded = []
     for env, is_twin in (("prod", False), ("dev", True)) if twin else (("prod", False),):
+        if only is not None and not any(e == env for _, e in only):
+            continue
         work = Path(tempfile.mkdtemp(prefix=f"synth-{env}-", dir=settings.staging_dir))
         try:
             files = generate(work, scale=scale, seed=seed, twin=is_twin)
             for code, path in sorted(files.items()):
+                if only is not None and (code, env) not in only:
+                    continue
                 with session_scope(engine) as session:
                     version, report = load_version(session, settings, code, path, env=env, source="synth",
                                                    note=f"pdao synth --scale {scale} --seed {seed}")
@@ -77,9 +83,15 @@ def synthesize(engine: Engine, settings: Settings, scale: int, seed: int, twin: 
     return SynthReport(loaded)
 
 
-def has_versions(engine: Engine) -> bool:
+def missing_synthetic(engine: Engine) -> set[tuple[str, str]]:
+    """(code, env) pairs of the synthetic datasets that have no version yet: after a run that
+    stopped half-way, the next one loads just these."""
+    from sandbox.synth import DATASET_CODES
+
     with Session(engine) as session:
-        return session.exec(select(DatasetVersion.id)).first() is not None
+        have = set(session.exec(select(Dataset.code, DatasetVersion.env)
+                                .join(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)).all())
+    return {(c, e) for c in DATASET_CODES for e in ("prod", "dev")} - have
 
 
 def ensure_demo_identities(engine: Engine, settings: Settings) -> list[str]:
@@ -104,10 +116,11 @@ def run_demo(settings: Settings, scale: int = DEFAULT_SCALE, seed: int = DEFAULT
     echo(f"catalog imported: {len(report.datasets)} datasets, {len(report.organizations)} organizations")
     created = ensure_demo_identities(engine, settings)
     echo(f"demo identities: {len(created)} created, {len(DEMO_USERS) - len(created)} already there")
-    if has_versions(engine):
+    missing = missing_synthetic(engine)
+    if not missing:
         echo("synthetic data already loaded (delete the home to start over)")
     else:
         echo(f"generating synthetic health data: scale {scale:,} visits, seed {seed} (and its dev twin) ...")
-        for code, env, number, rows in synthesize(engine, settings, scale, seed).loaded:
+        for code, env, number, rows in synthesize(engine, settings, scale, seed, only=missing).loaded:
             echo(f"  {code:<30} {env:<4} v{number}  {rows:>10,} rows")
     engine.dispose()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, or_
+from sqlalchemy import update as sql_update
 from sqlmodel import Session, select
 
 from catalog.models import Dataset, DatasetField, Organization
@@ -194,6 +195,15 @@ def _as_application(session: Session, scene: Scene) -> SceneIn:
                    **{k: getattr(scene, k) for k in _SCALARS})
 
 
+def lock(session: Session, scene: Scene) -> Scene:
+    """Take the scene's row for this transaction and re-read it. A no-op UPDATE locks the row on
+    PostgreSQL and takes SQLite's write lock, so concurrent reviews or transitions of one scene
+    run one after the other and each sees the other's result."""
+    session.exec(sql_update(Scene).where(Scene.id == scene.id).values(updated_at=Scene.updated_at))
+    session.refresh(scene)
+    return scene
+
+
 def _own(principal: Principal, scene: Scene) -> None:
     if principal.role is not Role.applicant or scene.org_id != principal.org_id:
         raise forbidden("not_your_scene", "Only the applicant's organization may change or submit this scene.",
@@ -202,6 +212,7 @@ def _own(principal: Principal, scene: Scene) -> None:
 
 def update(session: Session, settings: Settings, principal: Principal, scene: Scene, patch: ScenePatch) -> Scene:
     _own(principal, scene)
+    lock(session, scene)
     if scene.status not in states.EDITABLE:
         raise _wrong_state("edit", scene)
     merged = _as_application(session, scene).model_dump()
@@ -226,6 +237,7 @@ def _wrong_state(action: str, scene: Scene, now: datetime | None = None) -> Pdao
 
 
 def _transition(session: Session, scene: Scene, action: str, actor: Principal, reason: str = "") -> None:
+    lock(session, scene)
     now = utcnow()
     if not states.may_transition(action, scene.status, scene.valid_to, now):
         raise _wrong_state(action, scene, now)
@@ -238,6 +250,7 @@ def _transition(session: Session, scene: Scene, action: str, actor: Principal, r
 
 def submit(session: Session, settings: Settings, principal: Principal, scene: Scene) -> Scene:
     _own(principal, scene)
+    lock(session, scene)
     if not states.may_transition("submit", scene.status, scene.valid_to, utcnow()):
         raise _wrong_state("submit", scene)
     # The catalog may have changed since drafting: check again.
@@ -263,6 +276,7 @@ def review(session: Session, settings: Settings, principal: Principal, scene: Sc
     this round, none from the applicant's organization; any reject or return decides at once."""
     if principal.role is not Role.office:
         raise forbidden("role_not_permitted", "Only the coordination office reviews scenes.", "只有协调小组办公室可以审核场景。")
+    lock(session, scene)
     if principal.org_id == scene.org_id:
         raise forbidden("own_org_review", "A scene cannot be reviewed by the applicant's own organization.",
                         "申请单位不能审核本单位的场景。")
@@ -364,10 +378,11 @@ def emergency_stop(session: Session, principal: Principal, org: str | None, data
     else:
         if session.exec(select(Dataset.id).where(Dataset.code == dataset)).first() is None:
             raise not_found(f"Dataset '{dataset}'", f"数据集 {dataset} ")
-        stmt = stmt.where(Scene.id.in_(select(SceneItem.scene_id).where(SceneItem.dataset == dataset)))
+        stmt = stmt.where(Scene.id.in_(select(SceneItem.scene_id).where(
+            SceneItem.dataset == dataset, SceneItem.struck == False)))  # noqa: E712 - SQL, not Python
     now = utcnow()
     stopped = []
-    for scene in session.exec(stmt.order_by(Scene.id).with_for_update()).all():
+    for scene in session.exec(stmt.order_by(Scene.id)).all():
         if states.may_transition("suspend", scene.status, scene.valid_to, now):
             _transition(session, scene, "suspend", principal, f"emergency stop: {reason}")
             _write_policies(session, scene, tenant_holds=False)

@@ -171,16 +171,23 @@ def test_a_server_error_is_one_event_with_decision_error(app, engine):
     assert r.json()["details"]["request_id"] == ev.request_id
 
 
-def test_a_client_request_id_is_kept_only_when_it_is_a_plain_token(client, engine):
-    before = count(engine)
-    r = client.get("/api/v1/health", headers={"X-Request-ID": "batch-42.item:7"})
-    assert r.headers["x-request-id"] == "batch-42.item:7"
-    assert the_one_event(engine, before, r).request_id == "batch-42.item:7"
+def test_request_ids_are_ours_and_a_plain_client_id_is_kept_beside(client, engine):
+    """Our id is always fresh (two requests naming the same id stay apart); the client's own id is
+    kept in the detail only when it is a plain token."""
+    ids = []
+    for _ in range(2):
+        before = count(engine)
+        r = client.get("/api/v1/health", headers={"X-Request-ID": "batch-42.item:7"})
+        ev = the_one_event(engine, before, r)
+        assert r.headers["x-request-id"] == ev.request_id != "batch-42.item:7" and len(ev.request_id) == 32
+        assert ev.detail == {"client_request_id": "batch-42.item:7"}
+        ids.append(ev.request_id)
+    assert ids[0] != ids[1]
     for bad in ("has space", "x" * 65, "new\u2028line", "<script>", "-starts-with-dash"):
         before = count(engine)
         r = client.get("/api/v1/health", headers={"X-Request-ID": bad.encode("utf-8")})
         ev = the_one_event(engine, before, r)
-        assert r.headers["x-request-id"] != bad and len(ev.request_id) == 32
+        assert r.headers["x-request-id"] == ev.request_id and len(ev.request_id) == 32 and ev.detail is None
 
 
 def test_request_ids_are_unique_and_sequence_grows(client, engine, auth):

@@ -253,6 +253,24 @@ def test_api_key_lifecycle(client, engine, auth):
     assert_error(client.delete("/api/v1/api-keys/999999", headers=op), 404, "not_found")
 
 
+@pytest.mark.parametrize("username", ["office1", "reviewer1", "auditor1", "operator1"])
+def test_no_api_keys_for_people_who_decide(client, engine, auth, username):
+    """A key acts as its user: an operator holding one for an office member could approve scenes."""
+    r = client.post("/api/v1/api-keys", json={"username": username}, headers=auth("operator1"))
+    assert_error(r, 422, "api_key_role")
+    with Session(engine) as s:
+        assert s.exec(select(ApiKey)).first() is None
+
+
+def test_api_key_use_names_the_key_in_the_audit(client, engine, auth):
+    issued = client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=auth("operator1")).json()
+    r = client.get("/api/v1/me", headers={"X-API-Key": issued["key"]})
+    assert r.status_code == 200
+    with Session(engine) as s:
+        ev = s.exec(select(AuditEvent).where(AuditEvent.request_id == r.headers["x-request-id"])).one()
+    assert (ev.actor, ev.auth_method, ev.detail) == ("insurer_a", "api_key", {"api_key_id": issued["id"]})
+
+
 def test_api_key_refusals(client, engine, auth):
     op = auth("operator1")
     key = client.post("/api/v1/api-keys", json={"username": "insurer_b"}, headers=op).json()["key"]
@@ -269,7 +287,7 @@ def test_api_key_refusals(client, engine, auth):
 
 
 def test_an_expired_api_key_is_refused(client, engine, auth):
-    key = client.post("/api/v1/api-keys", json={"username": "auditor1"}, headers=auth("operator1")).json()
+    key = client.post("/api/v1/api-keys", json={"username": "provider1"}, headers=auth("operator1")).json()
     with Session(engine) as s:
         row = s.get(ApiKey, key["id"])
         row.expires_at = datetime.now(UTC) - timedelta(seconds=1)

@@ -160,8 +160,10 @@ def test_paging_with_total(client, auth):
 
 def test_dataset_detail_describes_fields_and_versions_without_storage_paths(client, auth, settings, synth_files):
     prov = auth("provider1")
-    r = client.post("/api/v1/datasets/health.resident/versions", headers=prov, data={"env": "dev", "note": "twin"},
-                    files={"file": ("r.parquet", synth_files["dev"]["health.resident"].read_bytes())})
+    twin = {"file": ("r.parquet", synth_files["dev"]["health.resident"].read_bytes())}
+    r = client.post("/api/v1/datasets/health.resident/versions", headers=prov, data={"env": "dev"}, files=twin)
+    assert r.status_code == 422 and r.json()["code"] == "dev_is_synthetic", "the dev twin only comes from pdao synth"
+    r = client.post("/api/v1/datasets/health.resident/versions", headers=prov, data={"note": "twin"}, files=twin)
     assert r.status_code == 201, r.text
     r = client.get("/api/v1/datasets/health.resident", headers=auth("insurer_a"))
     assert r.status_code == 200
@@ -178,7 +180,7 @@ def test_dataset_detail_describes_fields_and_versions_without_storage_paths(clie
     for f in d["fields"]:
         assert {"sensitivity", "pii_kind", "masking", "domain", "bounds", "type", "grade"} <= set(f)
     [v] = d["versions"]
-    assert (v["env"], v["number"], v["note"], v["row_count"]) == ("dev", 1, "twin", pq.ParquetFile(
+    assert (v["env"], v["number"], v["note"], v["row_count"]) == ("prod", 1, "twin", pq.ParquetFile(
         synth_files["dev"]["health.resident"]).metadata.num_rows)
     assert "storage_path" not in v and "path" not in json.dumps(v)
     for text in (r.text, client.get("/api/v1/datasets", headers=prov).text):
@@ -214,7 +216,7 @@ def test_register_by_json_then_unchanged_then_updated(client, auth):
     prov = auth("provider1")
     desc = new_descriptor()
     r = client.post("/api/v1/datasets", json=desc, headers=prov)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 201, r.text
     assert r.json() == {"code": "health.vaccination", "action": "created", "revision": 1}
     assert client.post("/api/v1/datasets", json=desc, headers=prov).json() == {
         "code": "health.vaccination", "action": "unchanged", "revision": 1}
@@ -231,7 +233,7 @@ def test_register_by_yaml_then_unchanged_then_updated(client, auth):
     prov = {**auth("provider1"), "Content-Type": "application/yaml; charset=utf-8"}
     text = yaml.safe_dump(new_descriptor("health.vaccination_yaml"), allow_unicode=True, sort_keys=False)
     r = client.post("/api/v1/datasets", content=text.encode(), headers=prov)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 201, r.text
     assert (r.json()["action"], r.json()["revision"]) == ("created", 1)
     assert client.post("/api/v1/datasets", content=text.encode(), headers=prov).json()["action"] == "unchanged"
     # the same descriptor sent as JSON is the same descriptor

@@ -100,3 +100,16 @@ def test_users_and_api_keys(pdao, engine):
     pdao("users", "revoke-key", str(row.id))
     with Session(engine) as s:
         assert s.exec(select(ApiKey)).one().revoked_at is not None
+
+
+def test_cli_changes_are_audited(pdao, engine):
+    from pdao.audit import AuditEvent
+
+    pdao("users", "create", "analyst9", "--org", "company_b", "--role", "applicant", "--password", "long-enough-1")
+    pdao("users", "issue-key", "office1", "--by", "operator1", ok=False)
+    with Session(engine) as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.action.like("cli.%")).order_by(AuditEvent.seq)).all()
+    got = [(e.action, e.object, e.decision, e.reason, e.auth_method) for e in events]
+    assert got[-2:] == [("cli.users.create", "user:analyst9", "allow", None, "cli"),
+                        ("cli.users.issue_key", "user:office1", "deny", "api_key_role", "cli")]
+    assert all(e.actor.startswith("cli:") for e in events)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlmodel import Session, update
+from sqlmodel import Session, select, update
 
 from policies.models import Scene
 from tests.scene_helpers import active_scene, application, approve, create, today
@@ -136,3 +136,57 @@ def test_emergency_stop_by_dataset(client, auth):
     assert client.get(f"/api/v1/scenes/{s2}", headers=auth("office1")).json()["status"] == "active"
     r = client.post("/api/v1/emergency-stop", headers=auth("office2"), json={"org": "company_b", "reason": "x"})
     assert r.json() == {"suspended": [s2]}
+
+
+def _principal(session, username):
+    from catalog.models import Organization
+    from pdao.identity.models import User
+    from pdao.identity.service import _principal as make
+
+    user = session.exec(select(User).where(User.username == username)).one()
+    return make(user, session.get(Organization, user.org_id), "token")
+
+
+def test_simultaneous_last_approvals_approve_exactly_once(client, auth, engine, settings):
+    """Two office members approving at the same moment: the scene ends active, not stuck."""
+    import threading
+
+    from policies import scenes as svc
+    from policies.schemas import ReviewIn
+
+    for _ in range(3):
+        a = auth("insurer_a")
+        sid = create(client, a)["id"]
+        client.post(f"/api/v1/scenes/{sid}/submit", headers=a)
+        barrier, errors = threading.Barrier(2), []
+
+        def approve_as(who):
+            try:
+                with Session(engine) as s:
+                    p = _principal(s, who)
+                    scene = s.get(Scene, sid)
+                    barrier.wait()
+                    svc.review(s, settings, p, scene, ReviewIn(decision="approve"))
+                    s.commit()
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=approve_as, args=(w,)) for w in ("office1", "office2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        got = client.get(f"/api/v1/scenes/{sid}", headers=a).json()
+        assert got["status"] == "active", got["history"]
+        assert [e["action"] for e in got["history"]].count("approve") == 1
+
+
+def test_emergency_stop_ignores_struck_items(client, auth):
+    a = auth("insurer_a")
+    s = create(client, a)
+    client.post(f"/api/v1/scenes/{s['id']}/submit", headers=a)
+    join_item = next(i["id"] for i in s["items"] if i["dataset"] == "health.resident")
+    approve(client, auth, s["id"], struck=[join_item])
+    r = client.post("/api/v1/emergency-stop", headers=auth("office1"), json={"dataset": "health.resident", "reason": "x"})
+    assert r.json() == {"suspended": []}

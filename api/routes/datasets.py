@@ -5,14 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile, status
+from fastapi import APIRouter, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, caller
+from api.uploads import receive_file
 from catalog import service
 from catalog.descriptor import Category, OpeningClass, Sensitivity, parse_descriptor_dict, parse_descriptor_text
 from catalog.schemas import DatasetOut, DatasetPage, DescriptorReport, VersionOut
-from pdao.errors import bad_request, forbidden, too_large
+from pdao.errors import bad_request, forbidden, invalid
 from policies.catalog_rules import catalog_scope, may_manage_dataset
 from sandbox.store import load_version
 
@@ -56,7 +57,8 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": {"type": "object"}},
                  "application/yaml": {"schema": {"type": "string"}}}}})
-async def register_dataset(request: Request, principal: Writer, session: SessionDep) -> DescriptorReport:
+async def register_dataset(request: Request, response: Response, principal: Writer,
+                           session: SessionDep) -> DescriptorReport:
     """Register or update a dataset descriptor (JSON, or the YAML of `catalog/descriptors`)."""
     body = await request.body()  # at most 1 MiB: api.limits refuses larger bodies before they are read
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -72,7 +74,10 @@ async def register_dataset(request: Request, principal: Writer, session: Session
     if desc is None:
         raise service.DescriptorsRefused(problems)
     request.state.object = f"dataset:{desc.code}"
-    return await run_in_threadpool(_register, session, principal, desc)
+    report = await run_in_threadpool(_register, session, principal, desc)
+    if report.action == "created":
+        response.status_code = status.HTTP_201_CREATED
+    return report
 
 
 def _register(session, principal, desc) -> DescriptorReport:  # noqa: ANN001
@@ -91,7 +96,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad_request("bad_json", "The body is not valid JSON.", "请求体不是有效的 JSON。") from None
     if not isinstance(data, dict):
         raise bad_request("bad_json", "The descriptor must be a JSON object.", "描述必须是 JSON 对象。")
@@ -103,33 +108,41 @@ class LoadedVersion(VersionOut):
     warnings: list[dict[str, Any]]
 
 
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "note": {"type": "string"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
 @router.post("/datasets/{code}/versions", name="datasets.load_version", response_model=LoadedVersion,
-             status_code=status.HTTP_201_CREATED)
-def add_version(code: str, file: UploadFile, principal: Loader, session: SessionDep, settings: SettingsDep,
-                request: Request, env: Annotated[str, Form(pattern="^(prod|dev)$")] = "prod",
-                note: Annotated[str, Form(max_length=500)] = "") -> LoadedVersion:
-    """Load a data file (Parquet or CSV with a header) as the next immutable version."""
+             status_code=status.HTTP_201_CREATED, openapi_extra=UPLOAD_BODY)
+async def add_version(code: str, principal: Loader, session: SessionDep, settings: SettingsDep, request: Request,
+                      note: Annotated[str, Query(max_length=500)] = "") -> LoadedVersion:
+    """Load a data file (Parquet, or CSV with a header) as the next immutable `prod` version: as a
+    multipart form (`file`, optional `note`) or as the raw body. The dev twin is synthetic and only
+    `pdao synth` makes it."""
     request.state.object = f"dataset:{code}"[:200]
+    await run_in_threadpool(_may_load, session, principal, code)
+    settings.ensure_home()
+    staged = settings.staging_dir / f"upload-{uuid.uuid4().hex}"
+    try:
+        received = await receive_file(request, staged, settings.max_upload_bytes)
+        note = received.fields.get("note", note)[:500]
+        if received.fields.get("env", "prod") != "prod":
+            raise invalid("dev_is_synthetic", "Uploads are real data (env prod); the dev twin comes only from "
+                          "`pdao synth`.", "上传的数据均为真实数据（prod）；开发孪生数据只能由 pdao synth 生成。")
+        version, report = await run_in_threadpool(
+            load_version, session, settings, code, staged, env="prod", source="upload", note=note,
+            loaded_by=principal.user_id)
+    finally:
+        staged.unlink(missing_ok=True)
+    request.state.object = f"dataset:{code}:prod:v{version.number}"
+    return LoadedVersion(code=code, warnings=report.warnings,
+                         **version.model_dump(include=set(VersionOut.model_fields)))
+
+
+def _may_load(session, principal, code: str) -> None:  # noqa: ANN001
     service.find_dataset(session, code, catalog_scope(principal.role, principal.org_id))
     if not may_manage_dataset(principal.role, principal.org_code, service.source_department_of(session, code) or ""):
         raise forbidden("not_your_department", "Only a provider of the source department may load data.",
                         "只有数据提供部门本部门的人员可以加载数据。")
-    settings.ensure_home()
-    staged = settings.staging_dir / f"upload-{uuid.uuid4().hex}"
-    try:
-        size = 0
-        with staged.open("wb") as out:
-            while chunk := file.file.read(1 << 20):
-                size += len(chunk)
-                if size > settings.max_upload_bytes:
-                    raise too_large(settings.max_upload_bytes)
-                out.write(chunk)
-        if size == 0:
-            raise bad_request("empty_file", "The file is empty.", "文件为空。")
-        version, report = load_version(session, settings, code, staged, env=env, source="upload", note=note,
-                                       loaded_by=principal.user_id)
-    finally:
-        staged.unlink(missing_ok=True)
-    request.state.object = f"dataset:{code}:{env}:v{version.number}"
-    return LoadedVersion(code=code, warnings=report.warnings,
-                         **version.model_dump(include=set(VersionOut.model_fields)))

@@ -28,10 +28,12 @@ class Principal:
     org_code: str
     org_kind: str
     auth_method: str  # password | token | api_key
+    api_key_id: int | None = None
 
 
-def _principal(user: User, org: Organization, method: str) -> Principal:
-    return Principal(user.id, user.username, Role(user.role), org.id, org.code, org.kind, method)  # type: ignore[arg-type]
+def _principal(user: User, org: Organization, method: str, api_key_id: int | None = None) -> Principal:
+    return Principal(user.id, user.username, Role(user.role), org.id, org.code, org.kind, method,  # type: ignore[arg-type]
+                     api_key_id)
 
 
 def _org(session: Session, org_code: str) -> Organization:
@@ -146,7 +148,9 @@ def principal_from_token(session: Session, settings: Settings, token: str) -> Pr
         raise unauthorized("invalid_token", "The bearer token is invalid or has expired.", "访问令牌无效或已过期。")
     user = session.get(User, claims.user_id)
     if user is None or not user.is_active or claims.issued_at < user.tokens_valid_after:
-        raise unauthorized("invalid_token", "The bearer token is no longer valid.", "访问令牌已失效。")
+        err = unauthorized("invalid_token", "The bearer token is no longer valid.", "访问令牌已失效。")
+        err.attempted_actor = user.username if user else None  # the signature names who it was
+        raise err
     return _principal(user, session.get(Organization, user.org_id), "token")
 
 
@@ -165,18 +169,25 @@ def principal_from_api_key(session: Session, key: str) -> Principal:
         raise bad
     row.last_used_at = now
     session.add(row)
-    return _principal(user, session.get(Organization, user.org_id), "api_key")
+    return _principal(user, session.get(Organization, user.org_id), "api_key", row.id)
 
 
 def issue_api_key(session: Session, username: str, issued_by: int | None, label: str = "",
                   valid_days: int | None = 365) -> tuple[str, ApiKey]:
     user = get_user(session, username)
+    if Role(user.role) not in API_KEY_ROLES:
+        # A key acts as its user; the office, reviewers, auditors and the operator decide in person.
+        raise invalid("api_key_role", f"API keys are for the scripts of applicants and providers, not a {user.role}.",
+                      f"API 密钥仅供申请企业和数据提供方的脚本使用，不能签发给 {user.role}。")
     key, prefix, digest = tokens.new_api_key()
     row = ApiKey(user_id=user.id, prefix=prefix, key_sha256=digest, label=label, issued_by=issued_by,
                  expires_at=utcnow() + timedelta(days=valid_days) if valid_days else None)
     session.add(row)
     session.flush()
     return key, row
+
+
+API_KEY_ROLES = frozenset({Role.applicant, Role.provider})
 
 
 def revoke_api_key(session: Session, key_id: int) -> ApiKey:
