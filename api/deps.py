@@ -65,6 +65,11 @@ class Authorized:
 
     def __call__(self, request: Request, session: SessionDep, settings: SettingsDep,
                  token: Annotated[str | None, Depends(oauth2_scheme)]) -> Principal:
+        principal = self.authenticate(request, session, settings, token)
+        self.authorize(principal)
+        return principal
+
+    def authenticate(self, request: Request, session: Session, settings: Settings, token: str | None) -> Principal:
         # The audit middleware reads action and principal; the error handlers add the reason.
         request.state.action = f"{self.resource}.{self.action}"
         try:
@@ -73,11 +78,13 @@ class Authorized:
             request.state.attempted_actor = getattr(e, "attempted_actor", None)
             raise
         request.state.principal = principal
+        return principal
+
+    def authorize(self, principal: Principal) -> None:
         if not role_may(principal.role.value, self.resource, self.action):
             raise forbidden("role_not_permitted",
                             f"The role '{principal.role}' may not {self.action} {self.resource}.",
                             f"角色 {principal.role} 无权对 {self.resource} 执行 {self.action}。")
-        return principal
 
 
 def caller(resource: str, action: str):  # noqa: ANN201 - an Annotated type
@@ -90,18 +97,21 @@ class SceneContext(NamedTuple):
 
 
 class SceneAccess:
-    """Dependency for /scenes/{scene_id}/…: the caller's role may `action` scenes, and the scene is
-    one the caller may see. Another tenant's scene answers 404, exactly like a missing one."""
+    """Dependency for /scenes/{scene_id}/…: the scene is one the caller may see, and the caller's
+    role may `action` scenes. Visibility comes first: another tenant's scene answers 404 to every
+    endpoint, exactly like a missing one, whatever the caller's role."""
 
     def __init__(self, action: str) -> None:
         self._authorized = Authorized("scene", action)
 
     def __call__(self, scene_id: int, request: Request, session: SessionDep, settings: SettingsDep,
                  token: Annotated[str | None, Depends(oauth2_scheme)]) -> SceneContext:
-        principal = self._authorized(request, session, settings, token)
+        principal = self._authorized.authenticate(request, session, settings, token)
         request.state.scene_id = scene_id
         request.state.object = f"scene:{scene_id}"
-        return SceneContext(principal, get_visible(session, principal, scene_id))
+        scene = get_visible(session, principal, scene_id)
+        self._authorized.authorize(principal)
+        return SceneContext(principal, scene)
 
 
 def scene_access(action: str):  # noqa: ANN201 - an Annotated type
