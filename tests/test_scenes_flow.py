@@ -190,3 +190,25 @@ def test_emergency_stop_ignores_struck_items(client, auth):
     approve(client, auth, s["id"], struck=[join_item])
     r = client.post("/api/v1/emergency-stop", headers=auth("office1"), json={"dataset": "health.resident", "reason": "x"})
     assert r.json() == {"suspended": []}
+
+
+def test_the_applicants_own_organization_never_approves(client, auth, engine, settings):
+    """Role-to-organization rules keep office members out of companies, so this is checked on the
+    service itself: an office-role principal of the tenant organization is refused."""
+    from dataclasses import replace
+
+    import pytest
+
+    from pdao.errors import PdaoError
+    from policies import scenes as svc
+    from policies.schemas import ReviewIn
+
+    a = auth("insurer_a")
+    sid = create(client, a)["id"]
+    client.post(f"/api/v1/scenes/{sid}/submit", headers=a)
+    with Session(engine) as s:
+        scene = s.get(Scene, sid)
+        insider = replace(_principal(s, "office1"), org_id=scene.org_id)
+        with pytest.raises(PdaoError) as err:
+            svc.review(s, settings, insider, scene, ReviewIn(decision="approve"))
+    assert (err.value.status, err.value.code) == (403, "own_org_review")
