@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, UniqueConstraint, event
 from sqlmodel import Field, SQLModel
 
 from pdao.db import utcnow
@@ -40,10 +40,39 @@ class Dataset(SQLModel, table=True):
     opening_class: str = Field(max_length=20, index=True)
     privacy_unit: str | None = Field(default=None, max_length=64)
     keywords: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    revision: int = 1  # bumped whenever the descriptor changes
+    # Bumped whenever the descriptor changes, only by a conditional UPDATE on this row
+    # (catalog.service.apply_descriptor), so concurrent writers never lose a revision.
+    revision: int = 1
+    # How many versions (all envs) were loaded: a load bumps it, in the transaction that inserts
+    # the version, only while `revision` is still the one its file was checked against. A
+    # descriptor change that is only allowed without versions requires it to be 0 in its own
+    # UPDATE. Both sides condition on this one row, so neither can slip past the other.
+    version_count: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     descriptor_sha256: str = Field(max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetRevision(SQLModel, table=True):
+    """The descriptor of each revision of a dataset, as registered. Immutable: written when a
+    dataset is created and on every descriptor change, never rewritten or deleted. A version's
+    `dataset_revision` names the row its file was checked against."""
+
+    __tablename__ = "dataset_revision"
+    __table_args__ = (UniqueConstraint("dataset_id", "revision"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int = Field(foreign_key="dataset.id", index=True)
+    revision: int
+    descriptor: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    sha256: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+@event.listens_for(DatasetRevision, "before_update")
+@event.listens_for(DatasetRevision, "before_delete")
+def _revisions_are_immutable(_mapper, _connection, target: DatasetRevision) -> None:  # noqa: ANN001
+    raise ValueError(f"dataset_revision {target.dataset_id}/{target.revision} is immutable")
 
 
 class DatasetField(SQLModel, table=True):

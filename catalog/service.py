@@ -5,19 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import func, or_
+from sqlalchemy import delete, func, or_, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session, select
 
 from catalog.descriptor import (
+    Change,
     DatasetDescriptor,
+    DatasetState,
+    FieldState,
     OrganizationSpec,
     Problem,
+    Source,
     descriptor_files,
     descriptor_kind,
-    parse_descriptor_text,
-    parse_organizations_text,
+    normalize_bounds,
+    parse_descriptor_document,
+    parse_organizations_document,
+    reclassification_changes,
+    shape_changes,
+    state_of,
 )
-from catalog.models import Dataset, DatasetField, DatasetVersion, Organization
+from catalog.models import Dataset, DatasetField, DatasetRevision, DatasetVersion, Organization
 from catalog.schemas import (
     DatasetOut,
     DatasetPage,
@@ -46,10 +55,89 @@ class ImportReport:
     datasets: dict[str, str] = field(default_factory=dict)
 
 
-def read_descriptor_files(paths: list[Path]) -> tuple[list[OrganizationSpec], list[DatasetDescriptor]]:
-    """Parse every file first; refuse the whole set if any file has a problem."""
-    orgs: list[OrganizationSpec] = []
-    datasets: list[DatasetDescriptor] = []
+@dataclass(frozen=True)
+class ParsedOrganization:
+    spec: OrganizationSpec
+    source: Source
+    index: int  # organizations[index] in its file
+
+
+@dataclass(frozen=True)
+class ParsedDataset:
+    descriptor: DatasetDescriptor
+    source: Source
+
+
+# --- errors of the write paths ------------------------------------------------------------------
+
+def concurrent_change(code: str) -> PdaoError:
+    return conflict("concurrent_change",
+                    f"Dataset '{code}' was changed by someone else at the same time; nothing was changed. "
+                    "Read it again and retry.",
+                    f"数据集 {code} 同时被他人修改，本次未做任何更改；请重新读取后再试。")
+
+
+def is_write_conflict(session: Session, exc: DBAPIError) -> bool:
+    """A database error that means "another writer got there first", not a broken database:
+    a unique key taken by a concurrent insert, SQLite's lock / stale snapshot, PostgreSQL's
+    serialization failure or deadlock."""
+    if isinstance(exc, IntegrityError):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    if session.get_bind().dialect.name == "sqlite":
+        text = str(exc.orig).lower()
+        return "locked" in text or "busy" in text
+    return getattr(exc.orig, "sqlstate", None) in ("40001", "40P01")
+
+
+class ChangeRefused(PdaoError):
+    """A descriptor refused with reasons at paths of the descriptor (`changes`, e.g.
+    `fields[3].sensitivity`); details carry them for clients, and an import points each at its
+    file and line."""
+
+    def __init__(self, code: str, message: str, message_zh: str, changes: list[Change], status: int = 409) -> None:
+        super().__init__(status, code, message, message_zh, details=[c.as_dict() for c in changes])
+        self.changes = changes
+
+
+def _unknown_department(d: DatasetDescriptor) -> ChangeRefused:
+    msg = f"'{d.source_department}' is not a registered source department."
+    msg_zh = f"{d.source_department} 不是已登记的数据提供部门。"
+    return ChangeRefused("unknown_department", msg, msg_zh, [Change("source_department", None, msg, msg_zh)],
+                         status=422)
+
+
+def _source_change(d: DatasetDescriptor) -> ChangeRefused:
+    msg = f"Dataset '{d.code}' cannot move to another source department."
+    msg_zh = f"数据集 {d.code} 不能更换数据提供部门（一数一源）。"
+    return ChangeRefused("source_change", msg, msg_zh, [Change("source_department", None, msg, msg_zh)])
+
+
+def _incompatible(code: str, changes: list[Change]) -> ChangeRefused:
+    return ChangeRefused("descriptor_incompatible",
+                         f"Dataset '{code}' has versions; its field names, order and types cannot change. "
+                         "Register a new dataset code instead.",
+                         f"数据集 {code} 已有数据版本，字段名称、顺序和类型不能更改；请登记新的数据集编码。", changes)
+
+
+def _reclassification(code: str, changes: list[Change]) -> ChangeRefused:
+    return ChangeRefused("reclassification_refused",
+                         f"Dataset '{code}' has versions; this change would loosen its protection or narrow "
+                         f"what its loaded data was checked against ({len(changes)} problem(s)). "
+                         "Register a new dataset code instead.",
+                         f"数据集 {code} 已有数据版本，本次更改将降低其保护级别或收窄已加载数据所依据的约束"
+                         f"（{len(changes)} 处）；请登记新的数据集编码。", changes)
+
+
+# --- import -------------------------------------------------------------------------------------
+
+def read_descriptor_files(paths: list[Path], session: Session | None = None,
+                          ) -> tuple[list[ParsedOrganization], list[ParsedDataset]]:
+    """Parse every file first; refuse the whole set if any file has a problem. With a session,
+    also check that each dataset's source department is a department, registered or in the set."""
+    orgs: list[ParsedOrganization] = []
+    datasets: list[ParsedDataset] = []
     problems: list[Problem] = []
     files = descriptor_files(paths)
     if not files:
@@ -61,39 +149,69 @@ def read_descriptor_files(paths: list[Path]) -> tuple[list[OrganizationSpec], li
             problems.append(Problem(str(f), None, "", f"cannot read: {e}"))
             continue
         if descriptor_kind(f) == "organizations":
-            parsed, ps = parse_organizations_text(text, str(f))
-            orgs.extend(parsed)
+            parsed, ps, src = parse_organizations_document(text, str(f))
+            orgs.extend(ParsedOrganization(o, src, i) for i, o in enumerate(parsed))
         else:
-            desc, ps = parse_descriptor_text(text, str(f))
+            desc, ps, src = parse_descriptor_document(text, str(f))
             if desc is not None:
-                datasets.append(desc)
+                datasets.append(ParsedDataset(desc, src))
         problems.extend(ps)
     seen: dict[str, int] = {}
     for d in datasets:
-        seen[d.code] = seen.get(d.code, 0) + 1
+        seen[d.descriptor.code] = seen.get(d.descriptor.code, 0) + 1
     problems.extend(Problem("(set)", None, "code", f"dataset '{c}' is described by {n} files")
                     for c, n in seen.items() if n > 1)
+    if session is not None:
+        kinds = dict(session.exec(select(Organization.code, Organization.kind)).all())
+        kinds.update({o.spec.code: o.spec.kind.value for o in orgs})
+        for d in datasets:
+            dep = d.descriptor.source_department
+            if kinds.get(dep) != "department":
+                problems.append(d.source.problem(
+                    "source_department", _unknown_department_message(dep, kinds.get(dep)),
+                    f"{dep} 不是已登记的数据提供部门。"))
     if problems:
         raise DescriptorsRefused(problems)
     return orgs, datasets
 
 
+def _unknown_department_message(code: str, kind: str | None) -> str:
+    if kind is None:
+        return f"'{code}' is not a registered source department (nor one in this set of files)."
+    return f"'{code}' is not a registered source department (it is a {kind})."
+
+
 def import_descriptors(session: Session, paths: list[Path]) -> ImportReport:
-    """Validate all files, then apply them in the caller's one transaction."""
-    orgs, datasets = read_descriptor_files(paths)
-    report = ImportReport()
-    for o in orgs:
-        report.organizations[o.code] = upsert_organization(session, o)
-    session.flush()
-    problems = []
-    for d in datasets:
-        try:
-            report.datasets[d.code] = apply_descriptor(session, d)
-        except PdaoError as e:
-            problems.append(Problem(d.code, None, "", e.message))
-    if problems:
-        raise DescriptorsRefused(problems)
-    return report
+    """Validate all files, then apply them in the caller's one transaction.
+
+    All or nothing: on any problem the session is rolled back (also what an earlier step of this
+    import wrote) and DescriptorsRefused names every problem with its file and line; a commit the
+    caller makes afterwards commits nothing of the set."""
+    try:
+        orgs, datasets = read_descriptor_files(paths, session)
+        report = ImportReport()
+        problems: list[Problem] = []
+        for o in orgs:
+            try:
+                report.organizations[o.spec.code] = upsert_organization(session, o.spec)
+            except PdaoError as e:
+                problems.append(o.source.problem(("organizations", o.index, "kind"), e.message, e.message_zh))
+        session.flush()
+        for d in datasets:
+            try:
+                report.datasets[d.descriptor.code] = apply_descriptor(session, d.descriptor)
+            except ChangeRefused as e:
+                problems.extend(d.source.problem(c.path, c.message, c.message_zh) for c in e.changes)
+            except PdaoError as e:
+                if e.code == "concurrent_change":
+                    raise  # the transaction is gone: nothing more can be checked in it
+                problems.append(d.source.problem("", e.message, e.message_zh))
+        if problems:
+            raise DescriptorsRefused(problems)
+        return report
+    except BaseException:
+        session.rollback()
+        raise
 
 
 def upsert_organization(session: Session, spec: OrganizationSpec) -> str:
@@ -114,6 +232,8 @@ def upsert_organization(session: Session, spec: OrganizationSpec) -> str:
     return "updated"
 
 
+# --- register and change one dataset ------------------------------------------------------------
+
 def _field_row(dataset_id: int, position: int, f, dataset_grade: int) -> DatasetField:  # noqa: ANN001
     return DatasetField(
         dataset_id=dataset_id, position=position, name=f.name, type=f.type.value,
@@ -124,12 +244,28 @@ def _field_row(dataset_id: int, position: int, f, dataset_grade: int) -> Dataset
     )
 
 
+def state_of_rows(ds: Dataset, fields: list[DatasetField]) -> DatasetState:
+    """The registered protection of a dataset, as `catalog.descriptor.state_of` gives it for a descriptor."""
+    return DatasetState(
+        grade=ds.grade, opening_class=ds.opening_class, privacy_unit=ds.privacy_unit,
+        fields=tuple(FieldState(name=f.name, type=f.type, sensitivity=f.sensitivity, pii_kind=f.pii_kind,
+                                masking=f.masking, grade=f.grade, nullable=f.nullable,
+                                domain=tuple(f.domain) if f.domain is not None else None,
+                                bounds=normalize_bounds(f.bounds)) for f in fields))
+
+
 def apply_descriptor(session: Session, d: DatasetDescriptor) -> str:
-    """Create or update one dataset from a valid descriptor. Answers created|updated|unchanged."""
+    """Create or update one dataset from a valid descriptor. Answers created|updated|unchanged.
+
+    Safe against concurrent writers: the change is one conditional UPDATE of the dataset row
+    (`revision` still the one read; `version_count` still 0 when the change is only allowed
+    without versions), so a concurrent update or load makes it fail cleanly instead of being
+    lost. Raises 409 `concurrent_change` (and rolls the session back) when another writer won,
+    `descriptor_incompatible` / `reclassification_refused` (ChangeRefused, with per-field changes)
+    when the dataset has versions, and 422 `unknown_department`."""
     org = session.exec(select(Organization).where(Organization.code == d.source_department)).first()
     if org is None or org.kind != "department":
-        raise invalid("unknown_department", f"'{d.source_department}' is not a registered source department.",
-                      f"{d.source_department} 不是已登记的数据提供部门。")
+        raise _unknown_department(d)
     digest = d.sha256()
     values = dict(
         title_zh=d.title.zh, title_en=d.title.en,
@@ -139,40 +275,77 @@ def apply_descriptor(session: Session, d: DatasetDescriptor) -> str:
         category=d.category.value, grade=d.grade, opening_class=d.opening_class.value,
         privacy_unit=d.privacy_unit, keywords=list(d.keywords), descriptor_sha256=digest,
     )
-    ds = session.exec(select(Dataset).where(Dataset.code == d.code)).first()
-    if ds is None:
-        ds = Dataset(code=d.code, **values)
-        session.add(ds)
-        session.flush()
-        for i, f in enumerate(d.fields):
-            session.add(_field_row(ds.id, i, f, d.grade))
-        return "created"
-    if ds.descriptor_sha256 == digest:
-        return "unchanged"
-    if ds.source_org_id != org.id:
-        raise conflict("source_change", f"Dataset '{d.code}' cannot move to another source department.",
-                       f"数据集 {d.code} 不能更换数据提供部门（一数一源）。")
-    old_fields = list(session.exec(select(DatasetField).where(DatasetField.dataset_id == ds.id)
-                                   .order_by(DatasetField.position)).all())
-    has_versions = session.exec(select(DatasetVersion.id).where(DatasetVersion.dataset_id == ds.id)).first()
-    old_shape = [(f.name, f.type) for f in old_fields]
-    new_shape = [(f.name, f.type.value) for f in d.fields]
-    if has_versions is not None and old_shape != new_shape:
-        raise conflict("descriptor_incompatible",
-                       f"Dataset '{d.code}' has versions; its field names, order and types cannot change. "
-                       "Register a new dataset code instead.",
-                       f"数据集 {d.code} 已有数据版本，字段名称、顺序和类型不能更改；请登记新的数据集编码。")
-    for k, v in values.items():
-        setattr(ds, k, v)
-    ds.revision += 1
-    ds.updated_at = utcnow()
+    try:
+        ds = session.exec(select(Dataset).where(Dataset.code == d.code)
+                          .execution_options(populate_existing=True)).first()
+        if ds is None:
+            return _create(session, d, values, digest)
+        return _update(session, ds, d, values, digest, org.id)
+    except DBAPIError as e:
+        if not is_write_conflict(session, e):
+            raise
+        session.rollback()
+        raise concurrent_change(d.code) from None
+    except PdaoError as e:
+        if e.code == "concurrent_change":
+            session.rollback()
+        raise
+
+
+def _record_revision(session: Session, dataset_id: int, revision: int, d: DatasetDescriptor, digest: str) -> None:
+    session.add(DatasetRevision(dataset_id=dataset_id, revision=revision, descriptor=d.model_dump(mode="json"),
+                                sha256=digest))
+
+
+def _create(session: Session, d: DatasetDescriptor, values: dict, digest: str) -> str:
+    ds = Dataset(code=d.code, revision=1, version_count=0, **values)
     session.add(ds)
-    for f in old_fields:
-        session.delete(f)
-    session.flush()
+    session.flush()  # a concurrent creator of the same code: IntegrityError here (after it commits)
     for i, f in enumerate(d.fields):
         session.add(_field_row(ds.id, i, f, d.grade))
+    _record_revision(session, ds.id, 1, d, digest)
+    session.flush()
+    return "created"
+
+
+def _update(session: Session, ds: Dataset, d: DatasetDescriptor, values: dict, digest: str, org_id: int) -> str:
+    if ds.descriptor_sha256 == digest:
+        return "unchanged"
+    if ds.source_org_id != org_id:
+        raise _source_change(d)
+    seen_revision, seen_versions = ds.revision, ds.version_count
+    old, new = state_of_rows(ds, dataset_fields(session, ds.id)), state_of(d)
+    shape = shape_changes(old, new)
+    reclass = [] if shape else reclassification_changes(old, new)
+    if seen_versions and shape:
+        raise _incompatible(d.code, shape)
+    if seen_versions and reclass:
+        raise _reclassification(d.code, reclass)
+    stmt = (update(Dataset)
+            .where(Dataset.id == ds.id, Dataset.revision == seen_revision)
+            .values(revision=Dataset.revision + 1, updated_at=utcnow(), **values)
+            .execution_options(synchronize_session=False))
+    if shape or reclass:  # only allowed while nothing is loaded: a load must not slip in before this commits
+        stmt = stmt.where(Dataset.version_count == 0)
+    if session.exec(stmt).rowcount != 1:
+        now = session.exec(select(Dataset.revision, Dataset.version_count).where(Dataset.id == ds.id)).one()
+        session.expire(ds)
+        if now[0] != seen_revision:
+            raise concurrent_change(d.code)
+        raise _incompatible(d.code, shape) if shape else _reclassification(d.code, reclass)
+    session.expire(ds)
+    session.exec(delete(DatasetField).where(DatasetField.dataset_id == ds.id))
+    for i, f in enumerate(d.fields):
+        session.add(_field_row(ds.id, i, f, d.grade))
+    _record_revision(session, ds.id, seen_revision + 1, d, digest)
+    session.flush()
     return "updated"
+
+
+def dataset_revisions(session: Session, dataset_id: int) -> list[DatasetRevision]:
+    """The descriptor history of a dataset, oldest first."""
+    return list(session.exec(select(DatasetRevision).where(DatasetRevision.dataset_id == dataset_id)
+                             .order_by(DatasetRevision.revision)).all())
 
 
 # --- reading -----------------------------------------------------------------------------------

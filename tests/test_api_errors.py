@@ -311,7 +311,7 @@ def test_refused_registration_leaves_the_catalog_as_it_was(client, auth):
                           ({}, new_descriptor())):
         assert client.post("/api/v1/datasets", json=body, headers=headers).status_code in (401, 403, 422)
         assert client.get("/api/v1/datasets", headers=office).json()["total"] == total
-    assert client.post("/api/v1/datasets", json=new_descriptor(), headers=auth("provider1")).status_code == 200
+    assert client.post("/api/v1/datasets", json=new_descriptor(), headers=auth("provider1")).status_code == 201
     assert client.get("/api/v1/datasets", headers=office).json()["total"] == total + 1
 
 
