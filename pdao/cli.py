@@ -137,6 +137,30 @@ def data_load(code: str, file: Path, env: Annotated[str, typer.Option(help="prod
         typer.secho(f"warning: {w['message']}", fg="yellow")
 
 
+@data_app.command("verify")
+def data_verify(code: Annotated[str | None, typer.Argument(help="a dataset code; all when left out")] = None) -> None:
+    """Re-hash every snapshot and compare with the catalog; exit 1 if any is missing or altered."""
+    from catalog.models import Dataset, DatasetVersion
+    from sandbox.store import verify_snapshot
+
+    s = _settings()
+    engine = _engine(s)
+    bad = 0
+    with Session(engine) as session:
+        stmt = select(Dataset.code, DatasetVersion).join(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)
+        if code:
+            stmt = stmt.where(Dataset.code == code)
+        rows = session.exec(stmt.order_by(Dataset.code, DatasetVersion.env, DatasetVersion.number)).all()
+    for ds_code, v in rows:
+        verdict = verify_snapshot(s, v)
+        bad += verdict != "ok"
+        typer.echo(f"{verdict.upper():<8} {ds_code:<30} {v.env:<4} v{v.number}  sha256 {v.sha256[:16]}…")
+    _audit(engine, "data.verify", code or "all", "allow" if not bad else "deny", f"{bad} bad" if bad else None)
+    typer.echo(f"{len(rows)} snapshot(s) checked, {bad} missing or altered")
+    if bad:
+        raise typer.Exit(1)
+
+
 @app.command()
 def synth(scale: Annotated[int, typer.Option(help="outpatient visit rows (about)", min=100)] = 200_000,
           seed: Annotated[int, typer.Option(help="random seed; same seed, same files")] = 20240113,

@@ -437,6 +437,11 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
     now = now or utcnow()
     status = states.effective_status(scene.status, scene.valid_from, scene.valid_to, now)
     items = _items(session, scene)
+    # What the scene may do now: not struck, and still passing the rule table on today's catalog
+    # (a dataset closed since approval drops out at once).
+    facts = field_facts(session, ((i.dataset, i.field) for i in items)) if status == "active" else {}
+    effective = [i for i in items if not i.struck
+                 and item_verdict(facts.get((i.dataset, i.field)), i.usage, i.dataset, i.field).allowed]
     reviews = session.exec(select(SceneReview).where(SceneReview.scene_id == scene.id).order_by(SceneReview.id)).all()
     events = session.exec(select(SceneEvent).where(SceneEvent.scene_id == scene.id).order_by(SceneEvent.id)).all()
     user_ids = {scene.applicant_id} | {r.reviewer_id for r in reviews} | {e.actor_id for e in events if e.actor_id}
@@ -454,7 +459,7 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
         items=[ItemOut(id=i.id, dataset=i.dataset, field=i.field, usage=i.usage, struck=i.struck,
                        struck_reason=i.struck_reason) for i in items],
         effective_items=[EffectiveItem(dataset=i.dataset, field=i.field, usage=i.usage)
-                         for i in items if not i.struck] if status == "active" else [],
+                         for i in effective] if status == "active" else [],
         approvals=Approvals(required=settings.scene_approvals_required, this_round=approvers),
         reviews=[ReviewOut(round=r.round, reviewer=users.get(r.reviewer_id, "?"), decision=r.decision,
                            struck_items=r.struck_items, comment=r.comment, created_at=r.created_at) for r in reviews],

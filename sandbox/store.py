@@ -425,3 +425,12 @@ def _register(session: Session, settings: Settings, ds: Dataset, tmp: Path, dige
 def snapshot_path(settings: Settings, version: DatasetVersion) -> Path:
     """Where a version's snapshot lives (for the sandbox engine only)."""
     return settings.domain_dir / version.storage_path
+
+
+def verify_snapshot(settings: Settings, version: DatasetVersion) -> str:
+    """`ok`, `missing` or `altered`: does the snapshot still hash to what the catalog recorded?
+    File modes keep honest processes out; the hash catches everything else (root included)."""
+    path = snapshot_path(settings, version)
+    if not path.is_file():
+        return "missing"
+    return "ok" if _sha256(path) == version.sha256 else "altered"

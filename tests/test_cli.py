@@ -113,3 +113,18 @@ def test_cli_changes_are_audited(pdao, engine):
     assert got[-2:] == [("cli.users.create", "user:analyst9", "allow", None, "cli"),
                         ("cli.users.issue_key", "user:office1", "deny", "api_key_role", "cli")]
     assert all(e.actor.startswith("cli:") for e in events)
+
+
+def test_data_verify_finds_an_altered_snapshot(pdao, settings, synth_files):
+    pdao("data", "load", "health.chronic_condition", str(synth_files["prod"]["health.chronic_condition"]))
+    pdao("data", "load", "health.resident", str(synth_files["prod"]["health.resident"]))
+    assert "2 snapshot(s) checked, 0 missing or altered" in pdao("data", "verify").output
+    [snap] = (settings.domain_dir / "health.resident" / "prod").glob("v1-*.parquet")
+    snap.chmod(0o644)
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    snap.write_bytes(bytes(data))
+    out = pdao("data", "verify", ok=False).output
+    assert re.search(r"ALTERED\s+health\.resident\s+prod v1", out) and re.search(r"OK\s+health\.chronic_condition", out)
+    assert "1 missing or altered" in out
+    assert "0 missing or altered" in pdao("data", "verify", "health.chronic_condition").output

@@ -212,3 +212,21 @@ def test_the_applicants_own_organization_never_approves(client, auth, engine, se
         with pytest.raises(PdaoError) as err:
             svc.review(s, settings, insider, scene, ReviewIn(decision="approve"))
     assert (err.value.status, err.value.code) == (403, "own_org_review")
+
+
+def test_a_dataset_closed_after_approval_is_refused_at_once(client, auth):
+    """Closing a dataset (禁止开放) takes effect on the next request, in every active scene."""
+    from catalog.descriptor import PACKAGED_DESCRIPTORS
+
+    a = auth("insurer_a")
+    sid = active_scene(client, auth)["id"]
+    assert explain(client, a, sid)["allowed"] is True
+    text = (PACKAGED_DESCRIPTORS / "health.outpatient_visit.yaml").read_text(encoding="utf-8")
+    closed = text.replace("opening_class: conditional", "opening_class: prohibited")
+    r = client.post("/api/v1/datasets", content=closed.encode(),
+                    headers={**auth("provider1"), "Content-Type": "application/yaml"})
+    assert r.status_code == 200 and r.json()["action"] == "updated", r.text
+    assert explain(client, a, sid)["rule"] == "prohibited_dataset"
+    got = client.get(f"/api/v1/scenes/{sid}", headers=a).json()
+    assert got["status"] == "active"
+    assert {i["dataset"] for i in got["effective_items"]} == {"health.resident"}
