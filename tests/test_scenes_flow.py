@@ -230,3 +230,20 @@ def test_a_dataset_closed_after_approval_is_refused_at_once(client, auth):
     got = client.get(f"/api/v1/scenes/{sid}", headers=a).json()
     assert got["status"] == "active"
     assert {i["dataset"] for i in got["effective_items"]} == {"health.resident"}
+
+
+def test_scene_requests_are_audited_with_their_scene(client, auth, engine):
+    from pdao.audit import AuditEvent
+
+    sid = active_scene(client, auth)["id"]
+    for who, expected in (("insurer_a", 200), ("insurer_b", 404)):
+        r = client.get(f"/api/v1/scenes/{sid}", headers=auth(who))
+        assert r.status_code == expected
+        with Session(engine) as s:
+            ev = s.exec(select(AuditEvent).where(AuditEvent.request_id == r.headers["x-request-id"])).one()
+        assert (ev.actor, ev.scene_id, ev.action) == (who, sid, "scene.read")
+        assert ev.decision == ("allow" if expected == 200 else "deny")
+    with Session(engine) as s:
+        actions = [e.action for e in s.exec(select(AuditEvent).where(AuditEvent.scene_id == sid)
+                                             .order_by(AuditEvent.seq)).all()]
+    assert actions[:4] == ["scene.create", "scene.submit", "scene.review", "scene.review"]
