@@ -74,6 +74,15 @@ def test_wrong_password_and_unknown_user_fail_alike(client, username, password):
     assert "access_token" not in r.text
 
 
+def test_an_unknown_username_locks_like_a_real_one(client):
+    """Otherwise the sixth answer (429 for a real account, 401 for a made-up one) names who exists."""
+    answers = {}
+    for name in ("insurer_b", "no_such_person"):
+        answers[name] = [client.post(TOKEN_URL, data={"username": name, "password": f"nope-{i}"}).status_code
+                         for i in range(7)]
+    assert answers["insurer_b"] == answers["no_such_person"] == [401] * 5 + [429] * 2
+
+
 def test_five_failures_lock_the_account_and_the_count_is_committed(client, engine, settings):
     assert settings.login_max_failures == 5
     for i in range(1, 5):

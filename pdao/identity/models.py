@@ -61,3 +61,14 @@ class ApiKey(SQLModel, table=True):
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+
+
+class LoginThrottle(SQLModel, table=True):
+    """Failed logins for usernames that do not exist, counted and locked exactly like real
+    accounts, so the answers never tell which usernames exist."""
+
+    __tablename__ = "login_throttle"
+
+    username: str = Field(primary_key=True, max_length=64)
+    failures: int = 0
+    locked_until: datetime | None = None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from catalog.models import Organization
@@ -14,7 +15,7 @@ from pdao.config import Settings
 from pdao.db import utcnow
 from pdao.errors import PdaoError, conflict, invalid, not_found, unauthorized
 from pdao.identity import passwords, tokens
-from pdao.identity.models import ROLE_ORG_KINDS, ApiKey, Role, User
+from pdao.identity.models import ROLE_ORG_KINDS, ApiKey, LoginThrottle, Role, User
 
 
 @dataclass(frozen=True)
@@ -115,18 +116,49 @@ def _count_failure(session: Session, settings: Settings, user_id: int, now: date
     session.commit()
 
 
+def _locked(until: datetime) -> PdaoError:
+    return PdaoError(429, "login_locked",
+                     f"Too many failed logins; try again after {until.isoformat(timespec='seconds')}.",
+                     f"登录失败次数过多，请于 {until.isoformat(timespec='seconds')}（UTC）后重试。")
+
+
+def _count_unknown_failure(session: Session, settings: Settings, username: str, now: datetime) -> None:
+    """The same count and lock for a username that does not exist (see LoginThrottle)."""
+    session.rollback()
+    key = username[:64]
+    for _ in range(2):  # insert the first time; a racing insert makes us update instead
+        hit = session.execute(update(LoginThrottle).where(LoginThrottle.username == key)
+                              .values(failures=LoginThrottle.failures + 1)
+                              .execution_options(synchronize_session=False)).rowcount
+        if hit:
+            break
+        try:
+            session.add(LoginThrottle(username=key, failures=1))
+            session.flush()
+            break
+        except IntegrityError:
+            session.rollback()
+    session.execute(update(LoginThrottle).where(LoginThrottle.username == key,
+                                                LoginThrottle.failures >= settings.login_max_failures)
+                    .values(failures=0, locked_until=now + timedelta(minutes=settings.login_lock_minutes))
+                    .execution_options(synchronize_session=False))
+    session.commit()
+
+
 def login(session: Session, settings: Settings, username: str, password: str) -> tuple[str, Principal, datetime]:
-    """Check a password; answer a bearer token. Failures count towards a temporary lock."""
+    """Check a password; answer a bearer token. Failures count towards a temporary lock, for
+    unknown usernames too: a wrong name and a wrong password look the same, locked or not."""
     now = utcnow()
     user = session.exec(select(User).where(User.username == username)).first()
     if user is None:
+        throttle = session.get(LoginThrottle, username[:64])
+        if throttle is not None and throttle.locked_until is not None and throttle.locked_until > now:
+            raise _locked(throttle.locked_until)
         passwords.verify_password(password, passwords.dummy_hash())
+        _count_unknown_failure(session, settings, username, now)
         raise _login_failed()
     if user.locked_until is not None and user.locked_until > now:
-        # Commit nothing new; the lock simply holds.
-        raise PdaoError(429, "login_locked",
-                        f"Too many failed logins; try again after {user.locked_until.isoformat(timespec='seconds')}.",
-                        f"登录失败次数过多，请于 {user.locked_until.isoformat(timespec='seconds')}（UTC）后重试。")
+        raise _locked(user.locked_until)  # commit nothing new; the lock simply holds
     if not passwords.verify_password(password, user.password_hash):
         _count_failure(session, settings, user.id, now)
         raise _login_failed()
