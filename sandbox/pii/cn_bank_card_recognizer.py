@@ -1,0 +1,37 @@
+"""Bank card number (银行卡号) recognizer."""
+
+from __future__ import annotations
+
+import regex
+
+from presidio_analyzer import Pattern, PatternRecognizer
+
+from catalog.identifiers import BANK_CARD_CANDIDATE_RE, luhn_valid
+
+# Cards are also written in groups of four: "6222 0212 3456 7890 128".
+_GROUPED_RE = r"(?<![0-9])[0-9]{4}(?:[ -][0-9]{4}){3}(?:[ -]?[0-9]{1,3})?(?![0-9])"
+
+
+class CnBankCardRecognizer(PatternRecognizer):
+    """Finds bank card numbers: 16–19 digits (contiguous, or in groups of four separated by a space
+    or a dash) not inside a longer digit run, kept only when the Luhn check digit is right."""
+
+    ENTITY = "CN_BANK_CARD"
+    PATTERNS = [
+        Pattern("bank_card", BANK_CARD_CANDIDATE_RE.pattern, 0.3),
+        Pattern("bank_card_grouped", _GROUPED_RE, 0.3),
+    ]
+    CONTEXT = ["银行卡", "卡号", "账号", "银行账户"]
+
+    def __init__(self, supported_language: str = "zh") -> None:
+        super().__init__(
+            supported_entity=self.ENTITY,
+            name="CnBankCardRecognizer",
+            supported_language=supported_language,
+            patterns=[Pattern(p.name, p.regex, p.score) for p in self.PATTERNS],
+            context=self.CONTEXT,
+            global_regex_flags=regex.DOTALL | regex.MULTILINE,
+        )
+
+    def validate_result(self, pattern_text: str) -> bool:
+        return luhn_valid(pattern_text.replace(" ", "").replace("-", ""))

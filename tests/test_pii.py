@@ -1,0 +1,381 @@
+"""Tests for sandbox.pii: the Chinese Presidio recognizers, the offline analyzer, redaction, and the
+fast batch path (which must give exactly the engine's findings)."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from presidio_analyzer.nlp_engine import NoOpNlpEngine
+
+import sandbox.synth as synth
+from catalog.identifiers import (
+    CN_ID_CANDIDATE_RE,
+    CN_MOBILE_CANDIDATE_RE,
+    cn_id_check_char,
+    is_valid_cn_id,
+    is_valid_uscc,
+    luhn_check_digit,
+    luhn_valid,
+    uscc_check_char,
+)
+from sandbox import pii
+from sandbox.pii import Finding, find_pii, find_pii_batch, redact, redact_batch
+from sandbox.pii.cn_name_recognizer import STOP_CHARS, SURNAMES
+
+# ----------------------------------------------------------------------------- fixtures by hand
+
+
+def _id(body17: str) -> str:
+    return body17 + cn_id_check_char(body17)
+
+
+def _bad_id(body17: str) -> str:
+    good = cn_id_check_char(body17)
+    return body17 + ("0" if good != "0" else "1")
+
+
+ID = _id("64010419850312123")            # 640104198503121231
+ID_X = "11010519491231002X"
+ID_BAD = _bad_id("64010419850312123")   # check character wrong (…1234 is one of these)
+CARD16 = "622202123456789" + luhn_check_digit("622202123456789")
+CARD19 = "622848001234567890" + luhn_check_digit("622848001234567890")
+CARD_BAD = CARD19[:-1] + str((int(CARD19[-1]) + 1) % 10)
+USCC = "91640100MA76" + "ABCDE"  # 17 characters of the alphabet
+USCC = USCC + uscc_check_char(USCC)
+USCC_BAD = USCC[:-1] + ("0" if USCC[-1] != "0" else "1")
+
+
+def kinds(text: str) -> list[tuple[str, str]]:
+    """(kind, matched text) of the engine's findings, checked against the fast path on the way."""
+    found = find_pii(text)
+    assert find_pii_batch([text]) == [found]
+    return [(f.kind, text[f.start:f.end]) for f in found]
+
+
+def test_fixtures_are_what_they_claim():
+    assert is_valid_cn_id(ID) and is_valid_cn_id(ID_X) and not is_valid_cn_id(ID_BAD)
+    assert not is_valid_cn_id("640104198503121234")
+    assert luhn_valid(CARD16) and luhn_valid(CARD19) and not luhn_valid(CARD_BAD)
+    assert is_valid_uscc(USCC) and not is_valid_uscc(USCC_BAD)
+
+
+# ----------------------------------------------------------------------------- resident ID
+
+
+@pytest.mark.parametrize("text, expected", [
+    (f"身份证{ID}号", ID),                     # glued to CJK on both sides: no \b needed
+    (f"患者（{ID_X}）", ID_X),
+    (f"证件号:{ID_X.lower()}，", ID_X.lower()),  # a lower-case x is accepted
+    (f"{ID}", ID),
+    (f"ID {ID} ok", ID),
+])
+def test_cn_id_found(text, expected):
+    assert kinds(text) == [("cn_id", expected)]
+    assert find_pii(text)[0].score == 1.0
+
+
+@pytest.mark.parametrize("text", [
+    f"身份证{ID_BAD}号",                       # wrong check character
+    "身份证640104198503121234号",              # wrong check character (the brief's example)
+    "身份证640104198513321230号",             # no 13th month (whatever the check character)
+    f"单号9{ID}",                              # inside a longer digit run
+    f"{ID}7",
+    f"{ID}abc",                                # glued to ASCII letters
+])
+def test_cn_id_not_found(text):
+    assert [k for k, _ in kinds(text) if k == "cn_id"] == []
+
+
+def test_cn_id_15_digit_form():
+    assert kinds("旧身份证640104850312123，") == [("cn_id", "640104850312123")]
+    assert find_pii("旧身份证640104850312123，")[0].score == 0.5  # unconfirmed: no check character
+    assert kinds("旧身份证640104851332123，") == []                 # month 13
+    rec = pii.CnIdRecognizer(include_15_digit=False)
+    assert [p.name for p in rec.patterns] == ["cn_id_18"]
+
+
+# ----------------------------------------------------------------------------- mobile
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("联系电话13912345678", "13912345678"),
+    ("电话13912345678。", "13912345678"),
+    ("手机：+86 13812345678", "+86 13812345678"),
+    ("手机+86-13812345678", "+86-13812345678"),
+    ("手机8613812345678", "8613812345678"),
+    ("手机008619912345678", "008619912345678"),
+    ("tel:13512345678", "13512345678"),
+])
+def test_mobile_found(text, expected):
+    assert kinds(text) == [("phone", expected)]
+
+
+@pytest.mark.parametrize("text", [
+    "订单号139123456789",        # 12 digits: a mobile inside a longer run
+    "订单号213912345678",
+    "编号1391234567890123",
+    "电话12912345678",           # 12x is not a mobile prefix
+    "电话1391234567",            # 10 digits
+    "座机0951-5012345",
+])
+def test_mobile_not_found(text):
+    assert [k for k, _ in kinds(text) if k == "phone"] == []
+
+
+# ----------------------------------------------------------------------------- bank card
+
+
+@pytest.mark.parametrize("card", [CARD16, CARD19])
+def test_bank_card_found(card):
+    assert kinds(f"银行卡号{card}，") == [("bank_card", card)]
+
+
+def test_bank_card_grouped():
+    grouped = " ".join(CARD16[i:i + 4] for i in range(0, 16, 4))
+    assert kinds(f"卡号 {grouped} 。") == [("bank_card", grouped)]
+
+
+@pytest.mark.parametrize("text", [
+    f"银行卡号{CARD_BAD}",             # Luhn fails
+    f"卡号{CARD16[:15]}",              # 15 digits
+    f"流水号7{CARD19}",                # 20 digits
+])
+def test_bank_card_not_found(text):
+    assert [k for k, _ in kinds(text) if k == "bank_card"] == []
+
+
+# ----------------------------------------------------------------------------- USCC
+
+
+def test_uscc():
+    assert kinds(f"统一社会信用代码{USCC}。") == [("uscc", USCC)]
+    assert kinds(f"统一社会信用代码：{USCC}") == [("uscc", USCC)]
+    assert kinds(f"统一社会信用代码{USCC_BAD}。") == []
+    assert kinds(f"代码{USCC.lower()}") == []          # the alphabet is upper case
+    assert kinds(f"代码A{USCC}") == []                 # inside a longer run of capitals
+
+
+# ----------------------------------------------------------------------------- e-mail
+
+
+def test_email():
+    assert kinds("邮箱zhang.wei@example.com。") == [("email", "zhang.wei@example.com")]
+    assert kinds("邮箱：13912345678@163.com") == [("email", "13912345678@163.com")]  # not a phone
+    assert kinds("邮箱 zhang@localhost") == []
+
+
+# ----------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("text, name", [
+    ("患者张伟（身份证", "张伟"),
+    ("患者张伟，男，45岁", "张伟"),
+    ("咳嗽3天。患者李娜，身份证号", "李娜"),
+    ("陪同家属欧阳娜娜，电话", "欧阳娜娜"),
+    ("家属王芳（电话", "王芳"),
+    ("姓名：马小虎", "马小虎"),
+    ("联系人：纳文", "纳文"),
+    ("患者王芳自述头痛", "王芳"),
+    ("头痛3天，王芳代诉", "王芳"),
+    ("李强，发热2天", "李强"),               # a leading clause (weaker rule)
+    ("患者高某，", "高某"),
+])
+def test_name_found(text, name):
+    assert ("name", name) in kinds(text)
+
+
+@pytest.mark.parametrize("text", [
+    "患者高热，咳嗽",
+    "高热，咳嗽3天",
+    "黄疸，皮肤黄染",
+    "关节痛，活动受限",
+    "患者于昨日出现发热",
+    "患者于今晨，",
+    "患者自述头痛",
+    "患者来院，",
+    "患者因“发热”入院，入院诊断：肺炎。",
+    "患者王芳芳芳头痛",                     # no boundary after 1-2 given characters
+    "张伟咳嗽3天",                          # no cue: missed by design (precision over recall)
+])
+def test_name_not_found(text):
+    assert [k for k, _ in kinds(text) if k == "name"] == []
+
+
+def test_stop_characters_never_in_synthetic_given_names():
+    assert not set(STOP_CHARS) & (set(synth._GIVEN_M) | set(synth._GIVEN_F))
+    assert {s for s, _ in synth._SURNAMES} <= set(SURNAMES)
+
+
+# ----------------------------------------------------------------------------- overlaps, redaction
+
+
+def _id_also(predicate) -> str:
+    for day in range(1, 29):
+        for seq in range(1000):
+            cand = _id(f"640104198503{day:02d}{seq:03d}")
+            if cand[-1] != "X" and predicate(cand):
+                return cand
+    raise AssertionError("no such ID")
+
+
+def test_overlapping_kinds_resolve_to_the_id_number():
+    both_card = _id_also(luhn_valid)
+    both_uscc = _id_also(is_valid_uscc)
+    for value in (both_card, both_uscc):
+        assert kinds(f"号码{value}，") == [("cn_id", value)]
+        assert redact(f"号码{value}，") == "号码[身份证号]，"
+
+
+def test_redact_placeholders():
+    text = (f"患者张伟（身份证{ID}）自述咳嗽3天，联系电话13912345678，卡号{CARD16}，"
+            f"单位{USCC}，邮箱a@b.cn")
+    expected = "患者[姓名]（身份证[身份证号]）自述咳嗽3天，联系电话[手机号]，卡号[银行卡号]，单位[统一社会信用代码]，邮箱[电子邮箱]"
+    assert redact(text) == expected
+    assert redact_batch([text, None, "", "无"]) == [expected, None, "", "无"]
+    assert redact_batch([text], use_engine=True) == [expected]
+    assert redact("无个人信息") == "无个人信息"
+    assert find_pii("") == []
+    with pytest.raises(TypeError):
+        find_pii(None)  # type: ignore[arg-type]
+
+
+def test_findings_are_sorted_and_typed():
+    text = f"患者张伟（身份证{ID}）联系电话13912345678"
+    found = find_pii(text)
+    assert [f.kind for f in found] == ["name", "cn_id", "phone"]
+    assert all(isinstance(f, Finding) for f in found)
+    assert found[1] == Finding("cn_id", 8, 26, 1.0)
+    assert found[1].entity == "CN_ID_NUMBER" and found[1].placeholder == "[身份证号]"
+
+
+# ----------------------------------------------------------------------------- the analyzer
+
+
+def test_analyzer_is_offline_with_exactly_our_recognizers(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the analyzer tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    for nlp in ("noop", "spacy_blank"):
+        eng = pii.analyzer(nlp)
+        names = sorted(type(r).__name__ for r in eng.registry.recognizers)
+        assert names == sorted(["CnIdRecognizer", "CnMobileRecognizer", "CnBankCardRecognizer",
+                                "CnUsccRecognizer", "CnNameRecognizer", "EmailRecognizer"])
+        assert eng.supported_languages == ["zh"]
+        assert {r.supported_language for r in eng.registry.recognizers} == {"zh"}
+        assert find_pii(f"身份证{ID}", engine=eng) == [Finding("cn_id", 3, 21, 1.0)]
+    assert isinstance(pii.analyzer().nlp_engine, NoOpNlpEngine)
+    with pytest.raises(ValueError):
+        pii.analyzer("en_core_web_lg")
+
+
+# ----------------------------------------------------------------------------- synthetic free texts
+
+
+@pytest.fixture(scope="module")
+def synth_texts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    paths = synth.generate(out, scale=3000, seed=1)
+    complaints = pq.read_table(paths["health.outpatient_visit"], columns=["chief_complaint"]).column(0).to_pylist()
+    notes = pq.read_table(paths["health.inpatient_stay"], columns=["notes"]).column(0).to_pylist()
+    residents = pq.read_table(paths["health.resident"], columns=["name", "id_number", "phone"])
+    return complaints + notes, residents
+
+
+def test_synthetic_free_texts_lose_every_id_and_mobile(synth_texts):
+    texts, residents = synth_texts
+    ids, phones = set(residents.column("id_number").to_pylist()), set(residents.column("phone").to_pylist())
+    embedded_ids = [m.group() for t in texts for m in CN_ID_CANDIDATE_RE.finditer(t) if is_valid_cn_id(m.group())]
+    embedded_phones = [m.group() for t in texts for m in CN_MOBILE_CANDIDATE_RE.finditer(t)]
+    assert embedded_ids and embedded_phones
+    assert set(embedded_ids) <= ids and set(embedded_phones) <= phones  # they are the residents' own
+
+    redacted = redact_batch(texts)
+    left_ids = [m.group() for t in redacted for m in CN_ID_CANDIDATE_RE.finditer(t) if is_valid_cn_id(m.group())]
+    left_phones = [m.group() for t in redacted for m in CN_MOBILE_CANDIDATE_RE.finditer(t)]
+    assert left_ids == [] and left_phones == []
+    assert not any(i in t for t in redacted for i in set(embedded_ids) | set(embedded_phones))
+    # Every one was replaced by its placeholder, one for one.
+    assert sum(t.count("[身份证号]") for t in redacted) == len(embedded_ids)
+    assert sum(t.count("[手机号]") for t in redacted) == len(embedded_phones)
+    print(f"\n{len(texts)} synthetic texts: {len(embedded_ids)} ID numbers and "
+          f"{len(embedded_phones)} mobile numbers embedded, 0 left after redaction")
+
+
+def test_synthetic_names_precision_and_recall(synth_texts):
+    texts, residents = synth_texts
+    names = set(residents.column("name").to_pylist())
+    found = [(t, f) for t, fs in zip(texts, find_pii_batch(texts)) for f in fs if f.kind == "name"]
+    assert found
+    wrong = [t[f.start:f.end] for t, f in found if t[f.start:f.end] not in names]
+    assert wrong == []  # precision 1.0 on the synthetic texts
+    # No resident's name survives in a text that carried personal data.
+    redacted = redact_batch(texts)
+    survivors = [n for t in redacted if "[" in t for n in names if len(n) >= 2 and n in t]
+    assert survivors == []
+
+
+# ----------------------------------------------------------------------------- engine == fast path
+
+
+USCC_CHARS = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(n))
+
+
+def _fuzz(rng: random.Random, n: int) -> list[str]:
+    """Random strings glued from ID numbers (valid and not), digit runs, mobiles with prefixes, Luhn
+    numbers, credit codes, names, cue words, symptoms, punctuation, newlines and e-mails."""
+    parts = [
+        lambda: _id(f"{rng.choice(['640104', '640105', '110105'])}{rng.randint(1930, 2020)}"
+                    f"{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}{rng.randint(0, 999):03d}"),
+        lambda: _bad_id(f"640104{rng.randint(1930, 2020)}0101{rng.randint(0, 999):03d}"),
+        lambda: _digits(rng, rng.randint(5, 21)),
+        lambda: rng.choice(["", "+86", "86", "+86 ", "0086"]) + "1" + rng.choice("3456789")
+        + _digits(rng, 9),
+        lambda: (lambda p: p + luhn_check_digit(p))(_digits(rng, rng.randint(15, 18))),
+        lambda: (lambda b: b + uscc_check_char(b))("9164" + "".join(rng.choice(USCC_CHARS) for _ in range(13))),
+        lambda: rng.choice(["患者", "家属", "姓名：", "联系人", "陪同家属", "，", "。", "\n", "", "代诉"]),
+        lambda: rng.choice(["张伟", "欧阳娜娜", "马小虎", "高热", "王芳芳", "于昨日", "李", "纳文"]),
+        lambda: rng.choice(["咳嗽3天", "头痛", "身份证", "电话", "自述", "（", "）", " ", "abc", "X"]),
+        lambda: rng.choice(["zhang.wei@example.com", "a@b.cn", "@", "x@y"]),
+    ]
+    return ["".join(rng.choice(parts)() for _ in range(rng.randint(1, 9))) for _ in range(n)]
+
+
+def test_fast_path_equals_engine(synth_texts):
+    texts, _ = synth_texts
+    sample = texts + _fuzz(random.Random(7), 3000) + [None, ""]
+    engine = find_pii_batch(sample, use_engine=True)
+    fast = find_pii_batch(sample)
+    assert fast == engine
+    assert sum(map(len, engine)) > 1000  # the comparison is not vacuous
+    assert redact_batch(sample) == redact_batch(sample, use_engine=True)
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def test_throughput_printed(synth_texts, capsys):
+    texts, _ = synth_texts
+    rich = [t for t in texts if len(t) > 25]  # the long texts, which carry the personal data
+    sample = (rich * (10_000 // len(rich) + 1))[:10_000]
+    rates = {}
+    for label, fn in [("engine (AnalyzerEngine, no-op NLP)", lambda: find_pii_batch(sample, use_engine=True)),
+                      ("fast path (compiled patterns)", lambda: find_pii_batch(sample)),
+                      ("redact, engine + anonymizer", lambda: redact_batch(sample, use_engine=True)),
+                      ("redact, fast path", lambda: redact_batch(sample))]:
+        t0 = time.perf_counter()
+        fn()
+        rates[label] = len(sample) / (time.perf_counter() - t0)
+    with capsys.disabled():
+        avg = sum(map(len, sample)) / len(sample)
+        print(f"\nPII throughput on 10,000 synthetic texts (~{avg:.0f} characters):")
+        for label, rate in rates.items():
+            print(f"  {label:38s} {rate:10,.0f} strings/s")
