@@ -96,3 +96,4 @@ def import_all_models() -> None:
     import pdao.audit  # noqa: F401
     import pdao.identity.models  # noqa: F401
     import policies.models  # noqa: F401
+    import sandbox.ledger  # noqa: F401
