@@ -81,6 +81,7 @@ def _detail(request: Request, principal) -> dict | None:  # noqa: ANN001
         out["client_request_id"] = supplied
     if principal is not None and principal.api_key_id is not None:
         out["api_key_id"] = principal.api_key_id
+    out.update(getattr(request.state, "audit_detail", None) or {})  # a route's decision facts, never cells
     return out or None
 
 

@@ -46,6 +46,10 @@ class Settings:
     def staging_dir(self) -> Path:
         return self.home / "staging"
 
+    def __post_init__(self) -> None:
+        if self.scene_approvals_required < 1:
+            raise ValueError("PDAO_SCENE_APPROVALS must be at least 1 (default 2)")
+
     def ensure_home(self) -> None:
         for d in (self.home, self.domain_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True)

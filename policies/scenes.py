@@ -82,9 +82,14 @@ def item_problems(session: Session, items: list[ItemIn] | list[SceneItem]) -> li
     return out
 
 
-def application_problems(app: SceneIn, settings: Settings) -> list[Problem]:
-    """Rules on the application itself (not its items). Pure."""
+MAX_START_DAYS_AHEAD = 90  # an approval is for a use that starts soon, not a dormant one
+
+
+def application_problems(app: SceneIn, settings: Settings, *, at_approval: bool = False) -> list[Problem]:
+    """Rules on the application itself (not its items). At approval the start may have passed
+    while it waited for review; everything else must still hold."""
     out = []
+    today = today_in_city(utcnow())
 
     def no(where: str, rule: str, en: str, zh: str) -> None:
         out.append(Problem(where=where, rule=rule, message=en, message_zh=zh))
@@ -94,8 +99,14 @@ def application_problems(app: SceneIn, settings: Settings) -> list[Problem]:
            "every authorization needs an emergency plan (一授权一预案)", "每项授权都必须附应急预案（一授权一预案）")
     if not app.legal_basis.strip():
         no("legal_basis", "legal_basis_required", "the legal basis is required", "必须写明法律依据")
-    if app.valid_to < today_in_city(utcnow()):
+    if app.valid_to < today:
         no("valid_to", "validity_in_past", "the validity window has already ended", "有效期已过")
+    elif app.valid_from < today and not at_approval:
+        no("valid_from", "validity_backdated", "the validity window cannot start before today", "有效期不能早于今天开始")
+    elif (app.valid_from - today).days > MAX_START_DAYS_AHEAD:
+        no("valid_from", "validity_starts_too_late",
+           f"the validity window must start within {MAX_START_DAYS_AHEAD} days",
+           f"有效期须在 {MAX_START_DAYS_AHEAD} 天内开始")
     elif app.valid_to < app.valid_from:
         no("valid_to", "validity_order", "valid_to is before valid_from", "有效期截止日早于起始日")
     elif (app.valid_to - app.valid_from).days + 1 > settings.scene_max_validity_days:
@@ -266,9 +277,11 @@ def _items(session: Session, scene: Scene) -> list[SceneItem]:
 
 
 def _approvers(session: Session, scene: Scene) -> list[int]:
-    return list(session.exec(select(SceneReview.reviewer_id).where(
-        SceneReview.scene_id == scene.id, SceneReview.round == scene.round,
-        SceneReview.decision == "approve")).all())
+    """Approvers of this round who are still active office members outside the tenant: an
+    approval by someone disabled or moved since no longer counts."""
+    return list(session.exec(select(SceneReview.reviewer_id).join(User, User.id == SceneReview.reviewer_id).where(
+        SceneReview.scene_id == scene.id, SceneReview.round == scene.round, SceneReview.decision == "approve",
+        User.is_active == True, User.role == Role.office.value, User.org_id != scene.org_id)).all())  # noqa: E712
 
 
 def review(session: Session, settings: Settings, principal: Principal, scene: Scene, body: ReviewIn) -> Scene:
@@ -306,9 +319,11 @@ def review(session: Session, settings: Settings, principal: Principal, scene: Sc
     if len(set(_approvers(session, scene))) < settings.scene_approvals_required:
         _event(session, scene, "approve_opinion", scene.status, principal, body.comment)
         return scene
-    # The last approval: every item that stays must still pass the rules, and something must stay.
+    # The last approval: the application and every item that stays must still pass the rules,
+    # and something must stay.
     effective = [i for i in items.values() if not i.struck]
-    problems = item_problems(session, effective)
+    problems = application_problems(_as_application(session, scene), settings, at_approval=True) \
+        + item_problems(session, effective)
     if problems:
         raise conflict("items_not_allowed", "Some items no longer pass the rules; strike them before approving.",
                        "部分条目已不符合规则，请先划去再批准。", details=[p.model_dump() for p in problems])
@@ -364,12 +379,14 @@ def revoke(session: Session, principal: Principal, scene: Scene, reason: str) ->
 
 
 def emergency_stop(session: Session, principal: Principal, org: str | None, dataset: str | None,
-                   reason: str) -> list[int]:
-    """Suspend every approved scene of an organization, or touching a dataset, in one transaction."""
+                   reason: str) -> tuple[list[int], list[int]]:
+    """In one transaction: suspend every approved scene of an organization, or touching a dataset,
+    and return every submitted one to its applicant, so none goes live on the next approval.
+    Answers (suspended ids, returned ids)."""
     _office_only(principal)
     if (org is None) == (dataset is None):
         raise invalid("org_or_dataset", "Name exactly one of org or dataset.", "org 与 dataset 须且只须指定一个。")
-    stmt = select(Scene).where(Scene.status == "approved")
+    stmt = select(Scene).where(Scene.status.in_(("approved", "submitted")))
     if org is not None:
         o = session.exec(select(Organization).where(Organization.code == org)).first()
         if o is None:
@@ -381,13 +398,17 @@ def emergency_stop(session: Session, principal: Principal, org: str | None, data
         stmt = stmt.where(Scene.id.in_(select(SceneItem.scene_id).where(
             SceneItem.dataset == dataset, SceneItem.struck == False)))  # noqa: E712 - SQL, not Python
     now = utcnow()
-    stopped = []
+    stopped, returned = [], []
     for scene in session.exec(stmt.order_by(Scene.id)).all():
-        if states.may_transition("suspend", scene.status, scene.valid_to, now):
+        lock(session, scene)
+        if scene.status == "submitted":
+            _transition(session, scene, "return", principal, f"emergency stop: {reason}")
+            returned.append(scene.id)
+        elif states.may_transition("suspend", scene.status, scene.valid_to, now):
             _transition(session, scene, "suspend", principal, f"emergency stop: {reason}")
             _write_policies(session, scene, tenant_holds=False)
             stopped.append(scene.id)
-    return stopped
+    return stopped, returned
 
 
 # --- the decision -------------------------------------------------------------------------------

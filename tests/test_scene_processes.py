@@ -157,7 +157,7 @@ def test_changes_through_one_process_are_seen_by_the_other_on_the_next_request(s
     sid2 = active_scene(a, tenant_at_a, (office1, office2))
     assert explain(a, tenant_at_a, sid2)["allowed"] is True  # A's cache now holds sid2
     stopped = post(b, token(b, "office2"), "/emergency-stop", {"org": "company_a", "reason": "suspected leak"})
-    assert stopped == {"suspended": [sid2]}  # the revoked scene is not touched
+    assert stopped == {"suspended": [sid2], "returned": []}  # the revoked scene is not touched
     got = explain(a, tenant_at_a, sid2)
     assert (got["allowed"], got["rule"], got["scene_status"]) == (False, "scene_suspended", "suspended")
     history = a.http.get(f"/scenes/{sid2}", headers=office1).json()["history"]

@@ -132,10 +132,10 @@ def test_emergency_stop_by_dataset(client, auth):
         {"dataset": "health.inpatient_stay", "field": "district", "usage": "group_by"}])["id"]
     r = client.post("/api/v1/emergency-stop", headers=auth("office2"),
                     json={"dataset": "health.outpatient_visit", "reason": "suspected leak"})
-    assert r.status_code == 200 and r.json() == {"suspended": [s1]}
+    assert r.status_code == 200 and r.json() == {"suspended": [s1], "returned": []}
     assert client.get(f"/api/v1/scenes/{s2}", headers=auth("office1")).json()["status"] == "active"
     r = client.post("/api/v1/emergency-stop", headers=auth("office2"), json={"org": "company_b", "reason": "x"})
-    assert r.json() == {"suspended": [s2]}
+    assert r.json() == {"suspended": [s2], "returned": []}
 
 
 def _principal(session, username):
@@ -189,7 +189,7 @@ def test_emergency_stop_ignores_struck_items(client, auth):
     join_item = next(i["id"] for i in s["items"] if i["dataset"] == "health.resident")
     approve(client, auth, s["id"], struck=[join_item])
     r = client.post("/api/v1/emergency-stop", headers=auth("office1"), json={"dataset": "health.resident", "reason": "x"})
-    assert r.json() == {"suspended": []}
+    assert r.json() == {"suspended": [], "returned": []}
 
 
 def test_the_applicants_own_organization_never_approves(client, auth, engine, settings):
@@ -247,3 +247,61 @@ def test_scene_requests_are_audited_with_their_scene(client, auth, engine):
         actions = [e.action for e in s.exec(select(AuditEvent).where(AuditEvent.scene_id == sid)
                                              .order_by(AuditEvent.seq)).all()]
     assert actions[:4] == ["scene.create", "scene.submit", "scene.review", "scene.review"]
+
+
+def test_emergency_stop_returns_pending_applications_and_is_audited(client, auth, engine):
+    """A scene waiting for its last approval cannot go live right after a stop."""
+    from pdao.audit import AuditEvent
+
+    a = auth("insurer_a")
+    pending = create(client, a)["id"]
+    client.post(f"/api/v1/scenes/{pending}/submit", headers=a)
+    client.post(f"/api/v1/scenes/{pending}/reviews", headers=auth("office1"), json={"decision": "approve"})
+    live = active_scene(client, auth)["id"]
+    r = client.post("/api/v1/emergency-stop", headers=auth("office2"),
+                    json={"dataset": "health.outpatient_visit", "reason": "suspected leak"})
+    assert r.json() == {"suspended": [live], "returned": [pending]}
+    late = client.post(f"/api/v1/scenes/{pending}/reviews", headers=auth("office2"), json={"decision": "approve"})
+    assert late.status_code == 409 and late.json()["details"]["status"] == "returned"
+    with Session(engine) as s:
+        ev = s.exec(select(AuditEvent).where(AuditEvent.request_id == r.headers["x-request-id"])).one()
+    assert ev.detail == {"suspended": [live], "returned": [pending]}
+
+
+def test_an_approval_by_someone_since_disabled_does_not_count(client, auth, engine):
+    from pdao.identity.service import set_active
+
+    a = auth("insurer_a")
+    sid = create(client, a)["id"]
+    client.post(f"/api/v1/scenes/{sid}/submit", headers=a)
+    client.post(f"/api/v1/scenes/{sid}/reviews", headers=auth("office1"), json={"decision": "approve"})
+    o2 = auth("office2")
+    with Session(engine) as s:
+        set_active(s, "office1", False)
+        s.commit()
+    got = client.post(f"/api/v1/scenes/{sid}/reviews", headers=o2, json={"decision": "approve"}).json()
+    assert got["status"] == "submitted" and got["approvals"]["this_round"] == ["office2"]
+
+
+def test_review_decisions_are_in_the_audit(client, auth, engine):
+    from pdao.audit import AuditEvent
+
+    a = auth("insurer_a")
+    s = create(client, a)
+    client.post(f"/api/v1/scenes/{s['id']}/submit", headers=a)
+    item = s["items"][0]["id"]
+    r = client.post(f"/api/v1/scenes/{s['id']}/reviews", headers=auth("office1"),
+                    json={"decision": "return", "struck_items": [item], "comment": "narrow it"})
+    with Session(engine) as db:
+        ev = db.exec(select(AuditEvent).where(AuditEvent.request_id == r.headers["x-request-id"])).one()
+    assert (ev.action, ev.scene_id, ev.detail) == ("scene.review", s["id"], {"decision": "return", "struck_items": [item]})
+
+
+def test_validity_must_start_today_or_within_ninety_days(client, auth):
+    a = auth("insurer_a")
+    back = client.post("/api/v1/scenes", headers=a, json=application(
+        valid_from=(today() - timedelta(days=3)).isoformat()))
+    assert {p["rule"] for p in back.json()["details"]} == {"validity_backdated"}
+    far = client.post("/api/v1/scenes", headers=a, json=application(
+        valid_from=(today() + timedelta(days=200)).isoformat(), valid_to=(today() + timedelta(days=300)).isoformat()))
+    assert {p["rule"] for p in far.json()["details"]} == {"validity_starts_too_late"}

@@ -63,8 +63,10 @@ def submit_scene(ctx: scene_access("submit"), session: SessionDep, settings: Set
 
 
 @router.post("/scenes/{scene_id}/reviews", name="scenes.review", response_model=SceneOut)
-def review_scene(body: ReviewIn, ctx: scene_access("review"), session: SessionDep, settings: SettingsDep) -> SceneOut:
+def review_scene(body: ReviewIn, ctx: scene_access("review"), session: SessionDep, settings: SettingsDep,
+                 request: Request) -> SceneOut:
     """An office member's opinion: approve, reject or return, striking items."""
+    request.state.audit_detail = {"decision": body.decision, "struck_items": body.struck_items}
     scenes.review(session, settings, ctx.principal, ctx.scene, body)
     session.commit()
     return scenes.to_out(session, settings, ctx.scene)
@@ -97,6 +99,7 @@ def revoke_scene(ctx: scene_access("revoke"), session: SessionDep, settings: Set
 
 class StopOut(BaseModel):
     suspended: list[int]
+    returned: list[int]  # submitted applications sent back: they need a new review
 
 
 @router.post("/emergency-stop", name="scenes.emergency_stop", response_model=StopOut)
@@ -104,9 +107,10 @@ def emergency_stop(body: EmergencyStopIn, principal: caller("emergency_stop", "c
                    request: Request) -> StopOut:
     """Suspend every approved scene of an organization, or touching a dataset, in one transaction."""
     request.state.object = f"org:{body.org}" if body.org else f"dataset:{body.dataset}"
-    stopped = scenes.emergency_stop(session, principal, body.org, body.dataset, body.reason)
+    stopped, returned = scenes.emergency_stop(session, principal, body.org, body.dataset, body.reason)
     session.commit()
-    return StopOut(suspended=stopped)
+    request.state.audit_detail = {"suspended": stopped, "returned": returned}
+    return StopOut(suspended=stopped, returned=returned)
 
 
 @router.get("/policy/rules", name="policy.rules")
