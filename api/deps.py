@@ -12,7 +12,6 @@ from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
-from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from pdao.config import Settings
@@ -28,10 +27,6 @@ oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=F
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
-
-
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
 
 
 def get_session(request: Request) -> Iterator[Session]:

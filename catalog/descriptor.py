@@ -421,11 +421,6 @@ def parse_descriptor_dict(data: dict[str, Any], file: str = "request") -> tuple[
     return (None, problems) if problems else (desc, [])
 
 
-def parse_organizations_text(text: str, file: str) -> tuple[list[OrganizationSpec], list[Problem]]:
-    orgs, problems, _ = parse_organizations_document(text, file)
-    return orgs, problems
-
-
 def parse_organizations_document(text: str, file: str) -> tuple[list[OrganizationSpec], list[Problem], Source]:
     """Organizations of one file (the nth at `organizations[n]` of the `Source`)."""
     from catalog.identifiers import is_valid_uscc

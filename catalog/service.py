@@ -342,12 +342,6 @@ def _update(session: Session, ds: Dataset, d: DatasetDescriptor, values: dict, d
     return "updated"
 
 
-def dataset_revisions(session: Session, dataset_id: int) -> list[DatasetRevision]:
-    """The descriptor history of a dataset, oldest first."""
-    return list(session.exec(select(DatasetRevision).where(DatasetRevision.dataset_id == dataset_id)
-                             .order_by(DatasetRevision.revision)).all())
-
-
 # --- reading -----------------------------------------------------------------------------------
 
 def _scoped(stmt, scope: CatalogScope):  # noqa: ANN001

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import yaml
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 from sqlmodel import Session, select
