@@ -339,12 +339,14 @@ def _org_code(session: Session, org_id: int) -> str:
     return session.get(Organization, org_id).code
 
 
-def _write_policies(session: Session, scene: Scene, *, tenant_holds: bool) -> None:
-    """Replace the scene's casbin rows (struck items excluded) in the caller's transaction."""
+def _write_policies(session: Session, scene: Scene, *, tenant_holds: bool, revoked: bool = False) -> None:
+    """Replace the scene's casbin rows (struck items excluded; none once revoked) in the caller's
+    transaction, and bump the version every process keys its cache on."""
     dom = scene_domain(scene.id)
     session.exec(delete(CasbinRule).where(or_(CasbinRule.v1 == dom, CasbinRule.v2 == dom)))
-    items = [(i.dataset, i.field, i.usage) for i in _items(session, scene) if not i.struck]
-    for row in scene_policy_rows(scene.id, _org_code(session, scene.org_id), items, tenant_holds=tenant_holds):
+    items = [] if revoked else [(i.dataset, i.field, i.usage) for i in _items(session, scene) if not i.struck]
+    for row in scene_policy_rows(scene.id, _org_code(session, scene.org_id), items,
+                                 tenant_holds=tenant_holds and not revoked):
         session.add(row)
     scene.policy_version += 1
     session.add(scene)
@@ -372,9 +374,7 @@ def resume(session: Session, principal: Principal, scene: Scene, reason: str) ->
 def revoke(session: Session, principal: Principal, scene: Scene, reason: str) -> Scene:
     _office_only(principal)
     _transition(session, scene, "revoke", principal, reason)
-    dom = scene_domain(scene.id)
-    session.exec(delete(CasbinRule).where(or_(CasbinRule.v1 == dom, CasbinRule.v2 == dom)))
-    scene.policy_version += 1
+    _write_policies(session, scene, tenant_holds=False, revoked=True)
     return scene
 
 
