@@ -15,7 +15,8 @@ The accepted subset (issue 4, item 1):
   literal q in [0, 1] — `FROM` one dataset (`health.outpatient_visit`), an optional
   `[INNER] JOIN <own upload> ON <dataset join_key field> = <upload column>`, `WHERE` with
   `= <> < <= > >=`, `IN (literals)`, `BETWEEN`, `IS [NOT] NULL`, `AND/OR/NOT` over columns and
-  string/number/date/boolean literals, `GROUP BY` columns, `ORDER BY` selected outputs, `LIMIT n`;
+  string/number/date/boolean literals, `GROUP BY` columns or `DATE_TRUNC('year'|'quarter'|'month',
+  <date field>)` (a group key, so it needs `group_by`), `ORDER BY` selected outputs, `LIMIT n`;
 - a *rows* query: `SELECT` of `masked_output` fields, no aggregates, same FROM/JOIN/WHERE/LIMIT
   (no ORDER BY: the output is masked later, an order on raw values would say more than the mask).
 
@@ -150,6 +151,7 @@ class Aggregate:
 class GroupKey:
     column: ColumnRef
     alias: str | None           # its output name when selected, None when only grouped on
+    unit: str | None = None     # DATE_TRUNC unit (year | quarter | month), None for the value itself
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,8 @@ _SELECT_ARGS = {"expressions", "from_", "joins", "where", "group", "order", "lim
 _COMPARISONS: dict[type[exp.Expression], type[exp.Expression]] = {
     exp.EQ: exp.EQ, exp.NEQ: exp.NEQ, exp.LT: exp.LT, exp.LTE: exp.LTE, exp.GT: exp.GT, exp.GTE: exp.GTE,
 }
+TRUNC_UNITS = ("year", "quarter", "month")
+_TRUNCS = (exp.TimestampTrunc, exp.DateTrunc)
 _AGGREGATES = "COUNT(*), COUNT(DISTINCT <privacy unit>), SUM, AVG, MEDIAN, QUANTILE_CONT(field, q)"
 _AGGREGATES_ZH = "COUNT(*)、COUNT(DISTINCT <隐私单位>)、SUM、AVG、MEDIAN、QUANTILE_CONT(字段, q)"
 
@@ -343,7 +347,8 @@ class _Item:
 
     output: str
     node: exp.Expression                  # the rebuilt expression (without its alias)
-    column: ColumnRef | None = None       # a bare column
+    column: ColumnRef | None = None       # a bare column (or a truncated date, with `unit`)
+    unit: str | None = None               # DATE_TRUNC unit of a group key
     aggregate: tuple[str, ColumnRef | None, float | None] | None = None
 
 
@@ -513,6 +518,22 @@ class _Checker:
         if ref is None or not self.use(ref, place, clause):
             return None
         return ref
+
+    def truncation(self, node: exp.Expression, place: Place) -> tuple[ColumnRef, str] | None:
+        """`DATE_TRUNC('year' | 'quarter' | 'month', <date field>)` as a group key: its field and unit."""
+        unit = node.args.get("unit")
+        unit_name = unit.name.lower() if isinstance(unit, (exp.Var, exp.Literal)) else ""
+        arg = _unparen(node.this) if node.this is not None else None
+        if unit_name not in TRUNC_UNITS or not isinstance(arg, exp.Column):
+            self.refuse("DATE_TRUNC", "DATE_TRUNC takes a unit ('year', 'quarter' or 'month') and one date field",
+                        "DATE_TRUNC 只接受单位（'year'、'quarter' 或 'month'）和一个日期字段")
+            return None
+        ref = self.column_use(arg, place, clause="DATE_TRUNC" if place is not Place.group_by else None)
+        return (ref, unit_name) if ref is not None else None
+
+    def key_node(self, ref: ColumnRef, unit: str | None) -> exp.Expression:
+        col = self.column_node(ref)
+        return exp.TimestampTrunc(this=col, unit=exp.Var(this=unit.upper())) if unit else col
 
     # -- literals -------------------------------------------------------------------------------
     def literal(self, node: exp.Expression, where: str) -> exp.Expression | None:
@@ -739,7 +760,7 @@ class _Checker:
                             f"两个输出列都叫 {c.output}：请用 AS 起别名")
             seen[c.output.lower()] = c.output
 
-        group_refs: list[ColumnRef] = []
+        group_refs: list[tuple[ColumnRef, str | None]] = []
         group_complete = True
         group = select.args.get("group")
         if group is not None:
@@ -749,7 +770,7 @@ class _Checker:
                 self.refuse("GROUP BY without aggregate", "an aggregate query needs at least one aggregate: "
                             f"{_AGGREGATES}", f"聚合查询至少需要一个聚合函数：{_AGGREGATES_ZH}")
             for c in outputs:
-                if c.column is not None and c.column not in group_refs:
+                if c.column is not None and (c.column, c.unit) not in group_refs:
                     self.refuse(f"column {c.column} in SELECT without GROUP BY",
                                 f"{c.column} is output beside aggregates but is not in GROUP BY",
                                 f"{c.column} 与聚合函数一起输出，但不在 GROUP BY 中")
@@ -775,7 +796,7 @@ class _Checker:
         if where_node is not None:
             tree.set("where", exp.Where(this=where_node))
         if group_refs:
-            tree.set("group", exp.Group(expressions=[self.column_node(r) for r in group_refs]))
+            tree.set("group", exp.Group(expressions=[self.key_node(r, u) for r, u in group_refs]))
         if order:
             tree.set("order", exp.Order(expressions=[
                 exp.Ordered(this=exp.Column(this=_ident(o.output)), desc=o.descending, nulls_first=o.nulls_first)
@@ -783,14 +804,14 @@ class _Checker:
         if limit is not None:
             tree.set("limit", exp.Limit(expression=exp.Literal.number(limit)))
 
-        out_of = {c.column: c.output for c in outputs if c.column is not None}
+        out_of = {(c.column, c.unit): c.output for c in outputs if c.column is not None}
         return CheckedQuery(
             kind=self.kind,
             dataset=self.dataset.name,
             view=self.dataset.view,
             join=join_plan,
             outputs=tuple(c.output for c in outputs),
-            group_keys=tuple(GroupKey(r, out_of.get(r)) for r in group_refs),
+            group_keys=tuple(GroupKey(r, out_of.get((r, u)), u) for r, u in group_refs),
             aggregates=tuple(Aggregate(c.aggregate[0], c.aggregate[1], c.aggregate[2], c.output)
                              for c in outputs if c.aggregate),
             masked=tuple(MaskedOutput(c.column, c.output) for c in outputs
@@ -851,6 +872,12 @@ class _Checker:
             if not ok and self.kind == "rows":
                 return None
             return _Item(alias or ref.field, self.column_node(ref), column=ref)
+        if isinstance(node, _TRUNCS) and self.kind == "aggregate":
+            key = self.truncation(node, Place.select_key)
+            if key is None:
+                return None
+            ref, unit = key
+            return _Item(alias or f"{ref.field}_{unit}", self.key_node(ref, unit), column=ref, unit=unit)
         if isinstance(node, exp.AggFunc):
             got = self.aggregate(node)
             if got is None:
@@ -861,7 +888,7 @@ class _Checker:
         return None
 
     def group_by(self, group: exp.Group, items: list[exp.Expression],
-                 outputs: list[_Item]) -> tuple[list[ColumnRef], bool]:
+                 outputs: list[_Item]) -> tuple[list[tuple[ColumnRef, str | None]], bool]:
         """The group keys, and whether every key was understood."""
         odd = [k for k, v in group.args.items() if v and k != "expressions"]
         if odd:
@@ -869,7 +896,7 @@ class _Checker:
             self.refuse(what, f"{what} is not supported: list the group keys", f"不支持 {what}：请列出分组键")
             return [], False
         by_alias = {c.output.lower(): c for c in outputs}
-        refs: list[ColumnRef] = []
+        refs: list[tuple[ColumnRef, str | None]] = []
         complete = True   # every key understood: only then is "not in GROUP BY" worth saying
         for key in group.expressions:
             key = _unparen(key)
@@ -888,8 +915,15 @@ class _Checker:
                     self.refuse("GROUP BY an aggregate", "GROUP BY cannot name an aggregate", "GROUP BY 不能引用聚合值")
                     complete = False
                     continue
-                if c.column not in refs:
-                    refs.append(c.column)
+                if (c.column, c.unit) not in refs:
+                    refs.append((c.column, c.unit))
+                continue
+            if isinstance(target, _TRUNCS):
+                key_ = self.truncation(target, Place.group_by)
+                if key_ is None:
+                    complete = False
+                elif key_ not in refs:
+                    refs.append(key_)
                 continue
             if not isinstance(target, exp.Column):
                 complete = False
@@ -904,8 +938,8 @@ class _Checker:
             ref = self.column_use(target, Place.group_by)
             if ref is None:
                 complete = False
-            elif ref not in refs:
-                refs.append(ref)
+            elif (ref, None) not in refs:
+                refs.append((ref, None))
         return refs, complete
 
     def order_by(self, order: exp.Order, outputs: list[_Item]) -> list[OrderItem]:
@@ -934,7 +968,7 @@ class _Checker:
                 ref = self.resolve(key, "ORDER BY")
                 if ref is None:
                     continue
-                hit = next((c for c in outputs if c.column == ref), None)
+                hit = next((c for c in outputs if c.column == ref and c.unit is None), None)
             elif isinstance(key, exp.AggFunc):
                 got = self.aggregate(key)
                 if got is None:
