@@ -58,6 +58,10 @@ _COMPATIBLE = {
 MAX_EXAMPLES = 5
 
 
+# Each row's rank among its person's rows (snapshots of datasets with a privacy unit).
+RANK_COLUMN = "__pdao_rank"
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -281,9 +285,13 @@ def _sha256(path: Path) -> str:
 
 
 def write_snapshot(settings: Settings, src: Path, fields: list[DatasetField], dataset_code: str,
-                   ) -> tuple[Path, FileReport]:
+                   privacy_unit: str | None = None) -> tuple[Path, FileReport]:
     """Check `src` against `fields` and write the canonical Parquet snapshot to staging (the caller
-    removes it). Refuses the file whole (422 version_invalid) with a report. Touches no database."""
+    removes it). Refuses the file whole (422 version_invalid) with a report. Touches no database.
+
+    With a privacy unit, the snapshot also holds `RANK_COLUMN`: each row's rank (1, 2, …) among its
+    person's rows, in an order fixed by the row's content. The engine bounds contributions with a
+    cheap `rank <= k` filter instead of ranking at every query (~25× the scan, stack-facts)."""
     settings.ensure_home()
     fmt = sniff_format(src)
     tmp = settings.staging_dir / f"load-{uuid.uuid4().hex}.parquet"
@@ -301,8 +309,17 @@ def write_snapshot(settings: Settings, src: Path, fields: list[DatasetField], da
         src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
         select_list = ", ".join(f"{_typed(quote_ident(f.name), f.type, src_types[f.name], strict=True)} "
                                 f"AS {quote_ident(f.name)}" for f in fields)
+        body = f"SELECT {select_list} FROM src"
+        if privacy_unit is not None:
+            # hash(t): the whole row, so the order (and which rows a bound keeps) depends on the
+            # rows alone, never on their position in the file.
+            body = (f"SELECT t.*, row_number() OVER (PARTITION BY t.{quote_ident(privacy_unit)} ORDER BY hash(t)) "
+                    f"AS {quote_ident(RANK_COLUMN)} FROM ({body}) AS t "
+                    # a window's output order varies between runs: sorted, the same file gives
+                    # the same snapshot bytes (and hash) every time
+                    f"ORDER BY {quote_ident(privacy_unit)}, {quote_ident(RANK_COLUMN)}")
         try:
-            con.execute(f"COPY (SELECT {select_list} FROM src) TO {quote_literal(str(tmp))} "
+            con.execute(f"COPY ({body}) TO {quote_literal(str(tmp))} "
                         "(FORMAT parquet, COMPRESSION zstd)")
         except duckdb.Error:
             tmp.unlink(missing_ok=True)
@@ -342,7 +359,7 @@ def load_version(session: Session, settings: Settings, dataset_code: str, src: P
     # conditional UPDATE in _register sees a changed revision and compares again.
     checked_revision = session.exec(select(Dataset.revision).where(Dataset.id == ds.id)).one()
     fields = dataset_fields(session, ds.id)
-    tmp, report = write_snapshot(settings, src, fields, dataset_code)
+    tmp, report = write_snapshot(settings, src, fields, dataset_code, ds.privacy_unit)
     try:
         digest = _sha256(tmp)
         return _register(session, settings, ds, tmp, digest, report, checked_revision, _check_relevant(fields),
