@@ -1,0 +1,511 @@
+"""The query engine: run one checked query on one snapshot inside the domain, and answer with
+differentially private aggregates or masked rows — never with raw cells.
+
+Issue 4, items 2, 3 and 5. The input is a `CheckedQuery` (sandbox.sql: parsed, checked against the
+scene's data list, regenerated) and the catalog facts of its dataset (`DatasetMeta`: types, public
+value domains, bounds, masking). Nothing here reads user text.
+
+Aggregate queries, in order:
+
+1. **Group cells from public domains.** Every group key needs a public value domain: a category
+   field's `domain`, a boolean, an integer or date field with catalog bounds (a date by day, or
+   `DATE_TRUNC` to month, quarter or year), plus NULL when the field is nullable. The answer has
+   one row per cell of the product, in a fixed order, zero cells included, so which groups exist
+   says nothing about the data. (Fields without a public domain are refused as group keys.)
+2. **Bounded, clamped aggregates in DuckDB.** Each person keeps at most k rows (`rank <= k` on the
+   rank the store computed at load, `sandbox.store.RANK_COLUMN`); every aggregated value is
+   clamped to the field's catalog bounds. Money (DECIMAL) is summed as whole cents, so its sum is
+   an exact integer with discrete noise and no float-rounding term. A joined upload is reduced to
+   one row per join key first (`domain_connection(unique_on=…)`), so a join never multiplies a
+   person's rows.
+3. **OpenDP noise** (`sandbox.privacy`): the plan is made from public facts only (bounds, k, the
+   number of cells, the version's row count as the public bound on a group's rows), then its
+   measurements are applied to the exact bounded aggregates. Noisy counts below zero are shown as
+   zero (post-processing).
+4. **Post-processing.** ORDER BY and LIMIT are applied to the noisy answer.
+
+Rows queries (`masked_output` fields only) select the rows the checked tree describes (at most
+`max_rows`) and mask each column with its catalog masking (`sandbox.masking.mask`): keyed
+pseudonyms with the scene's key, partial masks, generalization, Presidio redaction, suppression.
+
+Errors inside DuckDB never reach the client as DuckDB's text (it can quote a cell, e.g. a failed
+conversion); they become `query_failed` with a hint about literal types.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from sqlglot import exp
+
+from pdao.errors import PdaoError, invalid
+from sandbox import privacy
+from sandbox.engine import domain_connection
+from sandbox.masking import mask
+from sandbox.sql import DATASET_ALIAS, DIALECT, Aggregate, CheckedQuery, DatasetInfo, GroupKey
+from sandbox.store import RANK_COLUMN
+
+MAX_CELLS = 100_000          # group cells of one aggregate answer (the product of the key domains)
+MAX_ROWS = 10_000            # rows of one row-level answer
+DEFAULT_MAX_CONTRIBUTIONS = 10
+NUMBER_TYPES = ("integer", "float", "decimal")
+CENTS = 100                  # DECIMAL(18,2) is summed as whole cents
+
+
+# ---------------------------------------------------------------------------------------------
+# What the engine needs to know of a dataset (public catalog facts only)
+
+
+@dataclass(frozen=True)
+class FieldMeta:
+    name: str
+    type: str                              # catalog.descriptor.FieldType value
+    masking: str = "none"                  # catalog.descriptor.Masking value
+    nullable: bool = True
+    domain: tuple[str, ...] | None = None  # public value domain of a category field
+    bounds: tuple[Any, Any] | None = None  # public bounds: numbers, or ISO dates
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    code: str
+    privacy_unit: str | None
+    fields: Mapping[str, FieldMeta]
+    row_count: int = 0                     # the version's row count: public catalog metadata
+
+    def info(self) -> DatasetInfo:
+        """What the SQL checker needs."""
+        return DatasetInfo(self.code, tuple(self.fields), self.privacy_unit)
+
+    @classmethod
+    def from_fields(cls, code: str, privacy_unit: str | None, fields: Sequence[Any], row_count: int = 0) -> DatasetMeta:
+        """From catalog `DatasetField` rows or descriptor `FieldSpec`s (anything with the attributes)."""
+        out = {}
+        for f in fields:
+            b = f.bounds
+            if b is not None and not isinstance(b, Mapping):
+                b = b.model_dump() if hasattr(b, "model_dump") else dict(b)
+            bounds = (b["min"], b["max"]) if b else None
+            out[f.name] = FieldMeta(f.name, str(getattr(f.type, "value", f.type)),
+                                    str(getattr(f.masking, "value", f.masking)), bool(f.nullable),
+                                    tuple(f.domain) if f.domain else None, bounds)
+        return cls(code, privacy_unit, out, row_count)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One run: the checked query, its dataset, the snapshot and what the scene says."""
+
+    checked: CheckedQuery
+    dataset: DatasetMeta
+    snapshot: Path | None = None                              # None: planning only
+    uploads: Mapping[str, Path] = field(default_factory=dict)  # upload name -> its Parquet
+    epsilon: float | None = None                              # aggregates: the query's ε
+    max_contributions: int = DEFAULT_MAX_CONTRIBUTIONS
+    pseudonym_key: bytes | None = None                        # rows: the scene's key
+    reference_date: dt.date | None = None                     # rows: for age bands
+    max_rows: int = MAX_ROWS
+    max_cells: int = MAX_CELLS
+    threads: int = 2
+    memory_limit: str = "1GB"
+
+
+@dataclass
+class Answer:
+    kind: str                               # "aggregate" | "rows"
+    table: pa.Table
+    epsilon_spent: float = 0.0              # what OpenDP's maps say the release spent (≤ ε asked)
+    noise: dict[str, dict[str, Any]] = field(default_factory=dict)   # alias -> scale, error bound, …
+    cells: int = 0                          # aggregate: group cells answered (before LIMIT)
+    notes: list[str] = field(default_factory=list)
+
+
+def refused(code: str, en: str, zh: str, **details: Any) -> PdaoError:
+    return invalid(code, en, zh, details=details or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group cells
+
+
+def _as_date(v: Any) -> dt.date:
+    if isinstance(v, dt.datetime):
+        return v.date()
+    if isinstance(v, dt.date):
+        return v
+    return dt.date.fromisoformat(str(v)[:10])
+
+
+def _periods(lo: dt.date, hi: dt.date, unit: str) -> list[dt.date]:
+    months = {"month": 1, "quarter": 3, "year": 12}[unit]
+    first = lo.month - 1 - (lo.month - 1) % months
+    y, m = lo.year, first
+    out = []
+    while (y, m + 1) <= (hi.year, hi.month):
+        out.append(dt.date(y, m + 1, 1))
+        m += months
+        y, m = y + m // 12, m % 12
+    return out
+
+
+def key_domain(meta: DatasetMeta, key: GroupKey, max_cells: int = MAX_CELLS) -> list[Any]:
+    """The public values of one group key, in answer order; refused when there are none."""
+    name = f"{key.column}" + (f" ({key.unit})" if key.unit else "")
+    if key.column.upload:
+        raise refused("group_key_without_domain",
+                      f"{name}: a group key must have a public value domain; an upload's column has none",
+                      f"{name}：分组键必须有公开的取值域，上传表字段没有", key=str(key.column))
+    f = meta.fields[key.column.field]
+    values: list[Any] | None = None
+    if key.unit:
+        if f.type not in ("date", "timestamp") or not f.bounds:
+            raise refused("group_key_without_domain",
+                          f"{name}: DATE_TRUNC needs a date field with catalog bounds",
+                          f"{name}：DATE_TRUNC 需要有目录上下界的日期字段", key=str(key.column))
+        values = _periods(_as_date(f.bounds[0]), _as_date(f.bounds[1]), key.unit)
+    elif f.domain:
+        values = list(f.domain)
+    elif f.type == "boolean":
+        values = [False, True]
+    elif f.type == "integer" and f.bounds and float(f.bounds[1]) - float(f.bounds[0]) < max_cells:
+        values = list(range(math.ceil(float(f.bounds[0])), math.floor(float(f.bounds[1])) + 1))
+    elif f.type == "date" and f.bounds:
+        lo, hi = _as_date(f.bounds[0]), _as_date(f.bounds[1])
+        if (hi - lo).days < max_cells:
+            values = [lo + dt.timedelta(days=i) for i in range((hi - lo).days + 1)]
+    if values is None:
+        raise refused("group_key_without_domain",
+                      f"{name} has no public value domain to group by (a category list, a boolean, or an "
+                      "integer or date range in the catalog); without one, which groups appear would reveal data",
+                      f"{name} 没有可用于分组的公开取值域（目录中的类别列表、布尔值或整数/日期范围）；"
+                      "否则出现哪些分组本身就会泄露数据", key=str(key.column))
+    if f.nullable:
+        values.append(None)
+    return values
+
+
+def group_cells(execution: Execution) -> tuple[list[list[Any]], int]:
+    """Each group key's domain, and the number of cells of their product (1 without GROUP BY)."""
+    domains = [key_domain(execution.dataset, k, execution.max_cells) for k in execution.checked.group_keys]
+    n = math.prod(len(d) for d in domains) if domains else 1
+    if n > execution.max_cells:
+        raise refused("too_many_groups",
+                      f"the group keys make {n:,} cells; at most {execution.max_cells:,} are answered "
+                      "(group by fewer keys, or by month instead of day)",
+                      f"分组键共 {n:,} 个单元格，最多 {execution.max_cells:,} 个（请减少分组键，或按月而非按日分组）",
+                      cells=n, max_cells=execution.max_cells)
+    return domains, n
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise plan (public facts only: also what a preview reports)
+
+
+def _value_field(meta: DatasetMeta, agg: Aggregate) -> FieldMeta | None:
+    if agg.column is None or agg.function in ("count", "count_distinct"):
+        return None
+    f = meta.fields[agg.column.field]
+    if f.type not in NUMBER_TYPES:
+        raise refused("not_a_number", f"{agg.alias}: {agg.function.upper()} needs a number field; "
+                      f"{agg.column.field} is {f.type}",
+                      f"{agg.alias}：{agg.function.upper()} 需要数值字段，{agg.column.field} 的类型为 {f.type}",
+                      aggregate=agg.alias)
+    if not f.bounds:
+        raise refused("no_bounds", f"{agg.alias}: {agg.column.field} has no catalog bounds to clamp to, so one "
+                      "person's contribution cannot be bounded",
+                      f"{agg.alias}：{agg.column.field} 在目录中没有上下界，无法限定个人贡献", aggregate=agg.alias)
+    return f
+
+
+def _plan_bounds(f: FieldMeta) -> tuple[float, float]:
+    lo, hi = float(f.bounds[0]), float(f.bounds[1])  # type: ignore[index]
+    if f.type == "decimal":
+        return round(lo * CENTS), round(hi * CENTS)
+    return lo, hi
+
+
+def noise_plan(execution: Execution, n_cells: int) -> privacy.NoisePlan:
+    checked, meta = execution.checked, execution.dataset
+    if execution.epsilon is None:
+        raise refused("epsilon_required", "an aggregate query needs ε", "聚合查询需要指定 ε")
+    bounds, integers = {}, set()
+    for agg in checked.aggregates:
+        f = _value_field(meta, agg)
+        if f is not None:
+            bounds[f.name] = _plan_bounds(f)
+            if f.type in ("integer", "decimal"):
+                integers.add(f.name)
+    k = execution.max_contributions if meta.privacy_unit else 1
+    return privacy.plan_noise(checked.aggregates, epsilon=execution.epsilon, bounds=bounds, max_contributions=k,
+                              n_groups=n_cells, max_length=max(meta.row_count, 1), integer_fields=integers)
+
+
+def _unit_factor(meta: DatasetMeta, agg_field: str | None) -> int:
+    f = meta.fields.get(agg_field) if agg_field else None
+    return CENTS if f is not None and f.type == "decimal" else 1
+
+
+def describe_noise(plan: privacy.NoisePlan, meta: DatasetMeta) -> dict[str, dict[str, Any]]:
+    """Per aggregate: noise scale(s) and the 95% error bound, in the field's own units."""
+    out = {}
+    for a in plan.aggregates:
+        factor = _unit_factor(meta, a.field) if a.function in ("sum", "avg") else 1
+        acc = a.accuracy(plan.alpha)
+        out[a.alias] = {
+            "function": a.function, "field": a.field, "mechanism": a.parts[0].distribution,
+            "scale": a.scale / factor, "scales": [p.scale / (factor if p.name == "sum" else 1) for p in a.parts],
+            "error95": None if acc is None else acc / factor,
+            "error_unit": a.accuracy_unit, "epsilon": a.loss,
+        }
+        if a.candidates:
+            f = _unit_factor(meta, a.field)
+            out[a.alias]["candidate_step"] = privacy._grid_step(a.candidates) / f
+        if a.function == "avg":
+            out[a.alias]["error95_column"] = f"{a.alias}_error95"
+    return out
+
+
+def preview(execution: Execution) -> dict[str, Any]:
+    """What the query would cost and how accurate it would be; reads no data, spends nothing."""
+    checked = execution.checked
+    if checked.kind == "rows":
+        return {"kind": "rows", "epsilon": 0.0, "max_rows": execution.max_rows,
+                "note": "row-level answers carry masked fields only and spend no ε; they wait for export review"}
+    _, n = group_cells(execution)
+    plan = noise_plan(execution, n)
+    return {"kind": "aggregate", "epsilon": execution.epsilon, "epsilon_spent": plan.spent, "cells": n,
+            "max_contributions": plan.max_contributions, "confidence": 1 - plan.alpha,
+            "aggregates": describe_noise(plan, execution.dataset)}
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL for the engine, built from the checked tree
+
+
+def _col(name: str, table: str = DATASET_ALIAS) -> exp.Column:
+    return exp.Column(this=exp.to_identifier(name, quoted=True), table=exp.to_identifier(table, quoted=True))
+
+
+def _clamped(f: FieldMeta, col: exp.Expression) -> exp.Expression:
+    lo, hi = (exp.Literal.number(repr(float(b)) if f.type == "float" else str(b)) for b in f.bounds)  # type: ignore[union-attr]
+    if f.type == "decimal":
+        lo, hi = exp.Literal.number(format(float(f.bounds[0]), ".2f")), exp.Literal.number(format(float(f.bounds[1]), ".2f"))  # type: ignore[index]
+    # LEAST/GREATEST skip NULLs in DuckDB (a NULL would become a bound): keep NULL as NULL.
+    inner = exp.Anonymous(this="least", expressions=[exp.Anonymous(this="greatest", expressions=[col, lo]), hi])
+    clamped = exp.Case(ifs=[exp.If(this=exp.Is(this=col.copy(), expression=exp.Null()), true=exp.Null())],
+                       default=inner)
+    if f.type == "decimal":   # exact: DECIMAL(18,2) × 100 is whole
+        return exp.Cast(this=exp.Mul(this=clamped, expression=exp.Literal.number(CENTS)), to=exp.DataType.build("BIGINT"))
+    if f.type == "integer":
+        return exp.Cast(this=clamped, to=exp.DataType.build("BIGINT"))
+    return exp.Cast(this=clamped, to=exp.DataType.build("DOUBLE"))
+
+
+def _key_expr(key: GroupKey) -> exp.Expression:
+    col = _col(key.column.field, "u" if key.column.upload else DATASET_ALIAS)
+    if key.unit:
+        return exp.Cast(this=exp.TimestampTrunc(this=col, unit=exp.Var(this=key.unit.upper())),
+                        to=exp.DataType.build("DATE"))
+    return col
+
+
+def _where(execution: Execution, tree: exp.Select) -> None:
+    """Keep each person's first k rows (by the load-time rank): AND-ed to the checked WHERE."""
+    if not execution.dataset.privacy_unit:
+        return
+    bound = exp.LTE(this=_col(RANK_COLUMN), expression=exp.Literal.number(execution.max_contributions))
+    where = tree.args.get("where")
+    cond = exp.And(this=exp.Paren(this=where.this.copy()), expression=bound) if where is not None else bound
+    tree.set("where", exp.Where(this=cond))
+
+
+def aggregate_sql(execution: Execution) -> str:
+    """The bounded, clamped exact aggregates per present group (keys k0…, values a0…)."""
+    checked, meta = execution.checked, execution.dataset
+    tree = checked.tree.copy()
+    for arg in ("order", "limit", "group"):
+        tree.set(arg, None)
+    select: list[exp.Expression] = []
+    keys = [_key_expr(k) for k in checked.group_keys]
+    for i, k in enumerate(keys):
+        select.append(exp.Alias(this=k.copy(), alias=exp.to_identifier(f"k{i}", quoted=True)))
+    for j, agg in enumerate(checked.aggregates):
+        name = f"a{j}"
+        if agg.function == "count":
+            select.append(exp.Alias(this=exp.Count(this=exp.Star()), alias=exp.to_identifier(name, quoted=True)))
+            continue
+        if agg.function == "count_distinct":
+            d = exp.Count(this=exp.Distinct(expressions=[_col(agg.column.field)]))  # type: ignore[union-attr]
+            select.append(exp.Alias(this=d, alias=exp.to_identifier(name, quoted=True)))
+            continue
+        f = _value_field(meta, agg)
+        value = _clamped(f, _col(f.name))  # type: ignore[arg-type]
+        if agg.function in ("sum", "avg"):
+            total = exp.Sum(this=value)
+            if f.type in ("integer", "decimal"):  # type: ignore[union-attr]
+                total = exp.Cast(this=total, to=exp.DataType.build("BIGINT"))
+            select.append(exp.Alias(this=total, alias=exp.to_identifier(name, quoted=True)))
+            if agg.function == "avg":
+                select.append(exp.Alias(this=exp.Count(this=_col(f.name)),  # type: ignore[union-attr]
+                                        alias=exp.to_identifier(f"{name}_n", quoted=True)))
+        else:   # quantiles need each group's values
+            values = exp.Filter(this=exp.ArrayAgg(this=exp.Cast(this=value, to=exp.DataType.build("DOUBLE"))),
+                                expression=exp.Where(this=exp.Not(this=exp.Is(this=_col(f.name), expression=exp.Null()))))  # type: ignore[union-attr]
+            select.append(exp.Alias(this=values, alias=exp.to_identifier(name, quoted=True)))
+    tree.set("expressions", select)
+    if keys:
+        tree.set("group", exp.Group(expressions=[k.copy() for k in keys]))
+    _where(execution, tree)
+    return tree.sql(dialect=DIALECT, identify=True, comments=False)
+
+
+def rows_sql(execution: Execution) -> str:
+    tree = execution.checked.tree.copy()
+    limit = min(execution.checked.limit or execution.max_rows, execution.max_rows)
+    tree.set("limit", exp.Limit(expression=exp.Literal.number(limit)))
+    return tree.sql(dialect=DIALECT, identify=True, comments=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _views(execution: Execution) -> tuple[dict[str, Path], dict[str, str]]:
+    checked = execution.checked
+    if execution.snapshot is None:
+        raise ValueError("no snapshot to run on")
+    views = {checked.view: execution.snapshot}
+    unique_on: dict[str, str] = {}
+    if checked.join is not None:
+        from sandbox.sql import upload_view_name
+        path = execution.uploads.get(checked.join.upload)
+        if path is None:
+            raise refused("upload_not_found", f"the upload {checked.join.upload} is not available",
+                          f"上传数据 {checked.join.upload} 不可用")
+        view = upload_view_name(checked.join.upload)
+        views[view] = path
+        unique_on[view] = checked.join.upload_key
+    return views, unique_on
+
+
+def _fetch(execution: Execution, sql: str, on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None
+           ) -> pa.Table:
+    views, unique_on = _views(execution)
+    with domain_connection(views, threads=execution.threads, memory_limit=execution.memory_limit,
+                           unique_on=unique_on) as con:
+        if on_connection is not None:
+            on_connection(con)
+        try:
+            return con.sql(sql).to_arrow_table()
+        except duckdb.InterruptException:
+            raise
+        except duckdb.Error:
+            # DuckDB's text may quote a cell (a failed conversion names the value): never shown.
+            raise refused("query_failed",
+                          "The engine could not run the query. Check that each literal matches its field's type "
+                          "(text in quotes, numbers bare, dates as DATE 'YYYY-MM-DD').",
+                          "引擎无法执行该查询。请检查每个常量是否与字段类型一致（文本加引号、数字不加引号、"
+                          "日期写作 DATE 'YYYY-MM-DD'）。") from None
+
+
+def run(execution: Execution, *, on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None = None
+        ) -> Answer:
+    """Run the query and answer; an aggregate answer spends `epsilon_spent` (charge it first).
+    `on_connection` gets the DuckDB connection before the query starts (progress, interrupt)."""
+    if execution.checked.kind == "rows":
+        return _run_rows(execution, on_connection)
+    return _run_aggregate(execution, on_connection)
+
+
+def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
+    checked, meta = execution.checked, execution.dataset
+    domains, n = group_cells(execution)
+    plan = noise_plan(execution, n)           # before any data is read
+    exact = _fetch(execution, aggregate_sql(execution), on_connection).to_pylist()
+
+    cells = list(itertools.product(*domains)) if domains else [()]
+    index = {c: i for i, c in enumerate(cells)}
+    nk = len(checked.group_keys)
+    present: dict[int, dict[str, Any]] = {}
+    for row in exact:
+        key = tuple(row[f"k{i}"] for i in range(nk))
+        at = index.get(key)
+        if at is not None:   # a value outside the public domain is not answered
+            present[at] = row
+
+    inputs: dict[str, Any] = {}
+    for j, agg in enumerate(checked.aggregates):
+        name = f"a{j}"
+        if agg.function in ("count", "count_distinct", "sum"):
+            inputs[agg.alias] = [int(present[i][name] or 0) if i in present else 0 for i in range(n)] \
+                if agg.function != "sum" or plan.by_alias(agg.alias).parts[0].integer \
+                else [float(present[i][name] or 0.0) if i in present else 0.0 for i in range(n)]
+        elif agg.function == "avg":
+            integer = plan.by_alias(agg.alias).parts[0].integer
+            zero = 0 if integer else 0.0
+            sums = [(present[i][name] or zero) if i in present else zero for i in range(n)]
+            counts = [int(present[i][f"{name}_n"] or 0) if i in present else 0 for i in range(n)]
+            inputs[agg.alias] = (sums, counts)
+        else:
+            inputs[agg.alias] = [present[i][name] or [] if i in present else [] for i in range(n)]
+    del exact, present
+
+    released = privacy.apply_noise(plan, inputs)
+    columns: dict[str, list[Any]] = {}
+    for i, key in enumerate(checked.group_keys):
+        if key.alias is not None:
+            columns[key.alias] = [c[i] for c in cells]
+    for agg in checked.aggregates:
+        r = released[agg.alias]
+        factor = _unit_factor(meta, agg.field) if agg.function in ("sum", "avg", "median", "quantile") else 1
+        values = r.values
+        if agg.function in ("count", "count_distinct"):
+            values = [max(int(v), 0) for v in values]   # post-processing: no negative counts
+        elif factor != 1:
+            values = [None if v is None else v / factor for v in values]
+        columns[agg.alias] = values
+        if agg.function == "avg":
+            columns[f"{agg.alias}_error95"] = [None if a is None else a / factor for a in r.accuracy]
+    order = list(range(n))
+    for o in reversed(checked.order_by):   # stable sorts, last key first
+        vals = columns[o.output]
+        order.sort(key=lambda i, v=vals, o=o: _sort_key(v[i], o.descending, o.nulls_first), reverse=o.descending)
+    if checked.limit is not None:
+        order = order[:checked.limit]
+    table = pa.table({name: [vals[i] for i in order] for name, vals in columns.items()})
+    return Answer("aggregate", table, plan.spent, describe_noise(plan, meta), n)
+
+
+def _sort_key(v: Any, descending: bool, nulls_first: bool) -> tuple:
+    # Python's reverse=True flips the null position too; compensate so NULLS FIRST/LAST hold.
+    null_rank = 0 if nulls_first else 1
+    if descending:
+        null_rank = 1 - null_rank
+    return (null_rank, 0) if v is None else (1 - null_rank, v)
+
+
+def _run_rows(execution: Execution, on_connection: Any) -> Answer:
+    checked, meta = execution.checked, execution.dataset
+    table = _fetch(execution, rows_sql(execution), on_connection)
+    reference = execution.reference_date or dt.date.today()
+    columns = {}
+    for out in checked.masked:
+        f = meta.fields[out.column.field]
+        values = table.column(out.alias).combine_chunks()
+        if f.masking == "round" and f.bounds:
+            width = max((float(f.bounds[1]) - float(f.bounds[0])) / 20, 1)
+            columns[out.alias] = mask(values, f.masking, width=width)
+        else:
+            columns[out.alias] = mask(values, f.masking, key=execution.pseudonym_key, reference_date=reference)
+    notes = []
+    if (checked.limit is None or checked.limit > execution.max_rows) and table.num_rows >= execution.max_rows:
+        notes.append(f"the answer stops at {execution.max_rows} rows (the most one answer holds)")
+    return Answer("rows", pa.table(columns), 0.0, {}, 0, notes)
