@@ -51,6 +51,9 @@ class PiiKind(StrEnum):
     bank_card = "bank_card"
     email = "email"
     uscc = "uscc"
+    passport = "passport"            # ordinary passport number (护照号)
+    travel_permit = "travel_permit"  # HK/Macao/Taiwan travel permits (通行证, 回乡证, 台胞证)
+    plate = "plate"                  # vehicle licence plate (车牌号)
     person_key = "person_key"  # a surrogate key of a person (the privacy unit)
 
 

@@ -264,7 +264,9 @@ def test_analyzer_is_offline_with_exactly_our_recognizers(monkeypatch):
         eng = pii.analyzer(nlp)
         names = sorted(type(r).__name__ for r in eng.registry.recognizers)
         assert names == sorted(["CnIdRecognizer", "CnMobileRecognizer", "CnBankCardRecognizer",
-                                "CnUsccRecognizer", "CnNameRecognizer", "EmailRecognizer"])
+                                "CnUsccRecognizer", "CnNameRecognizer", "EmailRecognizer",
+                                "CnPassportRecognizer", "CnTravelPermitRecognizer",
+                                "CnLicensePlateRecognizer", "CnAddressRecognizer"])
         assert eng.supported_languages == ["zh"]
         assert {r.supported_language for r in eng.registry.recognizers} == {"zh"}
         assert find_pii(f"身份证{ID}", engine=eng) == [Finding("cn_id", 3, 21, 1.0)]

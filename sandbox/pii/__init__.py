@@ -10,7 +10,18 @@ The recognizers (one class per file in this package, Presidio's registry style) 
 * ``phone`` (``CN_MOBILE``, ``[手机号]``): ``1[3-9]`` + 9 digits, optional +86 / 86 / 0086 prefix;
 * ``email`` (``EMAIL_ADDRESS``, ``[电子邮箱]``): ASCII addresses;
 * ``name`` (``CN_PERSON_NAME``, ``[姓名]``): a surname list + cue words, no model (see
-  ``cn_name_recognizer`` for what it misses).
+  ``cn_name_recognizer`` for what it misses);
+* ``passport`` (``CN_PASSPORT``, ``[护照号]``): ``E`` + 8 digits, ``E``/``G`` + letter + 7 digits,
+  ``G`` + 8 digits; 0.85 right after 护照(号码), 0.4 bare (no check digit: a lot number can look
+  the same);
+* ``travel_permit`` (``CN_TRAVEL_PERMIT``, ``[通行证号]``): 往来港澳通行证 ``C`` + 8 digits or
+  ``C`` + letter + 7 digits, 回乡证 ``H``/``M`` + 8 or 10 digits (0.85 after a cue, 0.4 bare), and
+  台胞证 8 digits, only right after its cue;
+* ``plate`` (``CN_LICENSE_PLATE``, ``[车牌号]``): province character + letter + 5 letters/digits
+  (at least 3 digits, no I/O), or the 8-character new-energy form (``D``/``F`` third or last);
+* ``address`` (``CN_ADDRESS``, ``[地址]``): street addresses reaching a number (…路12号,
+  …小区3栋2单元501室, …村三组25号), with their administrative parts; precision first (see
+  ``cn_address_recognizer`` for what it misses).
 
 The kind is the ``catalog.descriptor.PiiKind`` value. Every pattern bounds digits with digit
 lookarounds, never ``\\b`` (which does not separate a Chinese character from a digit), and all
@@ -26,8 +37,10 @@ Two paths give the same answer (``tests/test_pii.py`` checks that they do, findi
 * ``find_pii`` / ``redact`` go through the engine and, for ``redact``, presidio-anonymizer's
   ``replace`` operator;
 * ``find_pii_batch`` / ``redact_batch`` run the same recognizers' patterns, validators and score
-  rules directly (no per-match explanation objects, no deep copies): several times faster, for
-  whole columns. (They would part only if context words were passed to ``analyze()`` explicitly,
+  rules directly (no per-match explanation objects, no deep copies), then the engine's own
+  clean-up (``EntityRecognizer.remove_duplicates``: a finding inside another of the same kind with
+  an equal or higher score is dropped — which matters when several patterns of one recognizer
+  match nested spans, as the address patterns can): several times faster, for whole columns. (They would part only if context words were passed to ``analyze()`` explicitly,
   which nothing here does: with the no-op engine, context words never change a score.)
 
 Overlaps between entities of different kinds (an 18-digit run can be a valid ID number, pass the
@@ -48,10 +61,14 @@ from presidio_analyzer.nlp_engine import NlpEngine, NoOpNlpEngine
 from presidio_anonymizer import AnonymizerEngine
 from presidio_anonymizer.entities import OperatorConfig
 
+from sandbox.pii.cn_address_recognizer import CnAddressRecognizer
 from sandbox.pii.cn_bank_card_recognizer import CnBankCardRecognizer
 from sandbox.pii.cn_id_recognizer import CnIdRecognizer
+from sandbox.pii.cn_license_plate_recognizer import PROVINCES, CnLicensePlateRecognizer
 from sandbox.pii.cn_mobile_recognizer import CnMobileRecognizer
 from sandbox.pii.cn_name_recognizer import CUES, SURNAMES, CnNameRecognizer
+from sandbox.pii.cn_passport_recognizer import PASSPORT_CUES, CnPassportRecognizer
+from sandbox.pii.cn_travel_permit_recognizer import PERMIT_CUES, TAIWAN_CUES, CnTravelPermitRecognizer
 from sandbox.pii.cn_uscc_recognizer import CnUsccRecognizer
 from sandbox.pii.email_recognizer import EmailRecognizer
 
@@ -74,6 +91,10 @@ __all__ = [
     "CnUsccRecognizer",
     "CnNameRecognizer",
     "EmailRecognizer",
+    "CnPassportRecognizer",
+    "CnTravelPermitRecognizer",
+    "CnLicensePlateRecognizer",
+    "CnAddressRecognizer",
 ]
 
 LANGUAGE = "zh"
@@ -86,6 +107,10 @@ ENTITY_KIND: dict[str, str] = {
     CnMobileRecognizer.ENTITY: "phone",
     EmailRecognizer.ENTITY: "email",
     CnNameRecognizer.ENTITY: "name",
+    CnPassportRecognizer.ENTITY: "passport",
+    CnTravelPermitRecognizer.ENTITY: "travel_permit",
+    CnLicensePlateRecognizer.ENTITY: "plate",
+    CnAddressRecognizer.ENTITY: "address",
 }
 KIND_ENTITY: dict[str, str] = {k: e for e, k in ENTITY_KIND.items()}
 
@@ -96,22 +121,28 @@ PLACEHOLDERS: dict[str, str] = {
     "phone": "[手机号]",
     "email": "[电子邮箱]",
     "name": "[姓名]",
+    "passport": "[护照号]",
+    "travel_permit": "[通行证号]",
+    "plate": "[车牌号]",
+    "address": "[地址]",
 }
 
 #: Tie-break between overlapping findings of equal score and length (first wins).
-KIND_PRIORITY: tuple[str, ...] = ("cn_id", "uscc", "bank_card", "phone", "email", "name")
+KIND_PRIORITY: tuple[str, ...] = ("cn_id", "uscc", "bank_card", "phone", "passport", "travel_permit", "plate",
+                                  "email", "address", "name")
 _RANK = {k: i for i, k in enumerate(KIND_PRIORITY)}
 
 _RECOGNIZER_CLASSES = (CnIdRecognizer, CnUsccRecognizer, CnBankCardRecognizer, CnMobileRecognizer,
-                       EmailRecognizer, CnNameRecognizer)
+                       EmailRecognizer, CnNameRecognizer, CnPassportRecognizer, CnTravelPermitRecognizer,
+                       CnLicensePlateRecognizer, CnAddressRecognizer)
 _FLAGS = regex.DOTALL | regex.MULTILINE  # what every recognizer here compiles with (no IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
 class Finding:
     """One piece of personal data in a text: ``text[start:end]`` is of ``kind`` (a ``PiiKind``
-    value: cn_id, uscc, bank_card, phone, email, name) with Presidio's ``score`` (1.0 when a check
-    digit confirmed it)."""
+    value: cn_id, uscc, bank_card, phone, email, name, passport, travel_permit, plate, address)
+    with Presidio's ``score`` (1.0 when a check digit confirmed it)."""
 
     kind: str
     start: int
@@ -238,6 +269,16 @@ _PREFILTERS = {
     "cn_name_cue": _any_in(CUES),
     "cn_name_proxy": _any_in(("代诉", "代述")),
     "cn_name_lead": lambda text: text[:1] in _NAME_FIRST or any(c in text for c in _LINE_BREAKS),
+    "cn_passport_cue": _any_in(PASSPORT_CUES),
+    "cn_passport": _any_in("EG"),
+    "cn_permit_cue": _any_in(PERMIT_CUES),
+    "cn_permit": _any_in("CHM"),
+    "cn_permit_taiwan": _any_in(TAIWAN_CUES),
+    "cn_plate": _any_in(PROVINCES),
+    # Every address has a house number (号), a building (号楼 栋 幢 座), a village group (组 队 社)
+    # or the 3-2-501 shorthand.
+    "cn_address": _any_in("号栋幢座组队社-"),
+    "cn_address_gazetteer": _any_in("号栋幢座组队社-"),
 }
 
 
@@ -270,7 +311,28 @@ class _Compiled:
                     score = EntityRecognizer.MIN_SCORE
                 if score > EntityRecognizer.MIN_SCORE:
                     cands.append((kind, start, end, score))
-        return _resolve(cands) if cands else []
+        if not cands:
+            return []
+        return _resolve(_drop_contained(cands) if len(cands) > 1 else cands)
+
+
+def _drop_contained(cands: list[tuple[str, int, int, float]]) -> list[tuple[str, int, int, float]]:
+    """What ``AnalyzerEngine.analyze`` does to the recognizers' results before returning them
+    (``EntityRecognizer.remove_duplicates``), on candidates: exact duplicates go, and so does a
+    candidate inside another of the same kind with an equal or higher score."""
+    ordered = sorted(set(cands), key=lambda c: (c[0], c[1], c[1] - c[2], -c[3]))
+    out: list[tuple[str, int, int, float]] = []
+    active: list[tuple[str, int, int, float]] = []
+    kind = None
+    for c in ordered:
+        if c[0] != kind:
+            kind, active = c[0], []
+        active = [a for a in active if a[2] >= c[1]]  # only these can contain c
+        if any(c[1] >= a[1] and c[2] <= a[2] and c[3] <= a[3] for a in active):
+            continue
+        out.append(c)
+        active.append(c)
+    return out
 
 
 @functools.cache
