@@ -347,15 +347,34 @@ def users_revoke_key(key_id: int) -> None:
 
 @app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000,
-          workers: Annotated[int, typer.Option(help="server processes")] = 1) -> None:
-    """Serve the API (and /docs) for an existing home."""
+          workers: Annotated[int, typer.Option(help="server processes")] = 1,
+          query_workers: Annotated[int, typer.Option(min=0, help="query worker threads in this process "
+                                                     "(`pdao worker` runs more elsewhere)")] = 1) -> None:
+    """Serve the API (and /docs) for an existing home, with a query worker."""
     import uvicorn
 
+    from sandbox.worker import start_in_thread
+
     s = _settings()
-    _engine(s).dispose()  # migrate before any worker starts
+    eng = _engine(s)  # migrate before any worker starts
+    for _ in range(query_workers):
+        start_in_thread(eng, s)
     typer.echo(f"serving {s.home} on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
     uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info",
                 proxy_headers=False, server_header=False)
+
+
+@app.command()
+def worker(once: Annotated[bool, typer.Option("--once", help="stop when the queue is empty")] = False,
+           poll: Annotated[float, typer.Option(min=0.05, help="seconds between looks at an empty queue")] = 1.0) -> None:
+    """Run queued prod queries (any number of these may run beside `pdao serve`)."""
+    import logging
+
+    from sandbox.worker import work
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    s = _settings()
+    work(_engine(s), s, poll_seconds=poll, once=once)
 
 
 @app.command()

@@ -19,6 +19,8 @@ class Settings:
     login_lock_minutes: int = 15
     scene_approvals_required: int = 2  # distinct office approvers per scene
     scene_max_validity_days: int = 366
+    query_lease_seconds: int = 60      # a running query's lease; a worker renews it while it runs
+    query_max_attempts: int = 3        # a query whose worker died is retried this often, then failed
     secret_key_override: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -35,12 +37,19 @@ class Settings:
             secret_key_override=env.get("PDAO_SECRET_KEY") or None,
             scene_approvals_required=int(env.get("PDAO_SCENE_APPROVALS", "2")),
             scene_max_validity_days=int(env.get("PDAO_SCENE_MAX_VALIDITY_DAYS", "366")),
+            query_lease_seconds=int(env.get("PDAO_QUERY_LEASE_SECONDS", "60")),
+            query_max_attempts=int(env.get("PDAO_QUERY_MAX_ATTEMPTS", "3")),
         )
 
     @property
     def domain_dir(self) -> Path:
         """The domain store: immutable Parquet snapshots. Nothing outside the sandbox reads it."""
         return self.home / "domain"
+
+    @property
+    def results_dir(self) -> Path:
+        """Answers of queries (noisy aggregates, masked rows), kept until export review lets them out."""
+        return self.home / "results"
 
     @property
     def staging_dir(self) -> Path:
@@ -51,7 +60,7 @@ class Settings:
             raise ValueError("PDAO_SCENE_APPROVALS must be at least 1 (default 2)")
 
     def ensure_home(self) -> None:
-        for d in (self.home, self.domain_dir, self.staging_dir):
+        for d in (self.home, self.domain_dir, self.staging_dir, self.results_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     def sweep_staging(self, older_than_seconds: float = 24 * 3600) -> int:

@@ -97,3 +97,4 @@ def import_all_models() -> None:
     import pdao.identity.models  # noqa: F401
     import policies.models  # noqa: F401
     import sandbox.ledger  # noqa: F401
+    import sandbox.models  # noqa: F401

@@ -29,6 +29,8 @@ class Scene(SQLModel, table=True):
     budget_epsilon: float
     budget_delta: float
     max_query_epsilon: float
+    # Rows one person may contribute to an aggregate (the rest are dropped deterministically).
+    max_contributions: int = Field(default=10, sa_column_kwargs={"server_default": "10"})
     epsilon_spent: float = 0.0
     delta_spent: float = 0.0
     release_policy: dict[str, Any] = Field(default_factory=dict,

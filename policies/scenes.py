@@ -172,7 +172,7 @@ def list_visible(session: Session, principal: Principal, status: str | None = No
 # --- the application ----------------------------------------------------------------------------
 
 _SCALARS = ("title", "purpose", "scene_type", "legal_basis", "consent_approach", "emergency_plan", "valid_from",
-            "valid_to", "budget_epsilon", "budget_delta", "max_query_epsilon")
+            "valid_to", "budget_epsilon", "budget_delta", "max_query_epsilon", "max_contributions")
 
 
 def _replace_items(session: Session, scene: Scene, items: list[ItemIn]) -> None:
@@ -474,6 +474,7 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
         consent_approach=scene.consent_approach, emergency_plan=scene.emergency_plan, valid_from=scene.valid_from,
         valid_to=scene.valid_to, status=status, stored_status=scene.status, round=scene.round,
         budget=Budget(epsilon=scene.budget_epsilon, delta=scene.budget_delta, max_query_epsilon=scene.max_query_epsilon,
+                      max_contributions=scene.max_contributions,
                       epsilon_spent=scene.epsilon_spent, epsilon_left=max(scene.budget_epsilon - scene.epsilon_spent, 0),
                       delta_spent=scene.delta_spent, delta_left=max(scene.budget_delta - scene.delta_spent, 0)),
         release_policy=ReleasePolicy(**scene.release_policy),

@@ -48,6 +48,7 @@ class SceneIn(BaseModel):
     budget_epsilon: float = Field(gt=0)
     budget_delta: float = Field(default=0.0, ge=0)
     max_query_epsilon: float = Field(gt=0)
+    max_contributions: int = Field(default=10, ge=1, le=1000)  # rows per person in an aggregate
     release_policy: ReleasePolicy = ReleasePolicy()
     items: list[ItemIn] = Field(min_length=1, max_length=500)
 
@@ -67,6 +68,7 @@ class ScenePatch(BaseModel):
     budget_epsilon: float | None = Field(default=None, gt=0)
     budget_delta: float | None = Field(default=None, ge=0)
     max_query_epsilon: float | None = Field(default=None, gt=0)
+    max_contributions: int | None = Field(default=None, ge=1, le=1000)
     release_policy: ReleasePolicy | None = None
     items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=500)
 
@@ -109,6 +111,7 @@ class Budget(BaseModel):
     epsilon: float
     delta: float
     max_query_epsilon: float
+    max_contributions: int
     epsilon_spent: float
     epsilon_left: float
     delta_spent: float

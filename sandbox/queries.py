@@ -1,0 +1,431 @@
+"""Queries through a scene: check, authorize, plan, reserve, run, store — the service behind
+`POST /scenes/{id}/queries`, the preview, the worker and the result endpoints.
+
+The order of a submission (each step refuses with a clear JSON error and changes nothing):
+
+1. the scene is active and the caller's organization holds it (`policies.scenes.decide`);
+2. the SQL is checked against the scene's effective data list (`sandbox.sql.check_query`, 422
+   `query_refused` naming each construct and missing item), and every (dataset, field, usage) the
+   checked query relies on is decided again through casbin — the one authorization path;
+3. the dataset version is pinned: the latest `prod` version, or for `mode=dev` the synthetic twin;
+4. an aggregate's noise is planned from public facts (422 if it cannot be given DP);
+5. prod: ε is reserved in the ledger in the same transaction that queues the job (429 when the
+   budget cannot pay). The worker charges it when the result is stored, or refunds it when the job
+   fails or is cancelled; a job whose worker died is retried under the same reservation, so nothing
+   is charged twice. dev: the query runs at once on the twin, spends nothing, and the result is
+   marked synthetic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import update
+from sqlmodel import Session, select
+
+from catalog.models import Dataset, DatasetField, DatasetVersion
+from pdao.config import Settings
+from pdao.db import utcnow
+from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
+from pdao.identity.models import Role
+from pdao.identity.service import Principal
+from policies import scenes, states
+from policies.enforcer import SceneEnforcers
+from policies.models import Scene, SceneItem
+from policies.rules import item_verdict
+from sandbox import ledger
+from sandbox.execute import Answer, DatasetMeta, Execution, preview as plan_preview
+from sandbox.models import Query, QueryResult
+from sandbox.sql import CheckedQuery, check_query
+from sandbox.store import snapshot_path
+
+CHINA = ZoneInfo("Asia/Shanghai")
+DEFAULT_EPSILON = 0.5       # when a query names none (never above the scene's per-query cap)
+
+
+@dataclass
+class Prepared:
+    checked: CheckedQuery
+    version: DatasetVersion
+    execution: Execution
+
+
+# ---------------------------------------------------------------------------------------------
+# What a scene may read
+
+
+def effective_grants(session: Session, scene: Scene) -> dict[tuple[str, str], set[str]]:
+    """(dataset, field) -> usages: the scene's items not struck and still allowed by the rule table
+    on today's catalog (the same list `GET /scenes/{id}` shows as effective)."""
+    items = session.exec(select(SceneItem).where(SceneItem.scene_id == scene.id, SceneItem.struck == False)).all()  # noqa: E712
+    facts = scenes.field_facts(session, ((i.dataset, i.field) for i in items))
+    grants: dict[tuple[str, str], set[str]] = {}
+    for i in items:
+        if item_verdict(facts.get((i.dataset, i.field)), i.usage, i.dataset, i.field).allowed:
+            grants.setdefault((i.dataset, i.field), set()).add(i.usage)
+    return grants
+
+
+def dataset_meta(session: Session, dataset: Dataset, row_count: int = 0) -> DatasetMeta:
+    fields = session.exec(select(DatasetField).where(DatasetField.dataset_id == dataset.id)
+                          .order_by(DatasetField.position)).all()
+    return DatasetMeta.from_fields(dataset.code, dataset.privacy_unit, fields, row_count)
+
+
+def pseudonym_key(settings: Settings, scene_id: int) -> bytes:
+    """The scene's pseudonym key: derived from the server secret with HMAC-SHA256 (a PRF), so it is
+    never stored, and two scenes (two tenants) never share one: their pseudonyms never join."""
+    return hmac.new(settings.secret_key.encode(), f"pdao/pseudonym/scene/{scene_id}".encode(), hashlib.sha256).digest()
+
+
+def _latest_version(session: Session, dataset_id: int, env: str) -> DatasetVersion | None:
+    return session.exec(select(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id, DatasetVersion.env == env)
+                        .order_by(DatasetVersion.number.desc())).first()
+
+
+def _today() -> dt.date:
+    return dt.datetime.now(CHINA).date()
+
+
+def authorize_uses(session: Session, enforcers: SceneEnforcers, scene: Scene, org: str, checked: CheckedQuery) -> None:
+    """The one authorization path: every (dataset, field, usage) the checked query relies on is
+    decided through casbin (`policies.scenes.decide`); 403 `not_permitted` naming each refusal."""
+    denied = []
+    for d, f, usage in sorted(checked.uses):
+        decision = scenes.decide(session, enforcers, scene, org, d, f, usage)
+        if not decision.allowed:
+            denied.append({"dataset": d, "field": f, "usage": usage, "rule": decision.rule,
+                           "message": decision.message, "message_zh": decision.message_zh})
+    if denied:
+        raise PdaoError(403, "not_permitted", f"The scene does not permit this query: {denied[0]['message']}.",
+                        f"该场景不允许此查询：{denied[0]['message_zh']}。", details=denied)
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission
+
+
+def prepare(session: Session, settings: Settings, enforcers: SceneEnforcers, principal: Principal, scene: Scene,
+            sql: str, mode: str, epsilon: float | None) -> Prepared:
+    """Steps 1–4 of a submission (no writes)."""
+    if principal.role is not Role.applicant or scene.org_id != principal.org_id:
+        raise forbidden("not_your_scene", "Only the scene's own organization may query through it.",
+                        "只有场景的申请单位可以通过该场景查询。")
+    org = scenes.tenant_code(session, scene)
+    status = states.effective_status(scene.status, scene.valid_from, scene.valid_to, utcnow())
+    if status != "active":
+        raise conflict("scene_not_active", f"The scene is {status}, not active: no query can run through it.",
+                       f"场景状态为 {status}，未生效，不能查询。", details={"status": status})
+
+    grants = effective_grants(session, scene)
+    codes = sorted({d for d, _ in grants})
+    datasets = {ds.code: ds for ds in session.exec(select(Dataset).where(Dataset.code.in_(codes))).all()}
+    metas = {code: dataset_meta(session, ds) for code, ds in datasets.items()}
+    checked = check_query(sql, grants, [m.info() for m in metas.values()])
+
+    authorize_uses(session, enforcers, scene, org, checked)
+    if checked.join is not None:   # tenant uploads arrive with issue 6; until then none can be joined
+        raise not_found("Upload", "上传数据")
+
+    env = "dev" if mode == "dev" else "prod"
+    ds = datasets[checked.dataset]
+    version = _latest_version(session, ds.id, env)
+    if version is None:
+        raise conflict("no_version", f"{checked.dataset} has no {env} version loaded yet.",
+                       f"{checked.dataset} 尚未加载{'合成孪生' if env == 'dev' else '生产'}版本。",
+                       details={"dataset": checked.dataset, "env": env})
+    meta = dataset_meta(session, ds, version.row_count)
+    if checked.kind == "aggregate":
+        if epsilon is None:
+            epsilon = min(DEFAULT_EPSILON, scene.max_query_epsilon)
+        if mode == "prod" and epsilon > scene.max_query_epsilon + ledger.TOLERANCE:
+            raise invalid("epsilon_above_query_cap",
+                          f"ε={epsilon:g} is above the scene's per-query cap of {scene.max_query_epsilon:g}.",
+                          f"ε={epsilon:g} 超过场景单次查询上限 {scene.max_query_epsilon:g}。")
+    execution = Execution(checked, meta, snapshot_path(settings, version), epsilon=epsilon,
+                          max_contributions=scene.max_contributions, pseudonym_key=pseudonym_key(settings, scene.id),
+                          reference_date=_today())
+    return Prepared(checked, version, execution)
+
+
+def preview(session: Session, settings: Settings, enforcers: SceneEnforcers, principal: Principal, scene: Scene,
+            sql: str, mode: str, epsilon: float | None) -> dict[str, Any]:
+    """What the query would cost and how accurate it would be; spends nothing, runs nothing."""
+    p = prepare(session, settings, enforcers, principal, scene, sql, mode, epsilon)
+    out = plan_preview(p.execution)
+    left = max(scene.budget_epsilon - scene.epsilon_spent, 0.0)
+    cost = 0.0 if mode == "dev" or p.checked.kind == "rows" else float(p.execution.epsilon or 0)
+    out.update({"mode": mode, "synthetic": mode == "dev", "epsilon_cost": cost, "checked_sql": p.checked.sql,
+                "dataset": p.checked.dataset, "budget": {"epsilon_left": left, "epsilon_left_after": max(left - cost, 0.0),
+                                                         "affordable": cost <= left + ledger.TOLERANCE}})
+    return out
+
+
+def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, principal: Principal, scene: Scene,
+           sql: str, mode: str, epsilon: float | None) -> Query:
+    """Queue a prod query (ε reserved in the same transaction; the caller commits), or run a dev query
+    at once on the twin (committed here)."""
+    p = prepare(session, settings, enforcers, principal, scene, sql, mode, epsilon)
+    if p.checked.kind == "aggregate":
+        plan_preview(p.execution)   # refuse a query DP cannot answer before anything is written
+    q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode=mode, kind=p.checked.kind,
+              sql_text=sql, checked_sql=p.checked.sql, dataset=p.checked.dataset, version_id=p.version.id,
+              epsilon=float(p.execution.epsilon or 0.0) if p.checked.kind == "aggregate" and mode == "prod" else 0.0,
+              max_contributions=scene.max_contributions, status="queued" if mode == "prod" else "running")
+    session.add(q)
+    session.flush()
+    if mode == "prod" and q.epsilon > 0:
+        entry = ledger.reserve(session, scene.id, q.epsilon, query_ref=f"query:{q.id}")
+        q.budget_entry_id = entry.id
+    if mode == "dev":
+        q.started_at, q.attempts = utcnow(), 1
+        session.commit()
+        run_and_store(session, settings, q, execution=p.execution)
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and storing (the worker, and dev queries inline)
+
+
+def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcers, q: Query) -> Execution:
+    """Rebuild a queued query's execution: its SQL is checked and authorized again against the
+    scene as it is now (a scene suspended or an item struck since refuses the job), on the version
+    pinned at submission."""
+    scene = session.get(Scene, q.scene_id)
+    version = session.get(DatasetVersion, q.version_id)
+    ds = session.get(Dataset, version.dataset_id)
+    status = states.effective_status(scene.status, scene.valid_from, scene.valid_to, utcnow())
+    if status != "active":
+        raise conflict("scene_not_active", f"The scene became {status} before the query ran.",
+                       f"查询执行前场景状态已变为 {status}。", details={"status": status})
+    meta = dataset_meta(session, ds, version.row_count)
+    checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()])
+    authorize_uses(session, enforcers, scene, scenes.tenant_code(session, scene), checked)
+    return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
+                     max_contributions=q.max_contributions, pseudonym_key=pseudonym_key(settings, scene.id),
+                     reference_date=_today())
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, (dt.date, dt.datetime)):
+        return v.isoformat()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+def write_answer(settings: Settings, answer: Answer, q: Query) -> tuple[str, str]:
+    """Write the answer's table to the result store (temporary name, then rename); its relative
+    path and SHA-256."""
+    folder = settings.results_dir / f"scene-{q.scene_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    meta = {b"pdao": json.dumps({"query_id": q.id, "scene_id": q.scene_id, "synthetic": q.mode == "dev"}).encode()}
+    pq.write_table(answer.table.replace_schema_metadata(meta), tmp)
+    with tmp.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    os.replace(tmp, folder / name)
+    return str((folder / name).relative_to(settings.results_dir)), digest
+
+
+def result_row(q: Query, answer: Answer, path: str, digest: str) -> QueryResult:
+    columns = [{"name": f.name, "type": str(f.type)} for f in answer.table.schema]
+    return QueryResult(query_id=q.id, scene_id=q.scene_id, org_id=q.org_id, synthetic=q.mode == "dev", kind=q.kind,
+                       status="dev" if q.mode == "dev" else "held", columns=columns, row_count=answer.table.num_rows,
+                       noise=answer.noise, epsilon_spent=answer.epsilon_spent, notes=answer.notes,
+                       storage_path=path, sha256=digest)
+
+
+def run_and_store(session: Session, settings: Settings, q: Query, *, execution: Execution | None = None,
+                  enforcers: SceneEnforcers | None = None, on_connection: Any = None,
+                  worker: str | None = None) -> Query:
+    """Run a query that is `running` and record the outcome in one transaction: the result and the
+    charge (done/held), or the failure and the refund. With `worker`, only while this worker still
+    holds the job (a job whose lease was taken over is left to its new worker)."""
+    from sandbox.execute import run
+
+    try:
+        if execution is None:
+            assert enforcers is not None, "a queued query is authorized again: give the enforcers"
+            execution = execution_for(session, settings, enforcers, q)
+        answer = run(execution, on_connection=on_connection)
+    except PdaoError as e:
+        return finish_failed(session, q, e.code, e.message, e.message_zh, worker=worker)
+    except Exception as e:  # noqa: BLE001 - a job never takes the worker down; no internals leak
+        import duckdb
+        if isinstance(e, duckdb.InterruptException):
+            return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
+                                 status="cancelled")
+        return finish_failed(session, q, "query_failed", "The query failed inside the sandbox.", "查询在沙箱内执行失败。",
+                             worker=worker)
+    path, digest = write_answer(settings, answer, q)
+    result = result_row(q, answer, path, digest)
+    final = "done" if q.mode == "dev" else "held"
+    try:
+        session.add(result)
+        session.flush()
+        owned = session.exec(update(Query).where(*_held_by(q, worker)).values(
+            status=final, result_id=result.id, progress=1.0, finished_at=utcnow(), epsilon_spent=answer.epsilon_spent,
+            lease_until=None).execution_options(synchronize_session=False)).rowcount
+        if owned != 1:
+            raise _LostLease()
+        if q.budget_entry_id is not None:
+            ledger.charge(session, q.budget_entry_id)
+        session.commit()
+    except _LostLease:
+        session.rollback()
+        (settings.results_dir / path).unlink(missing_ok=True)
+    except BaseException:
+        session.rollback()
+        (settings.results_dir / path).unlink(missing_ok=True)
+        raise
+    session.refresh(q)
+    return q
+
+
+class _LostLease(Exception):
+    pass
+
+
+def _held_by(q: Query, worker: str | None) -> list[Any]:
+    cond = [Query.id == q.id, Query.status == "running"]
+    if worker is not None:
+        cond.append(Query.worker == worker)
+    return cond
+
+
+def finish_failed(session: Session, q: Query, code: str, message: str, message_zh: str, *, worker: str | None = None,
+                  status: str = "failed") -> Query:
+    """Fail (or cancel) a running job and refund its reservation, in one transaction."""
+    session.rollback()
+    done = session.exec(update(Query).where(*_held_by(q, worker)).values(
+        status=status, error_code=code, error_message=message, error_message_zh=message_zh, finished_at=utcnow(),
+        lease_until=None).execution_options(synchronize_session=False)).rowcount
+    if done == 1 and q.budget_entry_id is not None:
+        ledger.refund(session, q.budget_entry_id)
+    session.commit()
+    session.refresh(q)
+    return q
+
+
+def cancel(session: Session, principal: Principal, q: Query) -> Query:
+    """A queued job is cancelled at once (and refunded); a running one is asked to stop (its
+    worker interrupts the engine, then cancels and refunds). Finished jobs answer 409."""
+    if principal.role is not Role.applicant or q.org_id != principal.org_id:
+        raise forbidden("not_your_query", "Only the query's own organization may cancel it.", "只有查询所属单位可以取消该查询。")
+    done = session.exec(update(Query).where(Query.id == q.id, Query.status == "queued").values(
+        status="cancelled", error_code="cancelled", error_message="The query was cancelled.",
+        error_message_zh="查询已取消。", finished_at=utcnow()).execution_options(synchronize_session=False)).rowcount
+    if done == 1:
+        if q.budget_entry_id is not None:
+            ledger.refund(session, q.budget_entry_id)
+    else:
+        asked = session.exec(update(Query).where(Query.id == q.id, Query.status == "running")
+                             .values(cancel_requested=True).execution_options(synchronize_session=False)).rowcount
+        if asked != 1:
+            session.refresh(q)
+            raise conflict("query_finished", f"The query is already {q.status}.", f"查询已处于 {q.status} 状态。",
+                           details={"status": q.status})
+    session.commit()
+    session.refresh(q)
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _may_see(principal: Principal, org_id: int) -> bool:
+    """Applicants see their own organization's queries and results; providers none; the office,
+    reviewers, auditors and the operator see metadata (cells are another matter: `cells_visible`)."""
+    if principal.role is Role.applicant:
+        return org_id == principal.org_id
+    return principal.role is not Role.provider
+
+
+def get_query(session: Session, principal: Principal, query_id: int) -> Query:
+    q = session.get(Query, query_id)
+    if q is None or not _may_see(principal, q.org_id):
+        raise not_found("Query", "查询")
+    return q
+
+
+def get_result(session: Session, principal: Principal, result_id: int) -> QueryResult:
+    r = session.get(QueryResult, result_id)
+    if r is None or not _may_see(principal, r.org_id):
+        raise not_found("Result", "结果")
+    return r
+
+
+def list_queries(session: Session, principal: Principal, scene_id: int | None = None, limit: int = 100) -> list[Query]:
+    stmt = select(Query)
+    if principal.role is Role.applicant:
+        stmt = stmt.where(Query.org_id == principal.org_id)
+    elif principal.role is Role.provider:
+        return []
+    if scene_id is not None:
+        stmt = stmt.where(Query.scene_id == scene_id)
+    return list(session.exec(stmt.order_by(Query.id.desc()).limit(limit)).all())
+
+
+def cells_visible(principal: Principal, r: QueryResult) -> bool:
+    """The cells of a result: the tenant's own synthetic (dev) answers at once; prod answers only
+    once export review released them. Nobody else reads cells here."""
+    own = principal.role is Role.applicant and r.org_id == principal.org_id
+    return own and (r.synthetic or r.status == "released")
+
+
+def read_table(settings: Settings, r: QueryResult) -> pa.Table:
+    return pq.read_table(settings.results_dir / r.storage_path)
+
+
+def rows_of(table: pa.Table) -> list[dict[str, Any]]:
+    return [{k: _json_safe(v) for k, v in row.items()} for row in table.to_pylist()]
+
+
+def query_out(q: Query) -> dict[str, Any]:
+    return {"query_id": q.id, "id": q.id, "scene_id": q.scene_id, "mode": q.mode, "synthetic": q.mode == "dev",
+            "kind": q.kind, "status": q.status, "progress": round(q.progress, 4), "sql": q.sql_text,
+            "checked_sql": q.checked_sql, "dataset": q.dataset, "version_id": q.version_id,
+            "epsilon": q.epsilon, "epsilon_spent": q.epsilon_spent, "max_contributions": q.max_contributions,
+            "attempts": q.attempts, "cancel_requested": q.cancel_requested, "result_id": q.result_id,
+            "error": None if q.error_code is None else {"code": q.error_code, "message": q.error_message,
+                                                        "message_zh": q.error_message_zh},
+            "created_at": q.created_at, "started_at": q.started_at, "finished_at": q.finished_at}
+
+
+def result_out(settings: Settings, principal: Principal, r: QueryResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": r.id, "query_id": r.query_id, "scene_id": r.scene_id, "kind": r.kind, "synthetic": r.synthetic,
+        "status": r.status, "columns": r.columns, "row_count": r.row_count, "noise": r.noise,
+        "epsilon_spent": r.epsilon_spent, "notes": r.notes, "sha256": r.sha256, "created_at": r.created_at,
+        "cells_visible": cells_visible(principal, r),
+    }
+    if r.synthetic:
+        out["notice"] = "synthetic: computed on the dev twin, not on real data"
+        out["notice_zh"] = "合成数据：基于开发孪生数据计算，并非真实数据"
+    out["rows"] = rows_of(read_table(settings, r)) if out["cells_visible"] else None
+    return out
+
+
+def budget_of(scene: Scene) -> Mapping[str, float]:
+    return {"epsilon": scene.budget_epsilon, "epsilon_spent": scene.epsilon_spent,
+            "epsilon_left": max(scene.budget_epsilon - scene.epsilon_spent, 0.0)}
+
+
+def results_path(settings: Settings, r: QueryResult) -> Path:
+    return settings.results_dir / r.storage_path

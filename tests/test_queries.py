@@ -1,0 +1,161 @@
+"""Queries through HTTP: dev answers at once on the twin; prod queries are jobs that reserve ε,
+run in a worker, are charged once and held for export review; refusals are clear and change nothing."""
+
+from __future__ import annotations
+
+import pytest
+from sqlmodel import Session, select
+
+from sandbox import ledger
+from sandbox.models import Query
+from sandbox.store import load_version
+from sandbox.worker import run_one, worker_name
+from policies.enforcer import SceneEnforcers
+from tests.scene_helpers import SCENE_ITEMS, active_scene
+
+VISITS = "health.outpatient_visit"
+DISTRICTS = ("兴庆区", "金凤区", "西夏区", "永宁县", "贺兰县", "灵武市")
+BY_DISTRICT = (f"SELECT district, COUNT(*) AS n, SUM(fee) AS total, AVG(fee) AS mean FROM {VISITS} "
+               "WHERE visit_date >= DATE '2018-01-01' GROUP BY district ORDER BY n DESC")
+
+
+@pytest.fixture
+def loaded(engine, settings, synth_files):
+    with Session(engine) as s:
+        for env in ("prod", "dev"):
+            load_version(s, settings, VISITS, synth_files[env][VISITS], env=env, source="synth")
+
+
+def budget(client, auth, scene_id, who="insurer_a"):
+    return client.get(f"/api/v1/scenes/{scene_id}", headers=auth(who)).json()["budget"]
+
+
+def work_once(engine, settings):
+    return run_one(engine, settings, SceneEnforcers(engine), worker_name())
+
+
+def test_dev_query_answers_at_once_on_the_twin_and_spends_nothing(client, auth, loaded):
+    scene = active_scene(client, auth)
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "dev", "epsilon": 0.5})
+    assert r.status_code == 202, r.text
+    q = r.json()
+    assert q["status"] == "done" and q["synthetic"] is True and q["result_id"]
+    res = client.get(f"/api/v1/results/{q['result_id']}", headers=auth("insurer_a")).json()
+    assert res["synthetic"] is True and res["cells_visible"] is True and "synthetic" in res["notice"]
+    assert [c["name"] for c in res["columns"]] == ["district", "n", "total", "mean", "mean_error95"]
+    # every district of the public domain, in the noisy order asked for
+    assert len(res["rows"]) == 6 and [r["n"] for r in res["rows"]] == sorted((r["n"] for r in res["rows"]), reverse=True)
+    assert res["noise"]["n"]["scale"] == pytest.approx(10 * 3 / 0.5)   # k=10, ε split over 3 aggregates
+    assert res["noise"]["n"]["error95"] > 0
+    b = budget(client, auth, scene["id"])
+    assert b["epsilon_spent"] == 0
+    # another tenant sees nothing of it
+    assert client.get(f"/api/v1/results/{q['result_id']}", headers=auth("insurer_b")).status_code == 404
+    assert client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_b")).status_code == 404
+
+
+def test_prod_query_reserves_runs_in_a_worker_is_charged_once_and_held(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth)
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5})
+    assert r.status_code == 202, r.text
+    q = r.json()
+    assert q["status"] == "queued" and q["result_id"] is None
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == pytest.approx(0.5)   # reserved
+    assert work_once(engine, settings)
+    q = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert q["status"] == "held" and q["progress"] == 1 and q["epsilon_spent"] == pytest.approx(0.5)
+    res = client.get(f"/api/v1/results/{q['result_id']}", headers=auth("insurer_a")).json()
+    assert res["status"] == "held" and res["cells_visible"] is False and res["rows"] is None
+    assert res["synthetic"] is False and res["row_count"] == 6
+    assert client.get(f"/api/v1/results/{q['result_id']}/download", headers=auth("insurer_a")).status_code == 403
+    with Session(engine) as s:
+        entries = ledger.entries(s, scene["id"])
+    assert [(e.state, e.epsilon) for e in entries] == [("charged", 0.5)]
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == pytest.approx(0.5)
+    assert not work_once(engine, settings)   # nothing left to run
+
+
+def test_preview_reports_cost_and_error_and_spends_nothing(client, auth, loaded):
+    scene = active_scene(client, auth)
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries/preview", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.3})
+    assert r.status_code == 200, r.text
+    p = r.json()
+    assert p["epsilon_cost"] == 0.3 and p["cells"] == 6 and p["budget"]["affordable"] is True
+    assert p["aggregates"]["n"]["error95"] > 0 and p["aggregates"]["total"]["scale"] > 0
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+
+
+@pytest.mark.parametrize("sql, code, needle", [
+    (f"SELECT hospital, COUNT(*) FROM {VISITS} GROUP BY hospital", "query_refused", "group_by"),
+    (f"SELECT district, COUNT(*) FROM {VISITS} WHERE icd10 = 'I10' GROUP BY district", "query_refused", "filter"),
+    (f"SELECT * FROM {VISITS}", "query_refused", "SELECT *"),
+    (f"SELECT district, COUNT(*) FROM {VISITS} GROUP BY district; DROP TABLE scene", "query_refused", "one statement"),
+    (f"SELECT fee FROM {VISITS}", "query_refused", "masked_output"),
+])
+def test_refusals_name_the_construct_and_change_nothing(client, auth, loaded, sql, code, needle):
+    scene = active_scene(client, auth)
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": sql, "mode": "prod", "epsilon": 0.5})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == code and body["message_zh"] and needle in r.text
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    assert client.get(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a")).json() == []
+
+
+def test_who_may_query(client, auth, loaded):
+    scene = active_scene(client, auth)
+    body = {"sql": BY_DISTRICT, "mode": "dev"}
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    assert client.post(url, headers=auth("insurer_b"), json=body).status_code == 404     # another tenant
+    assert client.post(url, headers=auth("office1"), json=body).status_code == 403       # not an applicant
+    assert client.post(url, json=body).status_code == 401
+    r = client.post(f"/api/v1/scenes/{scene['id']}/suspend", headers=auth("office1"), json={"reason": "check"})
+    assert r.status_code == 200
+    r = client.post(url, headers=auth("insurer_a"), json=body)
+    assert r.status_code == 409 and r.json()["code"] == "scene_not_active"
+
+
+def test_over_budget_and_over_cap_are_refused(client, auth, loaded):
+    scene = active_scene(client, auth, budget_epsilon=1.0, max_query_epsilon=0.6)
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    r = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.7})
+    assert r.status_code == 422 and r.json()["code"] == "epsilon_above_query_cap"
+    assert client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod",
+                                                             "epsilon": 0.6}).status_code == 202
+    r = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.6})
+    assert r.status_code == 429 and r.json()["code"] == "budget_exhausted"
+    assert len(client.get(f"{url}", headers=auth("insurer_a")).json()) == 1
+
+
+def test_a_failing_job_is_refunded_and_never_shows_engine_text(client, auth, engine, settings, loaded, synth_files):
+    scene = active_scene(client, auth, items=SCENE_ITEMS + [{"dataset": VISITS, "field": "district", "usage": "filter"}])
+    # district is text: comparing it to a number fails inside DuckDB on the first cell it converts
+    sql = f"SELECT COUNT(*) AS n FROM {VISITS} WHERE visit_date >= DATE '2018-01-01' AND district = 5"
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": sql, "mode": "prod", "epsilon": 0.2})
+    assert r.status_code == 202, r.text
+    assert work_once(engine, settings)
+    q = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth("insurer_a")).json()
+    assert q["status"] == "failed" and q["error"]["code"] == "query_failed", q
+    assert "Conversion" not in str(q) and "convert" not in str(q) and not any(d in str(q) for d in DISTRICTS)
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    with Session(engine) as s:
+        assert [e.state for e in ledger.entries(s, scene["id"])] == ["refunded"]
+
+
+def test_cancel_a_queued_query_refunds(client, auth, engine, loaded):
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.4}).json()
+    assert client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_b")).status_code == 404
+    r = client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_a"))
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    r = client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_a"))
+    assert r.status_code == 409 and r.json()["code"] == "query_finished"
+    with Session(engine) as s:
+        assert s.exec(select(Query.status)).all() == ["cancelled"]
