@@ -99,7 +99,8 @@ class _Heartbeat(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(HEARTBEAT_SECONDS):
+        every = min(HEARTBEAT_SECONDS, self.settings.query_lease_seconds / 3)   # several beats per lease
+        while not self.stop.wait(every):
             try:
                 self.beat()
             except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack

@@ -1,0 +1,111 @@
+"""Query jobs under stress: parallel submissions never overspend, and a worker killed while it
+holds a job leaves it to be retried (charged once) or failed and refunded — never half-charged."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from policies.enforcer import SceneEnforcers
+from sandbox import ledger
+from sandbox.models import Query
+from sandbox.worker import requeue_expired, run_one, worker_name
+from tests.scene_helpers import active_scene
+from tests.test_queries import BY_DISTRICT, budget, loaded  # noqa: F401 - the fixture
+
+REPO = Path(__file__).resolve().parents[1]
+SIGNING_KEY = "test-signing-key-of-at-least-32-bytes"  # as tests/conftest.py make_settings
+
+
+def test_twenty_parallel_submissions_never_overspend(client, auth, engine, loaded):  # noqa: F811
+    scene = active_scene(client, auth, budget_epsilon=1.0, max_query_epsilon=0.1)
+    headers = auth("insurer_a")
+
+    def submit(_: int) -> int:
+        r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=headers,
+                        json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.1})
+        assert r.status_code in (202, 429), r.text
+        return r.status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(submit, range(20)))
+    assert codes.count(202) == 10 and codes.count(429) == 10, codes
+    b = budget(client, auth, scene["id"])
+    assert b["epsilon_spent"] == pytest.approx(1.0) and b["epsilon_left"] == pytest.approx(0.0, abs=1e-9)
+    with Session(engine) as s:
+        entries = ledger.entries(s, scene["id"])
+        queued = s.exec(select(Query).where(Query.scene_id == scene["id"])).all()
+    assert len(entries) == 10 and sum(e.epsilon for e in entries) == pytest.approx(1.0)
+    assert len(queued) == 10 and {q.budget_entry_id for q in queued} == {e.id for e in entries}
+
+
+def _worker_env(settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDAO_")}
+    env.update(PDAO_HOME=str(settings.home), PDAO_DATABASE_URL=settings.database_url, PDAO_SECRET_KEY=SIGNING_KEY,
+               **extra)
+    return env
+
+
+def _kill_worker_holding(engine, settings, query_id: int, tmp_path: Path) -> None:
+    """Start `pdao worker` stalled on its claimed job, wait for it to claim, then SIGKILL it."""
+    log = (tmp_path / "worker.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "pdao", "worker"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env=_worker_env(settings, PDAO_TEST_WORKER_STALL="120", PDAO_QUERY_LEASE_SECONDS="2"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with Session(engine) as s:
+                q = s.get(Query, query_id)
+                if q.status == "running":
+                    break
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, "the worker never claimed the job"
+            time.sleep(0.2)
+        time.sleep(1.0)   # let it beat at least once
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    time.sleep(2.5)       # its lease (2 s) runs out
+
+
+def test_a_killed_workers_job_is_retried_and_charged_once(client, auth, engine, settings, loaded, tmp_path):  # noqa: F811
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
+    _kill_worker_holding(engine, settings, q["id"], tmp_path)
+    with Session(engine) as s:
+        assert s.get(Query, q["id"]).status == "running"          # the dead worker still "holds" it
+        assert [e.state for e in ledger.entries(s, scene["id"])] == ["reserved"]
+    assert run_one(engine, settings, SceneEnforcers(engine), worker_name())   # requeued, claimed, run
+    with Session(engine) as s:
+        job = s.get(Query, q["id"])
+        entries = ledger.entries(s, scene["id"])
+    assert job.status == "held" and job.attempts == 2 and job.result_id is not None
+    assert [(e.state, e.epsilon) for e in entries] == [("charged", 0.5)]
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == pytest.approx(0.5)
+
+
+def test_a_job_whose_worker_keeps_dying_is_failed_and_refunded(client, auth, engine, settings, loaded, tmp_path):  # noqa: F811
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
+    _kill_worker_holding(engine, settings, q["id"], tmp_path)
+    once = dataclasses.replace(settings, query_max_attempts=1)
+    with Session(engine) as s:
+        assert requeue_expired(s, once) == 1
+        assert requeue_expired(s, once) == 0          # moved once only
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "failed" and got["error"]["code"] == "worker_lost" and got["result_id"] is None
+    with Session(engine) as s:
+        assert [e.state for e in ledger.entries(s, scene["id"])] == ["refunded"]
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
