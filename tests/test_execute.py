@@ -1,0 +1,163 @@
+"""The engine on real snapshots: contribution bounding, clamping, public group cells, DP answers
+post-processed, masked rows, and per-scene pseudonyms."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sqlmodel import Session
+
+from catalog.models import Dataset
+from pdao.errors import PdaoError
+from sandbox import execute
+from sandbox.queries import dataset_meta
+from sandbox.sql import check_query
+from sandbox.store import RANK_COLUMN, load_version, snapshot_path
+from tests.scene_helpers import SCENE_ITEMS, active_scene
+from tests.test_queries import VISITS, loaded  # noqa: F401 - the fixture
+
+DISTRICTS = ["兴庆区", "金凤区", "西夏区", "永宁县", "贺兰县", "灵武市"]
+ALL_USES = ("aggregate", "group_by", "filter", "masked_output")
+
+
+def visits_table(n_others: int = 300, heavy_visits: int = 1000) -> pa.Table:
+    """Person 1 has `heavy_visits` visits in 兴庆区, each with fee 100000 (far above the bound 5000);
+    persons 2.. have one visit each, spread over the districts, fee 10."""
+    rows = []
+    for i in range(heavy_visits):
+        rows.append((i + 1, 1, "兴庆区", dt.date(2024, 1, 1) + dt.timedelta(days=i % 300), 100000.0))
+    for p in range(n_others):
+        rows.append((heavy_visits + p + 1, p + 2, DISTRICTS[p % 6], dt.date(2024, 3, 1 + p % 28), 10.0))
+    cols = list(zip(*rows))
+    return pa.table({
+        "visit_id": pa.array(cols[0], pa.int64()), "person_id": pa.array(cols[1], pa.int64()),
+        "hospital": ["银川市第一人民医院"] * len(rows), "district": list(cols[2]), "department": ["内科"] * len(rows),
+        "visit_date": pa.array(cols[3], pa.date32()), "icd10": ["I10"] * len(rows),
+        "icd10_chapter": ["IX"] * len(rows), "chief_complaint": ["头晕"] * len(rows),
+        "fee": pa.array([f"{x:.2f}" for x in cols[4]]).cast(pa.decimal128(18, 2)),
+    })
+
+
+@pytest.fixture
+def crafted(engine, settings, tmp_path):
+    src = tmp_path / "visits.parquet"
+    pq.write_table(visits_table(), src)
+    with Session(engine) as s:
+        version, _ = load_version(s, settings, VISITS, src, env="prod", source="cli")
+        ds = s.get(Dataset, version.dataset_id)
+        meta = dataset_meta(s, ds, version.row_count)
+        return meta, snapshot_path(settings, version)
+
+
+def execution(meta, snapshot, sql, **kw) -> execute.Execution:
+    grants = {(VISITS, f): ALL_USES for f in meta.fields}
+    checked = check_query(sql, grants, [meta.info()])
+    kw.setdefault("epsilon", 1.0)
+    return execute.Execution(checked, meta, snapshot, **kw)
+
+
+def exact(ex: execute.Execution) -> list[dict]:
+    return execute._fetch(ex, execute.aggregate_sql(ex), None).to_pylist()
+
+
+def test_a_person_with_1000_visits_counts_at_most_k_times_and_fees_are_clamped(crafted):
+    meta, snap = crafted
+    ranks = pq.read_table(snap, columns=["person_id", RANK_COLUMN]).to_pylist()
+    heavy = sorted(r[RANK_COLUMN] for r in ranks if r["person_id"] == 1)
+    assert heavy == list(range(1, 1001))            # ranked 1..1000 at load, once
+    for k in (1, 10, 37):
+        ex = execution(meta, snap, f"SELECT district, COUNT(*) AS n, SUM(fee) AS s FROM {VISITS} GROUP BY district",
+                       max_contributions=k)
+        got = {r["k0"]: r for r in exact(ex)}
+        # 300 one-visit persons: 50 per district; person 1 adds only k rows, each clamped to 5000.00
+        assert got["兴庆区"]["a0"] == 50 + k
+        assert got["兴庆区"]["a1"] == 50 * 1000 + k * 500000          # cents
+        assert got["金凤区"]["a0"] == 50 and got["金凤区"]["a1"] == 50 * 1000
+
+
+def test_the_rows_kept_are_the_same_on_every_load(engine, settings, crafted, tmp_path):
+    meta, snap = crafted
+    src = tmp_path / "again.parquet"
+    pq.write_table(visits_table().slice(0).take(list(reversed(range(1300)))), src)   # same rows, other order
+    with Session(engine) as s:
+        v2, _ = load_version(s, settings, VISITS, src, env="prod", source="cli")
+    snap2 = snapshot_path(settings, v2)
+    kept = [sorted(r["visit_id"] for r in pq.read_table(p).to_pylist() if r["person_id"] == 1 and r[RANK_COLUMN] <= 10)
+            for p in (snap, snap2)]
+    assert kept[0] == kept[1] and len(kept[0]) == 10
+
+
+def test_every_public_cell_is_answered_in_domain_order_with_noise_metadata(crafted):
+    meta, snap = crafted
+    ex = execution(meta, snap, f"SELECT district, COUNT(*) AS n FROM {VISITS} WHERE district IN ('金凤区') "
+                               "GROUP BY district")
+    answer = execute.run(ex)
+    assert answer.table.column("district").to_pylist() == DISTRICTS     # zero cells too, fixed order
+    assert answer.cells == 6 and answer.epsilon_spent == pytest.approx(1.0)
+    assert answer.noise["n"]["scale"] == pytest.approx(10.0) and answer.noise["n"]["mechanism"] == "Integer Laplace"
+    assert all(v >= 0 for v in answer.table.column("n").to_pylist())
+
+
+def test_order_by_and_limit_apply_to_the_noisy_answer(crafted):
+    meta, snap = crafted
+    ex = execution(meta, snap, f"SELECT district, COUNT(*) AS n FROM {VISITS} GROUP BY district "
+                               "ORDER BY n DESC LIMIT 3", epsilon=5.0)
+    t = execute.run(ex).table.to_pylist()
+    assert len(t) == 3 and [r["n"] for r in t] == sorted((r["n"] for r in t), reverse=True)
+    assert t[0]["district"] == "兴庆区"      # 60 against 50: clear at ε=5 (scale 2)
+
+
+def test_month_cells_come_from_the_date_bounds(crafted):
+    meta, snap = crafted
+    ex = execution(meta, snap, f"SELECT DATE_TRUNC('month', visit_date) AS m, COUNT(*) AS n FROM {VISITS} "
+                               "GROUP BY 1", epsilon=1.0)
+    t = execute.run(ex).table
+    months = t.column("m").to_pylist()
+    assert months[0] == dt.date(2015, 1, 1) and months[-1] == dt.date(2026, 12, 1) and len(months) == 144
+
+
+@pytest.mark.parametrize("sql, code", [
+    (f"SELECT icd10, COUNT(*) FROM {VISITS} GROUP BY icd10", "group_key_without_domain"),
+    (f"SELECT visit_id, COUNT(*) FROM {VISITS} GROUP BY visit_id", "group_key_without_domain"),
+    (f"SELECT SUM(visit_date) FROM {VISITS}", "not_a_number"),
+    (f"SELECT district, department, hospital, icd10_chapter, visit_date, COUNT(*) FROM {VISITS} "
+     "GROUP BY district, department, hospital, icd10_chapter, visit_date", "too_many_groups"),
+])
+def test_what_dp_cannot_answer_is_refused_before_reading_data(crafted, sql, code):
+    meta, snap = crafted
+    ex = execution(meta, snap, sql)
+    with pytest.raises(PdaoError) as e:
+        execute.preview(ex)
+    assert e.value.code == code and e.value.message_zh
+
+
+def test_rows_are_masked_with_the_catalog_masking(crafted):
+    meta, snap = crafted
+    ex = execution(meta, snap, f"SELECT person_id, visit_date, district, fee FROM {VISITS} WHERE person_id = 1 "
+                               "LIMIT 5", pseudonym_key=b"k" * 32, epsilon=None)
+    t = execute.run(ex).table.to_pylist()
+    assert len(t) == 5
+    assert {r["person_id"] for r in t} != {1} and len({r["person_id"] for r in t}) == 1   # one keyed pseudonym
+    assert all(isinstance(r["visit_date"], str) and len(r["visit_date"]) == 7 for r in t)  # month
+    assert all("1" != r["person_id"] for r in t)
+
+
+def test_two_tenants_pseudonyms_never_match(client, auth, loaded):  # noqa: F811
+    items = SCENE_ITEMS + [{"dataset": VISITS, "field": "person_id", "usage": "masked_output"},
+                           {"dataset": VISITS, "field": "visit_date", "usage": "masked_output"}]
+    sql = f"SELECT person_id, visit_date FROM {VISITS} WHERE visit_date >= DATE '2015-01-01' LIMIT 200"
+    seen = {}
+    for tenant in ("insurer_a", "insurer_b"):
+        scene = active_scene(client, auth, applicant=tenant, items=items)
+        runs = []
+        for _ in range(2):
+            r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth(tenant), json={"sql": sql, "mode": "dev"})
+            assert r.status_code == 202, r.text
+            res = client.get(f"/api/v1/results/{r.json()['result_id']}", headers=auth(tenant)).json()
+            runs.append([row["person_id"] for row in res["rows"]])
+        assert runs[0] == runs[1]              # stable within a scene
+        seen[tenant] = set(runs[0])
+    assert len(seen["insurer_a"]) > 10 and not seen["insurer_a"] & seen["insurer_b"]
