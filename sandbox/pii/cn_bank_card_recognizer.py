@@ -7,6 +7,7 @@ import regex
 from presidio_analyzer import Pattern, PatternRecognizer
 
 from catalog.identifiers import BANK_CARD_CANDIDATE_RE, luhn_valid
+from sandbox.pii.cn_id_recognizer import id_shaped
 
 # Cards are also written in groups of four: "6222 0212 3456 7890 128".
 _GROUPED_RE = r"(?<![0-9])[0-9]{4}(?:[ -][0-9]{4}){3}(?:[ -]?[0-9]{1,3})?(?![0-9])"
@@ -14,7 +15,10 @@ _GROUPED_RE = r"(?<![0-9])[0-9]{4}(?:[ -][0-9]{4}){3}(?:[ -]?[0-9]{1,3})?(?![0-9
 
 class CnBankCardRecognizer(PatternRecognizer):
     """Finds bank card numbers: 16–19 digits (contiguous, or in groups of four separated by a space
-    or a dash) not inside a longer digit run, kept only when the Luhn check digit is right."""
+    or a dash) not inside a longer digit run, kept only when the Luhn check digit is right — and
+    not when it is 18 digits laid out like a resident ID number (``id_shaped``: a Luhn check passes
+    by chance one time in ten, so a mistyped ID number or a region-and-date record number would
+    otherwise be reported as a card)."""
 
     ENTITY = "CN_BANK_CARD"
     PATTERNS = [
@@ -34,4 +38,5 @@ class CnBankCardRecognizer(PatternRecognizer):
         )
 
     def validate_result(self, pattern_text: str) -> bool:
-        return luhn_valid(pattern_text.replace(" ", "").replace("-", ""))
+        digits = pattern_text.replace(" ", "").replace("-", "")
+        return luhn_valid(digits) and not id_shaped(digits)

@@ -15,6 +15,26 @@ from catalog.identifiers import CN_ID_CANDIDATE_RE, is_valid_cn_id
 _CN_ID15_RE = r"(?<![0-9])[1-8][0-9]{5}[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}(?![0-9A-Za-z])"
 
 
+def id_shaped(s: str) -> bool:
+    """True if ``s`` is 18 characters laid out like a resident ID number — 17 ASCII digits and a
+    digit or ``X``/``x``, a first digit 1–8 (a region code), characters 7–14 a real date from
+    1900 to 2099 — whatever its check character.
+
+    The bank card and credit code recognizers drop such a candidate: an 18-digit number shaped like
+    an ID number but failing its check is a mistyped ID number or a record number built from a
+    region code and a date far more often than a card (a card's digits 7–14 form such a date by
+    chance well under 0.1% of the time)."""
+    if len(s) != 18 or not (s[:17].isascii() and s[:17].isdigit()) or s[17] not in "0123456789Xx":
+        return False
+    if s[0] not in "12345678" or s[6:8] not in ("19", "20"):
+        return False
+    try:
+        date(int(s[6:10]), int(s[10:12]), int(s[12:14]))
+    except ValueError:
+        return False
+    return True
+
+
 class CnIdRecognizer(PatternRecognizer):
     """Finds GB 11643 resident ID numbers.
 

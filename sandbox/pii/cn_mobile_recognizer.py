@@ -12,11 +12,15 @@ from catalog.identifiers import CN_MOBILE_CANDIDATE_RE
 # (as typed in many forms) is accepted here too. Digit lookarounds, not \b: a mobile number inside a
 # longer digit run (an order number, a bank card) never matches, and one glued to Chinese text does.
 _CN_MOBILE_PREFIXED_RE = r"(?<![0-9+])(?:0086|86)[ -]?1[3-9][0-9]{9}(?![0-9])"
+# Split for reading, 3-4-4 with the same separator twice: "138-1234-5678", "138 1234 5678", with the
+# same optional prefixes.
+_CN_MOBILE_SPLIT_RE = r"(?<![0-9+])(?:(?:\+86|0086|86)[ -]?)?1[3-9][0-9]([ -])[0-9]{4}\1[0-9]{4}(?![0-9])"
 
 
 class CnMobileRecognizer(PatternRecognizer):
     """Finds mainland mobile numbers: ``1[3-9]`` + 9 digits, optionally prefixed by ``+86``,
-    ``86`` or ``0086`` (with an optional space or dash), never inside a longer digit run.
+    ``86`` or ``0086`` (with an optional space or dash), never inside a longer digit run; also
+    split 3-4-4 by spaces or dashes ("138-1234-5678", "+86 138 1234 5678").
 
     There is no check digit, so the score is the pattern's (0.75); landlines are not recognized.
     """
@@ -25,6 +29,7 @@ class CnMobileRecognizer(PatternRecognizer):
     PATTERNS = [
         Pattern("cn_mobile", CN_MOBILE_CANDIDATE_RE.pattern, 0.75),
         Pattern("cn_mobile_86", _CN_MOBILE_PREFIXED_RE, 0.75),
+        Pattern("cn_mobile_split", _CN_MOBILE_SPLIT_RE, 0.75),
     ]
     CONTEXT = ["电话", "手机", "联系电话", "联系方式", "手机号"]
 

@@ -4,9 +4,10 @@ A name is a known surname (single or compound) followed by one or two Chinese ch
 only reported where the text itself says a name is there:
 
 * ``cue``: right after a cue word — 患者 病人 患儿 就诊人 家属 联系人 监护人 代理人 陪同人 陪护人
-  姓名 父亲 母亲 配偶 丈夫 妻子 儿子 女儿 … (optionally followed by ``:``/``：`` and a space) — and
-  right before a boundary: punctuation, a space, a digit, the end of the line, or a following cue
-  such as 代诉 自述 诉 身份证 电话 手机 联系 先生 女士 男 女 (score 0.85);
+  姓名 父亲 母亲 配偶 丈夫 妻子 儿子 女儿 …, and in claims 被保险人 投保人 出险人 申请人 受益人
+  经办人 收款人 户名 持卡人 (optionally followed by ``:``/``：`` and a space) — and right before a
+  boundary: punctuation, a space, a digit, the end of the line, or a following cue such as 代诉
+  自述 诉 身份证 电话 手机 联系 先生 女士 陪同 男 女 (score 0.85);
 * ``proxy``: at the start of a line or clause, right before 代诉 / 代述 ("王芳代诉…", 0.85);
 * ``lead``: a whole clause at the very start of a line, right before a comma ("张伟，咳嗽3天…",
   0.6) — the weakest rule, since any two- or three-character clause starting with a surname
@@ -18,11 +19,13 @@ and rare in given names.
 
 Limits (precision over recall, by design):
 
-* Names without a cue are missed ("张伟咳嗽3天" or "今日张伟来诊"), as are given names of three or
-  more characters, surnames not in ``SURNAMES``, names written in pinyin, and minority names
+* Names without a cue are missed ("张伟咳嗽3天", "今日张伟来诊", a doctor's "主治医师张伟": 医师
+  is no cue, since "医师查房" would then read as a name), as are given names of three or more
+  characters, surnames not in ``SURNAMES``, names written in pinyin, and minority names
   transliterated with "·" (e.g. 买买提·艾力).
 * A cue followed by a surname-character word and a boundary is a false positive ("患者高某，" is
-  right, but a hypothetical "患者钱少，" would be reported too).
+  right, but a hypothetical "患者钱少，" would be reported too), unless the word is in
+  ``NOT_NAMES`` (安静 高龄 平卧位 尚可 查房 苏醒 …, clinical words seen right after a cue).
 * Context words (``CONTEXT``) are listed for Presidio's enhancer but do nothing with the no-op NLP
   engine used here; the cues live in the patterns themselves.
 """
@@ -66,10 +69,14 @@ STOP_CHARS: str = (
 CUES: tuple[str, ...] = (
     "患者", "病人", "病患", "患儿", "就诊者", "就诊人", "家属", "联系人", "监护人", "代理人", "陪同人",
     "陪护人", "姓名", "父亲", "母亲", "配偶", "丈夫", "妻子", "儿子", "女儿", "委托人", "签字人",
+    # insurance claims and payments
+    "被保险人", "投保人", "出险人", "申请人", "受益人", "经办人", "收款人", "户名", "持卡人",
+    # staff
+    "医师", "医生", "审核人",
 )
 FOLLOWING_CUES: tuple[str, ...] = (
     "代诉", "代述", "自述", "主诉", "诉", "身份证", "证件", "电话", "手机", "联系", "先生", "女士",
-    "同志", "年龄", "性别", "住址", "家住", "男", "女",
+    "同志", "年龄", "性别", "住址", "家住", "陪同", "陪护", "男", "女",
 )
 
 _HAN = r"[\u4e00-\u9fff]"
@@ -78,6 +85,17 @@ _GIVEN = "(?:(?![" + STOP_CHARS + "])" + _HAN + "){1,2}"
 _NAME = _SURNAME + _GIVEN
 _BOUNDARY = r"""(?=[，,。．.；;：:（(）)、！!？?\s“”"'《》【】\[\]<>/|0-9]|$|""" + "|".join(FOLLOWING_CUES) + ")"
 _CUE = "(?<=(?:" + "|".join(CUES) + r")[:：]?[ \u3000]?)"
+
+#: Words that fit the name rules (a surname character, one or two more, a boundary) but are
+#: clinical or everyday words: "患者安静，", "患者高龄，", "医师查房：", "患者苏醒，". A match equal to
+#: one of them is dropped (``invalidate_result``).
+NOT_NAMES: frozenset[str] = frozenset((
+    "安静", "安睡", "安详", "安好", "安全", "高龄", "平卧", "平卧位", "平稳", "平素", "平躺", "尚可", "尚好",
+    "尚稳", "尚平稳", "明显", "明确", "常规", "良好", "乐观", "向好", "成功", "成人", "康复", "方便", "方可",
+    "查房", "查体", "查看", "单侧", "温和", "舒适", "易怒", "冷汗", "冷静", "苏醒", "宫缩", "危重", "满意",
+    "强迫", "包扎", "卫生", "左侧", "齐全", "文静", "宁静", "曾经", "马上", "任何", "黄染", "白班", "余同",
+    "余无", "何时",
+))
 
 NAME_AFTER_CUE_RE = _CUE + _NAME + _BOUNDARY
 NAME_BEFORE_PROXY_RE = r"(?:^|(?<=[，,。；;\s]))" + _NAME + "(?=代诉|代述)"
@@ -106,3 +124,6 @@ class CnNameRecognizer(PatternRecognizer):
             context=self.CONTEXT,
             global_regex_flags=regex.DOTALL | regex.MULTILINE,
         )
+
+    def invalidate_result(self, pattern_text: str) -> bool:
+        return pattern_text in NOT_NAMES

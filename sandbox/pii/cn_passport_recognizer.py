@@ -14,9 +14,11 @@ _NUMBER = rf"(?:[EG][0-9]{{8}}|[EG]{_LETTER}[0-9]{{7}})"
 #: Never inside a longer run of ASCII letters or digits (lookarounds, not ``\b``, which does not
 #: separate a Chinese character from a letter or digit).
 _BOUNDED = rf"(?<![0-9A-Za-z]){_NUMBER}(?![0-9A-Za-z])"
-#: Words right before the number that say it is something else (a batch, a model, a barcode…).
+#: Words right before the number that say it is something else: a drug approval number (国药准字
+#: H20003263 has the shape of a 回乡证), a batch, a model, a barcode…
 NOT_PASSPORT_CUES: tuple[str, ...] = (
-    "批号", "批次", "型号", "编号", "条码", "货号", "单号", "规格", "标本号", "样本号", "订单", "流水号",
+    "准字", "文号", "批准号", "登记号", "批号", "批次", "型号", "编号", "条码", "货号", "单号", "规格", "标本号",
+    "样本号", "订单", "流水号", "序列号",
 )
 _NOT_AFTER = "(?<!(?:" + "|".join(NOT_PASSPORT_CUES) + r")[:：]?[ \u3000]?)"
 #: Cue words right before the number (optionally followed by 号码/号, 为/是, a colon and a space).
@@ -32,8 +34,8 @@ class CnPassportRecognizer(PatternRecognizer):
 
     * ``cn_passport_cue`` (0.85): right after 护照 / 护照号 / 护照号码 (optionally ``:``/``：``, 为, a space);
     * ``cn_passport`` (0.4): the bare pattern anywhere else — deliberately low: a lot number, a model
-      or a specimen barcode can have this shape. Right after 批号 批次 型号 编号 条码 货号 单号 规格
-      标本号 样本号 订单 流水号 it is not reported at all.
+      or a specimen barcode can have this shape. Right after 准字 (国药准字), 文号, 批号, 批次, 型号,
+      编号, 条码, 单号, 流水号 … (``NOT_PASSPORT_CUES``) it is not reported at all.
 
     Not recognized: diplomatic and service passports (``D``/``S``/``P`` + 7 digits), the
     pre-1990s forms, foreign passports, and numbers written with spaces or lower-case letters.

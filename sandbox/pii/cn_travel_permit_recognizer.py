@@ -37,15 +37,15 @@ class CnTravelPermitRecognizer(PatternRecognizer):
 
     * ``C`` + 8 digits or ``C`` + letter + 7 digits (往来港澳通行证, mainland residents);
     * ``H``/``M`` + 8 or 10 digits (港澳居民来往内地通行证, "回乡证");
-    * 8 digits right after 台胞证 / 台湾居民来往大陆通行证 (台胞证; never without the cue).
+    * 8 digits right after 台胞证 / 台湾居民来往大陆通行证 (台胞证; never without the cue), or the
+      pre-2015 form, 10 digits and a bracketed letter (``1234567890(B)``), after the same cue.
 
     No check digit: the letter-prefixed forms score 0.85 right after a cue word (通行证, 回乡证,
     台胞证, … with an optional 号码/号, 为, colon, space) and 0.4 bare — low on purpose, since an
-    ``H`` or ``M`` + 8 digits may be a model or a batch (not reported at all right after 批号, 型号,
-    编号, 条码 …, like passports). The Taiwan 8-digit form always needs its cue (0.85).
+    ``H`` or ``M`` + 8 digits may be a drug approval number, a model or a batch (not reported at
+    all right after 准字 — 国药准字H20003263 —, 批号, 型号, 编号, 条码 …, like passports). The Taiwan 8-digit form always needs its cue (0.85).
 
-    Not recognized: the pre-2015 台胞证 numbers (10 digits and a bracketed letter), the booklet
-    往来港澳通行证 (``W`` + 8 digits), numbers split by spaces, lower-case letters. Context words do
+    Not recognized: the booklet 往来港澳通行证 (``W`` + 8 digits), numbers split by spaces, lower-case letters. Context words do
     nothing with the no-op NLP engine; the cues live in the patterns.
     """
 
@@ -53,7 +53,7 @@ class CnTravelPermitRecognizer(PatternRecognizer):
     PATTERNS = [
         Pattern("cn_permit_cue", _CUE + _LEFT + f"(?:{_HK_MO_EXIT}|{_HOME_RETURN})" + _RIGHT, 0.85),
         Pattern("cn_permit", _NOT_AFTER + _LEFT + f"(?:{_HK_MO_EXIT}|{_HOME_RETURN})" + _RIGHT, 0.4),
-        Pattern("cn_permit_taiwan", _TAIWAN_CUE + r"(?<![0-9])[0-9]{8}(?![0-9])", 0.85),
+        Pattern("cn_permit_taiwan", _TAIWAN_CUE + r"(?<![0-9])(?:[0-9]{8}|[0-9]{10}[(（][A-Z][)）])(?![0-9])", 0.85),
     ]
     CONTEXT = list(PERMIT_CUES)
 

@@ -7,13 +7,16 @@ import regex
 from presidio_analyzer import Pattern, PatternRecognizer
 
 from catalog.identifiers import USCC_CANDIDATE_RE, is_valid_uscc
+from sandbox.pii.cn_id_recognizer import id_shaped
 
 
 class CnUsccRecognizer(PatternRecognizer):
     """Finds unified social credit codes: 18 characters of the GB 32100 alphabet (upper case, no
     I O S V Z), not inside a longer run of digits or capitals, kept only when the check character
-    is right. An all-digit 18-character run that is also a valid resident ID number is reported as
-    an ID number by ``sandbox.pii`` (overlap resolution), not as a code."""
+    is right, and not laid out like a resident ID number (``cn_id_recognizer.id_shaped``: an
+    all-digit run with a region code and a real date passes the GB 32100 check by chance one time
+    in 31; it is a mistyped ID number or a record number, not a code). A valid ID number is thus
+    never a code either."""
 
     ENTITY = "CN_USCC"
     PATTERNS = [Pattern("uscc", USCC_CANDIDATE_RE.pattern, 0.3)]
@@ -30,4 +33,4 @@ class CnUsccRecognizer(PatternRecognizer):
         )
 
     def validate_result(self, pattern_text: str) -> bool:
-        return is_valid_uscc(pattern_text)
+        return is_valid_uscc(pattern_text) and not id_shaped(pattern_text)
