@@ -102,7 +102,8 @@ def download_result(result_id: int, principal: caller("result", "download"), ses
                "Content-Disposition": f'attachment; filename="result-{r.id}.{format}"'}
     if format == "parquet":
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        pq.write_table(table.replace_schema_metadata({b"pdao": json.dumps(
+            {"result_id": r.id, "query_id": r.query_id, "synthetic": r.synthetic}).encode()}), buf)
         return Response(buf.getvalue(), media_type="application/vnd.apache.parquet", headers=headers)
     if format == "json":
         body = {"result_id": r.id, "query_id": r.query_id, "synthetic": r.synthetic, "noise": r.noise,
@@ -110,5 +111,7 @@ def download_result(result_id: int, principal: caller("result", "download"), ses
         return Response(json.dumps(body, ensure_ascii=False, default=str), media_type="application/json",
                         headers=headers)
     buf = io.BytesIO()
+    if r.synthetic:   # marked in the file itself, so a copy can never pass for real data
+        buf.write(f"# pdao result {r.id}: synthetic (dev twin), not real data / 合成数据，并非真实数据\n".encode())
     pacsv.write_csv(table, buf)
     return Response(buf.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
