@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from sqlmodel import Session, select
 
+from pdao.cli_pii import pii_app
 from pdao.cli_policy import policy_app
 from pdao.config import Settings
 from pdao.errors import PdaoError
@@ -25,6 +26,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(users_app, name="users")
 app.add_typer(orgs_app, name="orgs")
 app.add_typer(policy_app, name="policy")
+app.add_typer(pii_app, name="pii")
 
 
 def _fail(err: PdaoError) -> None:
