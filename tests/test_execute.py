@@ -161,3 +161,40 @@ def test_two_tenants_pseudonyms_never_match(client, auth, loaded):  # noqa: F811
         assert runs[0] == runs[1]              # stable within a scene
         seen[tenant] = set(runs[0])
     assert len(seen["insurer_a"]) > 10 and not seen["insurer_a"] & seen["insurer_b"]
+
+
+def test_engine_noise_equals_the_opendp_context_for_money_by_month(crafted, settings):
+    """The engine's plan for COUNT/SUM/AVG of DECIMAL money by month (summed in cents over 144 public
+    months, k per person) has the scales OpenDP's own Context reports for the same query."""
+    from tests.test_privacy import ORACLE_SKIP
+    if ORACLE_SKIP:
+        pytest.skip(ORACLE_SKIP)
+    if settings.database_url.startswith("postgresql"):
+        pytest.skip("the plan does not depend on the metadata database: checked once, on SQLite")
+    import warnings
+
+    import opendp.prelude as dp
+    import polars as pl
+
+    meta, snap = crafted
+    sql = (f"SELECT DATE_TRUNC('month', visit_date) AS m, COUNT(*) AS n, SUM(fee) AS s, AVG(fee) AS a "
+           f"FROM {VISITS} GROUP BY 1")
+    ex = execution(meta, snap, sql, epsilon=0.9, max_contributions=7)
+    ours = execute.preview(ex)["aggregates"]
+    months = [m for (m,) in zip(execute.key_domain(meta, ex.checked.group_keys[0]))]
+    frame = pl.read_parquet(snap).select(
+        (pl.col("fee").cast(pl.Float64) * 100).round().cast(pl.Int64).alias("cents"),
+        pl.col("visit_date").dt.truncate("1mo").alias("m")).lazy()
+    ctx = dp.Context.compositor(
+        data=frame, privacy_unit=dp.unit_of(contributions=7), privacy_loss=dp.loss_of(epsilon=0.9),
+        split_evenly_over=3,
+        margins=[dp.polars.Margin(by=["m"], max_length=meta.row_count, max_groups=len(months))])
+    keys = pl.LazyFrame({"m": months}, schema={"m": pl.Date})
+    reports = []
+    for expr in (dp.len(signed=True), pl.col("cents").dp.sum((0, 500_000)), pl.col("cents").dp.mean((0, 500_000))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reports.append(ctx.query().group_by("m").agg(expr).with_keys(keys).summarize(alpha=0.05)["scale"].to_list())
+    assert ours["n"]["scales"] == pytest.approx(reports[0], rel=1e-12)
+    assert [x * 100 for x in ours["s"]["scales"]] == pytest.approx(reports[1], rel=1e-12)
+    assert [ours["a"]["scales"][0] * 100, ours["a"]["scales"][1]] == pytest.approx(reports[2], rel=1e-12)

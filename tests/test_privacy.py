@@ -98,7 +98,7 @@ def _context_summaries(measure: str, budget: float, k: int, grouped: bool, aggs:
             "count": lambda: dp.len(signed=True),
             "count_distinct": lambda: pl.col("person_id").dp.n_unique(signed=True),
             "sum": lambda: pl.col(a.field).dp.sum(BOUNDS[a.field]),
-            "avg": lambda: fee.dp.mean(FEE),
+            "avg": lambda: pl.col(a.field).dp.mean(BOUNDS[a.field]),
             "median": lambda: fee.dp.median(candidates),
             "quantile": lambda: fee.dp.quantile(a.q, candidates),
         }[a.function]()
@@ -122,6 +122,7 @@ def _score_denominator(q: float, max_length: int) -> int:
 
 
 SHAPES = [agg("count", alias="n"), agg("count_distinct", "person_id"), agg("sum", "fee"), agg("sum", "age"),
+          agg("avg", "age"),
           agg("avg", "fee"), agg("median", "fee"), agg("quantile", "fee", 0.25), agg("quantile", "fee", 0.9)]
 ZCDP_SHAPES = [agg("count", alias="n"), agg("sum", "fee"), agg("avg", "fee"), agg("median", "fee")]
 UNGROUPED_SHAPES = [agg("count", alias="n"), agg("sum", "fee"), agg("avg", "fee"), agg("median", "fee")]
