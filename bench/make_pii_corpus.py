@@ -409,8 +409,12 @@ def t_numbers_negative(g: Gen, ln: Line) -> None:
         ln(f"电子票据号码{g.long_serial(g.choice((18, 20, 22)))}，票据代码{g.digits(8)}，"
            f"开票日期{g.date()}，合计{g.amount()}元。")
     elif form < 0.74:
-        ln(f"{g.choice(DRUGS)}，国药准字H{g.digits(8, '12')}，批号{g.choice('GEHM')}{g.digits(8, '2')}，"
-           f"有效期至{g.date()}。")
+        if g.chance(0.75):
+            ln(f"{g.choice(DRUGS)}，国药准字H{g.digits(8, '12')}，批号{g.choice('GEHM')}{g.digits(8, '2')}，"
+               f"有效期至{g.date()}。")
+        else:  # an approval number without its 国药准字: shaped like a 回乡证
+            ln(f"带药：{g.choice(DRUGS)}（H{g.digits(8, '12')}）{g.r.randint(1, 3)}盒，{g.choice(DRUGS)}"
+               f"{g.r.randint(1, 3)}盒。")
     elif form < 0.86:
         ln(f"医保个人编号{g.not_mobile_11()}，参保地640100，"
            f"{g.choice(['座机0951-', '科室电话0951-', '值班电话0951'])}{g.digits(7, '5678')}。")
@@ -601,7 +605,7 @@ def t_address_only(g: Gen, ln: Line) -> None:
 
 TEMPLATES = [  # (template, lines)
     (t_plain, 70), (t_numbers_negative, 75), (t_invalid_ids, 45), (t_admission, 70), (t_claim, 50),
-    (t_employer, 25), (t_travel, 45), (t_traffic, 35), (t_family, 40), (t_dense, 30), (t_old_id, 8),
+    (t_employer, 25), (t_travel, 65), (t_traffic, 35), (t_family, 40), (t_dense, 30), (t_old_id, 8),
     (t_address_only, 30),
 ]
 
