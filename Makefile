@@ -29,6 +29,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py --scales 1000000 10000000
 	$(BIN)/python bench/casbin_bench.py
+	$(BIN)/python bench/pii_bench.py
 
 # Refresh the pinned versions after changing dependencies in pyproject.toml.
 lock:
