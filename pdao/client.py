@@ -392,7 +392,7 @@ class Client:
             "mode": q.get("mode"), "status": res.get("status"), "synthetic": synthetic, "kind": res.get("kind"),
             "noise": res.get("noise") or {},
             # the ε the noise was calibrated to; a synthetic (dev) answer spends none of the scene's budget
-            "epsilon": res.get("epsilon_spent"), "epsilon_spent": 0.0 if synthetic else res.get("epsilon_spent"),
+            "epsilon": res.get("epsilon"), "epsilon_spent": res.get("epsilon_spent"),
             "notes": res.get("notes"), "sha256": res.get("sha256"),
         })
         if res.get("notice"):

@@ -108,6 +108,47 @@ def ensure_demo_identities(engine: Engine, settings: Settings) -> list[str]:
     return created
 
 
+DEMO_SCENE_TITLE = "门诊费用统计（演示） / Outpatient fees (demo)"
+
+
+def ensure_demo_scene(engine: Engine, settings: Settings) -> int:
+    """An active scene for insurer_a, approved by office1 and office2, so queries can be tried at once
+    (`pdao.client` or POST /scenes/{id}/queries). Idempotent: answers the scene's id."""
+    from datetime import timedelta
+
+    from policies import scenes
+    from policies.models import Scene
+    from policies.schemas import ReviewIn, SceneIn
+    from policies.states import today_in_city
+    from pdao.db import utcnow
+
+    with session_scope(engine) as session:
+        existing = session.exec(select(Scene).where(Scene.title == DEMO_SCENE_TITLE)).first()
+        if existing is not None:
+            return existing.id
+        applicant = identities.principal_for(session, "insurer_a")
+        today = today_in_city(utcnow())
+        ov = "health.outpatient_visit"
+        app = SceneIn(
+            title=DEMO_SCENE_TITLE, scene_type="other",
+            purpose="演示：按区县、科室和月份统计门诊人次与费用，用于险种定价研究 / demo: visits and fees by district, "
+                    "department and month for product pricing",
+            legal_basis="演示场景，仅使用合成数据 / demo scene on synthetic data",
+            emergency_plan="发现异常立即暂停场景并报告协调办 / suspend the scene and notify the office",
+            valid_from=today, valid_to=today + timedelta(days=180), budget_epsilon=10.0, budget_delta=0.0,
+            max_query_epsilon=1.0, max_contributions=10,
+            items=[{"dataset": ov, "field": f, "usage": u} for f, u in (
+                ("district", "group_by"), ("district", "filter"), ("department", "group_by"),
+                ("department", "filter"), ("visit_date", "group_by"), ("visit_date", "filter"),
+                ("fee", "aggregate"), ("person_id", "aggregate"), ("icd10_chapter", "filter"))])
+        scene = scenes.create(session, settings, applicant, app)
+        scenes.submit(session, settings, applicant, scene)
+        for who in ("office1", "office2"):
+            scenes.review(session, settings, identities.principal_for(session, who), scene,
+                          ReviewIn(decision="approve", comment="演示场景 / demo"))
+        return scene.id
+
+
 def run_demo(settings: Settings, scale: int = DEFAULT_SCALE, seed: int = DEFAULT_SEED, echo=print) -> None:  # noqa: ANN001
     echo(f"pdao home: {settings.home}")
     engine = prepare_home(settings)
@@ -123,4 +164,6 @@ def run_demo(settings: Settings, scale: int = DEFAULT_SCALE, seed: int = DEFAULT
         echo(f"generating synthetic health data: scale {scale:,} visits, seed {seed} (and its dev twin) ...")
         for code, env, number, rows in synthesize(engine, settings, scale, seed, only=missing).loaded:
             echo(f"  {code:<30} {env:<4} v{number}  {rows:>10,} rows")
+    scene_id = ensure_demo_scene(engine, settings)
+    echo(f"demo scene {scene_id} is active for insurer_a: try POST /api/v1/scenes/{scene_id}/queries")
     engine.dispose()

@@ -99,8 +99,9 @@ def item_verdict(facts: FieldFacts | None, usage: str, dataset: str = "", field:
                    f"may have for {use}",
                    f"{name}：分级 {facts.field_grade} 高于 {facts.sensitivity} 类字段用于 {use} 所允许的最高级别 {limit}")
     if use is Usage.group_by and not facts.has_domain:
-        return _no("group_by_needs_domain", f"{name}: a group key needs a public value domain in the catalog",
-                   f"{name}：分组键必须在数据目录中有公开值域")
+        return _no("group_by_needs_domain", f"{name}: a group key needs a public value domain in the catalog "
+                   "(a category list, a boolean, or an integer or date range)",
+                   f"{name}：分组键必须在数据目录中有公开值域（类别列表、布尔值或整数/日期范围）")
     if use is Usage.masked_output and facts.masking in ("none", "suppress") and facts.sensitivity != "public":
         why = "is suppressed and never output" if facts.masking == "suppress" else "has no masking"
         return _no("masked_output_needs_masking", f"{name} {why}; it cannot be output per row",

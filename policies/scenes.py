@@ -50,6 +50,12 @@ MAX_DELTA = 1e-5
 
 # --- rules that refuse an application -------------------------------------------------------
 
+def has_public_domain(f: DatasetField) -> bool:
+    """Whether a field's values can be listed from the catalog alone (what a group key needs):
+    a category list, a boolean, or an integer or date range given by its bounds."""
+    return bool(f.domain) or f.type == "boolean" or (f.type in ("integer", "date", "timestamp") and bool(f.bounds))
+
+
 def field_facts(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], FieldFacts]:
     """Catalog facts of (dataset, field) pairs, in two queries."""
     pairs = set(pairs)
@@ -60,7 +66,8 @@ def field_facts(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tupl
                         .where(Dataset.code.in_(sorted(codes)))).all()
     return {(ds.code, f.name): FieldFacts(
         dataset=ds.code, field=f.name, dataset_grade=ds.grade, opening_class=ds.opening_class, field_grade=f.grade,
-        sensitivity=f.sensitivity, masking=f.masking, has_domain=bool(f.domain), is_privacy_unit=ds.privacy_unit == f.name,
+        sensitivity=f.sensitivity, masking=f.masking, has_domain=has_public_domain(f),
+        is_privacy_unit=ds.privacy_unit == f.name,
     ) for ds, f in rows if (ds.code, f.name) in pairs}
 
 

@@ -246,7 +246,9 @@ def result_row(q: Query, answer: Answer, path: str, digest: str) -> QueryResult:
     columns = [{"name": f.name, "type": str(f.type)} for f in answer.table.schema]
     return QueryResult(query_id=q.id, scene_id=q.scene_id, org_id=q.org_id, synthetic=q.mode == "dev", kind=q.kind,
                        status="dev" if q.mode == "dev" else "held", columns=columns, row_count=answer.table.num_rows,
-                       noise=answer.noise, epsilon_spent=answer.epsilon_spent, notes=answer.notes,
+                       noise=answer.noise, notes=answer.notes,
+                       # a dev answer is calibrated like a prod one (see `noise`) but charges nothing
+                       epsilon_spent=0.0 if q.mode == "dev" else answer.epsilon_spent,
                        storage_path=path, sha256=digest)
 
 
@@ -279,7 +281,7 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
         session.add(result)
         session.flush()
         owned = session.exec(update(Query).where(*_held_by(q, worker)).values(
-            status=final, result_id=result.id, progress=1.0, finished_at=utcnow(), epsilon_spent=answer.epsilon_spent,
+            status=final, result_id=result.id, progress=1.0, finished_at=utcnow(), epsilon_spent=result.epsilon_spent,
             lease_until=None).execution_options(synchronize_session=False)).rowcount
         if owned != 1:
             raise _LostLease()
@@ -412,7 +414,9 @@ def result_out(settings: Settings, principal: Principal, r: QueryResult) -> dict
     out: dict[str, Any] = {
         "id": r.id, "query_id": r.query_id, "scene_id": r.scene_id, "kind": r.kind, "synthetic": r.synthetic,
         "status": r.status, "columns": r.columns, "row_count": r.row_count, "noise": r.noise,
-        "epsilon_spent": r.epsilon_spent, "notes": r.notes, "sha256": r.sha256, "created_at": r.created_at,
+        "epsilon_spent": r.epsilon_spent, "notes": r.notes,
+        # the ε the noise was calibrated to (a dev answer is calibrated alike but charges nothing)
+        "epsilon": sum(float(n.get("epsilon", 0.0)) for n in (r.noise or {}).values()), "sha256": r.sha256, "created_at": r.created_at,
         "cells_visible": cells_visible(principal, r),
     }
     if r.synthetic:

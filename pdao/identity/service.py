@@ -73,6 +73,12 @@ def _check_password(password: str) -> None:
                       f"密码至少需要 {passwords.MIN_PASSWORD_LENGTH} 个字符。")
 
 
+def principal_for(session: Session, username: str, method: str = "cli") -> Principal:
+    """A user acting outside HTTP (set-up commands such as the demo), as every decision sees it."""
+    user = get_user(session, username)
+    return _principal(user, session.get(Organization, user.org_id), method)
+
+
 def get_user(session: Session, username: str) -> User:
     user = session.exec(select(User).where(User.username == username)).first()
     if user is None:
