@@ -292,7 +292,8 @@ class Gen:
             office = self.choice(STREET_OFFICES) if prefix and self.chance(0.3) else ""
             road = self.choice(ROADS) + self.house() if self.chance(0.25) else ""
             if self.chance(0.15):
-                tail = f"{self.r.randint(1, 30)}-{self.r.randint(1, 6)}-{self.r.randint(1, 26)}{self.r.randint(1, 4):02d}"
+                tail = (f"{self.r.randint(1, 30)}-{self.r.randint(1, 6)}-"
+                        f"{self.r.randint(1, 26)}{self.r.randint(1, 4):02d}")
             else:
                 tail = self.room_tail()
             return prefix + office + road + self.choice(COMPOUNDS) + tail, True
@@ -316,7 +317,8 @@ class Gen:
                             f"{y}年{m}月{d}日{self.r.randint(0, 23)}时"])
 
     def amount(self) -> str:
-        return self.choice([f"{self.r.randint(50, 99999)}.{self.r.randint(0, 99):02d}", str(self.r.randint(100, 300000))])
+        return self.choice([f"{self.r.randint(50, 99999)}.{self.r.randint(0, 99):02d}",
+                            str(self.r.randint(100, 300000))])
 
     def record_no(self) -> str:
         y, m, d = self.r.randint(2019, 2026), self.r.randint(1, 12), self.r.randint(1, 28)

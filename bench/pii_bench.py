@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
              f"!! The paths differ on {differ} of {len(texts)} lines.")
     print("\n" + agree)
 
-    cmd = "python " + " ".join(shlex.quote(a) for a in ["bench/pii_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    args_given = sys.argv[1:] if argv is None else argv
+    cmd = "python " + " ".join(shlex.quote(a) for a in ["bench/pii_bench.py", *args_given])
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     n_empty = sum(1 for r in records if not r["entities"])
     block = "\n".join([
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{scores['all'].gold} labels; `bench/make_pii_corpus.py`). Exact: same kind, start and end; overlap: "
         f"same kind, overlapping spans. The corpus was written together with the recognizers (same "
         "author, same notion of each kind), so these figures are a regression baseline rather than an "
-        f"independent estimate of quality on real records. {agree} Speed: one call on a column of {len(col):,} corpus lines "
+        f"independent estimate of quality on real records. {agree} Speed: one call on a column of "
+        f"{len(col):,} corpus lines "
         f"(~{avg:.0f} characters each, cycled in a shuffled order), wall time; load average (1 min) "
         f"{load_before:.1f} before, {load_after:.1f} after.",
         "",

@@ -106,7 +106,8 @@ def test_help_lists_both_commands():
 
 
 def test_the_command_module_does_not_import_presidio():
-    code = "import sys, pdao.cli_pii; sys.exit(int(any(m.startswith(('sandbox.pii', 'presidio')) for m in sys.modules)))"
+    code = ("import sys, pdao.cli_pii; "
+            "sys.exit(int(any(m.startswith(('sandbox.pii', 'presidio')) for m in sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

@@ -7,16 +7,20 @@ The recognizers (one class per file in this package, Presidio's registry style) 
   the old 15-digit form when its date is real (score 0.5, no check character to confirm it);
 * ``uscc`` (``CN_USCC``, ``[统一社会信用代码]``): the GB 32100 check character;
 * ``bank_card`` (``CN_BANK_CARD``, ``[银行卡号]``): 16–19 digits, contiguous or in groups of four, Luhn;
-* ``phone`` (``CN_MOBILE``, ``[手机号]``): ``1[3-9]`` + 9 digits, optional +86 / 86 / 0086 prefix;
+  neither a card nor a credit code is 18 digits laid out like an ID number (region code, real
+  date: ``cn_id_recognizer.id_shaped``), which is a mistyped ID or a record number instead;
+* ``phone`` (``CN_MOBILE``, ``[手机号]``): ``1[3-9]`` + 9 digits, optional +86 / 86 / 0086 prefix,
+  also split 3-4-4 by spaces or dashes;
 * ``email`` (``EMAIL_ADDRESS``, ``[电子邮箱]``): ASCII addresses;
-* ``name`` (``CN_PERSON_NAME``, ``[姓名]``): a surname list + cue words, no model (see
-  ``cn_name_recognizer`` for what it misses);
+* ``name`` (``CN_PERSON_NAME``, ``[姓名]``): a surname list + cue words (clinical, family,
+  insurance claims, staff), a denylist of clinical words, no model (see ``cn_name_recognizer`` for
+  what it misses);
 * ``passport`` (``CN_PASSPORT``, ``[护照号]``): ``E`` + 8 digits, ``E``/``G`` + letter + 7 digits,
   ``G`` + 8 digits; 0.85 right after 护照(号码), 0.4 bare (no check digit: a lot number can look
   the same);
 * ``travel_permit`` (``CN_TRAVEL_PERMIT``, ``[通行证号]``): 往来港澳通行证 ``C`` + 8 digits or
   ``C`` + letter + 7 digits, 回乡证 ``H``/``M`` + 8 or 10 digits (0.85 after a cue, 0.4 bare), and
-  台胞证 8 digits, only right after its cue;
+  台胞证 8 digits (or the old 10 digits + bracketed letter), only right after its cue;
 * ``plate`` (``CN_LICENSE_PLATE``, ``[车牌号]``): province character + letter + 5 letters/digits
   (at least 3 digits, no I/O), or the 8-character new-energy form (``D``/``F`` third or last);
 * ``address`` (``CN_ADDRESS``, ``[地址]``): street addresses reaching a number (…路12号,
@@ -40,11 +44,13 @@ Two paths give the same answer (``tests/test_pii.py`` checks that they do, findi
   rules directly (no per-match explanation objects, no deep copies), then the engine's own
   clean-up (``EntityRecognizer.remove_duplicates``: a finding inside another of the same kind with
   an equal or higher score is dropped — which matters when several patterns of one recognizer
-  match nested spans, as the address patterns can): several times faster, for whole columns. (They would part only if context words were passed to ``analyze()`` explicitly,
-  which nothing here does: with the no-op engine, context words never change a score.)
+  match nested spans, as the address patterns can): several times faster, for whole columns.
+  (They would part only if context words were passed to ``analyze()`` explicitly, which nothing
+  here does: with the no-op engine, context words never change a score; the cue words of names,
+  passports and permits live in the patterns themselves.)
 
-Overlaps between entities of different kinds (an 18-digit run can be a valid ID number, pass the
-Luhn check and the GB 32100 check at once) are resolved identically on both paths: higher score
+Overlaps between entities of different kinds (an 18-digit run can pass the Luhn check and the
+GB 32100 check at once) are resolved identically on both paths: higher score
 first, then the longer span, then the kind order ``KIND_PRIORITY`` (ID number first).
 """
 
@@ -62,7 +68,7 @@ from presidio_analyzer.nlp_engine import NlpEngine, NoOpNlpEngine
 from presidio_anonymizer import AnonymizerEngine
 from presidio_anonymizer.entities import OperatorConfig
 
-from sandbox.pii.cn_address_recognizer import ANCHOR_RE, GAZETTEER, CnAddressRecognizer
+from sandbox.pii.cn_address_recognizer import GAZETTEER, CnAddressRecognizer
 from sandbox.pii.cn_bank_card_recognizer import CnBankCardRecognizer
 from sandbox.pii.cn_id_recognizer import CnIdRecognizer
 from sandbox.pii.cn_license_plate_recognizer import PROVINCES, CnLicensePlateRecognizer

@@ -19,10 +19,10 @@ _GROUPED_RE = r"(?<![0-9])[0-9]{4}(?:[ -][0-9]{4}){3}(?:[ -]?[0-9]{1,3})?(?![0-9
 
 class CnBankCardRecognizer(PatternRecognizer):
     """Finds bank card numbers: 16–19 digits (contiguous, or in groups of four separated by a space
-    or a dash) not inside a longer digit run nor followed by an ``X``, kept only when the Luhn check digit is right — and
-    not when it is 18 digits laid out like a resident ID number (``id_shaped``: a Luhn check passes
-    by chance one time in ten, so a mistyped ID number or a region-and-date record number would
-    otherwise be reported as a card)."""
+    or a dash) not inside a longer digit run nor followed by an ``X``, kept only when the Luhn check
+    digit is right — and not when it is 18 digits laid out like a resident ID number
+    (``id_shaped``: a Luhn check passes by chance one time in ten, so a mistyped ID number or a
+    region-and-date record number would otherwise be reported as a card)."""
 
     ENTITY = "CN_BANK_CARD"
     PATTERNS = [

@@ -43,10 +43,12 @@ class CnTravelPermitRecognizer(PatternRecognizer):
     No check digit: the letter-prefixed forms score 0.85 right after a cue word (通行证, 回乡证,
     台胞证, … with an optional 号码/号, 为, colon, space) and 0.4 bare — low on purpose, since an
     ``H`` or ``M`` + 8 digits may be a drug approval number, a model or a batch (not reported at
-    all right after 准字 — 国药准字H20003263 —, 批号, 型号, 编号, 条码 …, like passports). The Taiwan 8-digit form always needs its cue (0.85).
+    all right after 准字 — 国药准字H20003263 —, 批号, 型号, 编号, 条码 …, like passports). The
+    Taiwan forms always need their cue (0.85).
 
-    Not recognized: the booklet 往来港澳通行证 (``W`` + 8 digits), numbers split by spaces, lower-case letters. Context words do
-    nothing with the no-op NLP engine; the cues live in the patterns.
+    Not recognized: the booklet 往来港澳通行证 (``W`` + 8 digits), numbers split by spaces,
+    lower-case letters. Context words do nothing with the no-op NLP engine; the cues live in the
+    patterns.
     """
 
     ENTITY = "CN_TRAVEL_PERMIT"
