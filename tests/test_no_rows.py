@@ -20,7 +20,10 @@ from starlette.routing import Route
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS
 from pdao.demo import DEMO_USERS
+from policies.enforcer import SceneEnforcers
 from sandbox.store import load_version
+from sandbox.worker import run_one, worker_name
+from tests.scene_helpers import SCENE_ITEMS, active_scene
 
 SENSITIVE_COLUMNS = {
     "health.resident": ("id_number", "name", "phone", "address"),
@@ -131,10 +134,25 @@ def test_no_response_and_no_audit_row_contains_a_cell_value(app, client, engine,
 
     key = keep(client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=tokens["operator1"]), 201).json()
 
+    # queries through a scene: dev answers (aggregate and masked rows), a prod answer held for review
+    ov = "health.outpatient_visit"
+    scene = active_scene(client, tokens.__getitem__, items=SCENE_ITEMS + [
+        {"dataset": ov, "field": "person_id", "usage": "masked_output"},
+        {"dataset": ov, "field": "visit_date", "usage": "masked_output"}])
+    by_district = f"SELECT district, COUNT(*) AS n, AVG(fee) AS mean FROM {ov} GROUP BY district"
+    submitted = [keep(client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=tokens["insurer_a"], json=body), 202)
+                 .json() for body in ({"sql": by_district, "mode": "dev"}, {"sql": by_district, "mode": "prod"},
+                                      {"sql": f"SELECT person_id, visit_date FROM {ov} LIMIT 50", "mode": "dev"})]
+    assert run_one(engine, settings, SceneEnforcers(engine), worker_name())
+    query_ids = [str(q["id"]) for q in submitted]
+    result_ids = [str(client.get(f"/api/v1/queries/{i}", headers=tokens["insurer_a"]).json()["result_id"])
+                  for i in query_ids]
+
     # every GET route, every role, real parameters
     codes = [d["code"] for d in client.get("/api/v1/datasets?limit=500", headers=tokens["office1"]).json()["items"]]
     assert len(codes) == 6
-    params = {"code": codes, "key_id": [str(key["id"])]}
+    params = {"code": codes, "key_id": [str(key["id"])], "scene_id": [str(scene["id"])], "query_id": query_ids,
+              "result_id": result_ids}
     paths = get_paths(app)
     assert {"/api/v1/health", "/api/v1/me", "/api/v1/datasets", "/api/v1/datasets/{code}", "/api/v1/users",
             "/api/v1/api-keys", "/api/v1/openapi.json"} <= paths, paths
