@@ -109,3 +109,55 @@ def test_a_job_whose_worker_keeps_dying_is_failed_and_refunded(client, auth, eng
     with Session(engine) as s:
         assert [e.state for e in ledger.entries(s, scene["id"])] == ["refunded"]
     assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+
+
+def test_cancel_a_running_query_stops_it_and_refunds(client, auth, engine, settings, loaded, monkeypatch):  # noqa: F811
+    import threading
+
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
+    monkeypatch.setenv("PDAO_TEST_WORKER_STALL", "3")
+    worker = threading.Thread(target=run_one, args=(engine, settings, SceneEnforcers(engine), worker_name()))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_a"))
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    worker.join(60)
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "cancelled" and got["result_id"] is None
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    with Session(engine) as s:
+        assert [e.state for e in ledger.entries(s, scene["id"])] == ["refunded"]
+
+
+def test_the_heartbeat_interrupts_the_engine_when_cancel_is_asked(client, auth, engine, settings, loaded):  # noqa: F811
+    from sandbox.worker import _Heartbeat, claim
+
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
+    with Session(engine) as s:
+        job = claim(s, settings, "me")
+    assert job.id == q["id"]
+
+    class Connection:       # stands in for DuckDB's: progress and interrupt are all the heartbeat uses
+        interrupted = 0
+
+        def query_progress(self) -> float:
+            return 42.0
+
+        def interrupt(self) -> None:
+            self.interrupted += 1
+
+    beat = _Heartbeat(engine, settings, job.id, "me")
+    beat.con = Connection()
+    beat.beat()
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert got["progress"] == pytest.approx(0.42) and beat.con.interrupted == 0
+    client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_a"))
+    beat.beat()
+    assert beat.con.interrupted == 1
