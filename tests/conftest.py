@@ -152,3 +152,16 @@ def synth_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("synth")
     return {"prod": generate(root / "prod", scale=3000, seed=7, twin=False),
             "dev": generate(root / "dev", scale=3000, seed=7, twin=True)}
+
+
+@pytest.fixture
+def loaded(engine, settings, synth_files):
+    """health.outpatient_visit loaded as a prod version and its dev twin (for queries)."""
+    from sqlmodel import Session
+
+    from sandbox.store import load_version
+
+    with Session(engine) as s:
+        for env in ("prod", "dev"):
+            load_version(s, settings, "health.outpatient_visit", synth_files[env]["health.outpatient_visit"],
+                         env=env, source="synth")

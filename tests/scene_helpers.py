@@ -16,6 +16,16 @@ SCENE_ITEMS = [
 ]
 
 
+VISITS = "health.outpatient_visit"
+DISTRICTS = ("兴庆区", "金凤区", "西夏区", "永宁县", "贺兰县", "灵武市")   # its public domain, in order
+BY_DISTRICT = (f"SELECT district, COUNT(*) AS n, SUM(fee) AS total, AVG(fee) AS mean FROM {VISITS} "
+               "WHERE visit_date >= DATE '2018-01-01' GROUP BY district ORDER BY n DESC")
+
+
+def budget(client, auth, scene_id: int, who: str = "insurer_a") -> dict:
+    return client.get(f"/api/v1/scenes/{scene_id}", headers=auth(who)).json()["budget"]
+
+
 def today() -> date:
     return today_in_city(utcnow())
 

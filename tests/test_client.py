@@ -10,26 +10,15 @@ import time
 import pandas as pd
 import pytest
 import uvicorn
-from sqlmodel import Session
 
 from pdao import client as client_mod
 from pdao.client import Client, PdaoClientError, QueryFailed, QueryTimeout, ResultHeld
-from sandbox.store import load_version
 from sandbox.worker import start_in_thread
 from tests.conftest import DEMO_PASSWORD
-from tests.scene_helpers import SCENE_ITEMS, active_scene
+from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene
+from tests.scene_helpers import DISTRICTS as DISTRICT_DOMAIN
 
-VISITS = "health.outpatient_visit"
-DISTRICTS = {"兴庆区", "金凤区", "西夏区", "永宁县", "贺兰县", "灵武市"}
-BY_DISTRICT = (f"SELECT district, COUNT(*) AS n, SUM(fee) AS total, AVG(fee) AS mean FROM {VISITS} "
-               "WHERE visit_date >= DATE '2018-01-01' GROUP BY district ORDER BY n DESC")
-
-
-@pytest.fixture
-def loaded(engine, settings, synth_files):
-    with Session(engine) as s:
-        for env in ("prod", "dev"):
-            load_version(s, settings, VISITS, synth_files[env][VISITS], env=env, source="synth")
+DISTRICTS = set(DISTRICT_DOMAIN)
 
 
 @pytest.fixture

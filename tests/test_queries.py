@@ -8,27 +8,9 @@ from sqlmodel import Session, select
 
 from sandbox import ledger
 from sandbox.models import Query
-from sandbox.store import load_version
 from sandbox.worker import run_one, worker_name
 from policies.enforcer import SceneEnforcers
-from tests.scene_helpers import SCENE_ITEMS, active_scene
-
-VISITS = "health.outpatient_visit"
-DISTRICTS = ("兴庆区", "金凤区", "西夏区", "永宁县", "贺兰县", "灵武市")
-BY_DISTRICT = (f"SELECT district, COUNT(*) AS n, SUM(fee) AS total, AVG(fee) AS mean FROM {VISITS} "
-               "WHERE visit_date >= DATE '2018-01-01' GROUP BY district ORDER BY n DESC")
-
-
-@pytest.fixture
-def loaded(engine, settings, synth_files):
-    with Session(engine) as s:
-        for env in ("prod", "dev"):
-            load_version(s, settings, VISITS, synth_files[env][VISITS], env=env, source="synth")
-
-
-def budget(client, auth, scene_id, who="insurer_a"):
-    return client.get(f"/api/v1/scenes/{scene_id}", headers=auth(who)).json()["budget"]
-
+from tests.scene_helpers import BY_DISTRICT, DISTRICTS, SCENE_ITEMS, VISITS, active_scene, budget
 
 def work_once(engine, settings):
     return run_one(engine, settings, SceneEnforcers(engine), worker_name())

@@ -19,14 +19,13 @@ from policies.enforcer import SceneEnforcers
 from sandbox import ledger
 from sandbox.models import Query
 from sandbox.worker import requeue_expired, run_one, worker_name
-from tests.scene_helpers import active_scene
-from tests.test_queries import BY_DISTRICT, budget, loaded  # noqa: F401 - the fixture
+from tests.scene_helpers import BY_DISTRICT, active_scene, budget
 
 REPO = Path(__file__).resolve().parents[1]
 SIGNING_KEY = "test-signing-key-of-at-least-32-bytes"  # as tests/conftest.py make_settings
 
 
-def test_twenty_parallel_submissions_never_overspend(client, auth, engine, loaded):  # noqa: F811
+def test_twenty_parallel_submissions_never_overspend(client, auth, engine, loaded):
     scene = active_scene(client, auth, budget_epsilon=1.0, max_query_epsilon=0.1)
     headers = auth("insurer_a")
 
@@ -78,7 +77,7 @@ def _kill_worker_holding(engine, settings, query_id: int, tmp_path: Path) -> Non
     time.sleep(2.5)       # its lease (2 s) runs out
 
 
-def test_a_killed_workers_job_is_retried_and_charged_once(client, auth, engine, settings, loaded, tmp_path):  # noqa: F811
+def test_a_killed_workers_job_is_retried_and_charged_once(client, auth, engine, settings, loaded, tmp_path):
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
                     json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
@@ -95,7 +94,7 @@ def test_a_killed_workers_job_is_retried_and_charged_once(client, auth, engine, 
     assert budget(client, auth, scene["id"])["epsilon_spent"] == pytest.approx(0.5)
 
 
-def test_a_job_whose_worker_keeps_dying_is_failed_and_refunded(client, auth, engine, settings, loaded, tmp_path):  # noqa: F811
+def test_a_job_whose_worker_keeps_dying_is_failed_and_refunded(client, auth, engine, settings, loaded, tmp_path):
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
                     json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
@@ -111,7 +110,7 @@ def test_a_job_whose_worker_keeps_dying_is_failed_and_refunded(client, auth, eng
     assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
 
 
-def test_cancel_a_running_query_stops_it_and_refunds(client, auth, engine, settings, loaded, monkeypatch):  # noqa: F811
+def test_cancel_a_running_query_stops_it_and_refunds(client, auth, engine, settings, loaded, monkeypatch):
     import threading
 
     scene = active_scene(client, auth)
@@ -134,7 +133,7 @@ def test_cancel_a_running_query_stops_it_and_refunds(client, auth, engine, setti
         assert [e.state for e in ledger.entries(s, scene["id"])] == ["refunded"]
 
 
-def test_the_heartbeat_interrupts_the_engine_when_cancel_is_asked(client, auth, engine, settings, loaded):  # noqa: F811
+def test_the_heartbeat_interrupts_the_engine_when_cancel_is_asked(client, auth, engine, settings, loaded):
     from sandbox.worker import _Heartbeat, claim
 
     scene = active_scene(client, auth)
