@@ -192,10 +192,64 @@ def key_domain(meta: DatasetMeta, key: GroupKey, max_cells: int = MAX_CELLS) -> 
     return values
 
 
+def _conjuncts(node: exp.Expression | None) -> list[exp.Expression]:
+    if node is None:
+        return []
+    if isinstance(node, exp.Paren):
+        return _conjuncts(node.this)
+    if isinstance(node, exp.And):
+        return _conjuncts(node.this) + _conjuncts(node.expression)
+    return [node]
+
+
+_ARROW_TYPES = {"string": pa.string(), "integer": pa.int64(), "boolean": pa.bool_(), "date": pa.date32()}
+
+
+def prune_by_where(meta: DatasetMeta, key: GroupKey, values: list[Any], where: exp.Expression | None) -> list[Any]:
+    """Drop the cells the query's own WHERE rules out (e.g. `visit_date >= DATE '2024-01-01'` with
+    GROUP BY month): the conditions of the WHERE's top-level AND that read only this key's field
+    are evaluated on the public values themselves. Public facts and the query's text alone decide,
+    never the data, so the remaining cells still say nothing about it."""
+    if key.column.upload:
+        return values
+    f = meta.fields[key.column.field]
+    mine = [c for c in _conjuncts(where) if all(
+        col.name == f.name and col.table == DATASET_ALIAS for col in c.find_all(exp.Column)) and c.find(exp.Column)]
+    if not mine or f.type not in _ARROW_TYPES:
+        return values
+    probe = values
+    if key.unit:   # months/quarters/years: keep a period if any of its days passes
+        lo, hi = _as_date(f.bounds[0]), _as_date(f.bounds[1])  # type: ignore[index]
+        probe = [lo + dt.timedelta(days=i) for i in range((hi - lo).days + 1)]
+    cond = exp.and_(*[c.copy() for c in mine])
+    for col in cond.find_all(exp.Column):
+        col.replace(exp.column("v", quoted=True))
+    table = pa.table({"v": pa.array([v for v in probe if v is not None], _ARROW_TYPES[f.type])})
+    with domain_connection({}) as con:
+        con.register("probe", table)
+        sql = exp.select(exp.column("v", quoted=True)).from_("probe").where(cond).sql(dialect=DIALECT, identify=True)
+        passing = {r[0] for r in con.execute(sql).fetchall()}
+    if key.unit:
+        passing = {_period_of(d, key.unit) for d in passing}
+    return [v for v in values if v in passing]
+
+
+def _period_of(d: dt.date, unit: str) -> dt.date:
+    months = {"month": 1, "quarter": 3, "year": 12}[unit]
+    return dt.date(d.year, d.month - (d.month - 1) % months, 1)
+
+
 def group_cells(execution: Execution) -> tuple[list[list[Any]], int]:
-    """Each group key's domain, and the number of cells of their product (1 without GROUP BY)."""
-    domains = [key_domain(execution.dataset, k, execution.max_cells) for k in execution.checked.group_keys]
+    """Each group key's cells (its public domain, less what the query's WHERE rules out), and the
+    number of cells of their product (1 without GROUP BY)."""
+    where = execution.checked.tree.args.get("where")
+    domains = [prune_by_where(execution.dataset, k, key_domain(execution.dataset, k, execution.max_cells),
+                              where.this if where is not None else None)
+               for k in execution.checked.group_keys]
     n = math.prod(len(d) for d in domains) if domains else 1
+    if n == 0:
+        raise refused("no_cells", "the query's WHERE rules out every value of its group keys' public domains: "
+                      "there is nothing to answer", "查询的 WHERE 条件排除了分组键公开取值域中的全部取值，没有可回答的分组")
     if n > execution.max_cells:
         raise refused("too_many_groups",
                       f"the group keys make {n:,} cells; at most {execution.max_cells:,} are answered "

@@ -90,8 +90,8 @@ def test_the_rows_kept_are_the_same_on_every_load(engine, settings, crafted, tmp
 
 def test_every_public_cell_is_answered_in_domain_order_with_noise_metadata(crafted):
     meta, snap = crafted
-    ex = execution(meta, snap, f"SELECT district, COUNT(*) AS n FROM {VISITS} WHERE district IN ('金凤区') "
-                               "GROUP BY district")
+    ex = execution(meta, snap, f"SELECT district, COUNT(*) AS n FROM {VISITS} WHERE visit_date >= DATE '2026-01-01' "
+                               "GROUP BY district")   # no visit passes: every cell is still answered
     answer = execute.run(ex)
     assert answer.table.column("district").to_pylist() == list(DISTRICTS)     # zero cells too, fixed order
     assert answer.cells == 6 and answer.epsilon_spent == pytest.approx(1.0)
@@ -196,3 +196,29 @@ def test_engine_noise_equals_the_opendp_context_for_money_by_month(crafted, sett
     assert ours["n"]["scales"] == pytest.approx(reports[0], rel=1e-12)
     assert [x * 100 for x in ours["s"]["scales"]] == pytest.approx(reports[1], rel=1e-12)
     assert [ours["a"]["scales"][0] * 100, ours["a"]["scales"][1]] == pytest.approx(reports[2], rel=1e-12)
+
+
+@pytest.mark.parametrize("where, expect", [
+    ("visit_date BETWEEN DATE '2024-01-15' AND DATE '2024-03-02'", ["2024-01-01", "2024-02-01", "2024-03-01"]),
+    ("visit_date >= DATE '2026-11-01' AND district = '兴庆区'", ["2026-11-01", "2026-12-01"]),
+    ("NOT (visit_date < DATE '2026-12-01')", ["2026-12-01"]),
+    ("visit_date < DATE '2024-01-01' OR visit_date > DATE '2024-12-31'", 132),   # an OR of one field: pruned too
+    ("visit_date > DATE '2026-06-30' OR district = '兴庆区'", 144),              # mixes fields: every month
+])
+def test_the_querys_own_where_prunes_the_public_cells(crafted, where, expect):
+    meta, snap = crafted
+    ex = execution(meta, snap, f"SELECT DATE_TRUNC('month', visit_date) AS m, COUNT(*) AS n FROM {VISITS} "
+                               f"WHERE {where} GROUP BY 1")
+    months = [m.isoformat() for m in execute.run(ex).table.column("m").to_pylist()]
+    assert (months if isinstance(expect, list) else len(months)) == expect
+
+
+def test_a_where_that_rules_out_every_cell_is_refused_and_spends_nothing(crafted):
+    meta, snap = crafted
+    ex = execution(meta, snap, f"SELECT district, COUNT(*) FROM {VISITS} WHERE district IN ('北京', '上海') "
+                               "GROUP BY district")
+    with pytest.raises(PdaoError) as e:
+        execute.preview(ex)
+    assert e.value.code == "no_cells"
+    one = execution(meta, snap, f"SELECT district, COUNT(*) AS n FROM {VISITS} WHERE district = '金凤区' GROUP BY district")
+    assert execute.run(one).table.column("district").to_pylist() == ["金凤区"]
