@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 from sqlglot import exp
 
@@ -483,34 +484,36 @@ def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
     checked, meta = execution.checked, execution.dataset
     domains, n = group_cells(execution)
     plan = noise_plan(execution, n)           # before any data is read
-    exact = _fetch(execution, aggregate_sql(execution), on_connection).to_pylist()
+    exact = _fetch(execution, aggregate_sql(execution), on_connection)
 
     cells = list(itertools.product(*domains)) if domains else [()]
     index = {c: i for i, c in enumerate(cells)}
     nk = len(checked.group_keys)
-    present: dict[int, dict[str, Any]] = {}
-    for row in exact:
-        key = tuple(row[f"k{i}"] for i in range(nk))
-        at = index.get(key)
-        if at is not None:   # a value outside the public domain is not answered
-            present[at] = row
+    keys = zip(*(exact.column(f"k{i}").to_pylist() for i in range(nk))) if nk else [()] * exact.num_rows
+    at_row = {}                     # cell -> its row in the engine's answer
+    for r, key in enumerate(keys):
+        at = index.get(tuple(key))
+        if at is not None:          # a value outside the public domain is not answered
+            at_row[at] = r
+
+    def per_cell(column: str, zero: Any, cast: Callable[[Any], Any]) -> list[Any]:
+        values = exact.column(column).to_pylist()
+        return [cast(values[at_row[i]] or zero) if i in at_row else zero for i in range(n)]
 
     inputs: dict[str, Any] = {}
     for j, agg in enumerate(checked.aggregates):
         name = f"a{j}"
+        integer = agg.function in ("count", "count_distinct") or plan.by_alias(agg.alias).parts[0].integer
         if agg.function in ("count", "count_distinct", "sum"):
-            inputs[agg.alias] = [int(present[i][name] or 0) if i in present else 0 for i in range(n)] \
-                if agg.function != "sum" or plan.by_alias(agg.alias).parts[0].integer \
-                else [float(present[i][name] or 0.0) if i in present else 0.0 for i in range(n)]
+            inputs[agg.alias] = per_cell(name, 0, int) if integer else per_cell(name, 0.0, float)
         elif agg.function == "avg":
-            integer = plan.by_alias(agg.alias).parts[0].integer
-            zero = 0 if integer else 0.0
-            sums = [(present[i][name] or zero) if i in present else zero for i in range(n)]
-            counts = [int(present[i][f"{name}_n"] or 0) if i in present else 0 for i in range(n)]
-            inputs[agg.alias] = (sums, counts)
-        else:
-            inputs[agg.alias] = [present[i][name] or [] if i in present else [] for i in range(n)]
-    del exact, present
+            sums = per_cell(name, 0, int) if integer else per_cell(name, 0.0, float)
+            inputs[agg.alias] = (sums, per_cell(f"{name}_n", 0, int))
+        else:   # each cell's values, as arrays straight from Arrow (no Python floats)
+            lists = exact.column(name).combine_chunks()
+            empty = np.zeros(0)
+            inputs[agg.alias] = [lists[at_row[i]].values.to_numpy(zero_copy_only=False)
+                                 if i in at_row and lists[at_row[i]].is_valid else empty for i in range(n)]
 
     released = privacy.apply_noise(plan, inputs)
     columns: dict[str, list[Any]] = {}
