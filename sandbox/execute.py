@@ -56,6 +56,7 @@ from sandbox.store import RANK_COLUMN
 
 MAX_CELLS = 100_000          # group cells of one aggregate answer (the product of the key domains)
 MAX_ROWS = 10_000            # rows of one row-level answer
+MAX_PROBE_DAYS = 100_000     # pruning by WHERE evaluates at most this many days of a date range
 DEFAULT_MAX_CONTRIBUTIONS = 10
 NUMBER_TYPES = ("integer", "float", "decimal")
 CENTS = 100                  # DECIMAL(18,2) is summed as whole cents
@@ -84,7 +85,8 @@ class DatasetMeta:
 
     def info(self) -> DatasetInfo:
         """What the SQL checker needs."""
-        return DatasetInfo(self.code, tuple(self.fields), self.privacy_unit)
+        return DatasetInfo(self.code, tuple(self.fields), self.privacy_unit,
+                           {name: f.type for name, f in self.fields.items()})
 
     @classmethod
     def from_fields(cls, code: str, privacy_unit: str | None, fields: Sequence[Any], row_count: int = 0) -> DatasetMeta:
@@ -221,17 +223,23 @@ def prune_by_where(meta: DatasetMeta, key: GroupKey, values: list[Any], where: e
     probe = values
     if key.unit:   # months/quarters/years: keep a period if any of its days passes
         lo, hi = _as_date(f.bounds[0]), _as_date(f.bounds[1])  # type: ignore[index]
-        probe = [lo + dt.timedelta(days=i) for i in range((hi - lo).days + 1)]
+        if (hi - lo).days >= MAX_PROBE_DAYS:
+            return values
+        probe = [lo + dt.timedelta(days=i) for i in range((hi - lo).days + 1)] + ([None] if None in values else [])
     cond = exp.and_(*[c.copy() for c in mine])
     for col in cond.find_all(exp.Column):
         col.replace(exp.column("v", quoted=True))
-    table = pa.table({"v": pa.array([v for v in probe if v is not None], _ARROW_TYPES[f.type])})
+    table = pa.table({"v": pa.array(probe, _ARROW_TYPES[f.type])})   # NULL too: `IS NULL` keeps its cell
     with domain_connection({}) as con:
         con.register("probe", table)
         sql = exp.select(exp.column("v", quoted=True)).from_("probe").where(cond).sql(dialect=DIALECT, identify=True)
-        passing = {r[0] for r in con.execute(sql).fetchall()}
+        try:
+            passing = {r[0] for r in con.execute(sql).fetchall()}
+        except duckdb.Error:   # only public values are probed, but the text is never shown
+            raise refused("query_refused", f"the WHERE condition on {key.column} cannot be evaluated on its values",
+                          f"{key.column} 的 WHERE 条件无法在其取值上求值") from None
     if key.unit:
-        passing = {_period_of(d, key.unit) for d in passing}
+        passing = {None if d is None else _period_of(d, key.unit) for d in passing}
     return [v for v in values if v in passing]
 
 
@@ -299,6 +307,18 @@ def noise_plan(execution: Execution, n_cells: int) -> privacy.NoisePlan:
             if f.type in ("integer", "decimal"):
                 integers.add(f.name)
     k = execution.max_contributions if meta.privacy_unit else 1
+    taken = set(checked.outputs)
+    for agg in checked.aggregates:
+        if agg.function == "avg" and f"{agg.alias}_error95" in taken:
+            raise refused("output_name_taken", f"{agg.alias}_error95 holds the error bound of {agg.alias}: "
+                          "give the other output another name", f"{agg.alias}_error95 用于 {agg.alias} 的误差界：请给另一个输出列换名",
+                          output=f"{agg.alias}_error95")
+        if agg.function in ("sum", "avg") and agg.field in integers:
+            lo, hi = bounds[agg.field]
+            if max(meta.row_count, 1) * max(abs(lo), abs(hi)) >= 2**62:   # an exact BIGINT sum could overflow
+                raise refused("bounds_too_wide", f"{agg.alias}: the bounds of {agg.field} are too wide to sum exactly "
+                              "over this version", f"{agg.alias}：{agg.field} 的上下界过宽，无法在该版本上精确求和",
+                              aggregate=agg.alias)
     return privacy.plan_noise(checked.aggregates, epsilon=execution.epsilon, bounds=bounds, max_contributions=k,
                               n_groups=n_cells, max_length=max(meta.row_count, 1), integer_fields=integers)
 
@@ -424,7 +444,8 @@ def aggregate_sql(execution: Execution) -> str:
 
 def rows_sql(execution: Execution) -> str:
     tree = execution.checked.tree.copy()
-    limit = min(execution.checked.limit or execution.max_rows, execution.max_rows)
+    asked = execution.checked.limit
+    limit = min(asked if asked is not None else execution.max_rows, execution.max_rows)
     tree.set("limit", exp.Limit(expression=exp.Literal.number(limit)))
     return tree.sql(dialect=DIALECT, identify=True, comments=False)
 

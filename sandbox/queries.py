@@ -274,13 +274,19 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
                                  status="cancelled")
         return finish_failed(session, q, "query_failed", "The query failed inside the sandbox.", "查询在沙箱内执行失败。",
                              worker=worker)
-    path, digest = write_answer(settings, answer, q)
+    try:
+        path, digest = write_answer(settings, answer, q)
+    except OSError:
+        return finish_failed(session, q, "result_not_stored", "The answer could not be stored; nothing was charged.",
+                             "结果无法保存，未扣除隐私预算。", worker=worker)
     result = result_row(q, answer, path, digest)
     final = "done" if q.mode == "dev" else "held"
     try:
         session.add(result)
         session.flush()
-        owned = session.exec(update(Query).where(*_held_by(q, worker)).values(
+        # Only while this worker still holds the job and nobody asked to cancel it: a cancel that
+        # was acknowledged is never followed by a charge.
+        owned = session.exec(update(Query).where(*_held_by(q, worker), Query.cancel_requested == False).values(  # noqa: E712
             status=final, result_id=result.id, progress=1.0, finished_at=utcnow(), epsilon_spent=result.epsilon_spent,
             lease_until=None).execution_options(synchronize_session=False)).rowcount
         if owned != 1:
@@ -291,6 +297,8 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
     except _LostLease:
         session.rollback()
         (settings.results_dir / path).unlink(missing_ok=True)
+        return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
+                             status="cancelled")   # a no-op unless it is still ours and cancel was asked
     except BaseException:
         session.rollback()
         (settings.results_dir / path).unlink(missing_ok=True)
@@ -411,13 +419,17 @@ def query_out(q: Query) -> dict[str, Any]:
 
 
 def result_out(settings: Settings, principal: Principal, r: QueryResult) -> dict[str, Any]:
+    visible = cells_visible(principal, r)
+    # A row-level answer's size says how many rows matched: the tenant learns it with the cells
+    # (after export review); the office, reviewers and auditors see it to review.
+    size_shown = visible or r.kind != "rows" or principal.role is not Role.applicant
     out: dict[str, Any] = {
         "id": r.id, "query_id": r.query_id, "scene_id": r.scene_id, "kind": r.kind, "synthetic": r.synthetic,
-        "status": r.status, "columns": r.columns, "row_count": r.row_count, "noise": r.noise,
-        "epsilon_spent": r.epsilon_spent, "notes": r.notes,
+        "status": r.status, "columns": r.columns, "row_count": r.row_count if size_shown else None, "noise": r.noise,
+        "epsilon_spent": r.epsilon_spent, "notes": r.notes if size_shown else [],
         # the ε the noise was calibrated to (a dev answer is calibrated alike but charges nothing)
         "epsilon": sum(float(n.get("epsilon", 0.0)) for n in (r.noise or {}).values()), "sha256": r.sha256, "created_at": r.created_at,
-        "cells_visible": cells_visible(principal, r),
+        "cells_visible": visible,
     }
     if r.synthetic:
         out["notice"] = "synthetic: computed on the dev twin, not on real data"

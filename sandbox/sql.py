@@ -66,6 +66,11 @@ class DatasetInfo:
     code: str
     fields: tuple[str, ...]
     privacy_unit: str | None   # None: COUNT(DISTINCT …) is never accepted
+    # field -> catalog type (catalog.descriptor.FieldType values). Given, every literal a field is
+    # compared with must be of its type: DuckDB would otherwise cast the *column* row by row, and
+    # whether that fails would depend on the data (a failure on the first row that passes the
+    # other conditions says such a row exists).
+    types: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", tuple(self.fields))
@@ -645,14 +650,80 @@ class _Checker:
         return (function, ref, q), rebuilt
 
     # -- WHERE ----------------------------------------------------------------------------------
-    def operand(self, node: exp.Expression) -> exp.Expression | None:
+    def where_column(self, node: exp.Expression) -> tuple[exp.Expression, ColumnRef] | None:
+        ref = self.column_use(_unparen(node), Place.where)
+        if ref is None:
+            return None
+        self.filters.append(ref)
+        return self.column_node(ref), ref
+
+    def field_type(self, ref: ColumnRef) -> str | None:
+        if ref.upload:
+            return None   # the tenant's own columns: no catalog type (and no one else's data)
+        info = self.datasets.get(ref.table.lower())
+        return (info.types or {}).get(ref.field) if info is not None else None
+
+    def typed_literal(self, ref: ColumnRef, node: exp.Expression, where: str) -> exp.Expression | None:
+        """A literal compared with `ref`, of the field's own type (a date may be written as
+        'YYYY-MM-DD'); anything else is refused before the engine could cast the column."""
         node = _unparen(node)
-        if isinstance(node, exp.Column):
-            ref = self.column_use(node, Place.where)
-            if ref is not None:
-                self.filters.append(ref)
-            return self.column_node(ref) if ref is not None else None
-        return self.literal(node, "WHERE")
+        lit = self.literal(node, where)
+        ftype = self.field_type(ref)
+        if lit is None or ftype is None:
+            return lit
+        if type(lit) is exp.Literal and lit.is_string:
+            kind = "string"
+        elif type(lit) in (exp.Literal, exp.Neg):
+            kind = "number"
+        elif type(lit) is exp.Boolean:
+            kind = "boolean"
+        else:
+            kind = "date"
+        want = {"string": "string", "integer": "number", "float": "number", "decimal": "number",
+                "date": "date", "timestamp": "date", "boolean": "boolean"}.get(ftype)
+        if want == "date" and kind == "string":   # '2024-01-01' for a date field: read as a date
+            try:
+                value = dt.date.fromisoformat(lit.this) if ftype == "date" else dt.datetime.fromisoformat(lit.this)
+            except ValueError:
+                value = None
+            if value is not None:
+                kind_name = "DATE" if ftype == "date" else "TIMESTAMP"
+                text = value.isoformat() if ftype == "date" else value.isoformat(sep=" ")
+                return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build(kind_name))
+        if want is not None and kind != want:
+            shown = {"string": "text in quotes", "number": "a number", "date": "DATE 'YYYY-MM-DD'",
+                     "boolean": "TRUE or FALSE"}
+            shown_zh = {"string": "加引号的文本", "number": "数字", "date": "DATE 'YYYY-MM-DD'", "boolean": "TRUE 或 FALSE"}
+            self.refuse(f"{kind} literal for {ref}", f"{ref} is a {ftype} field: compare it with {shown[want]}, "
+                        f"not {shown[kind]}", f"{ref} 是 {ftype} 类型字段：只能与{shown_zh[want]}比较，不能与{shown_zh[kind]}比较")
+            return None
+        return lit
+
+    def comparison(self, a: exp.Expression, b: exp.Expression, op: str) -> tuple[exp.Expression, exp.Expression] | None:
+        """`<field> op <literal>` (either way round), the literal of the field's type."""
+        a, b = _unparen(a), _unparen(b)
+        columns = [isinstance(x, exp.Column) for x in (a, b)]
+        if all(columns):
+            self.refuse(f"field {op} field", "a condition compares a field with a literal, not with another field",
+                        "条件只能把字段与常量比较，不能与另一个字段比较")
+            return None
+        if not any(columns):
+            odd = [x for x in (a, b) if not isinstance(x, (exp.Literal, exp.Neg, exp.Boolean, exp.Cast, exp.Null))]
+            if odd:   # a function or an expression: name it as such
+                self.refuse_node(odd[0], "WHERE", "WHERE")
+                return None
+            self.refuse(f"literal {op} literal", "a condition must compare a field with a literal",
+                        "条件必须把字段与常量比较")
+            return None
+        col_node, lit_node = (a, b) if columns[0] else (b, a)
+        got = self.where_column(col_node)
+        if got is None:
+            return None
+        col, ref = got
+        lit = self.typed_literal(ref, lit_node, op)
+        if lit is None:
+            return None
+        return (col, lit) if columns[0] else (lit, col)
 
     def condition(self, node: exp.Expression) -> exp.Expression | None:
         node = _unparen(node)
@@ -669,10 +740,10 @@ class _Checker:
             inner = self.condition(node.this)
             return exp.Not(this=exp.Paren(this=inner)) if inner is not None else None
         if type(node) in _COMPARISONS:
-            left, right = self.operand(node.this), self.operand(node.expression)
-            if left is None or right is None:
+            pair = self.comparison(node.this, node.expression, node.key.upper())
+            if pair is None:
                 return None
-            return _COMPARISONS[type(node)](this=left, expression=right)
+            return _COMPARISONS[type(node)](this=pair[0], expression=pair[1])
         if type(node) is exp.In:
             extra = [k for k in ("query", "unnest", "field", "is_global") if node.args.get(k)]
             if extra:
@@ -685,23 +756,31 @@ class _Checker:
             if not node.expressions:
                 self.refuse("IN ()", "IN needs at least one value", "IN 至少需要一个值")
                 return None
-            col = self.operand(node.this)
-            values = [self.literal(v, "IN") for v in node.expressions]
-            if col is None or any(v is None for v in values):
+            got = self.where_column(node.this)
+            if got is None:
                 return None
-            return exp.In(this=col, expressions=values)
+            values = [self.typed_literal(got[1], v, "IN") for v in node.expressions]
+            if any(v is None for v in values):
+                return None
+            return exp.In(this=got[0], expressions=values)
         if type(node) is exp.Between:
             if node.args.get("symmetric"):
                 self.refuse("BETWEEN SYMMETRIC", "BETWEEN SYMMETRIC is not supported", "不支持 BETWEEN SYMMETRIC")
                 return None
-            parts = [self.operand(node.args[k]) for k in ("this", "low", "high")]
-            if any(p is None for p in parts):
+            if not isinstance(_unparen(node.this), exp.Column):
+                self.refuse_node(_unparen(node.this), "BETWEEN", "BETWEEN")
                 return None
-            return exp.Between(this=parts[0], low=parts[1], high=parts[2])
+            got = self.where_column(node.this)
+            if got is None:
+                return None
+            low, high = (self.typed_literal(got[1], node.args[k], "BETWEEN") for k in ("low", "high"))
+            if low is None or high is None:
+                return None
+            return exp.Between(this=got[0], low=low, high=high)
         if type(node) is exp.Is and isinstance(node.expression, exp.Null) and not node.args.get("negate") \
                 and isinstance(_unparen(node.this), exp.Column):
-            col = self.operand(node.this)
-            return exp.Is(this=col, expression=exp.Null()) if col is not None else None
+            got = self.where_column(node.this)
+            return exp.Is(this=got[0], expression=exp.Null()) if got is not None else None
         if isinstance(node, exp.Column):
             self.refuse("bare column in WHERE", "a condition must compare a field (=, <>, <, <=, >, >=, IN, BETWEEN, "
                         "IS NULL)", "条件必须对字段进行比较（=、<>、<、<=、>、>=、IN、BETWEEN、IS NULL）")

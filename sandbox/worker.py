@@ -65,6 +65,15 @@ def requeue_expired(session: Session, settings: Settings) -> int:
                                 .execution_options(synchronize_session=False)).rowcount
         moved += done
         session.commit()
+    # A dev query runs inside its request, without a lease: one still "running" an hour on lost
+    # its process. Failed (it reserved nothing).
+    stale = now - timedelta(seconds=max(3600, settings.query_lease_seconds))
+    moved += session.exec(update(Query).where(Query.status == "running", Query.mode == "dev", Query.started_at < stale)
+                          .values(status="failed", error_code="worker_lost",
+                                  error_message="The process running this dev query stopped.",
+                                  error_message_zh="执行该开发模式查询的进程已中断。", finished_at=now)
+                          .execution_options(synchronize_session=False)).rowcount
+    session.commit()
     return moved
 
 

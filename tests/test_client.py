@@ -15,7 +15,7 @@ from pdao import client as client_mod
 from pdao.client import Client, PdaoClientError, QueryFailed, QueryTimeout, ResultHeld
 from sandbox.worker import start_in_thread
 from tests.conftest import DEMO_PASSWORD
-from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene
+from tests.scene_helpers import BY_DISTRICT, VISITS, active_scene
 from tests.scene_helpers import DISTRICTS as DISTRICT_DOMAIN
 
 DISTRICTS = set(DISTRICT_DOMAIN)
@@ -119,9 +119,8 @@ def test_dev_query_returns_a_dataframe_of_every_district_with_its_metadata(clien
     assert b.queries() == []
 
 
-def test_prod_queries_preview_budget_refusal_held_and_failed(client, auth, loaded, users, worker, capsys):
-    # district may also filter here, so that a query can fail inside the engine (text compared to a number)
-    scene = active_scene(client, auth, items=SCENE_ITEMS + [{"dataset": VISITS, "field": "district", "usage": "filter"}])
+def test_prod_queries_preview_budget_refusal_held_and_failed(client, auth, loaded, users, worker, capsys, monkeypatch):
+    scene = active_scene(client, auth)
     a = users("insurer_a")
     before = a.budget(scene["id"])
     assert (before["epsilon"], before["epsilon_spent"], before["epsilon_left"]) == (3.0, 0, 3.0)
@@ -160,10 +159,17 @@ def test_prod_queries_preview_budget_refusal_held_and_failed(client, auth, loade
         a.download(held.result_id)
     assert e.value.status == 403 and e.value.code == "result_not_released"
 
-    # failed in the worker: QueryFailed with the server's code and messages, its ε refunded
-    sql = f"SELECT COUNT(*) AS n FROM {VISITS} WHERE visit_date >= DATE '2018-01-01' AND district = 5"
+    # failed in the worker (the engine breaks): QueryFailed with the server's code and messages, ε refunded
+    import duckdb
+
+    import sandbox.execute
+
+    def broken(*args, **kwargs):
+        raise duckdb.IOException("the engine broke")
+
+    monkeypatch.setattr(sandbox.execute, "domain_connection", broken)
     with pytest.raises(QueryFailed) as e:
-        a.query(scene["id"], sql, mode="prod", epsilon=0.2, progress=False, poll=0.05, timeout=60)
+        a.query(scene["id"], BY_DISTRICT, mode="prod", epsilon=0.2, progress=False, poll=0.05, timeout=60)
     assert e.value.code == "query_failed" and e.value.query_status == "failed" and e.value.status is None
     assert e.value.message and e.value.message_zh and e.value.query_id
     assert a.budget(scene["id"])["epsilon_spent"] == pytest.approx(0.5)

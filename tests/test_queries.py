@@ -113,20 +113,56 @@ def test_over_budget_and_over_cap_are_refused(client, auth, loaded):
     assert len(client.get(f"{url}", headers=auth("insurer_a")).json()) == 1
 
 
-def test_a_failing_job_is_refunded_and_never_shows_engine_text(client, auth, engine, settings, loaded, synth_files):
+def test_a_literal_of_the_wrong_type_is_refused_at_submission(client, auth, engine, loaded):
+    # DuckDB would cast district row by row and fail only if a row passed the other conditions:
+    # the failure would tell whether such a row exists. Refused before anything runs.
     scene = active_scene(client, auth, items=SCENE_ITEMS + [{"dataset": VISITS, "field": "district", "usage": "filter"}])
-    # district is text: comparing it to a number fails inside DuckDB on the first cell it converts
     sql = f"SELECT COUNT(*) AS n FROM {VISITS} WHERE visit_date >= DATE '2018-01-01' AND district = 5"
     r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
                     json={"sql": sql, "mode": "prod", "epsilon": 0.2})
+    assert r.status_code == 422 and r.json()["code"] == "query_refused", r.text
+    assert "number literal for health.outpatient_visit.district" in r.text
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    with Session(engine) as s:
+        assert ledger.entries(s, scene["id"]) == [] and s.exec(select(Query)).all() == []
+
+
+def test_a_failing_job_is_refunded_and_never_shows_engine_text(client, auth, engine, settings, loaded, monkeypatch):
+    import duckdb
+
+    import sandbox.execute
+
+    scene = active_scene(client, auth)
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.2})
     assert r.status_code == 202, r.text
+
+    def broken(*args, **kwargs):
+        raise duckdb.IOException(f"Could not read file: {DISTRICTS[0]}")   # engine text that names a value
+
+    monkeypatch.setattr(sandbox.execute, "domain_connection", broken)
     assert work_once(engine, settings)
     q = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth("insurer_a")).json()
     assert q["status"] == "failed" and q["error"]["code"] == "query_failed", q
-    assert "Conversion" not in str(q) and "convert" not in str(q) and not any(d in str(q) for d in DISTRICTS)
+    assert "Could not" not in str(q) and not any(d in str(q) for d in DISTRICTS)
     assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
     with Session(engine) as s:
         assert [e.state for e in ledger.entries(s, scene["id"])] == ["refunded"]
+
+
+def test_a_held_row_level_answer_hides_its_size_from_the_tenant(client, auth, engine, settings, loaded):
+    items = SCENE_ITEMS + [{"dataset": VISITS, "field": "person_id", "usage": "masked_output"}]
+    scene = active_scene(client, auth, items=items)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": f"SELECT person_id FROM {VISITS} WHERE visit_date >= DATE '2025-06-01'",
+                          "mode": "prod"}).json()
+    assert q["status"] == "queued" and q["epsilon"] == 0
+    assert work_once(engine, settings)
+    rid = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()["result_id"]
+    mine = client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
+    assert mine["status"] == "held" and mine["rows"] is None and mine["row_count"] is None and mine["notes"] == []
+    review = client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()
+    assert review["row_count"] > 0 and review["rows"] is None
 
 
 def test_cancel_a_queued_query_refunds(client, auth, engine, loaded):

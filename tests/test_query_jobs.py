@@ -160,3 +160,23 @@ def test_the_heartbeat_interrupts_the_engine_when_cancel_is_asked(client, auth, 
     client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_a"))
     beat.beat()
     assert beat.con.interrupted == 1
+
+
+def test_a_cancel_acknowledged_while_the_answer_is_being_stored_is_never_charged(client, auth, engine, settings,
+                                                                                loaded):
+    from sandbox.queries import run_and_store
+    from sandbox.worker import claim
+
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
+    with Session(engine, expire_on_commit=False) as s:
+        job = claim(s, settings, "me")
+        # the engine has finished (an interrupt would come too late) when the cancel arrives
+        assert client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_a")).status_code == 200
+        run_and_store(s, settings, job, enforcers=SceneEnforcers(engine), worker="me")
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "cancelled" and got["result_id"] is None
+    with Session(engine) as s:
+        assert [e.state for e in ledger.entries(s, scene["id"])] == ["refunded"]
+    assert not list(settings.results_dir.rglob("*.parquet"))

@@ -580,3 +580,40 @@ def test_mutated_queries_are_refused_cleanly_or_fully_granted() -> None:
         assert all(t in FUNCTIONS for t in (tok.text for tok in sqlglot.tokenize(checked.sql, read="duckdb")
                                              if tok.token_type == TokenType.VAR))
     assert accepted > 0   # the mutations do reach the accepting paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Literals of the field's own type (with catalog types given, as the engine's callers do)
+
+TYPED = [DatasetInfo(d.code, [f.name for f in d.fields], d.privacy_unit, {f.name: f.type.value for f in d.fields})
+         for d in DESCRIPTORS.values() if d.opening_class != "prohibited"]
+
+
+def typed(sql: str) -> CheckedQuery:
+    return check_query(sql, GRANTS, TYPED, UPLOADS)
+
+
+@pytest.mark.parametrize("where, construct", [
+    ("district = 5", "number literal for health.outpatient_visit.district"),
+    ("district IN ('兴庆区', 2)", "number literal for health.outpatient_visit.district"),
+    ("district = TRUE", "boolean literal for health.outpatient_visit.district"),
+    ("district = DATE '2024-01-01'", "date literal for health.outpatient_visit.district"),
+    ("visit_date = 20240101", "number literal for health.outpatient_visit.visit_date"),
+    ("visit_date > 'yesterday'", "string literal for health.outpatient_visit.visit_date"),
+    ("visit_date BETWEEN DATE '2024-01-01' AND 5", "number literal for health.outpatient_visit.visit_date"),
+    ("district = hospital", "field EQ field"),
+    ("1 = 1", "literal EQ literal"),
+])
+def test_a_literal_of_another_type_is_refused_before_the_engine_could_cast_the_column(where, construct):
+    # DuckDB would cast the column row by row, failing only on a row that passes the other
+    # conditions: whether a query fails would say whether such a row exists.
+    with pytest.raises(QueryRefused) as info:
+        typed(f"SELECT COUNT(*) FROM {OV} WHERE visit_date >= DATE '2020-01-01' AND {where}")
+    assert construct in [d["construct"] for d in info.value.details], info.value.details
+    assert all(d["message_zh"] for d in info.value.details)
+
+
+def test_literals_of_the_fields_type_pass_and_dates_may_be_written_as_text():
+    q = typed(f"SELECT COUNT(*) FROM {OV} WHERE visit_date >= '2024-01-01' AND district IN ('兴庆区') "
+              "AND '2024-12-31' >= visit_date")
+    assert "CAST('2024-01-01' AS DATE)" in q.sql and "CAST('2024-12-31' AS DATE) >=" in q.sql
