@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py --scales 1000000 10000000
 	$(BIN)/python bench/casbin_bench.py
 	$(BIN)/python bench/pii_bench.py
+	$(BIN)/python bench/query_bench.py --scales 10000000 100000000
 
 # Refresh the pinned versions after changing dependencies in pyproject.toml.
 lock:
