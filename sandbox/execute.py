@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,10 +374,11 @@ def _clamped(f: FieldMeta, col: exp.Expression) -> exp.Expression:
     lo, hi = (exp.Literal.number(repr(float(b)) if f.type == "float" else str(b)) for b in f.bounds)  # type: ignore[union-attr]
     if f.type == "decimal":
         lo, hi = exp.Literal.number(format(float(f.bounds[0]), ".2f")), exp.Literal.number(format(float(f.bounds[1]), ".2f"))  # type: ignore[index]
-    # LEAST/GREATEST skip NULLs in DuckDB (a NULL would become a bound): keep NULL as NULL.
-    inner = exp.Anonymous(this="least", expressions=[exp.Anonymous(this="greatest", expressions=[col, lo]), hi])
-    clamped = exp.Case(ifs=[exp.If(this=exp.Is(this=col.copy(), expression=exp.Null()), true=exp.Null())],
-                       default=inner)
+    clamped: exp.Expression = exp.Anonymous(
+        this="least", expressions=[exp.Anonymous(this="greatest", expressions=[col, lo]), hi])
+    if f.nullable:   # LEAST/GREATEST skip NULLs in DuckDB (a NULL would become a bound): keep NULL as NULL
+        clamped = exp.Case(ifs=[exp.If(this=exp.Is(this=col.copy(), expression=exp.Null()), true=exp.Null())],
+                           default=clamped)
     if f.type == "decimal":   # exact: DECIMAL(18,2) × 100 is whole
         return exp.Cast(this=exp.Mul(this=clamped, expression=exp.Literal.number(CENTS)), to=exp.DataType.build("BIGINT"))
     if f.type == "integer":
@@ -504,8 +506,12 @@ def run(execution: Execution, *, on_connection: Callable[[duckdb.DuckDBPyConnect
 def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
     checked, meta = execution.checked, execution.dataset
     domains, n = group_cells(execution)
-    plan = noise_plan(execution, n)           # before any data is read
-    exact = _fetch(execution, aggregate_sql(execution), on_connection)
+    # The plan depends on public facts only, and submission already checked it can be made: it is
+    # calibrated (OpenDP) while DuckDB scans, and nothing is released if it fails.
+    with ThreadPoolExecutor(1) as pool:
+        planning = pool.submit(noise_plan, execution, n)
+        exact = _fetch(execution, aggregate_sql(execution), on_connection)
+        plan = planning.result()
 
     cells = list(itertools.product(*domains)) if domains else [()]
     index = {c: i for i, c in enumerate(cells)}
