@@ -536,14 +536,17 @@ def format_row(r: Row, base: dict[tuple[int, str], Row]) -> str:
     ratio_mb = _fmt(r.peak_mb / b.peak_mb, ".1f") if b and b.peak_mb and r.peak_mb and r.seconds is not None else "–"
     n_ok = len(r.ok())
     runs = f"{n_ok}" if n_ok == len(r.runs) else f"{n_ok}/{len(r.runs)}"
-    secs = _fmt(r.seconds, ".3f" if r.seconds is not None and r.seconds < 10 else ".1f")
+    spec = ".3f" if r.seconds is not None and r.seconds < 10 else ".1f"
+    secs = _fmt(r.seconds, spec)
+    if n_ok > 1:
+        secs += f" ({min(x.seconds for x in r.ok()):{spec}}–{max(x.seconds for x in r.ok()):{spec}})"
     return (f"| {r.scale:,} | {r.query} | {r.method} | {runs} | {secs} | {ratio} | {_fmt(r.wall, '.1f')} | "
             f"{_fmt(r.peak_mb, ',.0f')} | {ratio_mb} | {r.note} |")
 
 
 def table(rows: list[Row]) -> str:
     base = {(r.scale, r.query): r for r in rows if r.method == "raw duckdb"}
-    lines = ["| visit rows | group by | method | runs | query s (median) | × raw | child s | peak MB | × raw RSS | note |",
+    lines = ["| visit rows | group by | method | runs | query s: median (min–max) | × raw | child s | peak MB | × raw RSS | note |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     lines += [format_row(r, base) for r in rows]
     return "\n".join(lines)
@@ -628,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         f"ε = {EPSILON:g}, {K} contributions per person, {THREADS} threads (DuckDB `threads`, POLARS_MAX_THREADS), "
         f"DuckDB memory limit {MEMORY_LIMIT}. Queries: `{engine_sql('district')}`, and the same grouped by "
         "`DATE_TRUNC('month', visit_date)` (144 public months, 2015–2026), on the one snapshot the store wrote. "
-        "Each step ran in a fresh child process: 'query s' is the child's own timing of the query (median of the "
-        "runs shown; process start and imports excluded), 'child s' the child's wall time, 'peak MB' its "
+        "Each step ran in a fresh child process: 'query s' is the child's own timing of the query (median and "
+        "range of the runs; process start and imports excluded), 'child s' the child's wall time, 'peak MB' its "
         "`ru_maxrss`; ratios are to the raw DuckDB query on the same snapshot. "
         f"Load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; whole run {elapsed / 60:.0f} min.",
         "",
