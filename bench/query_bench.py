@@ -33,9 +33,11 @@ Then, for each query — ``COUNT(*), SUM(fee), AVG(fee)`` ``GROUP BY district``,
                     the snapshot with pandas, loads it into SmartNoise's SQLite (``from_df``) and runs
                     the query with ``max_ids`` = 10, ε = 1, δ = 0 (bench/peers/snsql_query.py).
 
-Each step runs ``--runs`` times (median shown) unless its first run took longer than
+Each step runs ``--runs`` times (median and range shown) unless its first run took longer than
 ``--cheap-seconds``. A step that exceeds ``--timeout`` seconds or ``--max-rss-gb`` resident memory is
-killed and shown as such. The Markdown table (ratios to the raw DuckDB baseline) is printed and
+killed and shown as such; a peer whose run at a smaller scale, scaled with the rows, projects past
+twice those limits is not started at the larger one (the table says why; ``--no-projection`` runs
+it anyway). The Markdown table (ratios to the raw DuckDB baseline) is printed and
 appended with the command, the date and the machine to bench/RESULTS.md under
 ``## query engine`` (``--no-append`` to only print). Data live under bench/.data (git-ignored);
 ``--reuse-data`` keeps them between runs and skips (a) and (b) when a snapshot of the same scale
