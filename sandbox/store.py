@@ -296,6 +296,7 @@ def write_snapshot(settings: Settings, src: Path, fields: list[DatasetField], da
     settings.ensure_home()
     fmt = sniff_format(src)
     tmp = settings.staging_dir / f"load-{uuid.uuid4().hex}.parquet"
+    ranked = tmp.with_suffix(".ranked.parquet")   # the first of two passes (privacy unit only)
     staged = stage_source(settings, src)
     con: duckdb.DuckDBPyConnection | None = None
     try:
@@ -315,15 +316,20 @@ def write_snapshot(settings: Settings, src: Path, fields: list[DatasetField], da
             # hash(t): the whole row, so the order (and which rows a bound keeps) depends on the
             # rows alone, never on their position in the file.
             body = (f"SELECT t.*, row_number() OVER (PARTITION BY t.{quote_ident(privacy_unit)} ORDER BY hash(t)) "
-                    f"AS {quote_ident(RANK_COLUMN)} FROM ({body}) AS t "
-                    # Sorted by rank first: the rows a bound of k keeps come first, so Parquet's
-                    # row-group statistics let the engine skip the rest (measured: a bounded
-                    # aggregate reads ~40% of a 10M-row snapshot). A total order, so the same
-                    # file gives the same snapshot bytes (and hash) every time.
-                    f"ORDER BY {quote_ident(RANK_COLUMN)}, {quote_ident(privacy_unit)}")
+                    f"AS {quote_ident(RANK_COLUMN)} FROM ({body}) AS t")
         try:
-            con.execute(f"COPY ({body}) TO {quote_literal(str(tmp))} "
-                        "(FORMAT parquet, COMPRESSION zstd)")
+            if privacy_unit is None:
+                con.execute(f"COPY ({body}) TO {quote_literal(str(tmp))} (FORMAT parquet, COMPRESSION zstd)")
+            else:
+                # Two passes: the window, then the sort (both at once outgrow the memory limit at
+                # 100M rows). Sorted by rank first, the rows a bound of k keeps come first, so
+                # Parquet's row-group statistics let the engine skip the rest (a bounded aggregate
+                # reads ~40% of a 10M-row snapshot). A total order: the same file gives the same
+                # snapshot bytes (and hash) every time.
+                con.execute(f"COPY ({body}) TO {quote_literal(str(ranked))} (FORMAT parquet, COMPRESSION zstd)")
+                con.execute(f"COPY (SELECT * FROM read_parquet({quote_literal(duck_path(ranked))}) "
+                            f"ORDER BY {quote_ident(RANK_COLUMN)}, {quote_ident(privacy_unit)}) "
+                            f"TO {quote_literal(str(tmp))} (FORMAT parquet, COMPRESSION zstd)")
         except duckdb.Error:
             tmp.unlink(missing_ok=True)
             raise invalid("version_invalid", "The file cannot be read; nothing was loaded.",
@@ -333,6 +339,7 @@ def write_snapshot(settings: Settings, src: Path, fields: list[DatasetField], da
         if con is not None:
             con.close()
         staged.unlink(missing_ok=True)
+        ranked.unlink(missing_ok=True)
     return tmp, report
 
 
