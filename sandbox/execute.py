@@ -52,7 +52,7 @@ from pdao.errors import PdaoError, invalid
 from sandbox import privacy
 from sandbox.engine import domain_connection
 from sandbox.masking import mask
-from sandbox.sql import DATASET_ALIAS, DIALECT, Aggregate, CheckedQuery, DatasetInfo, GroupKey
+from sandbox.sql import DATASET_ALIAS, DIALECT, Aggregate, CheckedQuery, DatasetInfo, GroupKey, upload_view_name
 from sandbox.store import RANK_COLUMN
 
 MAX_CELLS = 100_000          # group cells of one aggregate answer (the product of the key domains)
@@ -463,7 +463,6 @@ def _views(execution: Execution) -> tuple[dict[str, Path], dict[str, str]]:
     views = {checked.view: execution.snapshot}
     unique_on: dict[str, str] = {}
     if checked.join is not None:
-        from sandbox.sql import upload_view_name
         path = execution.uploads.get(checked.join.upload)
         if path is None:
             raise refused("upload_not_found", f"the upload {checked.join.upload} is not available",

@@ -24,9 +24,7 @@ import hmac
 import json
 import os
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -436,12 +434,3 @@ def result_out(settings: Settings, principal: Principal, r: QueryResult) -> dict
         out["notice_zh"] = "合成数据：基于开发孪生数据计算，并非真实数据"
     out["rows"] = rows_of(read_table(settings, r)) if out["cells_visible"] else None
     return out
-
-
-def budget_of(scene: Scene) -> Mapping[str, float]:
-    return {"epsilon": scene.budget_epsilon, "epsilon_spent": scene.epsilon_spent,
-            "epsilon_left": max(scene.budget_epsilon - scene.epsilon_spent, 0.0)}
-
-
-def results_path(settings: Settings, r: QueryResult) -> Path:
-    return settings.results_dir / r.storage_path
