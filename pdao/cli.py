@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from sqlmodel import Session, select
 
+from pdao.cli_audit import audit_app
 from pdao.cli_pii import pii_app
 from pdao.cli_policy import policy_app
 from pdao.config import Settings
@@ -27,6 +28,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(orgs_app, name="orgs")
 app.add_typer(policy_app, name="policy")
 app.add_typer(pii_app, name="pii")
+app.add_typer(audit_app, name="audit")
 
 
 def _fail(err: PdaoError) -> None:
