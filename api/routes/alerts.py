@@ -1,7 +1,46 @@
-"""Alerts for the security reviewer (issue 5; being written)."""
+"""Alerts for the security reviewer (issue 5): patterns in the audit trail worth a look.
+
+Auditors and the office only (casbin `audit read`); the decisions live in `pdao.alerts`.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query as QueryParam, Request
+
+from api.deps import SessionDep, caller
+from pdao.alerts import AlertThresholds, collect_alerts
+from pdao.db import utcnow
+from pdao.errors import invalid
 
 router = APIRouter(tags=["audit"])
+
+DEFAULT_LOOKBACK = timedelta(days=7)
+MAX_WINDOW = timedelta(days=366)
+
+
+def _aware(at: datetime) -> datetime:
+    # A time without an offset is UTC, like every timestamp the API returns.
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+@router.get("/audit/alerts", name="audit.alerts")
+def list_alerts(principal: caller("audit", "read"), session: SessionDep, request: Request,
+                since: Annotated[datetime | None, QueryParam(description="default: `until` minus 7 days")] = None,
+                until: Annotated[datetime | None, QueryParam(description="default: now")] = None) -> dict[str, Any]:
+    """Many denials from one user, budgets nearly spent, near-identical prod queries (differencing),
+    downloads outside office hours — newest first. Metadata, audit seqs and query ids; never cells.
+    Times without an offset are UTC."""
+    until = _aware(until) if until is not None else utcnow()
+    since = _aware(since) if since is not None else until - DEFAULT_LOOKBACK
+    if since > until:
+        raise invalid("bad_window", "`since` must not be after `until`.", "`since` 不能晚于 `until`。")
+    if until - since > MAX_WINDOW:
+        raise invalid("window_too_long", "The window may span at most 366 days.", "时间窗口最长 366 天。")
+    thresholds = AlertThresholds()
+    alerts = collect_alerts(session, until, since, thresholds)
+    request.state.audit_detail = {"since": since.isoformat(), "until": until.isoformat(), "alerts": len(alerts)}
+    return {"since": since.isoformat(), "until": until.isoformat(), "thresholds": thresholds.to_dict(),
+            "count": len(alerts), "alerts": [a.to_dict() for a in alerts]}

@@ -1,0 +1,390 @@
+"""Alerts for the security reviewer: the pure decisions (denial bursts, budgets, differencing,
+off-hours downloads) on hand-made records, then `GET /audit/alerts` on both backends."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlmodel import Session
+
+from pdao.alerts import (
+    Alert, AlertThresholds, EventRecord, QueryRecord, SceneRecord, budgets_nearly_spent, decide_alerts,
+    denial_bursts, differencing_suspects, in_office_hours, near_identical, off_hours_downloads, off_hours_stretch,
+    sql_shape,
+)
+from pdao.audit import AuditEvent
+from tests.scene_helpers import BY_DISTRICT, VISITS, active_scene
+
+T0 = datetime(2024, 5, 6, 2, 0, tzinfo=UTC)            # Monday 10:00 in Yinchuan (UTC+8)
+CST = timezone(timedelta(hours=8))
+
+
+def cst(y, mo, d, h, mi=0, s=0) -> datetime:
+    """A Beijing-time instant (2024-05-06 is a Monday)."""
+    return datetime(y, mo, d, h, mi, s, tzinfo=CST)
+
+
+def deny(seq, at, actor="insurer_b", reason="role_not_permitted", **kw) -> EventRecord:
+    return EventRecord(seq=seq, at=at, actor=actor, action="audit.read", decision="deny", reason=reason,
+                       org=kw.pop("org", "company_b"), **kw)
+
+
+def download(seq, at, actor="insurer_a", **kw) -> EventRecord:
+    return EventRecord(seq=seq, at=at, actor=actor, action=kw.pop("action", "result.download"),
+                       decision=kw.pop("decision", "allow"), org="company_a", object=f"result:{seq}", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# many_denials
+
+
+def test_ten_denials_within_an_hour_make_one_alert_resting_on_their_seqs():
+    events = [deny(i, T0 + timedelta(minutes=6 * i)) for i in range(10)]   # 0 … 54 minutes
+    [a] = denial_bursts(events)
+    assert a.kind == "many_denials" and a.actor == "insurer_b" and a.org == "company_b" and a.count == 10
+    assert a.audit_seqs == tuple(range(10)) and a.first_at == T0 and a.last_at == T0 + timedelta(minutes=54)
+    assert a.severity == "warning" and a.detail["reasons"] == {"role_not_permitted": 10}
+    assert "insurer_b" in a.message and "10" in a.message and "insurer_b" in a.message_zh and "拒绝" in a.message_zh
+
+
+def test_nine_denials_or_ten_spread_over_more_than_an_hour_are_not_a_burst():
+    assert denial_bursts([deny(i, T0 + timedelta(minutes=i)) for i in range(9)]) == []
+    assert denial_bursts([deny(i, T0 + timedelta(minutes=7 * i)) for i in range(10)]) == []   # 63 minutes
+    exactly = [deny(i, T0 + timedelta(seconds=400 * i)) for i in range(10)]   # 60 minutes: still within
+    assert len(denial_bursts(exactly)) == 1
+
+
+def test_denials_count_per_actor_and_ignore_anonymous_and_allowed_events():
+    events = ([deny(i, T0 + timedelta(minutes=i), actor="insurer_b" if i % 2 else "insurer_a") for i in range(18)]
+              + [deny(100 + i, T0, actor=None) for i in range(30)]
+              + [EventRecord(seq=200 + i, at=T0, actor="insurer_b", action="x", decision="allow") for i in range(30)]
+              + [EventRecord(seq=300 + i, at=T0, actor="insurer_b", action="x", decision="error") for i in range(30)])
+    assert denial_bursts(events) == []
+    assert [a.actor for a in denial_bursts(events, AlertThresholds(denials=9))] in (["insurer_a", "insurer_b"],
+                                                                                      ["insurer_b", "insurer_a"])
+
+
+def test_separate_bursts_stay_separate_and_overlapping_windows_merge():
+    first = [deny(i, T0 + timedelta(minutes=5 * i)) for i in range(15)]                 # 70 minutes, dense
+    later = [deny(100 + i, T0 + timedelta(hours=5, minutes=i)) for i in range(10)]
+    a, b = sorted(denial_bursts(first + later), key=lambda a: a.first_at)
+    assert a.count == 15 and a.audit_seqs == tuple(range(15)) and b.count == 10 and b.first_at == T0 + timedelta(hours=5)
+    heavy = denial_bursts([deny(i, T0 + timedelta(seconds=i)) for i in range(20)])
+    assert [x.severity for x in heavy] == ["high"]
+
+
+def test_a_failed_login_storm_counts_for_the_attempted_username():
+    events = [EventRecord(seq=i, at=T0 + timedelta(seconds=i), actor="office1", action="auth.token", decision="deny",
+                          reason="bad_credentials") for i in range(12)]
+    [a] = denial_bursts(events)
+    assert a.actor == "office1" and a.org is None and a.detail["actions"] == {"auth.token": 12}
+
+
+# ---------------------------------------------------------------------------------------------
+# budget_nearly_spent
+
+
+def scene(**kw) -> SceneRecord:
+    base = dict(id=7, org="company_a", budget_epsilon=3.0, epsilon_spent=0.0, title="慢病统计",
+                last_spent_at=T0, query_ids=(1, 2, 3))
+    base.update(kw)
+    return SceneRecord(**base)
+
+
+def test_a_budget_is_flagged_from_ninety_percent_and_high_when_spent():
+    assert budgets_nearly_spent([scene(epsilon_spent=2.69)]) == []
+    [a] = budgets_nearly_spent([scene(epsilon_spent=0.45 * 6)])          # 2.7000000000000006 or so: 90%
+    assert a.kind == "budget_nearly_spent" and a.severity == "warning" and a.scene_id == 7 and a.org == "company_a"
+    assert a.query_ids == (1, 2, 3) and a.last_at == T0 and "90%" in a.message and "90%" in a.message_zh
+    assert a.detail["epsilon_left"] == pytest.approx(0.3)
+    [b] = budgets_nearly_spent([scene(epsilon_spent=3.0)])
+    assert b.severity == "high" and "100%" in b.message
+
+
+def test_only_usable_scenes_and_real_budgets_count():
+    assert budgets_nearly_spent([scene(epsilon_spent=3.0, status=s) for s in ("revoked", "expired", "draft")]) == []
+    assert budgets_nearly_spent([scene(budget_epsilon=0.0, epsilon_spent=0.0)]) == []
+    assert len(budgets_nearly_spent([scene(epsilon_spent=3.0, status="suspended")])) == 1
+    [d] = budgets_nearly_spent([scene(epsilon_spent=0.1, budget_delta=1e-6, delta_spent=0.95e-6)])
+    assert d.detail["share"] == pytest.approx(0.95) and "δ" in d.message
+    assert budgets_nearly_spent([scene(epsilon_spent=2.8)], AlertThresholds(budget_share=0.95)) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# differencing: what counts as near-identical
+
+BASE = (f"SELECT district, COUNT(*) AS n FROM {VISITS} "
+        "WHERE visit_date >= DATE '2018-01-01' AND fee > 100 GROUP BY district")
+
+
+@pytest.mark.parametrize("other", [
+    BASE,                                                                           # the same query again
+    BASE.replace("2018-01-01", "2019-06-30").replace("100", "250"),                 # other literal values
+    BASE.replace("AND fee > 100", "AND fee > 100 AND person_id <> 4711"),            # one person excluded
+    BASE.replace("AND fee > 100", "AND fee > 100 AND person_id = 4711"),             # one person alone
+    BASE.replace("WHERE visit_date >= DATE '2018-01-01' AND ", "WHERE "),            # one condition dropped
+    BASE.replace("WHERE visit_date >= DATE '2018-01-01' AND fee > 100",
+                 "WHERE (fee > 7) AND visit_date >= DATE '2020-02-02'"),             # reordered, parenthesized
+    BASE.lower().replace("select", "SELECT   ").replace("\n", " "),                 # case and spacing
+])
+def test_near_identical_pairs(other):
+    a, b = sql_shape(BASE), sql_shape(other)
+    assert a is not None and b is not None and near_identical(a, b) and near_identical(b, a)
+
+
+@pytest.mark.parametrize("other", [
+    BASE.replace("GROUP BY district", "GROUP BY hospital").replace("SELECT district", "SELECT hospital"),
+    BASE.replace("COUNT(*)", "SUM(fee)"),
+    BASE.replace("outpatient_visit", "inpatient_stay"),
+    BASE.replace("AND fee > 100", "AND fee > 100 AND person_id <> 1 AND sex = 'F'"),   # two conditions more
+    BASE.replace("fee > 100", "hospital = 'H1'"),                                        # one condition swapped
+    BASE.replace("WHERE visit_date >= DATE '2018-01-01' AND fee > 100 ", ""),            # both dropped
+])
+def test_not_near_identical_pairs(other):
+    a, b = sql_shape(BASE), sql_shape(other)
+    assert a is not None and b is not None and not near_identical(a, b)
+
+
+def test_in_lists_of_any_length_are_the_same_question():
+    a = sql_shape(f"SELECT COUNT(*) FROM {VISITS} WHERE district IN ('兴庆区', '金凤区', '西夏区')")
+    b = sql_shape(f"SELECT COUNT(*) FROM {VISITS} WHERE district IN ('兴庆区')")
+    assert near_identical(a, b)
+    assert "兴庆区" not in a.frame + " ".join(a.conjuncts)
+
+
+@pytest.mark.parametrize("sql", ["SELEC x FROM", "", "   ", "SELECT 1; SELECT 2", "SELECT (", ";;", "\x00"])
+def test_sql_that_does_not_parse_as_one_statement_has_no_shape(sql):
+    assert sql_shape(sql) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# differencing: the detector
+
+
+def q(i, sql, at=None, org="company_a", scene_id=7, mode="prod", requester="insurer_a") -> QueryRecord:
+    return QueryRecord(id=i, org=org, scene_id=scene_id, sql=sql, created_at=at or T0 + timedelta(minutes=i),
+                       mode=mode, requester=requester)
+
+
+def with_person(pid: int) -> str:
+    return BASE.replace("AND fee > 100", f"AND fee > 100 AND person_id <> {pid}")
+
+
+def test_five_near_identical_prod_queries_in_a_day_are_a_suspect():
+    queries = [q(1, BASE)] + [q(i, with_person(4000 + i)) for i in range(2, 6)]
+    [a] = differencing_suspects(queries)
+    assert a.kind == "differencing" and a.org == "company_a" and a.scene_id == 7 and a.actor == "insurer_a"
+    assert a.query_ids == (1, 2, 3, 4, 5) and a.count == 5 and a.severity == "warning"
+    assert a.first_at == T0 + timedelta(minutes=1) and a.last_at == T0 + timedelta(minutes=5)
+    # never a literal: neither the person ids nor the date nor the fee bound
+    text = json.dumps(a.to_dict(), ensure_ascii=False)
+    assert "4002" not in text and "2018-01-01" not in text and "100" not in a.detail["skeleton"]
+    assert "?" in a.detail["skeleton"] and "差分" in a.message_zh and "differencing" in a.message
+
+
+def test_four_or_spread_out_or_dev_queries_are_not_a_suspect():
+    assert differencing_suspects([q(i, with_person(i)) for i in range(4)]) == []
+    spread = [q(i, with_person(i), at=T0 + timedelta(hours=7 * i)) for i in range(5)]   # 28 hours
+    assert differencing_suspects(spread) == []
+    assert differencing_suspects([q(i, with_person(i), mode="dev") for i in range(10)]) == []
+
+
+def test_groups_are_per_organization_and_scene():
+    queries = ([q(i, with_person(i), org="company_a") for i in range(3)]
+               + [q(10 + i, with_person(i), org="company_b") for i in range(3)]
+               + [q(20 + i, with_person(i), scene_id=8) for i in range(3)])
+    assert differencing_suspects(queries) == []
+    found = sorted(differencing_suspects(queries, AlertThresholds(near_identical=3)), key=lambda a: a.query_ids)
+    assert [(a.org, a.scene_id, a.query_ids) for a in found] == [
+        ("company_a", 7, (0, 1, 2)), ("company_b", 7, (10, 11, 12)), ("company_a", 8, (20, 21, 22))]
+
+
+def test_a_chain_of_one_more_condition_each_time_is_one_cluster():
+    conds = ["fee > 1", "person_id <> 2", "hospital = 'x'", "sex = 'F'", "icd10 = 'I10'"]
+    chain = [q(i, f"SELECT COUNT(*) FROM {VISITS} WHERE " + " AND ".join(conds[:i + 1])) for i in range(5)]
+    [a] = differencing_suspects(chain)
+    assert a.query_ids == (0, 1, 2, 3, 4) and a.detail["distinct_shapes"] == 5
+
+
+def test_unparseable_sql_is_skipped_and_other_shapes_do_not_join():
+    queries = ([q(i, with_person(i)) for i in range(4)] + [q(50, "SELEC nonsense"), q(51, "SELECT 1; SELECT 2")]
+               + [q(60 + i, f"SELECT hospital, COUNT(*) FROM {VISITS} WHERE fee > {i} GROUP BY hospital")
+                  for i in range(4)])
+    assert differencing_suspects(queries) == []
+
+
+def test_many_requesters_leave_the_actor_open():
+    queries = [q(i, with_person(i), requester=f"user{i % 2}") for i in range(10)]
+    [a] = differencing_suspects(queries)
+    assert a.actor is None and a.detail["requesters"] == ["user0", "user1"] and a.severity == "high"
+
+
+# ---------------------------------------------------------------------------------------------
+# download_off_hours
+
+
+@pytest.mark.parametrize("at, inside", [
+    (cst(2024, 5, 6, 7, 59, 59), False),        # Monday before opening
+    (cst(2024, 5, 6, 8, 0), True),              # Monday 08:00 sharp: open
+    (cst(2024, 5, 6, 19, 59, 59), True),
+    (cst(2024, 5, 6, 20, 0), False),            # 20:00 sharp: closed
+    (cst(2024, 5, 10, 12, 0), True),            # Friday noon
+    (cst(2024, 5, 10, 20, 30), False),          # Friday evening
+    (cst(2024, 5, 11, 12, 0), False),           # Saturday noon
+    (cst(2024, 5, 12, 9, 0), False),            # Sunday morning
+    (datetime(2024, 5, 6, 0, 0, tzinfo=UTC), True),        # = Monday 08:00 in Yinchuan
+    (datetime(2024, 5, 5, 23, 59, tzinfo=UTC), False),     # = Monday 07:59 in Yinchuan (Sunday in UTC)
+    (datetime(2024, 5, 10, 12, 30, tzinfo=UTC), False),    # Friday 12:30 UTC = Friday 20:30 in Yinchuan
+    (datetime(2024, 5, 10, 8, 0, tzinfo=UTC), True),       # = Friday 16:00 in Yinchuan
+    (datetime(2024, 5, 6, 2, 0), True),                    # naive = UTC: Monday 10:00 in Yinchuan
+    (datetime(2024, 5, 5, 20, 0, tzinfo=timezone(timedelta(hours=-4))), True),   # New York Sunday 20:00 = Mon 08:00
+])
+def test_office_hours_are_counted_in_yinchuan_time(at, inside):
+    assert in_office_hours(at) is inside
+
+
+def test_an_off_hours_stretch_runs_from_the_last_closing():
+    fri_close = cst(2024, 5, 10, 20, 0)
+    for at in (cst(2024, 5, 10, 20, 0), cst(2024, 5, 11, 3, 0), cst(2024, 5, 12, 23, 0), cst(2024, 5, 13, 7, 59)):
+        assert off_hours_stretch(at) == fri_close
+    assert off_hours_stretch(cst(2024, 5, 7, 6, 0)) == cst(2024, 5, 6, 20, 0)      # Tuesday dawn ← Monday 20:00
+    assert off_hours_stretch(cst(2024, 5, 6, 6, 0)) == cst(2024, 5, 3, 20, 0)      # Monday dawn ← Friday 20:00
+
+
+def test_off_hours_downloads_group_per_actor_and_stretch():
+    events = [
+        download(1, cst(2024, 5, 10, 21, 0)),                      # Friday night
+        download(2, cst(2024, 5, 11, 10, 0)),                      # Saturday: same stretch
+        download(3, cst(2024, 5, 13, 7, 0)),                       # Monday dawn: same stretch
+        download(4, cst(2024, 5, 13, 9, 0)),                       # Monday office hours: fine
+        download(5, cst(2024, 5, 13, 22, 0)),                      # Monday night: a new stretch
+        download(6, cst(2024, 5, 11, 10, 0), actor="insurer_b"),   # another actor
+        download(7, cst(2024, 5, 11, 11, 0), decision="deny"),     # refused: no download happened
+        download(8, cst(2024, 5, 11, 11, 0), action="results.read"),
+        download(9, cst(2024, 5, 11, 12, 0), synthetic=True),      # the dev twin's answer
+        download(10, cst(2024, 5, 11, 13, 0), action="results.download.csv"),
+    ]
+    alerts = sorted(off_hours_downloads(events), key=lambda a: a.audit_seqs)
+    assert [(a.actor, a.audit_seqs) for a in alerts] == [("insurer_a", (1, 2, 10, 3)), ("insurer_a", (5,)),
+                                                         ("insurer_b", (6,))]
+    a = alerts[0]
+    assert a.kind == "download_off_hours" and a.count == 4 and a.first_at == cst(2024, 5, 10, 21, 0)
+    assert "2024-05-10 21:00" in a.message and "Fri" in a.message and "周五" in a.message_zh
+    assert a.detail["objects"] == ["result:1", "result:10", "result:2", "result:3"]   # sorted names
+    kept = off_hours_downloads(events, AlertThresholds(skip_synthetic_downloads=False))
+    assert sum(a.count for a in kept) == 7
+
+
+def test_office_hours_are_configurable():
+    t = AlertThresholds(office_start=datetime.min.time(), office_end=datetime.max.time(), office_days=frozenset(range(7)))
+    assert off_hours_downloads([download(1, cst(2024, 5, 11, 3, 0))], t) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# All together
+
+
+def test_decide_alerts_sorts_newest_first_and_serializes():
+    events = ([deny(i, T0 + timedelta(minutes=i)) for i in range(10)]
+              + [download(100, cst(2024, 5, 4, 12, 0))])
+    alerts = decide_alerts(events, [scene(epsilon_spent=3.0, last_spent_at=T0 + timedelta(days=1))],
+                           [q(i, with_person(i), at=T0 - timedelta(hours=1, minutes=-i)) for i in range(5)])
+    assert [a.kind for a in alerts] == ["budget_nearly_spent", "many_denials", "differencing", "download_off_hours"]
+    assert all(isinstance(a, Alert) for a in alerts)
+    dumped = json.loads(json.dumps([a.to_dict() for a in alerts], ensure_ascii=False))
+    assert {d["key"] for d in dumped} == {a.key for a in alerts} and len(dumped) == 4
+    assert dumped[0]["last_at"].endswith("+00:00")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: GET /audit/alerts
+
+
+def alerts_of(client, auth, who="auditor1", **params):
+    r = client.get("/api/v1/audit/alerts", headers=auth(who), params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_many_denials_are_visible_to_auditors_and_the_office_only(client, auth):
+    for _ in range(10):
+        r = client.get("/api/v1/audit/alerts", headers=auth("insurer_b"))
+        assert r.status_code == 403 and r.json()["code"] == "role_not_permitted"
+    body = alerts_of(client, auth)
+    [a] = [a for a in body["alerts"] if a["kind"] == "many_denials"]
+    assert a["actor"] == "insurer_b" and a["org"] == "company_b" and a["count"] == 10 and len(a["audit_seqs"]) == 10
+    assert a["detail"]["reasons"] == {"role_not_permitted": 10} and a["message_zh"]
+    assert body["thresholds"]["denials"] == 10 and body["count"] == len(body["alerts"])
+    assert [x["key"] for x in alerts_of(client, auth, "office1")["alerts"]] == [x["key"] for x in body["alerts"]]
+    for who in ("insurer_a", "provider1", "reviewer1", "operator1"):
+        r = client.get("/api/v1/audit/alerts", headers=auth(who))
+        assert r.status_code == 403 and r.json()["message_zh"], who
+    assert client.get("/api/v1/audit/alerts").status_code == 401
+    # a window that ends before the denials shows none of them
+    early = alerts_of(client, auth, until="2000-01-01T00:00:00Z", since="1999-12-01T00:00:00+08:00")
+    assert early["alerts"] == []
+
+
+def test_the_window_is_checked(client, auth):
+    r = client.get("/api/v1/audit/alerts", headers=auth("auditor1"),
+                   params={"since": "2024-05-02T00:00:00Z", "until": "2024-05-01T00:00:00Z"})
+    assert r.status_code == 422 and r.json()["code"] == "bad_window" and r.json()["message_zh"]
+    r = client.get("/api/v1/audit/alerts", headers=auth("auditor1"),
+                   params={"since": "2020-01-01T00:00:00Z", "until": "2024-05-01T00:00:00Z"})
+    assert r.status_code == 422 and r.json()["code"] == "window_too_long"
+    r = client.get("/api/v1/audit/alerts", headers=auth("auditor1"), params={"since": "yesterday"})
+    assert r.status_code == 422
+    body = alerts_of(client, auth, since="2024-05-01T00:00:00", until="2024-05-02T00:00:00")   # naive = UTC
+    assert body["since"] == "2024-05-01T00:00:00+00:00" and body["until"] == "2024-05-02T00:00:00+00:00"
+
+
+def test_downloads_outside_office_hours_are_flagged(client, auth, engine):
+    sat_night = cst(2024, 5, 11, 23, 30)
+    with Session(engine) as s:
+        for at, actor, action, decision in [
+            (sat_night, "insurer_a", "result.download", "allow"),
+            (sat_night + timedelta(minutes=5), "insurer_a", "results.download", "allow"),
+            (cst(2024, 5, 13, 10, 0), "insurer_a", "result.download", "allow"),     # Monday office hours
+            (sat_night, "insurer_b", "result.download", "deny"),
+        ]:
+            s.add(AuditEvent(at=at, actor=actor, org="company_a", role="applicant", action=action,
+                             object="result:424242", decision=decision, status=200 if decision == "allow" else 403))
+        s.commit()
+    body = alerts_of(client, auth, since="2024-05-10T00:00:00Z", until="2024-05-14T00:00:00Z")
+    [a] = body["alerts"]
+    assert a["kind"] == "download_off_hours" and a["actor"] == "insurer_a" and a["count"] == 2
+    assert a["first_at"] == sat_night.astimezone(UTC).isoformat() and "周六" in a["message_zh"]
+
+
+def test_differencing_and_budget_from_real_prod_queries(client, auth, engine, loaded):
+    scene = active_scene(client, auth)                       # budget ε 3, at most 0.5 a query
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    variants = [BY_DISTRICT] + [BY_DISTRICT.replace("2018-01-01", f"2018-0{m}-01") for m in range(2, 5)] + [
+        BY_DISTRICT.replace("GROUP BY", "AND visit_date < DATE '2024-01-01' GROUP BY")]
+    ids = []
+    for sql in variants + [BY_DISTRICT]:
+        r = client.post(url, headers=auth("insurer_a"), json={"sql": sql, "mode": "prod", "epsilon": 0.45})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    # a dev answer downloaded now: audited as a download, but synthetic, so never an alert
+    r = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "dev"})
+    rid = r.json()["result_id"]
+    assert client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).status_code == 200
+
+    body = alerts_of(client, auth)
+    kinds = {a["kind"]: a for a in body["alerts"]}
+    assert set(kinds) == {"differencing", "budget_nearly_spent"}, body
+    d = kinds["differencing"]
+    assert d["org"] == "company_a" and d["scene_id"] == scene["id"] and d["actor"] == "insurer_a"
+    assert d["query_ids"] == ids and d["count"] == 6 and "2018" not in json.dumps(d)
+    b = kinds["budget_nearly_spent"]
+    assert b["scene_id"] == scene["id"] and b["query_ids"] == ids and b["detail"]["share"] == pytest.approx(0.9)
+    assert b["severity"] == "warning"
+    with Session(engine) as s:
+        from sqlmodel import select
+
+        from pdao.alerts import is_download
+        downloads = [e for e in s.exec(select(AuditEvent)).all() if is_download(e.action)]
+    assert [(e.decision, e.object) for e in downloads] == [("allow", f"result:{rid}")]
