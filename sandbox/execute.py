@@ -28,6 +28,15 @@ Rows queries (`masked_output` fields only) select the rows the checked tree desc
 `max_rows`) and mask each column with its catalog masking (`sandbox.masking.mask`): keyed
 pseudonyms with the scene's key, partial masks, generalization, Presidio redaction, suppression.
 
+Disclosure statistics (issue #5, `Execution.disclosure_stats`): export review's automatic checks
+(minimum cell count, dominance, p%, zeros, negatives, missing; k-anonymity for rows) need exact
+figures on the very rows the answer used. An aggregate run then also answers `cell_stats` — per
+public cell: persons, rows, and per value aggregate the clamped total, the two largest per-person
+totals, the smallest value and the NULLs (`cell_stats_sql`, one more statement built from the
+checked tree, in the same DuckDB session) — and a rows run answers `persons`, the distinct privacy
+units among exactly the rows returned (the unit rides along in the same statement, then is dropped).
+These are exact and stay inside the domain: they are for the checks, never for the tenant.
+
 Errors inside DuckDB never reach the client as DuckDB's text (it can quote a cell, e.g. a failed
 conversion); they become `query_failed` with a hint about literal types.
 """
@@ -75,6 +84,7 @@ class FieldMeta:
     nullable: bool = True
     domain: tuple[str, ...] | None = None  # public value domain of a category field
     bounds: tuple[Any, Any] | None = None  # public bounds: numbers, or ISO dates
+    sensitivity: str = "public"            # catalog.descriptor.Sensitivity value (disclosure checks)
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,11 @@ class DatasetMeta:
             if b is not None and not isinstance(b, Mapping):
                 b = b.model_dump() if hasattr(b, "model_dump") else dict(b)
             bounds = (b["min"], b["max"]) if b else None
+            sensitivity = getattr(f, "sensitivity", None) or "public"
             out[f.name] = FieldMeta(f.name, str(getattr(f.type, "value", f.type)),
                                     str(getattr(f.masking, "value", f.masking)), bool(f.nullable),
-                                    tuple(f.domain) if f.domain else None, bounds)
+                                    tuple(f.domain) if f.domain else None, bounds,
+                                    str(getattr(sensitivity, "value", sensitivity)))
         return cls(code, privacy_unit, out, row_count)
 
 
@@ -120,6 +132,9 @@ class Execution:
     max_cells: int = MAX_CELLS
     threads: int = 2
     memory_limit: str = "1GB"
+    # Also compute the exact statistics export review's disclosure checks need (`Answer.cell_stats`,
+    # `Answer.persons`): one more statement in the same session. Off: nothing extra runs.
+    disclosure_stats: bool = False
 
 
 @dataclass
@@ -130,6 +145,12 @@ class Answer:
     noise: dict[str, dict[str, Any]] = field(default_factory=dict)   # alias -> scale, error bound, …
     cells: int = 0                          # aggregate: group cells answered (before LIMIT)
     notes: list[str] = field(default_factory=list)
+    # output column -> the dataset field it comes from (None: COUNT(*), an error bound, an upload's column)
+    output_fields: dict[str, str | None] = field(default_factory=dict)
+    # With `Execution.disclosure_stats` only. EXACT statistics, for the disclosure checks alone: not
+    # to be stored with the answer nor shown to the tenant (they are not differentially private).
+    cell_stats: pa.Table | None = None      # aggregate: one row per cell of the full cell list (see cell_stats_sql)
+    persons: int | None = None              # rows: distinct privacy units among exactly the rows returned
 
 
 def refused(code: str, en: str, zh: str, **details: Any) -> PdaoError:
@@ -357,6 +378,8 @@ def preview(execution: Execution) -> dict[str, Any]:
                 "note": "row-level answers carry masked fields only and spend no ε; they wait for export review"}
     _, n = group_cells(execution)
     plan = noise_plan(execution, n)
+    if execution.disclosure_stats:
+        cell_stats_names(execution)
     return {"kind": "aggregate", "epsilon": execution.epsilon, "epsilon_spent": plan.spent, "cells": n,
             "max_contributions": plan.max_contributions, "confidence": 1 - plan.alpha,
             "aggregates": describe_noise(plan, execution.dataset)}
@@ -444,12 +467,152 @@ def aggregate_sql(execution: Execution) -> str:
     return tree.sql(dialect=DIALECT, identify=True, comments=False)
 
 
-def rows_sql(execution: Execution) -> str:
+def rows_sql(execution: Execution, unit_alias: str | None = None) -> str:
+    """The checked SELECT with its LIMIT (≤ max_rows). With `unit_alias`, the privacy unit is one
+    more column of the same statement (so it is read from exactly the rows returned): the caller
+    drops it, it never reaches the answer."""
     tree = execution.checked.tree.copy()
     asked = execution.checked.limit
     limit = min(asked if asked is not None else execution.max_rows, execution.max_rows)
     tree.set("limit", exp.Limit(expression=exp.Literal.number(limit)))
+    if unit_alias is not None and execution.dataset.privacy_unit:
+        tree.set("expressions", [*tree.expressions, _alias(_col(execution.dataset.privacy_unit), unit_alias)])
     return tree.sql(dialect=DIALECT, identify=True, comments=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact statistics for the disclosure checks (export review, issue #5)
+
+
+def _alias(node: exp.Expression, name: str) -> exp.Alias:
+    return exp.Alias(this=node, alias=exp.to_identifier(name, quoted=True))
+
+
+def _ref(name: str) -> exp.Column:
+    return exp.Column(this=exp.to_identifier(name, quoted=True))
+
+
+def _stats_fields(execution: Execution) -> list[FieldMeta]:
+    """The value fields the aggregates read (SUM, AVG, MEDIAN, QUANTILE), each once, in first use."""
+    seen: dict[str, FieldMeta] = {}
+    for agg in execution.checked.aggregates:
+        f = _value_field(execution.dataset, agg)
+        if f is not None:
+            seen.setdefault(f.name, f)
+    return list(seen.values())
+
+
+STATS_SUFFIXES = ("__total", "__top1", "__top2", "__min", "__nulls")
+
+
+def cell_stats_names(execution: Execution) -> list[str]:
+    """The columns of `Answer.cell_stats`, in order; refused when one would take another's name
+    (e.g. a group key called `s__total` beside `SUM(fee) AS s`)."""
+    checked = execution.checked
+    names = [k.alias if k.alias is not None else f"__k{i}" for i, k in enumerate(checked.group_keys)]
+    names += ["__persons", "__rows"]
+    for agg in checked.aggregates:
+        if _value_field(execution.dataset, agg) is not None:
+            names += [agg.alias + s for s in STATS_SUFFIXES]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise refused("output_name_taken", f"the disclosure checks need a column called {name}, which is also an "
+                          "output's name: give that output another name",
+                          f"披露检查需要名为 {name} 的统计列，与某个输出列重名：请给该输出列换名", output=name)
+        seen.add(name)
+    return names
+
+
+def cell_stats_sql(execution: Execution) -> str:
+    """Exact per-cell statistics on the rows the aggregate uses (the checked FROM/JOIN/WHERE, each
+    person's first k rows, values clamped, DECIMAL in cents), built from the checked tree like
+    `aggregate_sql`. Two levels: per cell and person (each row its own contributor without a
+    privacy unit), then per cell. Columns: k0… (keys), p (persons), r (rows), and per value field
+    j (`_stats_fields`): t{j} total, x{j}/y{j} the largest/second-largest per-person total,
+    m{j} smallest value, z{j} NULLs — in the field's own units, as DOUBLE (counts BIGINT)."""
+    checked, meta = execution.checked, execution.dataset
+    unit = meta.privacy_unit
+    fields = _stats_fields(execution)
+    inner = checked.tree.copy()
+    for arg in ("order", "limit", "group"):
+        inner.set(arg, None)
+    keys = [_key_expr(k) for k in checked.group_keys]
+    select: list[exp.Expression] = [_alias(k.copy(), f"k{i}") for i, k in enumerate(keys)]
+    select.append(_alias(exp.Count(this=exp.Star()) if unit else exp.Literal.number(1), "n"))
+    for j, f in enumerate(fields):
+        value = _clamped(f, _col(f.name))
+        if unit:
+            select += [_alias(exp.Sum(this=value), f"s{j}"), _alias(exp.Min(this=value.copy()), f"l{j}"),
+                       _alias(exp.Sub(this=exp.Count(this=exp.Star()), expression=exp.Count(this=_col(f.name))), f"e{j}")]
+        else:
+            null = exp.Case(ifs=[exp.If(this=exp.Is(this=_col(f.name), expression=exp.Null()),
+                                        true=exp.Literal.number(1))], default=exp.Literal.number(0))
+            select += [_alias(value, f"s{j}"), _alias(value.copy(), f"l{j}"), _alias(null, f"e{j}")]
+    inner.set("expressions", select)
+    if unit:
+        inner.set("group", exp.Group(expressions=[k.copy() for k in keys] + [_col(unit)]))
+    _where(execution, inner)
+
+    def natural(node: exp.Expression, f: FieldMeta) -> exp.Expression:
+        out: exp.Expression = exp.Cast(this=node, to=exp.DataType.build("DOUBLE"))
+        if f.type == "decimal":   # summed in cents: back to yuan
+            out = exp.Div(this=out, expression=exp.Literal.number(CENTS))
+        return out
+
+    outer: list[exp.Expression] = [_ref(f"k{i}") for i in range(len(keys))]
+    outer += [_alias(exp.Count(this=exp.Star()), "p"),
+              _alias(exp.Cast(this=exp.Sum(this=_ref("n")), to=exp.DataType.build("BIGINT")), "r")]
+    for j, f in enumerate(fields):
+        top = exp.Anonymous(this="max", expressions=[_ref(f"s{j}"), exp.Literal.number(2)])   # the 2 largest, descending
+        outer += [_alias(natural(exp.Sum(this=_ref(f"s{j}")), f), f"t{j}"),
+                  _alias(natural(exp.Anonymous(this="list_extract", expressions=[top, exp.Literal.number(1)]), f), f"x{j}"),
+                  _alias(natural(exp.Anonymous(this="list_extract", expressions=[top.copy(), exp.Literal.number(2)]), f),
+                         f"y{j}"),
+                  _alias(natural(exp.Min(this=_ref(f"l{j}")), f), f"m{j}"),
+                  _alias(exp.Cast(this=exp.Sum(this=_ref(f"e{j}")), to=exp.DataType.build("BIGINT")), f"z{j}")]
+    tree = exp.select(*outer).from_(exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier("c", quoted=True))))
+    if keys:
+        tree = tree.group_by(*[_ref(f"k{i}") for i in range(len(keys))])
+    return tree.sql(dialect=DIALECT, identify=True, comments=False)
+
+
+def _cell_rows(table: pa.Table, n_keys: int, index: Mapping[tuple, int]) -> dict[int, int]:
+    """Cell number -> its row in an engine table keyed k0…; values outside the public domain are dropped."""
+    keys = zip(*(table.column(f"k{i}").to_pylist() for i in range(n_keys))) if n_keys else [()] * table.num_rows
+    at_row = {}
+    for r, key in enumerate(keys):
+        at = index.get(tuple(key))
+        if at is not None:
+            at_row[at] = r
+    return at_row
+
+
+def _cell_stats(execution: Execution, cells: list[tuple], index: Mapping[tuple, int], stats: pa.Table) -> pa.Table:
+    """`Answer.cell_stats`: one row per cell of the full cell list, in the answer's cell order;
+    a cell without rows has 0 persons, rows and NULLs, and NULL values."""
+    checked = execution.checked
+    names = cell_stats_names(execution)
+    at_row = _cell_rows(stats, len(checked.group_keys), index)
+    n = len(cells)
+
+    def column(name: str, zero: Any, typ: pa.DataType) -> pa.Array:
+        values = stats.column(name).to_pylist()
+        return pa.array([(values[at_row[i]] if values[at_row[i]] is not None else zero) if i in at_row else zero
+                         for i in range(n)], typ)
+
+    out: list[pa.Array] = [pa.array([c[i] for c in cells]) for i in range(len(checked.group_keys))]
+    out += [column("p", 0, pa.int64()), column("r", 0, pa.int64())]
+    position = {f.name: j for j, f in enumerate(_stats_fields(execution))}
+    for agg in checked.aggregates:
+        f = _value_field(execution.dataset, agg)
+        if f is None:
+            continue
+        j = position[f.name]
+        out += [column(f"t{j}", None, pa.float64()), column(f"x{j}", None, pa.float64()),
+                column(f"y{j}", None, pa.float64()), column(f"m{j}", None, pa.float64()),
+                column(f"z{j}", 0, pa.int64())]
+    return pa.table(out, names=names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,24 +636,63 @@ def _views(execution: Execution) -> tuple[dict[str, Path], dict[str, str]]:
     return views, unique_on
 
 
-def _fetch(execution: Execution, sql: str, on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None
-           ) -> pa.Table:
+class _Statements:
+    """What `on_connection` gets when one run has several statements (a connection for the
+    caller's purposes: `query_progress`, `interrupt`, anything else passed through). Progress runs
+    over all of them (0–100, never backwards), and an interrupt also stops the statements not yet
+    started (DuckDB forgets an interrupt that arrives between two)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, statements: int) -> None:
+        self._con, self._statements = con, statements
+        self.done = 0
+        self.interrupted = False
+
+    def query_progress(self) -> float:
+        p = self._con.query_progress()
+        if p is None or p < 0:   # between statements
+            return 100.0 * self.done / self._statements
+        return (100.0 * self.done + min(float(p), 100.0)) / self._statements
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self._con.interrupt()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+def _fetch_all(execution: Execution, sqls: Sequence[str],
+               on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None) -> list[pa.Table]:
+    """Run the statements one after the other in one domain session (the snapshot opened once)."""
     views, unique_on = _views(execution)
     with domain_connection(views, threads=execution.threads, memory_limit=execution.memory_limit,
                            unique_on=unique_on) as con:
+        watch = _Statements(con, len(sqls)) if len(sqls) > 1 else None
         if on_connection is not None:
-            on_connection(con)
-        try:
-            return con.sql(sql).to_arrow_table()
-        except duckdb.InterruptException:
-            raise
-        except duckdb.Error:
-            # DuckDB's text may quote a cell (a failed conversion names the value): never shown.
-            raise refused("query_failed",
-                          "The engine could not run the query. Check that each literal matches its field's type "
-                          "(text in quotes, numbers bare, dates as DATE 'YYYY-MM-DD').",
-                          "引擎无法执行该查询。请检查每个常量是否与字段类型一致（文本加引号、数字不加引号、"
-                          "日期写作 DATE 'YYYY-MM-DD'）。") from None
+            on_connection(watch if watch is not None else con)  # type: ignore[arg-type]
+        out = []
+        for sql in sqls:
+            if watch is not None and watch.interrupted:
+                raise duckdb.InterruptException("interrupted")
+            try:
+                out.append(con.sql(sql).to_arrow_table())
+            except duckdb.InterruptException:
+                raise
+            except duckdb.Error:
+                # DuckDB's text may quote a cell (a failed conversion names the value): never shown.
+                raise refused("query_failed",
+                              "The engine could not run the query. Check that each literal matches its field's type "
+                              "(text in quotes, numbers bare, dates as DATE 'YYYY-MM-DD').",
+                              "引擎无法执行该查询。请检查每个常量是否与字段类型一致（文本加引号、数字不加引号、"
+                              "日期写作 DATE 'YYYY-MM-DD'）。") from None
+            if watch is not None:
+                watch.done += 1
+        return out
+
+
+def _fetch(execution: Execution, sql: str, on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None
+           ) -> pa.Table:
+    return _fetch_all(execution, [sql], on_connection)[0]
 
 
 def run(execution: Execution, *, on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None = None
@@ -505,22 +707,20 @@ def run(execution: Execution, *, on_connection: Callable[[duckdb.DuckDBPyConnect
 def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
     checked, meta = execution.checked, execution.dataset
     domains, n = group_cells(execution)
+    sqls = [aggregate_sql(execution)]
+    if execution.disclosure_stats:
+        cell_stats_names(execution)            # refused before any data is read
+        sqls.append(cell_stats_sql(execution))
     # The plan depends on public facts only, and submission already checked it can be made: it is
     # calibrated (OpenDP) while DuckDB scans, and nothing is released if it fails.
     with ThreadPoolExecutor(1) as pool:
         planning = pool.submit(noise_plan, execution, n)
-        exact = _fetch(execution, aggregate_sql(execution), on_connection)
+        exact, *stats = _fetch_all(execution, sqls, on_connection)
         plan = planning.result()
 
     cells = list(itertools.product(*domains)) if domains else [()]
     index = {c: i for i, c in enumerate(cells)}
-    nk = len(checked.group_keys)
-    keys = zip(*(exact.column(f"k{i}").to_pylist() for i in range(nk))) if nk else [()] * exact.num_rows
-    at_row = {}                     # cell -> its row in the engine's answer
-    for r, key in enumerate(keys):
-        at = index.get(tuple(key))
-        if at is not None:          # a value outside the public domain is not answered
-            at_row[at] = r
+    at_row = _cell_rows(exact, len(checked.group_keys), index)   # cell -> its row in the engine's answer
 
     def per_cell(column: str, zero: Any, cast: Callable[[Any], Any]) -> list[Any]:
         values = exact.column(column).to_pylist()
@@ -564,7 +764,19 @@ def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
     if checked.limit is not None:
         order = order[:checked.limit]
     table = pa.table({name: [vals[i] for i in order] for name, vals in columns.items()})
-    return Answer("aggregate", table, plan.spent, describe_noise(plan, meta), n)
+    sources: dict[str, str | None] = {}
+    for key in checked.group_keys:
+        if key.alias is not None:
+            sources[key.alias] = None if key.column.upload else key.column.field
+    for agg in checked.aggregates:
+        sources[agg.alias] = None if agg.column is None or agg.column.upload else agg.column.field
+        if agg.function == "avg":
+            sources[f"{agg.alias}_error95"] = None
+    answer = Answer("aggregate", table, plan.spent, describe_noise(plan, meta), n,
+                    output_fields={name: sources.get(name) for name in table.column_names})
+    if stats:
+        answer.cell_stats = _cell_stats(execution, cells, index, stats[0])
+    return answer
 
 
 def _sort_key(v: Any, descending: bool, nulls_first: bool) -> tuple:
@@ -577,7 +789,13 @@ def _sort_key(v: Any, descending: bool, nulls_first: bool) -> tuple:
 
 def _run_rows(execution: Execution, on_connection: Any) -> Answer:
     checked, meta = execution.checked, execution.dataset
-    table = _fetch(execution, rows_sql(execution), on_connection)
+    unit_alias = None
+    if execution.disclosure_stats and meta.privacy_unit:   # a name no output has
+        unit_alias = next(a for a in (f"__pdao_unit{i or ''}" for i in itertools.count()) if a not in checked.outputs)
+    table = _fetch(execution, rows_sql(execution, unit_alias), on_connection)
+    persons = None
+    if execution.disclosure_stats:
+        persons = table.num_rows if unit_alias is None else len(set(table.column(unit_alias).to_pylist()))
     reference = execution.reference_date or dt.date.today()
     columns = {}
     for out in checked.masked:
@@ -591,4 +809,5 @@ def _run_rows(execution: Execution, on_connection: Any) -> Answer:
     notes = []
     if (checked.limit is None or checked.limit > execution.max_rows) and table.num_rows >= execution.max_rows:
         notes.append(f"the answer stops at {execution.max_rows} rows (the most one answer holds)")
-    return Answer("rows", pa.table(columns), 0.0, {}, 0, notes)
+    sources = {out.alias: None if out.column.upload else out.column.field for out in checked.masked}
+    return Answer("rows", pa.table(columns), 0.0, {}, 0, notes, output_fields=sources, persons=persons)
