@@ -281,7 +281,7 @@ def _skeleton(node: exp.Expression) -> str:
         if isinstance(n, exp.In) and n.expressions and all(isinstance(x, exp.Literal) for x in n.expressions):
             # `x IN (1, 2, 3)` and `x IN (1, 2)` are the same question about different values
             return exp.In(this=n.this.transform(blank), expressions=[exp.Placeholder()])
-        if isinstance(n, (exp.Literal, exp.Boolean)):
+        if isinstance(n, (exp.Literal, exp.Boolean)) or (isinstance(n, exp.Neg) and isinstance(n.this, exp.Literal)):
             return exp.Placeholder()
         return n
     return node.transform(blank).sql(dialect=SQL_DIALECT, comments=False).lower()
@@ -356,10 +356,10 @@ def differencing_suspects(queries: Iterable[QueryRecord], t: AlertThresholds = A
                             "threshold": t.near_identical,
                             "window_seconds": int(t.near_identical_window.total_seconds())},
                     message=(f"{org or '?'} sent {n} near-identical prod queries through scene {scene_id} within "
-                             f"{window_en} (differing only in literal values or one WHERE condition): "
-                             "a possible differencing attack."),
+                             f"{window_en} (the same query, apart from literal values or one WHERE condition): "
+                             "a possible differencing or averaging attack."),
                     message_zh=(f"{org or '?'} 在 {window_zh} 内通过场景 {scene_id} 提交了 {n} 条近似相同的生产查询"
-                                "（仅字面值或一个 WHERE 条件不同），可能是差分攻击。")))
+                                "（除字面值或一个 WHERE 条件外完全相同），可能是差分攻击或平均去噪攻击。")))
     return alerts
 
 
