@@ -350,6 +350,40 @@ def users_revoke_key(key_id: int) -> None:
 
 
 @app.command()
+def trace(file: Annotated[Path, typer.Argument(help="a file found outside: CSV (even without its header), Parquet or JSON")],
+          as_json: Annotated[bool, typer.Option("--json", help="print the whole answer as JSON")] = False) -> None:
+    """Name the export, query, scene, datasets and versions, requester and reviewers of a file found
+    outside the domain (exit 1 when nothing matches)."""
+    from sandbox import export
+
+    s = _settings()
+    engine = _engine(s)
+    if not file.is_file():
+        _fail(PdaoError(404, "file_not_found", f"No such file: {file}", f"文件不存在：{file}"))
+    data = file.read_bytes()
+    with Session(engine) as session:
+        out = _run(lambda: export.trace(session, s, data, file.name), engine, "trace", file.name)
+    if as_json:
+        typer.echo(json.dumps(out, ensure_ascii=False, indent=2, default=str))
+    elif not out["matched"]:
+        typer.echo(f"no match / 无匹配: {out['message']}")
+    else:
+        lin = out["lineage"]
+        typer.echo(f"matched by {out['match']}; stamp valid: {out['stamp_valid']}")
+        typer.echo(f"export:    {out['export_id'] or '(one of: ' + ', '.join(out['candidate_exports']) + ')'}")
+        typer.echo(f"result:    {out['result_id']} (v{lin['result']['version']}, {lin['result']['status']}, "
+                   f"released by {out['released_by']})")
+        typer.echo(f"query:     {out['query_id']}  {lin['query']['sql']}")
+        typer.echo(f"scene:     {out['scene_id']}  {lin['scene']['title']}  ({lin['scene']['org']['code']})")
+        for d in lin["datasets"]:
+            typer.echo(f"dataset:   {d['code']} v{d['version']} ({d['env']}) sha256 {d['sha256'][:16]}…")
+        typer.echo(f"requester: {out['requester']['username']} ({out['requester']['org']})")
+        typer.echo("reviewers: " + (", ".join(f"{r['username']} ({r['org']})" for r in out["reviewers"]) or "-"))
+    if not out["matched"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000,
           workers: Annotated[int, typer.Option(help="server processes")] = 1,
           query_workers: Annotated[int, typer.Option(min=0, help="query worker threads in this process "

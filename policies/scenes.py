@@ -142,8 +142,9 @@ def refuse_if_any(problems: list[Problem]) -> None:
 
 def may_see(session: Session, principal: Principal, scene: Scene) -> bool:
     """Applicants see their own organization's scenes only; providers the scenes that use their
-    department's data; the office, reviewers, auditors and the operator all."""
-    if principal.role is Role.applicant:
+    department's data; the office, reviewers, auditors and the operator all — except that anyone
+    who belongs to a company (a tenant) sees that company's scenes only."""
+    if principal.role is Role.applicant or principal.org_kind == "company":
         return scene.org_id == principal.org_id
     if principal.role is Role.provider:
         return session.exec(select(SceneItem.id).join(Dataset, Dataset.code == SceneItem.dataset).where(
@@ -162,7 +163,7 @@ def list_visible(session: Session, principal: Principal, status: str | None = No
                  now: datetime | None = None) -> list[SceneSummary]:
     now = now or utcnow()
     stmt = select(Scene, Organization.code).join(Organization, Organization.id == Scene.org_id)
-    if principal.role is Role.applicant:
+    if principal.role is Role.applicant or principal.org_kind == "company":
         stmt = stmt.where(Scene.org_id == principal.org_id)
     elif principal.role is Role.provider:
         stmt = stmt.where(Scene.id.in_(select(SceneItem.scene_id).join(Dataset, Dataset.code == SceneItem.dataset)

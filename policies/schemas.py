@@ -17,13 +17,28 @@ class SceneType(StrEnum):
     other = "other"
 
 
+class DisclosureThresholds(BaseModel):
+    """The export checks' thresholds. Defaults are ACRO's (and common output-checking practice); a
+    scene may only make them stricter, so each bound below starts at the default."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_cell_count: int = Field(default=10, ge=10, le=1000)        # persons per cell
+    dominance_n: int = Field(default=2, ge=2, le=10)               # (n, k) rule: the top n …
+    dominance_k: float = Field(default=0.9, ge=0.5, le=0.9)        # … may not hold more than k of a sum
+    p_ratio: float = Field(default=0.1, ge=0.1, le=0.5)            # p% rule
+    k_anonymity: int = Field(default=5, ge=5, le=1000)             # rows: persons per quasi-identifier class
+    l_diversity: int = Field(default=2, ge=2, le=100)              # rows: distinct sensitive values per class
+
+
 class ReleasePolicy(BaseModel):
     """What may leave without a person: `dp_aggregates` lets differentially private aggregates whose
-    disclosure checks all pass go out automatically; everything else waits for reviewers."""
+    disclosure checks all pass go out automatically; everything else waits for reviewers
+    (`reviewers_required` independent ones: 2 is OpenSAFELY's practice)."""
 
     model_config = ConfigDict(extra="forbid")
     auto_release: Literal["none", "dp_aggregates"] = "none"
     reviewers_required: int = Field(default=1, ge=1, le=2)
+    thresholds: DisclosureThresholds = DisclosureThresholds()
 
 
 class ItemIn(BaseModel):

@@ -43,7 +43,7 @@ from policies import scenes, states
 from policies.enforcer import SceneEnforcers
 from policies.models import Scene, SceneItem
 from policies.rules import item_verdict
-from sandbox import ledger
+from sandbox import export, ledger
 from sandbox.execute import Answer, DatasetMeta, Execution, preview as plan_preview
 from sandbox.models import Query, QueryResult
 from sandbox.sql import CheckedQuery, check_query
@@ -181,7 +181,8 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
     q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode=mode, kind=p.checked.kind,
               sql_text=sql, checked_sql=p.checked.sql, dataset=p.checked.dataset, version_id=p.version.id,
               epsilon=float(p.execution.epsilon or 0.0) if p.checked.kind == "aggregate" and mode == "prod" else 0.0,
-              max_contributions=scene.max_contributions, status="queued" if mode == "prod" else "running")
+              max_contributions=scene.max_contributions, status="queued" if mode == "prod" else "running",
+              uses=[list(u) for u in sorted(p.checked.uses)], policy_version=scene.policy_version)
     session.add(q)
     session.flush()
     if mode == "prod" and q.epsilon > 0:
@@ -214,7 +215,7 @@ def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcer
     authorize_uses(session, enforcers, scene, scenes.tenant_code(session, scene), checked)
     return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
                      max_contributions=q.max_contributions, pseudonym_key=pseudonym_key(settings, scene.id),
-                     reference_date=_today())
+                     reference_date=_today(), disclosure_stats=q.mode == "prod")
 
 
 def _json_safe(v: Any) -> Any:
@@ -278,10 +279,23 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
         return finish_failed(session, q, "result_not_stored", "The answer could not be stored; nothing was charged.",
                              "结果无法保存，未扣除隐私预算。", worker=worker)
     result = result_row(q, answer, path, digest)
+    result.content_fp = export.content_fp(settings, answer.table)
     final = "done" if q.mode == "dev" else "held"
+    releasable = False
+    if q.mode == "prod":   # export review starts here: checked inside the domain, released or held
+        scene = session.get(Scene, q.scene_id)
+        assessment = export.assess(execution, answer, scene, q)
+        result.report = assessment.report
+        if assessment.stats is not None:
+            result.stats_path = export.write_stats(settings, assessment.stats, path)
+        releasable = assessment.releasable
+        if releasable:
+            final = "released"
     try:
         session.add(result)
         session.flush()
+        if releasable:
+            export.record_auto_release(session, result, q)
         # Only while this worker still holds the job and nobody asked to cancel it: a cancel that
         # was acknowledged is never followed by a charge.
         owned = session.exec(update(Query).where(*_held_by(q, worker), Query.cancel_requested == False).values(  # noqa: E712
@@ -294,12 +308,12 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
         session.commit()
     except _LostLease:
         session.rollback()
-        (settings.results_dir / path).unlink(missing_ok=True)
+        _remove_files(settings, result)
         return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
                              status="cancelled")   # a no-op unless it is still ours and cancel was asked
     except BaseException:
         session.rollback()
-        (settings.results_dir / path).unlink(missing_ok=True)
+        _remove_files(settings, result)
         raise
     session.refresh(q)
     return q
@@ -307,6 +321,12 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
 
 class _LostLease(Exception):
     pass
+
+
+def _remove_files(settings: Settings, result: QueryResult) -> None:
+    for rel in (result.storage_path, result.stats_path):
+        if rel:
+            (settings.results_dir / rel).unlink(missing_ok=True)
 
 
 def _held_by(q: Query, worker: str | None) -> list[Any]:
@@ -357,44 +377,26 @@ def cancel(session: Session, principal: Principal, q: Query) -> Query:
 # Reading
 
 
-def _may_see(principal: Principal, org_id: int) -> bool:
-    """Applicants see their own organization's queries and results; providers none; the office,
-    reviewers, auditors and the operator see metadata (cells are another matter: `cells_visible`)."""
-    if principal.role is Role.applicant:
-        return org_id == principal.org_id
-    return principal.role is not Role.provider
-
-
 def get_query(session: Session, principal: Principal, query_id: int) -> Query:
     q = session.get(Query, query_id)
-    if q is None or not _may_see(principal, q.org_id):
+    if q is None or not export.may_see(principal, q.org_id):
         raise not_found("Query", "查询")
     return q
 
 
-def get_result(session: Session, principal: Principal, result_id: int) -> QueryResult:
-    r = session.get(QueryResult, result_id)
-    if r is None or not _may_see(principal, r.org_id):
-        raise not_found("Result", "结果")
-    return r
+get_result = export.get_result
+cells_visible = export.cells_visible
 
 
 def list_queries(session: Session, principal: Principal, scene_id: int | None = None, limit: int = 100) -> list[Query]:
     stmt = select(Query)
-    if principal.role is Role.applicant:
+    if principal.role is Role.applicant or principal.org_kind == "company":
         stmt = stmt.where(Query.org_id == principal.org_id)
     elif principal.role is Role.provider:
         return []
     if scene_id is not None:
         stmt = stmt.where(Query.scene_id == scene_id)
     return list(session.exec(stmt.order_by(Query.id.desc()).limit(limit)).all())
-
-
-def cells_visible(principal: Principal, r: QueryResult) -> bool:
-    """The cells of a result: the tenant's own synthetic (dev) answers at once; prod answers only
-    once export review released them. Nobody else reads cells here."""
-    own = principal.role is Role.applicant and r.org_id == principal.org_id
-    return own and (r.synthetic or r.status == "released")
 
 
 def read_table(settings: Settings, r: QueryResult) -> pa.Table:
@@ -416,7 +418,21 @@ def query_out(q: Query) -> dict[str, Any]:
             "created_at": q.created_at, "started_at": q.started_at, "finished_at": q.finished_at}
 
 
-def result_out(settings: Settings, principal: Principal, r: QueryResult) -> dict[str, Any]:
+def report_view(principal: Principal, r: QueryResult) -> dict[str, Any] | None:
+    """The disclosure report. Reviewers, the office and auditors read all of it. The tenant reads
+    each check's verdict, not which cells: for a DP answer, "this cell has few people" is exactly
+    what the noise hides."""
+    report = r.report
+    if report is None:
+        return None
+    if not (principal.role is Role.applicant or principal.org_kind == "company"):
+        return report
+    return {"verdict": report.get("verdict"),
+            "checks": [{"name": c.get("name"), "verdict": c.get("verdict")} for c in report.get("checks", [])],
+            "revision": report.get("revision")}
+
+
+def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with_rows: bool = True) -> dict[str, Any]:
     visible = cells_visible(principal, r)
     # A row-level answer's size says how many rows matched: the tenant learns it with the cells
     # (after export review); the office, reviewers and auditors see it to review.
@@ -427,10 +443,11 @@ def result_out(settings: Settings, principal: Principal, r: QueryResult) -> dict
         "epsilon_spent": r.epsilon_spent, "notes": r.notes if size_shown else [],
         # the ε the noise was calibrated to (a dev answer is calibrated alike but charges nothing)
         "epsilon": sum(float(n.get("epsilon", 0.0)) for n in (r.noise or {}).values()), "sha256": r.sha256, "created_at": r.created_at,
-        "cells_visible": visible,
+        "cells_visible": visible, "version": r.version, "parent_id": r.parent_id, "released_by": r.released_by,
+        "decided_at": r.decided_at, "report": report_view(principal, r),
     }
     if r.synthetic:
         out["notice"] = "synthetic: computed on the dev twin, not on real data"
         out["notice_zh"] = "合成数据：基于开发孪生数据计算，并非真实数据"
-    out["rows"] = rows_of(read_table(settings, r)) if out["cells_visible"] else None
+    out["rows"] = rows_of(read_table(settings, r)) if visible and with_rows else None
     return out

@@ -24,7 +24,9 @@ ROLE_ORG_KINDS: dict[Role, frozenset[str]] = {
     Role.provider: frozenset({"department"}),
     Role.applicant: frozenset({"company"}),
     Role.office: frozenset({"office"}),
-    Role.reviewer: frozenset({"office"}),
+    # export reviewers sit in the office or the operating entity; a company may name its own
+    # compliance reviewer, who still can never review (or see) another company's results, nor release its own
+    Role.reviewer: frozenset({"office", "operator", "company"}),
     Role.auditor: frozenset({"regulator"}),
     Role.operator: frozenset({"operator"}),
 }

@@ -1,0 +1,626 @@
+"""Export review (出域审核): what may leave the domain, who let it out, and how a file found outside
+is traced back (可溯源).
+
+The life of a prod result:
+
+1. **Checked.** When the worker stores an answer, `assess` runs the disclosure checks
+   (`sandbox.disclosure`) on the per-cell statistics the engine computed inside the domain (never
+   shown: they stay beside the result in the result store), on the output itself (PII, and for row
+   outputs k-anonymity and l-diversity over the quasi-identifiers) and on the budget. The report is
+   stored with the result.
+2. **Released or held.** The scene's release policy decides what may go out without a person
+   (`auto_release: dp_aggregates` — a DP aggregate whose every check passes); everything else is
+   held in the reviewers' queue.
+3. **Reviewed.** `review` releases or rejects with a reason. A reviewer never reviews a result of
+   their own organization nor one they asked for, each reviewer decides once, and a scene may need
+   two independent releases. `revise` (suppression, rounding) makes a new, checked version.
+4. **Downloaded.** Only released results (and a tenant's own synthetic dev answers). Each file
+   carries an export id and a keyed fingerprint (`sandbox.fingerprint`); the export is recorded
+   with the hash of the bytes sent, in the same transaction as its audit event.
+5. **Traced.** `trace` names the export, query, scene, datasets and versions, requester and
+   reviewers of a file found outside, by its stamp when it survived, else by its cells.
+
+Every decision here (auto-release, review, revision, export) is appended to the audit chain in
+the same transaction as the change it records.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from catalog.models import Dataset, DatasetVersion
+from pdao import audit
+from pdao.config import Settings
+from pdao.db import utcnow
+from pdao.errors import conflict, forbidden, invalid, not_found
+from pdao.identity.models import Organization, Role, User
+from pdao.identity.service import Principal
+from policies.models import Scene, SceneReview
+from policies.schemas import ReleasePolicy
+from sandbox import disclosure, fingerprint
+from sandbox.execute import Answer, Execution
+from sandbox.models import Query, QueryResult, ResultExport, ResultReview
+
+VALUE_FUNCTIONS = ("sum", "avg", "median", "quantile")
+FORMATS = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet",
+           "json": "application/json"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and policy
+
+
+def fingerprint_key(settings: Settings) -> bytes:
+    """The key of content fingerprints and export stamps, derived from the server secret (a PRF):
+    only the server can stamp a file or recognise its cells."""
+    return hmac.new(settings.secret_key.encode(), b"pdao/export/fingerprint", hashlib.sha256).digest()
+
+
+def release_policy(scene: Scene) -> ReleasePolicy:
+    return ReleasePolicy(**(scene.release_policy or {}))
+
+
+def thresholds(scene: Scene) -> disclosure.Thresholds:
+    t = release_policy(scene).thresholds
+    return disclosure.Thresholds(min_cell_count=t.min_cell_count, dominance_n=t.dominance_n,
+                                 dominance_k=t.dominance_k, p_ratio=t.p_ratio, k_anonymity=t.k_anonymity,
+                                 l_diversity=t.l_diversity)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1–2. Checked, then released or held (called by the worker, inside its store transaction)
+
+
+@dataclass
+class Assessment:
+    report: dict[str, Any]
+    stats: pa.Table | None          # per-cell statistics (aggregates), kept inside the domain
+    releasable: bool                # by the scene's policy, without a person
+
+
+def _stat_keys(execution: Execution) -> list[str]:
+    return [k.alias if k.alias is not None else f"__k{i}" for i, k in enumerate(execution.checked.group_keys)]
+
+
+def _value_aliases(execution: Execution) -> list[str]:
+    return [a.alias for a in execution.checked.aggregates if a.function in VALUE_FUNCTIONS]
+
+
+def _fields_by_sensitivity(execution: Execution, output_fields: dict[str, str | None], sensitivity: str) -> list[str]:
+    fields = execution.dataset.fields
+    return [alias for alias, f in output_fields.items()
+            if f is not None and f in fields and fields[f].sensitivity == sensitivity]
+
+
+def assess(execution: Execution, answer: Answer, scene: Scene, q: Query, *,
+           suppressed: list[dict[str, Any]] | None = None, stats: pa.Table | None = None,
+           note: str | None = None) -> Assessment:
+    """The disclosure report of an answer, and whether the scene lets it out without a person.
+    Pure: the engine already computed what the checks need."""
+    t = thresholds(scene)
+    checks: list[Any] = []
+    stats = stats if stats is not None else answer.cell_stats
+    if answer.kind == "aggregate":
+        keys = _stat_keys(execution)
+        if stats is not None:
+            checked_stats = stats
+            if suppressed:   # suppressed cells publish nothing: they no longer count against the checks
+                checked_stats = _drop_cells(stats, keys, suppressed)
+            checks += disclosure.aggregate_checks(checked_stats, keys, _value_aliases(execution), t, dp=True)
+        checks.append(disclosure.budget_check(answer.epsilon_spent, q.epsilon, scene.epsilon_spent,
+                                              scene.budget_epsilon))
+    else:
+        output_fields = answer.output_fields or {}
+        checks += disclosure.rows_checks(answer.table, _fields_by_sensitivity(execution, output_fields, "quasi_identifier"),
+                                         _fields_by_sensitivity(execution, output_fields, "sensitive"), t,
+                                         persons=answer.persons)
+    checks.append(disclosure.pii_check(answer.table))
+    report = disclosure.report(checks)
+    report["columns"] = _columns_of(execution, answer)
+    if note:
+        report["revision"] = note
+    policy = release_policy(scene)
+    releasable = (policy.auto_release == "dp_aggregates" and suppressed is None and note is None
+                  and disclosure.auto_releasable(report, answer.kind, dp=answer.kind == "aggregate"))
+    return Assessment(report, stats, releasable)
+
+
+def _columns_of(execution: Execution, answer: Answer) -> dict[str, list[str]]:
+    """Which output columns are cell keys and which are values (what a reviewer may suppress or
+    round), and for rows which are quasi-identifiers and sensitive: kept in the report so a
+    revision can be checked again without the engine."""
+    if answer.kind == "aggregate":
+        values = []
+        for a in execution.checked.aggregates:
+            values.append(a.alias)
+            if a.function == "avg":
+                values.append(f"{a.alias}_error95")
+        return {"keys": _stat_keys(execution), "values": values, "sums": _value_aliases(execution)}
+    output_fields = answer.output_fields or {}
+    return {"quasi_identifiers": _fields_by_sensitivity(execution, output_fields, "quasi_identifier"),
+            "sensitive": _fields_by_sensitivity(execution, output_fields, "sensitive")}
+
+
+def _drop_cells(stats: pa.Table, keys: list[str], cells: list[dict[str, Any]]) -> pa.Table:
+    gone = {tuple(_norm(c.get(k)) for k in keys) for c in cells}
+    rows = stats.to_pylist()
+    keep = [i for i, r in enumerate(rows) if tuple(_norm(r.get(k)) for k in keys) not in gone]
+    return stats.take(pa.array(keep, type=pa.int64()))
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (dt.date, dt.datetime)):
+        return v.isoformat()[:10] if not isinstance(v, dt.datetime) else v.isoformat()
+    return v
+
+
+def write_stats(settings: Settings, stats: pa.Table, result_path: str) -> str:
+    """The per-cell statistics beside the result (inside the domain; no endpoint reads this file)."""
+    rel = result_path.removesuffix(".parquet") + ".stats.parquet"
+    tmp = settings.results_dir / (rel + ".tmp")
+    pq.write_table(stats, tmp)
+    tmp.replace(settings.results_dir / rel)
+    return rel
+
+
+def content_fp(settings: Settings, table: pa.Table) -> str:
+    return fingerprint.content_fingerprint(fingerprint_key(settings), table)
+
+
+def record_auto_release(session: Session, result: QueryResult, q: Query) -> None:
+    result.status, result.released_by, result.decided_at = "released", "policy", utcnow()
+    audit.append(session, actor="system", action="result.release", object=f"result:{result.id}",
+                 scene_id=result.scene_id, decision="allow", reason="release_policy:dp_aggregates",
+                 detail={"query_id": q.id, "verdict": (result.report or {}).get("verdict"), "by": "policy"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may see what
+
+
+def _tenant_scoped(principal: Principal) -> bool:
+    return principal.role is Role.applicant or principal.org_kind == "company"
+
+
+def may_see(principal: Principal, org_id: int) -> bool:
+    """Tenants (anyone in a company) see their own organization's queries and results; providers
+    none; the office, reviewers, auditors and the operator see metadata. Cells: `cells_visible`."""
+    if _tenant_scoped(principal):
+        return org_id == principal.org_id
+    return principal.role is not Role.provider
+
+
+def cells_visible(principal: Principal, r: QueryResult) -> bool:
+    """The cells of a result: its tenant's own synthetic (dev) answers at once, prod answers once
+    released; an export reviewer those of a result waiting for their review (what would go out:
+    already noised or masked). Nobody else — auditors never."""
+    if principal.role is Role.applicant:
+        return r.org_id == principal.org_id and (r.synthetic or r.status == "released")
+    if principal.role is Role.reviewer:
+        return r.status == "held" and not r.synthetic and r.org_id != principal.org_id
+    return False
+
+
+def get_result(session: Session, principal: Principal, result_id: int, *, lock: bool = False) -> QueryResult:
+    stmt = select(QueryResult).where(QueryResult.id == result_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    r = session.exec(stmt).first()
+    if r is None or not may_see(principal, r.org_id):
+        raise not_found("Result", "结果")
+    return r
+
+
+def review_queue(session: Session, principal: Principal, limit: int = 100) -> list[QueryResult]:
+    """Held results waiting for this reviewer: not their organization's, not yet decided by them."""
+    decided = select(ResultReview.result_id).where(ResultReview.reviewer_id == principal.user_id)
+    stmt = (select(QueryResult).where(QueryResult.status == "held", QueryResult.org_id != principal.org_id,
+                                      QueryResult.id.not_in(decided)).order_by(QueryResult.id).limit(limit))
+    return list(session.exec(stmt).all())
+
+
+def list_results(session: Session, principal: Principal, status: str | None, limit: int = 100) -> list[QueryResult]:
+    stmt = select(QueryResult)
+    if _tenant_scoped(principal):
+        stmt = stmt.where(QueryResult.org_id == principal.org_id)
+    elif principal.role is Role.provider:
+        return []
+    if status is not None:
+        stmt = stmt.where(QueryResult.status == status)
+    return list(session.exec(stmt.order_by(QueryResult.id.desc()).limit(limit)).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Review and revisions
+
+
+def _reviewable(session: Session, principal: Principal, r: QueryResult) -> Query:
+    """The refusals every reviewer action shares (403/409, naming the rule)."""
+    if principal.role is not Role.reviewer:
+        raise forbidden("role_not_permitted", "Only export reviewers review results.", "只有出域审核员可以审核结果。")
+    if r.org_id == principal.org_id:
+        raise forbidden("reviewer_same_org", "A reviewer never reviews a result of their own organization.",
+                        "审核员不得审核本单位的结果。")
+    q = session.get(Query, r.query_id)
+    if q.requester_id == principal.user_id:
+        raise forbidden("reviewer_is_requester", "A reviewer never reviews a result they asked for.",
+                        "审核员不得审核本人提交查询的结果。")
+    if r.synthetic or r.status != "held":
+        raise conflict("result_not_held", f"Only held results are reviewed; this one is {r.status}.",
+                       f"只能审核待审核的结果，该结果状态为 {r.status}。", details={"status": r.status})
+    already = session.exec(select(ResultReview.id).where(ResultReview.result_id == r.id,
+                                                         ResultReview.reviewer_id == principal.user_id)).first()
+    if already is not None:
+        raise conflict("already_reviewed", "You already decided on this result; a second reviewer must be someone else.",
+                       "您已审核过该结果；第二位审核员须为他人。")
+    return q
+
+
+def _audit_decision(session: Session, principal: Principal, action: str, r: QueryResult, reason: str,
+                    request_id: str | None, **detail: Any) -> None:
+    audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
+                 role=principal.role.value, auth_method=principal.auth_method, action=action,
+                 object=f"result:{r.id}", scene_id=r.scene_id, decision="allow", reason=reason[:500],
+                 detail={"query_id": r.query_id, "version": r.version, **detail})
+
+
+def review(session: Session, principal: Principal, result_id: int, decision: str, reason: str,
+           request_id: str | None = None) -> QueryResult:
+    """Release or reject a held result (the result row is locked: two reviewers deciding at once
+    are serialised). Released once the scene's `reviewers_required` distinct reviewers released it;
+    one rejection rejects it. Commits."""
+    r = get_result(session, principal, result_id, lock=True)
+    q = _reviewable(session, principal, r)
+    scene = session.get(Scene, r.scene_id)
+    session.add(ResultReview(result_id=r.id, reviewer_id=principal.user_id, reviewer_org_id=principal.org_id,
+                             decision=decision, reason=reason))
+    session.flush()
+    releases = session.exec(select(func.count()).select_from(ResultReview).where(
+        ResultReview.result_id == r.id, ResultReview.decision == "release")).one()
+    required = release_policy(scene).reviewers_required
+    if decision == "reject":
+        r.status, r.decided_at = "rejected", utcnow()
+        q.status = "rejected"
+    elif releases >= required:
+        r.status, r.released_by, r.decided_at = "released", "reviewers", utcnow()
+        q.status = "released"
+    session.add(r)
+    session.add(q)
+    _audit_decision(session, principal, f"result.{decision}", r, reason, request_id,
+                    releases=releases, required=required, status=r.status)
+    session.commit()
+    session.refresh(r)
+    return r
+
+
+def revise(session: Session, settings: Settings, principal: Principal, result_id: int, action: str, reason: str,
+           *, cells: list[dict[str, Any]] | str | None = None, columns: list[str] | None = None,
+           base: int | None = None, request_id: str | None = None) -> QueryResult:
+    """A reviewer's suppression or rounding: a new version of the result (held, checked again);
+    the old one is superseded. `cells="failing"` suppresses every cell a check did not pass."""
+    r = get_result(session, principal, result_id, lock=True)
+    q = _reviewable(session, principal, r)
+    scene = session.get(Scene, r.scene_id)
+    table = pq.read_table(settings.results_dir / r.storage_path)
+    stats = pq.read_table(settings.results_dir / r.stats_path) if r.stats_path else None
+    key_names, value_names = _result_columns(r)
+    revision: dict[str, Any] = {"action": action, "by": principal.username, "reason": reason, "from_version": r.version}
+    suppressed: list[dict[str, Any]] | None = None
+    if action == "suppress":
+        if r.kind == "rows":
+            if cells != "failing":
+                raise invalid("suppress_rows_failing_only", "Rows are suppressed by class: send cells='failing'.",
+                              "行级结果只能按等价类抑制：请发送 cells='failing'。")
+            table, removed = _suppress_failing_rows(r, table)
+            revision["rows_removed"] = removed
+        else:
+            chosen = _failing_cells(r) if cells == "failing" else list(cells or [])
+            if not chosen:
+                raise invalid("nothing_to_suppress", "No cells to suppress.", "没有需要抑制的单元格。")
+            unknown = [c for c in chosen if set(c) - set(key_names)]
+            if unknown:
+                raise invalid("unknown_cell", "A cell is named by the result's key columns only.",
+                              "单元格只能用结果的分组键列来指定。", details={"keys": key_names})
+            table = disclosure.suppress(table, chosen, [k for k in key_names if k in table.column_names],
+                                        [v for v in value_names if v in table.column_names])
+            suppressed = [dict(c) for c in chosen] + list((r.revision or {}).get("suppressed_cells", []))
+            revision["cells"] = chosen
+        revision["suppressed_cells"] = suppressed or []
+    else:   # round
+        if not base or base < 1:
+            raise invalid("bad_rounding_base", "Rounding needs a base of at least 1.", "取整需要不小于 1 的基数。")
+        cols = columns or value_names
+        bad = [c for c in cols if c not in value_names]
+        if bad:
+            raise invalid("not_a_value_column", f"Only value columns are rounded: {', '.join(bad)}.",
+                          f"只能对数值列取整：{', '.join(bad)}。", details={"value_columns": value_names})
+        table = disclosure.round_values(table, cols, base)
+        revision.update(columns=cols, base=base)
+        suppressed = list((r.revision or {}).get("suppressed_cells", [])) or None
+        revision["suppressed_cells"] = suppressed or []
+
+    new = _store_version(session, settings, r, q, scene, table, stats, revision, suppressed)
+    r.status, r.decided_at = "superseded", utcnow()
+    q.result_id = new.id
+    session.add_all([r, q])
+    _audit_decision(session, principal, f"result.{action}", r, reason, request_id, new_result_id=new.id,
+                    new_version=new.version)
+    session.commit()
+    session.refresh(new)
+    return new
+
+
+def _result_columns(r: QueryResult) -> tuple[list[str], list[str]]:
+    """(key columns, value columns) of an aggregate result, from its stored column list and notes."""
+    meta = (r.report or {}).get("columns") or {}
+    keys = list(meta.get("keys", []))
+    values = list(meta.get("values", []))
+    return keys, values
+
+
+def _failing_cells(r: QueryResult) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for c in (r.report or {}).get("checks", []):
+        if c.get("verdict") in ("fail", "review"):
+            for cell in c.get("cells") or []:
+                marker = tuple(sorted((k, str(v)) for k, v in cell.items()))
+                if marker not in seen:
+                    seen.add(marker)
+                    out.append(cell)
+    return out
+
+
+def _suppress_failing_rows(r: QueryResult, table: pa.Table) -> tuple[pa.Table, int]:
+    failing = [c for c in (r.report or {}).get("checks", []) if c.get("name") in ("k_anonymity", "l_diversity")
+               and c.get("verdict") != "pass"]
+    classes = {tuple(sorted((k, str(v)) for k, v in cell.items())) for c in failing for cell in c.get("cells") or []}
+    if not classes:
+        raise invalid("nothing_to_suppress", "No row fails k-anonymity or l-diversity.", "没有违反 k-匿名或 l-多样性的行。")
+    rows = table.to_pylist()
+    keep = []
+    for i, row in enumerate(rows):
+        for cls in classes:
+            if all(str(row.get(k)) == v for k, v in cls):
+                break
+        else:
+            keep.append(i)
+    return table.take(pa.array(keep, type=pa.int64())), len(rows) - len(keep)
+
+
+def _store_version(session: Session, settings: Settings, parent: QueryResult, q: Query, scene: Scene,
+                   table: pa.Table, stats: pa.Table | None, revision: dict[str, Any],
+                   suppressed: list[dict[str, Any]] | None) -> QueryResult:
+    folder = settings.results_dir / f"scene-{q.scene_id}"
+    name = f"q{q.id}-v{parent.version + 1}-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    with tmp.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    tmp.replace(folder / name)
+    report = _recheck(parent, scene, q, table, stats, suppressed, revision)
+    new = QueryResult(query_id=q.id, version=parent.version + 1, parent_id=parent.id, revision=revision,
+                      scene_id=parent.scene_id, org_id=parent.org_id, synthetic=False, kind=parent.kind, status="held",
+                      columns=[{"name": f.name, "type": str(f.type)} for f in table.schema], row_count=table.num_rows,
+                      noise=parent.noise, epsilon_spent=parent.epsilon_spent, notes=parent.notes,
+                      storage_path=str((folder / name).relative_to(settings.results_dir)), sha256=digest,
+                      report=report, stats_path=parent.stats_path, content_fp=content_fp(settings, table))
+    session.add(new)
+    session.flush()
+    return new
+
+
+def _recheck(parent: QueryResult, scene: Scene, q: Query, table: pa.Table, stats: pa.Table | None,
+             suppressed: list[dict[str, Any]] | None, revision: dict[str, Any]) -> dict[str, Any]:
+    """The checks again on the new version: the same statistics without the suppressed cells, the
+    output's own checks on the new output."""
+    t = thresholds(scene)
+    old = parent.report or {}
+    keys, values = _result_columns(parent)
+    checks: list[Any] = []
+    if parent.kind == "aggregate":
+        if stats is not None:
+            s = _drop_cells(stats, keys, suppressed) if suppressed else stats
+            checks += disclosure.aggregate_checks(s, keys, old.get("columns", {}).get("sums", values), t, dp=True)
+        checks.append(disclosure.budget_check(parent.epsilon_spent, q.epsilon, scene.epsilon_spent,
+                                              scene.budget_epsilon))
+    else:
+        cols = old.get("columns", {})
+        checks += disclosure.rows_checks(table, cols.get("quasi_identifiers", []), cols.get("sensitive", []), t,
+                                         persons=None)
+    checks.append(disclosure.pii_check(table))
+    report = disclosure.report(checks)
+    report["columns"] = old.get("columns", {})
+    report["revision"] = {k: v for k, v in revision.items() if k != "suppressed_cells"}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Download
+
+
+@dataclass
+class ExportFile:
+    data: bytes
+    media_type: str
+    filename: str
+    export: ResultExport
+    synthetic: bool
+
+
+def export(session: Session, settings: Settings, principal: Principal, result_id: int, fmt: str,
+           request_id: str | None = None) -> ExportFile:
+    """A stamped file of a released result (or the tenant's own dev answer), recorded with its hash
+    and its audit event in one transaction. Commits."""
+    r = get_result(session, principal, result_id)
+    if not (principal.role is Role.applicant and cells_visible(principal, r)):
+        raise forbidden("result_not_released", "Only released results (or your own dev answers) can be downloaded.",
+                        "只能下载已放行的结果（或本单位的开发模式结果）。", details={"status": r.status})
+    table = pq.read_table(settings.results_dir / r.storage_path)
+    key = fingerprint_key(settings)
+    content = r.content_fp or fingerprint.content_fingerprint(key, table)
+    export_id = f"ex-{uuid.uuid4().hex[:20]}"
+    stamp = {"export_id": export_id, "fingerprint": fingerprint.export_stamp(key, export_id, content),
+             "result_id": r.id, "query_id": r.query_id, "version": r.version, "synthetic": r.synthetic}
+    table = table.replace_schema_metadata(None)
+    if fmt == "parquet":
+        data = fingerprint.parquet_bytes(table, stamp)
+    elif fmt == "json":
+        data = fingerprint.json_bytes(table, stamp, {"result_id": r.id, "query_id": r.query_id,
+                                                     "synthetic": r.synthetic, "noise": r.noise})
+    else:
+        data = fingerprint.csv_bytes(table, stamp)
+    row = ResultExport(export_id=export_id, result_id=r.id, user_id=principal.user_id, org_id=principal.org_id,
+                       format=fmt, fingerprint=stamp["fingerprint"], content_fp=content,
+                       sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    session.add(row)
+    session.flush()
+    audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
+                 role=principal.role.value, auth_method=principal.auth_method, action="result.export",
+                 object=f"export:{export_id}", scene_id=r.scene_id, decision="allow", reason=None,
+                 detail={"result_id": r.id, "format": fmt, "sha256": row.sha256, "synthetic": r.synthetic})
+    session.commit()
+    return ExportFile(data, FORMATS[fmt], f"result-{r.id}-{export_id}.{fmt}", row, r.synthetic)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Lineage and trace
+
+
+def _user(session: Session, user_id: int | None) -> dict[str, Any] | None:
+    if user_id is None:
+        return None
+    u = session.get(User, user_id)
+    org = session.get(Organization, u.org_id)
+    return {"username": u.username, "org": org.code, "org_name": org.name_zh, "role": u.role}
+
+
+def lineage(session: Session, principal: Principal, result_id: int) -> dict[str, Any]:
+    """Result → query → scene → authorization → dataset versions, with the reviews and exports."""
+    r = get_result(session, principal, result_id)
+    return _lineage(session, r, principal)
+
+
+def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> dict[str, Any]:
+    q = session.get(Query, r.query_id)
+    scene = session.get(Scene, r.scene_id)
+    version = session.get(DatasetVersion, q.version_id)
+    ds = session.get(Dataset, version.dataset_id)
+    versions = session.exec(select(QueryResult).where(QueryResult.query_id == q.id).order_by(QueryResult.version)).all()
+    ids = [v.id for v in versions]
+    reviews = session.exec(select(ResultReview).where(ResultReview.result_id.in_(ids)).order_by(ResultReview.id)).all()
+    exports = session.exec(select(ResultExport).where(ResultExport.result_id.in_(ids)).order_by(ResultExport.id)).all()
+    approvals = session.exec(select(SceneReview).where(SceneReview.scene_id == scene.id, SceneReview.round == scene.round)
+                             .order_by(SceneReview.id)).all()
+    return {
+        "result": {"id": r.id, "version": r.version, "status": r.status, "kind": r.kind, "synthetic": r.synthetic,
+                   "sha256": r.sha256, "content_fingerprint": r.content_fp, "released_by": r.released_by,
+                   "decided_at": r.decided_at, "created_at": r.created_at,
+                   "verdict": (r.report or {}).get("verdict")},
+        "versions": [{"id": v.id, "version": v.version, "status": v.status, "parent_id": v.parent_id,
+                      "revision": _public_revision(v.revision), "sha256": v.sha256, "created_at": v.created_at}
+                     for v in versions],
+        "query": {"id": q.id, "mode": q.mode, "kind": q.kind, "sql": q.sql_text, "checked_sql": q.checked_sql,
+                  "epsilon": q.epsilon, "epsilon_spent": q.epsilon_spent, "max_contributions": q.max_contributions,
+                  "status": q.status, "requester": _user(session, q.requester_id), "created_at": q.created_at,
+                  "finished_at": q.finished_at},
+        "scene": {"id": scene.id, "title": scene.title, "org": _user_org(session, scene.org_id),
+                  "status": scene.status, "valid_from": scene.valid_from, "valid_to": scene.valid_to,
+                  "policy_version_at_query": q.policy_version, "release_policy": release_policy(scene).model_dump(),
+                  "approvals": [{"reviewer": _user(session, a.reviewer_id), "decision": a.decision,
+                                 "comment": a.comment, "at": a.created_at} for a in approvals]},
+        "authorization": [{"dataset": d, "field": f, "usage": u} for d, f, u in (q.uses or [])],
+        "datasets": [{"code": ds.code, "title": ds.title_zh, "version": version.number, "version_id": version.id,
+                      "env": version.env, "dataset_revision": version.dataset_revision, "sha256": version.sha256,
+                      "row_count": version.row_count, "loaded_at": version.created_at,
+                      "loaded_by": _user(session, version.loaded_by)}],
+        "reviews": [{"result_id": v.result_id, "reviewer": _user(session, v.reviewer_id), "decision": v.decision,
+                     "reason": v.reason, "at": v.created_at} for v in reviews],
+        "exports": [{"export_id": e.export_id, "result_id": e.result_id, "format": e.format,
+                     "by": _user(session, e.user_id), "sha256": e.sha256, "size_bytes": e.size_bytes,
+                     "at": e.created_at} for e in exports
+                    if principal is None or not _tenant_scoped(principal) or e.org_id == principal.org_id],
+    }
+
+
+def _public_revision(revision: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not revision:
+        return None
+    return {k: v for k, v in revision.items() if k in ("action", "by", "reason", "from_version", "cells", "columns",
+                                                      "base", "rows_removed")}
+
+
+def _user_org(session: Session, org_id: int) -> dict[str, Any]:
+    org = session.get(Organization, org_id)
+    return {"code": org.code, "name": org.name_zh}
+
+
+def trace(session: Session, settings: Settings, data: bytes, filename: str | None = None) -> dict[str, Any]:
+    """Name the export, query, scene, datasets and versions, requester and reviewers of a file found
+    outside: by its stamp (export id + keyed fingerprint) when it survived, else by its cells."""
+    try:
+        found = fingerprint.read_found(data, filename)
+    except fingerprint.FoundFileError as e:
+        raise invalid("unreadable_file", str(e.message if hasattr(e, "message") else e),
+                      getattr(e, "message_zh", "无法读取该文件。")) from None
+    key = fingerprint_key(settings)
+    candidates = fingerprint.match_candidates(key, found)
+    results: list[QueryResult] = []
+    if candidates:
+        results = list(session.exec(select(QueryResult).where(QueryResult.content_fp.in_(candidates))
+                                    .order_by(QueryResult.id)).all())
+    stamp = found.stamp or None
+    stamped_export = None
+    stamp_valid = None
+    if stamp and stamp.get("export_id"):
+        stamped_export = session.exec(select(ResultExport).where(ResultExport.export_id == str(stamp["export_id"]))).first()
+        if stamped_export is not None:
+            stamp_valid = fingerprint.verify_stamp(key, stamp, stamped_export.content_fp) and \
+                hmac.compare_digest(str(stamp.get("fingerprint", "")), stamped_export.fingerprint)
+        else:
+            stamp_valid = False
+    if not results and stamped_export is None:
+        return {"matched": False, "match": None, "stamp": _stamp_view(stamp), "stamp_valid": stamp_valid,
+                "message": "No export matches this file's cells or stamp.",
+                "message_zh": "没有与该文件内容或标记相符的导出记录。"}
+    if results:
+        r = results[-1]
+        match = "content"
+    else:
+        r = session.get(QueryResult, stamped_export.result_id)
+        match = "stamp_only"   # the stamp is ours, but the cells were changed
+    exports = [e for e in session.exec(select(ResultExport).where(ResultExport.result_id == r.id)
+                                       .order_by(ResultExport.id)).all()]
+    lineage_ = _lineage(session, r, None)
+    the_export = None
+    if stamped_export is not None and stamped_export.result_id == r.id and stamp_valid:
+        the_export = stamped_export.export_id
+    elif len(exports) == 1:
+        the_export = exports[0].export_id
+    return {
+        "matched": True, "match": match, "stamp": _stamp_view(stamp), "stamp_valid": stamp_valid,
+        "cells_intact": match == "content",
+        "export_id": the_export,
+        "candidate_exports": [e.export_id for e in exports],
+        "result_id": r.id, "query_id": r.query_id, "scene_id": r.scene_id,
+        "requester": lineage_["query"]["requester"],
+        "reviewers": [v["reviewer"] for v in lineage_["reviews"]],
+        "released_by": r.released_by,
+        "lineage": lineage_,
+    }
+
+
+def _stamp_view(stamp: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not stamp:
+        return None
+    return {k: stamp.get(k) for k in ("export_id", "fingerprint", "result_id", "query_id", "version") if k in stamp}
+

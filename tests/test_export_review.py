@@ -1,0 +1,268 @@
+"""Export review through HTTP: prod results are checked and held; reviewers release, reject,
+suppress or round; only released results download, each file stamped with an export id and a keyed
+fingerprint; lineage and trace name everyone involved."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from sqlmodel import Session, select
+
+from pdao.audit import AuditEvent
+from pdao.identity import service as identities
+from sandbox.models import Query, QueryResult, ResultExport
+from tests.conftest import DEMO_PASSWORD, login
+from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
+from tests.test_queries import work_once
+
+BY_DISTRICT_COUNT = f"SELECT district, COUNT(*) AS n FROM {VISITS} GROUP BY district"
+BY_DISTRICT_FEES = (f"SELECT district, COUNT(*) AS n, SUM(fee) AS total FROM {VISITS} "
+                    "WHERE visit_date >= DATE '2018-01-01' GROUP BY district")
+
+
+def held_result(client, auth, engine, settings, scene_id: int, sql: str = BY_DISTRICT_FEES, epsilon: float = 0.5) -> dict:
+    r = client.post(f"/api/v1/scenes/{scene_id}/queries", headers=auth("insurer_a"),
+                    json={"sql": sql, "mode": "prod", "epsilon": epsilon})
+    assert r.status_code == 202, r.text
+    assert work_once(engine, settings)
+    q = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth("insurer_a")).json()
+    assert q["result_id"], q
+    return client.get(f"/api/v1/results/{q['result_id']}", headers=auth("reviewer1")).json()
+
+
+def make_user(engine, settings, username: str, org: str, role: str) -> None:
+    with Session(engine) as s:
+        identities.create_user(s, username, DEMO_PASSWORD, org, role)
+        s.commit()
+
+
+def review(client, who_headers, rid: int, decision: str = "release", reason: str = "checked: DP, cells fine"):
+    return client.post(f"/api/v1/results/{rid}/review", headers=who_headers, json={"decision": decision, "reason": reason})
+
+
+def test_a_held_result_is_reviewed_released_downloaded_stamped_and_traced(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth)
+    res = held_result(client, auth, engine, settings, scene["id"])
+    rid = res["id"]
+    assert res["status"] == "held" and res["version"] == 1
+    # the reviewer sees what would go out (noised) and the whole report
+    assert res["cells_visible"] is True and len(res["rows"]) == 7     # six districts and NULL
+    names = {c["name"] for c in res["report"]["checks"]}
+    assert {"min_cell_count", "dominance", "p_percent", "budget", "pii"} <= names
+    assert res["report"]["verdict"] in ("pass", "review", "fail")
+    # the tenant: verdicts only, no cells, no download
+    mine = client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
+    assert mine["rows"] is None and mine["cells_visible"] is False
+    assert all(set(c) == {"name", "verdict"} for c in mine["report"]["checks"])
+    r = client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a"))
+    assert r.status_code == 403 and r.json()["code"] == "result_not_released"
+    # the auditor: report yes, cells never
+    seen = client.get(f"/api/v1/results/{rid}", headers=auth("auditor1")).json()
+    assert seen["rows"] is None and seen["report"]["checks"]
+    # the queue shows it to the reviewer, not to the tenant
+    assert rid in [x["id"] for x in client.get("/api/v1/reviews/queue", headers=auth("reviewer1")).json()]
+    assert client.get("/api/v1/reviews/queue", headers=auth("insurer_a")).status_code == 403
+
+    r = review(client, auth("reviewer1"), rid)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "released" and r.json()["released_by"] == "reviewers"
+    q = client.get(f"/api/v1/queries/{res['query_id']}", headers=auth("insurer_a")).json()
+    assert q["status"] == "released"
+    # a released result is no longer shown to the reviewer as cells: it went out
+    assert client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()["rows"] is None
+
+    files = {}
+    for fmt in ("csv", "parquet", "json"):
+        r = client.get(f"/api/v1/results/{rid}/download?format={fmt}", headers=auth("insurer_a"))
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Pdao-Export"].startswith("ex-") and len(r.headers["X-Pdao-Fingerprint"]) == 64
+        files[fmt] = (r.headers["X-Pdao-Export"], r.headers["X-Pdao-Fingerprint"], r.content)
+    export_id, fp, csv = files["csv"]
+    assert csv.decode().startswith("#") and export_id in csv.decode().splitlines()[0] and fp in csv.decode()
+    meta = json.loads(pq.read_table(io.BytesIO(files["parquet"][2])).schema.metadata[b"pdao"])
+    assert meta["export_id"] == files["parquet"][0] and meta["fingerprint"] == files["parquet"][1]
+    body = json.loads(files["json"][2])
+    assert body["export"]["export_id"] == files["json"][0] and len(body["rows"]) == 7
+    with Session(engine) as s:
+        exports = {e.export_id: e for e in s.exec(select(ResultExport).where(ResultExport.result_id == rid)).all()}
+        events = s.exec(select(AuditEvent).where(AuditEvent.action == "result.export")).all()
+    assert set(exports) == {f[0] for f in files.values()}
+    for export_id_, _, data in files.values():
+        assert exports[export_id_].sha256 == hashlib.sha256(data).hexdigest()
+    assert {e.object for e in events} == {f"export:{x}" for x in exports}
+
+    # trace: the stamped file names its export exactly
+    t = client.post("/api/v1/trace", headers=auth("auditor1"), files={"file": ("found.csv", csv, "text/csv")}).json()
+    assert t["matched"] and t["stamp_valid"] is True and t["export_id"] == export_id
+    assert t["requester"]["username"] == "insurer_a" and [x["username"] for x in t["reviewers"]] == ["reviewer1"]
+    assert t["lineage"]["scene"]["id"] == scene["id"] and t["lineage"]["datasets"][0]["code"] == VISITS
+    # … and with the comment and the header stripped, re-saved with CRLF, by its cells alone
+    lines = [ln for ln in csv.decode().splitlines() if not ln.startswith("#")][1:]
+    stripped = "\r\n".join(lines).encode()
+    t = client.post("/api/v1/trace", headers=auth("office1"), files={"file": ("x.csv", stripped, "text/csv")}).json()
+    assert t["matched"] and t["match"] == "content" and t["result_id"] == rid and t["query_id"] == res["query_id"]
+    assert export_id in t["candidate_exports"] and t["requester"]["username"] == "insurer_a"
+    # one changed cell is not the same file
+    changed = stripped.replace(b"\r\n", b"\r\n", 1)[:-1] + b"9"
+    assert client.post("/api/v1/trace", headers=auth("auditor1"),
+                       files={"file": ("x.csv", changed, "text/csv")}).json()["matched"] is False
+    # trace is for auditors and the office only
+    assert client.post("/api/v1/trace", headers=auth("insurer_a"),
+                       files={"file": ("x.csv", stripped, "text/csv")}).status_code == 403
+
+    # lineage: result → query → scene → authorization → dataset versions
+    lin = client.get(f"/api/v1/results/{rid}/lineage", headers=auth("auditor1")).json()
+    assert lin["query"]["sql"] == BY_DISTRICT_FEES and lin["query"]["requester"]["username"] == "insurer_a"
+    assert {a["reviewer"]["username"] for a in lin["scene"]["approvals"]} == {"office1", "office2"}
+    assert ["health.outpatient_visit", "fee", "aggregate"] in [[a["dataset"], a["field"], a["usage"]]
+                                                              for a in lin["authorization"]]
+    assert lin["datasets"][0]["env"] == "prod" and len(lin["datasets"][0]["sha256"]) == 64
+    assert [v["decision"] for v in lin["reviews"]] == ["release"] and len(lin["exports"]) == 3
+    assert client.get(f"/api/v1/results/{rid}/lineage", headers=auth("insurer_b")).status_code == 404
+
+
+def test_reviewer_refusals(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth)
+    rid = held_result(client, auth, engine, settings, scene["id"])["id"]
+    # an applicant cannot review, even its own result
+    r = review(client, auth("insurer_a"), rid)
+    assert r.status_code == 403 and r.json()["code"] == "role_not_permitted"
+    # a reviewer of the same organization is refused
+    make_user(engine, settings, "qa_a", _org_of(engine, "insurer_a"), "reviewer")
+    r = review(client, login(client, "qa_a"), rid)
+    assert r.status_code == 403 and r.json()["code"] == "reviewer_same_org"
+    # a company's reviewer never sees another company's results at all
+    make_user(engine, settings, "qa_b", _org_of(engine, "insurer_b"), "reviewer")
+    assert review(client, login(client, "qa_b"), rid).status_code == 404
+    assert client.get(f"/api/v1/results/{rid}", headers=login(client, "qa_b")).status_code == 404
+    # a reason is required; bad input changes nothing
+    r = client.post(f"/api/v1/results/{rid}/review", headers=auth("reviewer1"), json={"decision": "release"})
+    assert r.status_code == 422
+    r = client.post(f"/api/v1/results/{rid}/review", headers=auth("reviewer1"), json={"decision": "maybe", "reason": "x"})
+    assert r.status_code == 422
+    with Session(engine) as s:
+        assert s.get(QueryResult, rid).status == "held"
+    # reject: nothing goes out, and the decision is final
+    r = review(client, auth("reviewer1"), rid, "reject", "cell counts too small for the purpose")
+    assert r.status_code == 200 and r.json()["status"] == "rejected"
+    assert client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).status_code == 403
+    assert review(client, auth("reviewer1"), rid).status_code == 409
+    q = client.get(f"/api/v1/queries/{_query_of(engine, rid)}", headers=auth("insurer_a")).json()
+    assert q["status"] == "rejected"
+
+
+def _org_of(engine, username: str) -> str:
+    with Session(engine) as s:
+        return identities.principal_for(s, username).org_code
+
+
+def _query_of(engine, rid: int) -> int:
+    with Session(engine) as s:
+        return s.get(QueryResult, rid).query_id
+
+
+def test_two_independent_reviewers_when_the_scene_asks(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth, release_policy={"auto_release": "none", "reviewers_required": 2})
+    rid = held_result(client, auth, engine, settings, scene["id"])["id"]
+    r = review(client, auth("reviewer1"), rid)
+    assert r.status_code == 200 and r.json()["status"] == "held"
+    r = review(client, auth("reviewer1"), rid)
+    assert r.status_code == 409 and r.json()["code"] == "already_reviewed"
+    assert client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).status_code == 403
+    make_user(engine, settings, "reviewer2", _org_of(engine, "reviewer1"), "reviewer")
+    r = review(client, login(client, "reviewer2"), rid, reason="second look: fine")
+    assert r.status_code == 200 and r.json()["status"] == "released"
+    assert client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).status_code == 200
+
+
+def test_the_release_policy_lets_clean_dp_aggregates_out_at_once(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth, release_policy={"auto_release": "dp_aggregates"})
+    res = held_result(client, auth, engine, settings, scene["id"], sql=BY_DISTRICT_COUNT)
+    assert res["report"]["verdict"] == "pass", res["report"]
+    assert res["status"] == "released" and res["released_by"] == "policy"
+    assert client.get(f"/api/v1/results/{res['id']}/download", headers=auth("insurer_a")).status_code == 200
+    with Session(engine) as s:
+        ev = s.exec(select(AuditEvent).where(AuditEvent.action == "result.release",
+                                             AuditEvent.object == f"result:{res['id']}")).one()
+    assert ev.actor == "system" and ev.decision == "allow"
+
+
+def test_a_rows_answer_is_never_released_by_policy(client, auth, engine, settings, loaded):
+    items = SCENE_ITEMS + [{"dataset": VISITS, "field": "district", "usage": "masked_output"},
+                           {"dataset": VISITS, "field": "icd10_chapter", "usage": "masked_output"}]
+    scene = active_scene(client, auth, items=items, release_policy={"auto_release": "dp_aggregates"})
+    res = held_result(client, auth, engine, settings, scene["id"],
+                      sql=f"SELECT district, icd10_chapter FROM {VISITS} WHERE visit_date >= DATE '2025-06-01'")
+    assert res["status"] == "held" and res["kind"] == "rows"
+    checks = {c["name"]: c for c in res["report"]["checks"]}
+    assert {"k_anonymity", "l_diversity", "pii"} <= set(checks)
+
+
+def test_suppression_makes_a_new_checked_version(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth)
+    res = held_result(client, auth, engine, settings, scene["id"])
+    rid = res["id"]
+    cell = {"district": "兴庆区"}
+    r = client.post(f"/api/v1/results/{rid}/revisions", headers=auth("reviewer1"),
+                    json={"action": "suppress", "cells": [cell], "reason": "policy: suppress the capital"})
+    assert r.status_code == 201, r.text
+    v2 = r.json()
+    assert v2["version"] == 2 and v2["parent_id"] == rid and v2["status"] == "held"
+    row = next(x for x in v2["rows"] if x["district"] == "兴庆区")
+    assert row["n"] is None and row["total"] is None
+    assert all(x["n"] is not None for x in v2["rows"] if x["district"] != "兴庆区")
+    old = client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()
+    assert old["status"] == "superseded" and old["rows"] is None
+    q = client.get(f"/api/v1/queries/{res['query_id']}", headers=auth("insurer_a")).json()
+    assert q["result_id"] == v2["id"]
+    # a superseded version can be neither reviewed nor downloaded
+    assert review(client, auth("reviewer1"), rid).status_code == 409
+    # the same reviewer may release the new version (their revision is not a decision on it)
+    assert review(client, auth("reviewer1"), v2["id"]).json()["status"] == "released"
+    assert client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).status_code == 403
+    csv = client.get(f"/api/v1/results/{v2['id']}/download", headers=auth("insurer_a"))
+    assert csv.status_code == 200
+    lin = client.get(f"/api/v1/results/{v2['id']}/lineage", headers=auth("auditor1")).json()
+    assert [(v["version"], v["status"]) for v in lin["versions"]] == [(1, "superseded"), (2, "released")]
+    assert lin["versions"][1]["revision"]["action"] == "suppress"
+    # unknown key columns are refused and change nothing
+    r = client.post(f"/api/v1/results/{v2['id']}/revisions", headers=auth("reviewer1"),
+                    json={"action": "suppress", "cells": [{"hospital": "x"}], "reason": "x"})
+    assert r.status_code in (409, 422)
+
+
+def test_rounding_makes_a_new_checked_version(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth)
+    res = held_result(client, auth, engine, settings, scene["id"])
+    r = client.post(f"/api/v1/results/{res['id']}/revisions", headers=auth("reviewer1"),
+                    json={"action": "round", "columns": ["n"], "base": 10, "reason": "round counts to 10"})
+    assert r.status_code == 201, r.text
+    v2 = r.json()
+    assert all(x["n"] % 10 == 0 for x in v2["rows"])
+    assert v2["report"]["revision"]["base"] == 10
+    r = client.post(f"/api/v1/results/{v2['id']}/revisions", headers=auth("reviewer1"),
+                    json={"action": "round", "columns": ["district"], "base": 10, "reason": "x"})
+    assert r.status_code == 422 and r.json()["code"] == "not_a_value_column"
+
+
+def test_no_path_downloads_an_unreleased_result(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth)
+    held = held_result(client, auth, engine, settings, scene["id"])["id"]
+    rejected = held_result(client, auth, engine, settings, scene["id"])["id"]
+    assert review(client, auth("reviewer1"), rejected, "reject", "no").status_code == 200
+    for rid in (held, rejected):
+        for who in ("insurer_a", "insurer_b", "reviewer1", "auditor1", "office1", "provider1", "operator1"):
+            for fmt in ("csv", "parquet", "json"):
+                r = client.get(f"/api/v1/results/{rid}/download?format={fmt}", headers=auth(who))
+                assert r.status_code in (403, 404), (rid, who, fmt, r.status_code)
+            body = client.get(f"/api/v1/results/{rid}", headers=auth(who))
+            if body.status_code == 200 and who != "reviewer1":
+                assert body.json()["rows"] is None, who
+    with Session(engine) as s:
+        assert s.exec(select(ResultExport)).all() == []
+        q = s.exec(select(Query).where(Query.mode == "prod")).all()
+    assert {x.status for x in q} == {"held", "rejected"}
