@@ -209,7 +209,11 @@ class Check:
             raise ValueError(f"unknown verdict {self.verdict!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The check as JSON can hold it (cell values in JSON form: dates as ISO text)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["cells"] = [{k: _json_value(v) for k, v in cell.items()} for cell in self.cells]
+        out["columns"] = list(self.columns)
+        return out
 
 
 def _json_value(v: Any) -> Any:
@@ -222,6 +226,8 @@ def _json_value(v: Any) -> Any:
         return None
     if isinstance(v, bytes):
         return v.hex()
+    if isinstance(v, list | tuple):
+        return [_json_value(x) for x in v]
     if hasattr(v, "item") and not isinstance(v, str):   # a numpy scalar
         return _json_value(v.item())
     return v
@@ -391,9 +397,9 @@ def aggregate_checks(stats: pa.Table, keys: list[str], sum_columns: list[str], t
         if dp:
             checks.append(Check(
                 "min_cell_count", "review",
-                f"{_cells_verb(cnt, 'with contributors has', 'with contributors have')} fewer than {m} of them. Their published values carry "
-                f"differential-privacy noise, which already bounds what they reveal; the office decides whether "
-                f"to release, coarsen or suppress them." + _dp_empty_en(dp),
+                f"{_cells_verb(cnt, 'with contributors has', 'with contributors have')} fewer than {m} of them. "
+                f"Their published values carry differential-privacy noise, which already bounds what they "
+                f"reveal; the office decides whether to release, coarsen or suppress them." + _dp_empty_en(dp),
                 f"{cnt} 个有贡献者的单元格贡献者少于 {m} 个。其发布值已加差分隐私噪声，噪声已限制其泄露程度；"
                 f"由办公室决定发布、合并或抑制。" + _dp_empty_zh(dp),
                 _key_dicts(keys, cols, small), cnt))
@@ -609,7 +615,7 @@ def rows_checks(table: pa.Table, quasi_identifiers: list[str], sensitive: list[s
             checks.append(Check(
                 "k_anonymity", "fail",
                 f"{_plural(len(small), 'equivalence class')} over {_cols_en(qis)} ({_plural(rows_below, 'row')}) "
-                f"have fewer than k = {k} rows; generalize or suppress these rows.",
+                f"{'has' if len(small) == 1 else 'have'} fewer than k = {k} rows; generalize or suppress these rows.",
                 f"按 {_cols_zh(qis)} 划分的 {len(small)} 个等价类（共 {rows_below} 行）少于 k = {k} 行；需泛化或抑制这些行。",
                 _key_dicts(qis, qcols, small), len(small), qis))
         else:
@@ -631,10 +637,12 @@ def rows_checks(table: pa.Table, quasi_identifiers: list[str], sensitive: list[s
             if low:
                 checks.append(Check(
                     "l_diversity", "fail",
-                    f"{_plural(len(low), 'equivalence class')} over {_cols_en(qis)} have fewer than l = {l_} distinct "
-                    f"values of {_cols_en(low_cols)}: everyone in such a class shares the sensitive value.",
+                    f"{_plural(len(low), 'equivalence class')} over {_cols_en(qis)} "
+                    f"{'has' if len(low) == 1 else 'have'} fewer than l = {l_} distinct values of "
+                    f"{_cols_en(low_cols)}: the class's sensitive value is known, or nearly, to anyone who can "
+                    f"place a person in it.",
                     f"按 {_cols_zh(qis)} 划分的 {len(low)} 个等价类中 {_cols_zh(low_cols)} 的不同取值少于 l = {l_} 个："
-                    f"该类中所有人共享同一敏感值。",
+                    f"能确定某人所属类别者即可（几乎）得知其敏感值。",
                     _key_dicts(qis, qcols, sorted(low)), len(low), low_cols))
             else:
                 checks.append(Check(
@@ -693,7 +701,8 @@ def pii_check(table: pa.Table) -> Check:
     where_en = "; ".join(f"{f['column']} ({', '.join(f['kinds'])})" for f in found)
     where_zh = "；".join(f"{f['column']}（{'、'.join(f['kinds'])}）" for f in found)
     return Check("pii", "fail",
-                 f"{_plural(cells_with_pii, 'text cell')} contain personal data: {where_en}. Mask or drop these columns.",
+                 f"{_plural(cells_with_pii, 'text cell')} {'contains' if cells_with_pii == 1 else 'contain'} personal "
+                 f"data: {where_en}. Mask or drop these columns.",
                  f"{cells_with_pii} 个文本单元格含个人信息：{where_zh}。需脱敏或删除这些列。",
                  found, cells_with_pii, [f["column"] for f in found])
 

@@ -409,7 +409,8 @@ def test_report_shape_and_auto_release():
     rep = report([ok, rv, bad])
     assert rep["verdict"] == "fail" and set(rep) == {"verdict", "checks", "summary", "summary_zh"}
     assert rep["checks"][2] == {"name": "c", "verdict": "fail", "reason": "no", "reason_zh": "否",
-                                "cells": [{"k": date(2024, 1, 1)}], "counts": 1, "columns": []}
+                                "cells": [{"k": "2024-01-01"}], "counts": 1, "columns": []}
+    json.dumps(rep)
     assert "c" in rep["summary"] and "b" in rep["summary"] and "未通过" in rep["summary_zh"]
     assert report([ok, rv])["verdict"] == "review"
     passing = report([ok])
