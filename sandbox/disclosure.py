@@ -39,9 +39,9 @@ Aggregates: what each check does (ACRO 1.0.2's per-cell masks, ``acro/sdcchecks.
                     fails when ``zeros_disclosive`` (class disclosure: "nobody here has it").
                     Checked for every answer here, not only counts: an empty cell's sum or mean
                     tells the same.
-``dominance``       ACRO ``NKCheck``: ``top_n_sum / total >= k`` fails (``>=``, as ACRO's code; the
-                    issue's "more than" is ACRO's docs). ``0 / 0`` (no values, or all zero) is NaN
-                    in ACRO and so passes. ``top_n_sum`` is exact from ``a__top1..a__top{n}``; when
+``dominance``       ACRO ``NKCheck``: ``top_n_sum / total >= k`` fails (``>=`` is ACRO's code; its
+                    docs, like the issue, say "more than"). ``0 / 0`` (no values, or all zero) is
+                    NaN in ACRO and so passes. ``top_n_sum`` is exact from ``a__top1..a__top{n}``; when
                     a column is missing it is bounded above by ``min(total, top1 + (n-1)·top2)``,
                     which can only fail more cells.
 ``p_percent``       ACRO ``PPercentCheck``: ``p_val = (total - (top1 + top2)) / top1``, or
@@ -63,12 +63,12 @@ Aggregates: what each check does (ACRO 1.0.2's per-cell masks, ``acro/sdcchecks.
 
 Aggregates under differential privacy (``dp=True``)
 ---------------------------------------------------
-Every published value of a DP answer carries noise calibrated to the scene's ε, which already
+Every published value of a DP answer carries noise calibrated to the query's ε, which already
 bounds what any one person's data can change in it, small or dominated cell alike. The rules above
 were made for exact tables, so under DP a cell ACRO would *fail* is sent to ``review`` (the office
 decides; suppressing or coarsening stays possible), never failed. A cell with no contributor
 *passes* every check: its published value is pure noise, and suppressing it would itself tell that
-it is empty. Its absence is also why a passing reason under DP never says whether empty cells exist.
+it is empty; for the same reason no reason given under DP says whether empty cells exist.
 ``negative`` and ``missing`` answer ``review`` either way (they are notes on the data, not on noise).
 
 Rows (masked ``masked_output`` fields)
