@@ -38,7 +38,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN, ROUND_HALF_EVEN, ROUND_UP, Context, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, ROUND_HALF_EVEN, ROUND_UP, Context, Decimal
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, unquote
@@ -58,6 +58,7 @@ __all__ = [
 SIGNIFICANT_DIGITS = 12          # numbers are compared at this many significant digits
 MAX_FOUND_BYTES = 64 * 1024 * 1024
 MAX_FOUND_ROWS = 1_000_000
+_MAX_PARQUET_EXPANDED = 1 << 30
 MAX_ALTERNATES = 64              # fingerprints tried per candidate for cells that sit on a rounding midpoint
 
 _CONTENT_TAG = b"pdao-content-v1\x00"
@@ -111,6 +112,7 @@ _CTX = Context(prec=SIGNIFICANT_DIGITS, rounding=ROUND_HALF_EVEN)
 _CTX_DOWN = Context(prec=SIGNIFICANT_DIGITS, rounding=ROUND_DOWN)
 _CTX_UP = Context(prec=SIGNIFICANT_DIGITS, rounding=ROUND_UP)
 _SMALL_INT = 10 ** SIGNIFICANT_DIGITS
+_FLOAT_MAX = Decimal(1.7976931348623157e308)
 
 # What pandas' read_csv reads as missing (pandas._libs.parsers.STR_NA_VALUES), so a re-save by pandas,
 # which writes them back as empty cells, changes nothing.
@@ -244,15 +246,16 @@ def _midpoint_readings(raw: str) -> tuple[str, str] | None:
         return None
     try:
         d = Decimal(s)
-    except InvalidOperation:
+        digits = "".join(map(str, d.as_tuple().digits)).strip("0")
+        if len(digits) <= SIGNIFICANT_DIGITS or abs(d.adjusted()) > 400:
+            return None
+        lo, hi = _CTX_DOWN.plus(d), _CTX_UP.plus(d)
+        wide = Context(prec=len(d.as_tuple().digits) + 4)
+        if wide.subtract(d, lo) != wide.subtract(hi, d) or abs(hi) > _FLOAT_MAX:
+            return None
+        return _fmt_decimal(lo), _fmt_decimal(hi)
+    except ArithmeticError:     # an exponent beyond any float: such a cell reads as ±inf anyway
         return None
-    if d.is_zero() or len(d.normalize().as_tuple().digits) <= SIGNIFICANT_DIGITS:
-        return None
-    lo, hi = _CTX_DOWN.plus(d), _CTX_UP.plus(d)
-    wide = Context(prec=len(d.as_tuple().digits) + 4)
-    if wide.subtract(d, lo) != wide.subtract(hi, d):
-        return None
-    return _fmt_decimal(lo), _fmt_decimal(hi)
 
 
 def _json_text(v: Any) -> str:
@@ -300,6 +303,8 @@ def canonical_cell(v: Any) -> str:
         return v.isoformat()
     if isinstance(v, dt.time):
         return _fmt_time(v)
+    if isinstance(v, dt.timedelta):
+        return _canon_number(v.total_seconds())     # durations are seconds in every writer here
     if isinstance(v, (bytes, bytearray)):
         return _canon_text(_bytes_text(v))
     if isinstance(v, (list, tuple, dict)):
@@ -447,10 +452,14 @@ def _stamp_comment(stamp: dict[str, Any]) -> str:
 
 
 def _csv_safe(table: pa.Table) -> pa.Table:
-    """Columns pyarrow's CSV writer cannot print (lists, structs, maps, binary) as JSON or UTF-8 text."""
+    """Columns pyarrow's CSV writer cannot print (lists, structs, maps, binary) as JSON or UTF-8 text,
+    durations as seconds."""
     for i, f in enumerate(table.schema):
         t = f.type
-        if pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) \
+        if pa.types.is_duration(t):
+            secs = [None if v is None else v.total_seconds() for v in table.column(i).to_pylist()]
+            table = table.set_column(i, pa.field(f.name, pa.float64()), pa.array(secs, pa.float64()))
+        elif pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) \
                 or pa.types.is_fixed_size_binary(t):
             vals = [None if v is None else (_bytes_text(v) if isinstance(v, (bytes, bytearray)) else _json_text(v))
                     for v in table.column(i).to_pylist()]
@@ -497,6 +506,8 @@ def _json_cell(v: Any) -> Any:
         return v.isoformat()
     if isinstance(v, Decimal):
         return None if v.is_nan() else str(v)     # exact; read back as a number
+    if isinstance(v, dt.timedelta):
+        return v.total_seconds()
     if isinstance(v, (bytes, bytearray)):
         return _bytes_text(v)
     if isinstance(v, dict):
@@ -530,7 +541,7 @@ def json_bytes(table: pa.Table, stamp: dict[str, Any], extra: dict[str, Any] | N
             if pa.types.is_float16(c.type) or pa.types.is_float32(c.type) else _column_values(c)
             for c in table.columns]
     rows = [dict(zip(names, (_json_cell(v) for v in vals))) for vals in zip(*cols)] if cols else []
-    body = {"export": stamp, **extra, "rows": rows}
+    body = {"export": _json_cell(stamp), **{str(k): _json_cell(v) for k, v in extra.items()}, "rows": rows}
     return json.dumps(body, ensure_ascii=False, allow_nan=False, default=_json_default).encode("utf-8")
 
 
@@ -545,7 +556,8 @@ class Found:
     `candidates`: canonical row sets to try, most likely first.
     `alternates`: one dict per candidate, (row, column) → the two readings of a cell printed exactly on
     a rounding midpoint (used by `match_candidates`; usually empty).
-    `columns`: the header names, if the file seems to carry them. `format`: "csv", "parquet" or "json";
+    `columns`: the column names (Parquet, JSON records) or the first row of a CSV, which may be a
+    header or data. `format`: "csv", "parquet" or "json";
     `details`: encoding and delimiter for a CSV."""
 
     format: str
@@ -697,6 +709,10 @@ def _read_parquet(data: bytes, max_rows: int) -> Found:
         f = pq.ParquetFile(io.BytesIO(data))
         if f.metadata.num_rows > max_rows:
             raise _too_many_rows(max_rows)
+        meta = f.metadata
+        if sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) > _MAX_PARQUET_EXPANDED:
+            raise FoundFileError("found_file_too_large", "The Parquet file expands to more than 1 GB.",
+                                 "该 Parquet 文件解压后超过 1 GB。", status=413)
         table = f.read()
     except FoundFileError:
         raise

@@ -152,6 +152,14 @@ def test_canonical_cell_agrees_across_spellings(values, expected):
     assert [canonical_cell(v) for v in values] == [expected] * len(values)
 
 
+def test_odd_numbers_never_break_a_file():
+    for text in ("1e400", "-1e400", "1.0000000000005e9999999", "9" * 400, "1.000000000000500000e-300"):
+        canonical_cell(text)
+        fp._midpoint_readings(text)
+    data = b"a,1e400\nb,1.0000000000005e9999999\nc,0.1234567890124e-30\n"
+    assert read_found(data).candidates[-1] == [("a", "inf"), ("b", "inf"), ("c", "0.000000000000000000000000000000123456789012")]
+
+
 @pytest.mark.parametrize("text", ["2024-02-30", "2024/13/1", "1-2", "12:75", "abc", "p_0012", "138****5678",
                                   "1,234", "0x1A", "1_000", "E11.9", "2024-03"])
 def test_texts_that_are_not_numbers_or_dates_stay_text(text):
@@ -281,8 +289,10 @@ def test_json_is_strict_and_extra_cannot_replace_export_or_rows():
     def no_constants(name):
         raise AssertionError(f"non-standard JSON constant {name}")
 
-    body = json.loads(json_bytes(t, stamp, {"noise": {"x": {"epsilon": 0.5}}}), parse_constant=no_constants)
-    assert list(body) == ["export", "noise", "rows"]
+    extra = {"noise": {"x": {"epsilon": 0.5, "bound": float("inf"), "scale": float("nan")}}, "at": dt.date(2024, 3, 1)}
+    body = json.loads(json_bytes(t, stamp, extra), parse_constant=no_constants)
+    assert list(body) == ["export", "noise", "at", "rows"]
+    assert body["noise"] == {"x": {"epsilon": 0.5, "bound": "inf", "scale": None}} and body["at"] == "2024-03-01"
     assert body["rows"] == [{"x": 1.5, "d": "1.10"}, {"x": None, "d": "1.10"}, {"x": "inf", "d": "1.10"},
                             {"x": "-inf", "d": "1.10"}]
     traced(json_bytes(t, stamp), t)
@@ -305,8 +315,12 @@ def test_parquet_stamp_replaces_the_result_store_entry_and_keeps_other_metadata(
     assert json.loads(meta[b"pdao"]) == stamp and meta[b"other"] == b"kept"
 
 
-def test_nested_columns_are_written_as_json_text_and_still_match():
-    t = pa.table({"k": ["a", "b"], "codes": [[1, 2], None], "s": [{"x": 1}, {"x": 2}]})
+def test_nested_binary_duration_and_other_types_are_written_so_they_still_match():
+    t = pa.table({"k": ["a", "b"], "codes": [[1, 2], None], "s": [{"x": 1}, {"x": 2}],
+                  "bin": pa.array([b"ab", b"\xff"]), "dur": pa.array([dt.timedelta(seconds=5), None], pa.duration("ms")),
+                  "dict": pa.array(["x", "y"]).dictionary_encode(), "u64": pa.array([2**64 - 1, 0], pa.uint64()),
+                  "t32": pa.array([dt.time(1, 2, 3), None], pa.time32("s")), "nothing": pa.nulls(2),
+                  "d256": pa.array([decimal.Decimal("1.5"), None], pa.decimal256(40, 2))})
     for data in (csv_bytes(t, stamp_for(t)), json_bytes(t, stamp_for(t)), parquet_bytes(t, stamp_for(t))):
         traced(data, t)
 
