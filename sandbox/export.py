@@ -38,12 +38,12 @@ import pyarrow.parquet as pq
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from catalog.models import Dataset, DatasetVersion
+from catalog.models import Dataset, DatasetVersion, Organization
 from pdao import audit
 from pdao.config import Settings
 from pdao.db import utcnow
 from pdao.errors import conflict, forbidden, invalid, not_found
-from pdao.identity.models import Organization, Role, User
+from pdao.identity.models import Role, User
 from pdao.identity.service import Principal
 from policies.models import Scene, SceneReview
 from policies.schemas import ReleasePolicy
@@ -464,7 +464,7 @@ def export(session: Session, settings: Settings, principal: Principal, result_id
     r = get_result(session, principal, result_id)
     if not (principal.role is Role.applicant and cells_visible(principal, r)):
         raise forbidden("result_not_released", "Only released results (or your own dev answers) can be downloaded.",
-                        "只能下载已放行的结果（或本单位的开发模式结果）。", details={"status": r.status})
+                        "只能下载已放行的结果（或本单位的开发模式结果）。")
     table = pq.read_table(settings.results_dir / r.storage_path)
     key = fingerprint_key(settings)
     content = r.content_fp or fingerprint.content_fingerprint(key, table)
