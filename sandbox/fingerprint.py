@@ -657,51 +657,64 @@ def _parse_stamp_comment(text: str) -> dict[str, Any] | None:
     return out
 
 
-def _sniff_delimiter(lines: list[str], filename: str | None) -> str:
+def _delimiter_scores(lines: list[str], filename: str | None) -> list[tuple[tuple[Any, ...], str]]:
+    """Each delimiter's score on the sample, best first: more than one column in nearly every row, the
+    share of rows with the most common width, the file name, the width."""
     prefer_tab = bool(filename) and filename.lower().endswith((".tsv", ".tab", ".txt"))
-    best, best_score = ",", None
+    scores = []
     for d in (",", "\t", ";", "|"):
         try:
             counts = [len(r) for r in csv.reader(lines, delimiter=d) if r]
         except csv.Error:
             continue
-        if not counts:
-            continue
-        width, hits = Counter(counts).most_common(1)[0]
-        score = (width > 1, round(hits / len(counts), 2), prefer_tab and d == "\t", width)
-        if best_score is None or score > best_score:
-            best, best_score = d, score
-    return best
+        if counts:
+            width, hits = Counter(counts).most_common(1)[0]
+            share = round(hits / len(counts), 2)
+            scores.append(((width > 1 and share >= 0.9, share, prefer_tab and d == "\t", width), d))
+    scores.sort(key=lambda x: x[0], reverse=True)
+    return scores
 
 
-def _read_csv(text: str, encoding: str, filename: str | None, max_rows: int) -> Found:
-    lines = text.splitlines(keepends=True)
-    sample = [ln for ln in lines[:400] if not ln.lstrip().lstrip('"').replace(" ", "").startswith("#pdao")][:200]
-    delimiter = _sniff_delimiter(sample, filename)
+def _csv_rows(text: str, delimiter: str, max_rows: int) -> list[list[str]]:
     try:
         rows = []
         for r in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=False):
             if r and any(c.strip() for c in r):
                 rows.append(r)
-                if len(rows) > max_rows + 1000:      # stop early; counted exactly below
+                if len(rows) > max_rows + 1000:      # stop early; counted exactly by the caller
                     break
     except csv.Error as e:
         raise _unreadable(f"malformed CSV ({e})", f"CSV 格式有误（{e}）") from None
-    stamp = None
-    while rows and _is_comment_row(rows[0]):
-        parsed = _parse_stamp_comment(",".join(c for c in rows.pop(0) if c.strip()))
-        if parsed is not None and stamp is None:
-            stamp = parsed
-    if not rows:
-        raise _unreadable("it holds no rows", "文件中没有数据行")
-    if len(rows) > max_rows + 1:                     # one may be a header
-        raise _too_many_rows(max_rows)
-    canon, alts = _canon_raw_rows(rows)
+    return rows
+
+
+def _read_csv(text: str, encoding: str, filename: str | None, max_rows: int) -> Found:
+    lines = text.splitlines(keepends=True)
+    sample = [ln for ln in lines[:400] if not ln.lstrip().lstrip('"').replace(" ", "").startswith("#pdao")][:200]
+    scores = _delimiter_scores(sample, filename)
+    delimiters = [scores[0][1]] if scores else [","]
+    # a one-column file whose cells hold ";" or "|" looks like a two-column one: also read it with ","
+    # when every row then has the same width
+    if delimiters[0] != "," and any(d == "," and sc[1] == 1.0 for sc, d in scores):
+        delimiters.append(",")
     b = _Builder()
-    b.add(canon[1:], {(i - 1, j): a for (i, j), a in alts.items() if i > 0})   # first row a header
-    b.add(canon, alts)                                                      # no header
-    return Found("csv", stamp, b.candidates, b.alternates, columns=[c.strip() for c in rows[0]],
-                 details={"encoding": encoding, "delimiter": delimiter})
+    stamp, first_row = None, None
+    for delimiter in delimiters:
+        rows = _csv_rows(text, delimiter, max_rows)
+        while rows and _is_comment_row(rows[0]):
+            parsed = _parse_stamp_comment(",".join(c for c in rows.pop(0) if c.strip()))
+            if parsed is not None and stamp is None:
+                stamp = parsed
+        if not rows:
+            raise _unreadable("it holds no rows", "文件中没有数据行")
+        if len(rows) > max_rows + 1:                     # one may be a header
+            raise _too_many_rows(max_rows)
+        first_row = first_row or [c.strip() for c in rows[0]]
+        canon, alts = _canon_raw_rows(rows)
+        b.add(canon[1:], {(i - 1, j): a for (i, j), a in alts.items() if i > 0})   # first row a header
+        b.add(canon, alts)                                                      # no header
+    return Found("csv", stamp, b.candidates, b.alternates, columns=first_row,
+                 details={"encoding": encoding, "delimiter": delimiters[0]})
 
 
 def _read_parquet(data: bytes, max_rows: int) -> Found:

@@ -380,6 +380,13 @@ def test_found_csv_comment_padded_by_a_spreadsheet_still_gives_the_stamp():
     assert found.stamp == stamp
 
 
+def test_a_one_column_file_whose_cells_hold_semicolons():
+    t = pa.table({"note": ["a;b", "c;d", "e;f"]})
+    traced(strip_comments_and_header(csv_bytes(t, stamp_for(t))).replace(b'"', b""), t)
+    t = pa.table({"note": ["a|b", "c", "e|f|g"]})
+    traced(pandas_resave(csv_bytes(t, stamp_for(t))), t)
+
+
 def test_found_csv_rows_shuffled_and_blank_lines_added():
     t = rows_table()
     buf = io.BytesIO()
