@@ -471,7 +471,8 @@ def csv_bytes(table: pa.Table, stamp: dict[str, Any], *, bom: bool = False) -> b
     """The CSV download: `# pdao export <export_id> fingerprint <fp> <key> <value> …` first, a second
     `#` line if `stamp["synthetic"]` (a dev answer can never pass for real data), then the header and
     the rows as pyarrow writes them (UTF-8, LF). `bom=True` starts the file with a UTF-8 BOM, which
-    Excel needs to show Chinese text (pandas and `read_found` accept both)."""
+    Excel needs to show Chinese text (pandas and `read_found` accept both). Readers skip the comment
+    lines with pandas' `comment="#"` (or `skiprows`), DuckDB's `comment='#'`."""
     buf = io.BytesIO()
     if bom:
         buf.write(codecs.BOM_UTF8)

@@ -118,8 +118,8 @@ def spreadsheet_resave(data: bytes, *, encoding: str = "utf-8-sig", delimiter: s
     reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
     out = io.StringIO(newline="")
     w = csv.writer(out, delimiter=delimiter, quoting=quoting, lineterminator=line_end)
-    for i, row in enumerate(reader):
-        w.writerow(row if row and row[0].startswith("#") else [spreadsheet_cell(c) for c in row])
+    for row in reader:
+        w.writerow(row if row and row[0].startswith("# pdao") else [spreadsheet_cell(c) for c in row])
     return out.getvalue().encode(encoding)
 
 
