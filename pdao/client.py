@@ -364,8 +364,11 @@ class Client:
     def download(self, result_id: int, path: str | PathLike[str] | None = None,
                  format: Literal["csv", "parquet", "json"] = "csv") -> bytes | Path:
         """The result as a file: its bytes, or written to `path` (a directory gets
-        `result-{id}.{format}`) and that path returned. Only visible results can be downloaded. A
-        synthetic (dev) answer's CSV starts with one `# pdao result …: synthetic` line before the header."""
+        `result-{id}.{format}`) and that path returned. Only released results (and your own dev
+        answers) can be downloaded. Each download is an export with its own id: a CSV starts with a
+        `# pdao export <id> fingerprint <fp> …` line (and a synthetic answer with a second `#`
+        notice line) before the header — read it with `pandas.read_csv(f, comment="#")` or skip
+        the leading `#` lines."""
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
         data = self._send("GET", f"/results/{int(result_id)}/download", params={"format": format}).content

@@ -42,7 +42,7 @@ from catalog.models import Dataset, DatasetVersion, Organization
 from pdao import audit
 from pdao.config import Settings
 from pdao.db import utcnow
-from pdao.errors import conflict, forbidden, invalid, not_found
+from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.identity.models import Role, User
 from pdao.identity.service import Principal
 from policies.models import Scene, SceneReview
@@ -570,14 +570,18 @@ def trace(session: Session, settings: Settings, data: bytes, filename: str | Non
     try:
         found = fingerprint.read_found(data, filename)
     except fingerprint.FoundFileError as e:
-        raise invalid("unreadable_file", str(e.message if hasattr(e, "message") else e),
-                      getattr(e, "message_zh", "无法读取该文件。")) from None
+        raise PdaoError(e.status, e.code, e.message, e.message_zh) from None
     key = fingerprint_key(settings)
     candidates = fingerprint.match_candidates(key, found)
     results: list[QueryResult] = []
     if candidates:
         results = list(session.exec(select(QueryResult).where(QueryResult.content_fp.in_(candidates))
                                     .order_by(QueryResult.id)).all())
+    similar = None
+    if not results:
+        similar = _most_similar(session, settings, found)
+        if similar is not None:
+            results = [similar[0]]
     stamp = found.stamp or None
     stamped_export = None
     stamp_valid = None
@@ -594,7 +598,7 @@ def trace(session: Session, settings: Settings, data: bytes, filename: str | Non
                 "message_zh": "没有与该文件内容或标记相符的导出记录。"}
     if results:
         r = results[-1]
-        match = "content"
+        match = "content" if similar is None else "similar"
     else:
         r = session.get(QueryResult, stamped_export.result_id)
         match = "stamp_only"   # the stamp is ours, but the cells were changed
@@ -609,6 +613,7 @@ def trace(session: Session, settings: Settings, data: bytes, filename: str | Non
     return {
         "matched": True, "match": match, "stamp": _stamp_view(stamp), "stamp_valid": stamp_valid,
         "cells_intact": match == "content",
+        "similarity": None if similar is None else round(similar[1], 4),
         "export_id": the_export,
         "candidate_exports": [e.export_id for e in exports],
         "result_id": r.id, "query_id": r.query_id, "scene_id": r.scene_id,
@@ -617,6 +622,30 @@ def trace(session: Session, settings: Settings, data: bytes, filename: str | Non
         "released_by": r.released_by,
         "lineage": lineage_,
     }
+
+
+SIMILAR_ENOUGH = 0.99       # share of rows matching (numbers within 1e-5) for a "similar" match
+SIMILARITY_SCAN = 200       # released results compared at most, newest first
+
+
+def _most_similar(session: Session, settings: Settings, found: Any) -> tuple[QueryResult, float] | None:
+    """The fallback when no fingerprint matches (a spreadsheet kept fewer digits): compare with
+    the newest exported results of the same shape, and name one only if nearly every row matches."""
+    ncols = {len(c[0]) for c in found.candidates if c}
+    nrows = {len(c) for c in found.candidates}
+    if not ncols:
+        return None
+    exported = select(ResultExport.result_id).distinct()
+    stmt = (select(QueryResult).where(QueryResult.id.in_(exported)).order_by(QueryResult.id.desc())
+            .limit(SIMILARITY_SCAN))
+    best: tuple[QueryResult, float] | None = None
+    for r in session.exec(stmt).all():
+        if len(r.columns) not in ncols or not any(abs(r.row_count - n) <= 1 for n in nrows):
+            continue
+        score = fingerprint.similarity(found, pq.read_table(settings.results_dir / r.storage_path))
+        if score >= SIMILAR_ENOUGH and (best is None or score > best[1]):
+            best = (r, score)
+    return best
 
 
 def _stamp_view(stamp: dict[str, Any] | None) -> dict[str, Any] | None:

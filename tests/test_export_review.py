@@ -107,7 +107,8 @@ def test_a_held_result_is_reviewed_released_downloaded_stamped_and_traced(client
     assert t["matched"] and t["match"] == "content" and t["result_id"] == rid and t["query_id"] == res["query_id"]
     assert export_id in t["candidate_exports"] and t["requester"]["username"] == "insurer_a"
     # one changed cell is not the same file
-    changed = stripped.replace(b"\r\n", b"\r\n", 1)[:-1] + b"9"
+    first = lines[0].split(",")
+    changed = "\r\n".join([",".join(["某区"] + first[1:])] + lines[1:]).encode()
     assert client.post("/api/v1/trace", headers=auth("auditor1"),
                        files={"file": ("x.csv", changed, "text/csv")}).json()["matched"] is False
     # trace is for auditors and the office only
@@ -266,3 +267,20 @@ def test_no_path_downloads_an_unreleased_result(client, auth, engine, settings, 
         assert s.exec(select(ResultExport)).all() == []
         q = s.exec(select(Query).where(Query.mode == "prod")).all()
     assert {x.status for x in q} == {"held", "rejected"}
+
+
+def test_trace_survives_a_spreadsheet_and_refuses_garbage_clearly(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth)
+    rid = held_result(client, auth, engine, settings, scene["id"])["id"]
+    assert review(client, auth("reviewer1"), rid).status_code == 200
+    csv = client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).content.decode()
+    rows = [ln.split(",") for ln in csv.splitlines() if not ln.startswith("#")][1:]
+    # a spreadsheet's "General" format keeps about 6–10 significant digits of the sums
+    resaved = "\n".join(",".join(f"{float(c):.6g}" if c.replace(".", "").lstrip("-").isdigit() else c for c in row)
+                        for row in rows).encode("gbk")
+    t = client.post("/api/v1/trace", headers=auth("auditor1"), files={"file": ("excel.csv", resaved)}).json()
+    assert t["matched"] and t["match"] == "similar" and t["result_id"] == rid and t["similarity"] >= 0.99
+    assert t["cells_intact"] is False
+    for junk in (b"", b"\x00\x01\x02PK\x03\x04garbage", b"PAR1not really"):
+        r = client.post("/api/v1/trace", headers=auth("auditor1"), files={"file": ("x.bin", junk)})
+        assert r.status_code in (413, 422) and r.json()["code"] and r.json()["message_zh"], r.text
