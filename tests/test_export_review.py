@@ -284,3 +284,27 @@ def test_trace_survives_a_spreadsheet_and_refuses_garbage_clearly(client, auth, 
     for junk in (b"", b"\x00\x01\x02PK\x03\x04garbage", b"PAR1not really"):
         r = client.post("/api/v1/trace", headers=auth("auditor1"), files={"file": ("x.bin", junk)})
         assert r.status_code in (413, 422) and r.json()["code"] and r.json()["message_zh"], r.text
+
+
+def test_a_rows_answer_failing_k_anonymity_is_fixed_by_suppressing_its_small_classes(client, auth, engine, settings,
+                                                                                      loaded):
+    items = SCENE_ITEMS + [{"dataset": VISITS, "field": "person_id", "usage": "masked_output"},
+                           {"dataset": VISITS, "field": "visit_date", "usage": "masked_output"}]
+    scene = active_scene(client, auth, items=items)
+    # visit_date is a quasi-identifier, output as its month: the few late-October visits form a small class
+    res = held_result(client, auth, engine, settings, scene["id"],
+                      sql=f"SELECT person_id, visit_date FROM {VISITS} WHERE visit_date >= DATE '2025-10-29'")
+    checks = {c["name"]: c for c in res["report"]["checks"]}
+    assert checks["k_anonymity"]["verdict"] == "fail" and res["report"]["verdict"] == "fail"
+    assert checks["min_persons"]["verdict"] == "pass"
+    months = {r["visit_date"] for r in res["rows"]}
+    r = client.post(f"/api/v1/results/{res['id']}/revisions", headers=auth("reviewer1"),
+                    json={"action": "suppress", "cells": "failing", "reason": "drop classes below k"})
+    assert r.status_code == 201, r.text
+    v2 = r.json()
+    assert {c["name"]: c["verdict"] for c in v2["report"]["checks"]}["k_anonymity"] == "pass"
+    assert {x["visit_date"] for x in v2["rows"]} < months and v2["row_count"] < res["row_count"]
+    # naming cells is for aggregates; rows are suppressed by class
+    r = client.post(f"/api/v1/results/{v2['id']}/revisions", headers=auth("reviewer1"),
+                    json={"action": "suppress", "cells": [{"visit_date": "2025-11"}], "reason": "x"})
+    assert r.status_code == 422 and r.json()["code"] == "suppress_rows_failing_only"
