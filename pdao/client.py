@@ -110,7 +110,7 @@ class ResultHeld(PdaoClientError):
             None, "result_held",
             f"Query {self.query_id} finished; its result {self.result_id} awaits export review and has no "
             f"visible cells yet. Once released, fetch it with Client.frame({self.result_id}).",
-            f"查询 {self.query_id} 已完成，结果 {self.result_id} 正在等待出口审核，暂不可查看数据；"
+            f"查询 {self.query_id} 已完成，结果 {self.result_id} 正在等待出域审核，暂不可查看数据；"
             f"放行后可用 Client.frame({self.result_id}) 获取。")
 
 
@@ -379,6 +379,28 @@ class Client:
             target = target / f"result-{int(result_id)}.{format}"
         target.write_bytes(data)
         return target
+
+    # -- export review, lineage and trace (reviewers, the office and auditors, signed in in person)
+
+    def review_queue(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Held results waiting for you (reviewers)."""
+        return self._request("GET", "/reviews/queue", params={"limit": limit})
+
+    def review(self, result_id: int, decision: Literal["release", "reject"], reason: str) -> dict[str, Any]:
+        """Release or reject a held result, with a reason (reviewers)."""
+        return self._request("POST", f"/results/{int(result_id)}/review", json={"decision": decision, "reason": reason})
+
+    def lineage(self, result_id: int) -> dict[str, Any]:
+        """Result → query → scene → authorization → dataset versions, reviews and exports."""
+        return self._request("GET", f"/results/{int(result_id)}/lineage")
+
+    def trace(self, file: str | PathLike[str] | bytes, filename: str | None = None) -> dict[str, Any]:
+        """Who and what is behind a file found outside (auditors, the office)."""
+        if isinstance(file, bytes):
+            data, name = file, filename or "found"
+        else:
+            data, name = Path(file).read_bytes(), filename or Path(file).name
+        return self._request("POST", "/trace", files={"file": (name, data)})
 
     @staticmethod
     def _to_frame(res: Mapping[str, Any], q: Mapping[str, Any]) -> Any:

@@ -145,7 +145,7 @@ def test_prod_queries_preview_budget_refusal_held_and_failed(client, auth, loade
         a.query(scene["id"], BY_DISTRICT, mode="prod", epsilon=0.5, poll=0.05, timeout=60)
     held = e.value
     assert held.code == "result_held" and held.query_id and held.result_id and held.query_status == "held"
-    assert "export review" in str(held) and "出口审核" in held.message_zh and str(held.result_id) in held.message
+    assert "export review" in str(held) and "出域审核" in held.message_zh and str(held.result_id) in held.message
     assert held.result["cells_visible"] is False and held.result["rows"] is None and held.result["row_count"] == 6
     assert f"query {held.query_id}" in capsys.readouterr().err      # the progress bar while it waited
     after = a.budget(scene["id"])
@@ -158,6 +158,21 @@ def test_prod_queries_preview_budget_refusal_held_and_failed(client, auth, loade
     with pytest.raises(PdaoClientError) as e:
         a.download(held.result_id)
     assert e.value.status == 403 and e.value.code == "result_not_released"
+
+    # export review by a reviewer's client; then the tenant's frame and file; lineage and trace
+    r1 = users("reviewer1")
+    assert held.result_id in [x["id"] for x in r1.review_queue()]
+    with pytest.raises(PdaoClientError) as e:
+        a.review(held.result_id, "release", "mine")
+    assert e.value.status == 403
+    assert r1.review(held.result_id, "release", "DP aggregate, cells fine")["status"] == "released"
+    released = a.frame(held.result_id)
+    assert len(released) == 6 and released.attrs["status"] == "released" and released.attrs["synthetic"] is False
+    found = a.download(held.result_id)
+    audit = users("auditor1")
+    assert audit.lineage(held.result_id)["query"]["requester"]["username"] == "insurer_a"
+    t = audit.trace(found, "found.csv")
+    assert t["matched"] and t["stamp_valid"] is True and t["reviewers"][0]["username"] == "reviewer1"
 
     # failed in the worker (the engine breaks): QueryFailed with the server's code and messages, ε refunded
     import duckdb
