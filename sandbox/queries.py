@@ -34,6 +34,7 @@ from sqlalchemy import update
 from sqlmodel import Session, select
 
 from catalog.models import Dataset, DatasetField, DatasetVersion
+from pdao import audit
 from pdao.config import Settings
 from pdao.db import utcnow
 from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
@@ -294,8 +295,6 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
     try:
         session.add(result)
         session.flush()
-        if releasable:
-            export.record_auto_release(session, result, q)
         # Only while this worker still holds the job and nobody asked to cancel it: a cancel that
         # was acknowledged is never followed by a charge.
         owned = session.exec(update(Query).where(*_held_by(q, worker), Query.cancel_requested == False).values(  # noqa: E712
@@ -305,6 +304,11 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
             raise _LostLease()
         if q.budget_entry_id is not None:
             ledger.charge(session, q.budget_entry_id)
+        if q.mode == "prod":   # the worker's decisions, in the chain with the change (the log's lock last)
+            _audit_run(session, q, worker, "allow", final, result_id=result.id, epsilon_spent=result.epsilon_spent,
+                       verdict=(result.report or {}).get("verdict"))
+            if releasable:
+                export.record_auto_release(session, result, q)
         session.commit()
     except _LostLease:
         session.rollback()
@@ -321,6 +325,12 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
 
 class _LostLease(Exception):
     pass
+
+
+def _audit_run(session: Session, q: Query, worker: str | None, decision: str, outcome: str, **detail: Any) -> None:
+    audit.append(session, actor="system", role=None, auth_method="worker", action="query.run",
+                 object=f"query:{q.id}", scene_id=q.scene_id, decision=decision, reason=outcome,
+                 detail={"worker": worker, "epsilon": q.epsilon, **detail})
 
 
 def _remove_files(settings: Settings, result: QueryResult) -> None:
@@ -345,6 +355,8 @@ def finish_failed(session: Session, q: Query, code: str, message: str, message_z
         lease_until=None).execution_options(synchronize_session=False)).rowcount
     if done == 1 and q.budget_entry_id is not None:
         ledger.refund(session, q.budget_entry_id)
+    if done == 1 and q.mode == "prod":
+        _audit_run(session, q, worker, "allow" if status == "cancelled" else "error", status, error=code)
     session.commit()
     session.refresh(q)
     return q

@@ -189,7 +189,10 @@ def test_the_release_policy_lets_clean_dp_aggregates_out_at_once(client, auth, e
     with Session(engine) as s:
         ev = s.exec(select(AuditEvent).where(AuditEvent.action == "result.release",
                                              AuditEvent.object == f"result:{res['id']}")).one()
+        run = s.exec(select(AuditEvent).where(AuditEvent.action == "query.run",
+                                              AuditEvent.object == f"query:{res['query_id']}")).one()
     assert ev.actor == "system" and ev.decision == "allow"
+    assert run.reason == "released" and run.detail["result_id"] == res["id"] and run.seq < ev.seq
 
 
 def test_a_rows_answer_is_never_released_by_policy(client, auth, engine, settings, loaded):
