@@ -311,3 +311,27 @@ def test_a_rows_answer_failing_k_anonymity_is_fixed_by_suppressing_its_small_cla
     r = client.post(f"/api/v1/results/{v2['id']}/revisions", headers=auth("reviewer1"),
                     json={"action": "suppress", "cells": [{"visit_date": "2025-11"}], "reason": "x"})
     assert r.status_code == 422 and r.json()["code"] == "suppress_rows_failing_only"
+
+
+@pytest.mark.parametrize("thresholds", [{"min_cell_count": 5}, {"dominance_k": 0.95}, {"p_ratio": 0.05},
+                                        {"k_anonymity": 2}, {"l_diversity": 1}, {"dominance_n": 1}])
+def test_a_scene_may_only_make_the_thresholds_stricter(client, auth, thresholds):
+    from tests.scene_helpers import application
+
+    r = client.post("/api/v1/scenes", headers=auth("insurer_a"),
+                    json=application(release_policy={"thresholds": thresholds}))
+    assert r.status_code == 422 and r.json()["code"] and r.json()["message_zh"], r.text
+    r = client.post("/api/v1/scenes", headers=auth("insurer_a"),
+                    json=application(release_policy={"thresholds": {"min_cell_count": 20, "p_ratio": 0.2}}))
+    assert r.status_code == 201, r.text
+    got = client.get(f"/api/v1/scenes/{r.json()['id']}", headers=auth("insurer_a")).json()["release_policy"]
+    assert got["thresholds"]["min_cell_count"] == 20 and got["thresholds"]["dominance_k"] == 0.9
+
+
+def test_a_stricter_scene_threshold_holds_what_the_default_would_release(client, auth, engine, settings, loaded):
+    scene = active_scene(client, auth, release_policy={"auto_release": "dp_aggregates",
+                                                       "thresholds": {"min_cell_count": 1000}})
+    res = held_result(client, auth, engine, settings, scene["id"], sql=BY_DISTRICT_COUNT)
+    checks = {c["name"]: c for c in res["report"]["checks"]}
+    assert checks["min_cell_count"]["verdict"] == "review" and res["status"] == "held"
+    assert "1000" in checks["min_cell_count"]["reason"] and len(checks["min_cell_count"]["cells"]) == 6
