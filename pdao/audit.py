@@ -62,7 +62,7 @@ _STRINGS = {"request_id": 64, "actor": 64, "org": 64, "role": 20, "auth_method":
             "object": 200, "decision": 10, "reason": 500, "method": 10, "path": 400, "client": 64}
 _INTEGERS = ("scene_id", "status")
 _REQUIRED = ("action", "decision")
-_RETRIES = 6
+_RETRIES = 4
 
 
 class AuditEvent(SQLModel, table=True):
