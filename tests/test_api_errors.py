@@ -87,7 +87,7 @@ def db_state(engine) -> dict[str, list]:
     out = {}
     with engine.connect() as conn:
         for table in sorted(inspect(engine).get_table_names()):
-            if table in ("audit_event", "login_throttle", "alembic_version"):
+            if table in ("audit_event", "audit_head", "login_throttle", "alembic_version"):
                 continue
             rows = conn.execute(text(f'SELECT * FROM "{table}"')).all()
             out[table] = sorted(repr(tuple(r)) for r in rows)
