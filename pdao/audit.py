@@ -109,15 +109,20 @@ class AuditChainError(RuntimeError):
 
 def format_at(value: datetime) -> str:
     """ISO 8601 UTC with microseconds and a Z; a naive value (SQLite) is UTC already."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(timespec="microseconds") + "Z"
+    if value.tzinfo is not None and value.utcoffset():
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")[:26] + "Z"  # without the "+00:00" of an aware value
+
+
+# One encoder, built once (json.dumps with options builds a new one on every call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_LINE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def canonical_bytes(record: Mapping[str, Any]) -> bytes:
-    """Sorted keys, no spaces, UTF-8, no NaN/Infinity: the bytes a hash is taken of."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    """Sorted keys, no spaces, UTF-8, no NaN/Infinity: the bytes a hash is taken of — in Python,
+    json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")."""
+    return _CANONICAL.encode(record).encode("utf-8")
 
 
 def chain_record(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def event_json(values: Mapping[str, Any] | AuditEvent) -> dict[str, Any]:
 
 def export_line(values: Mapping[str, Any] | AuditEvent) -> str:
     """One JSONL line: sorted keys, ASCII-only (\\u escapes), so no character can split a line."""
-    return json.dumps(event_json(values), sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
+    return _LINE.encode(event_json(values)) + "\n"
 
 
 def _text(value: Any, limit: int) -> str:
@@ -484,7 +489,7 @@ def export_lines(source: Session | Engine | Connection, from_seq: int | None = N
                          sort_keys=True, separators=(",", ":")) + "\n"
         for rec, claimed in _rows(conn, start, to_seq):
             rec["hash"] = claimed
-            yield json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
+            yield _LINE.encode(rec) + "\n"
 
 
 def export_jsonl(source: Session | Engine | Connection, out: IO[str], from_seq: int | None = None,
