@@ -22,6 +22,7 @@ class Settings:
     query_lease_seconds: int = 60      # a running query's lease; a worker renews it while it runs
     query_max_attempts: int = 3        # a query whose worker died is retried this often, then failed
     secret_key_override: str | None = field(default=None, repr=False)
+    fingerprint_key_override: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -35,6 +36,7 @@ class Settings:
             token_ttl_minutes=int(env.get("PDAO_TOKEN_TTL_MINUTES", "60")),
             max_upload_bytes=int(env.get("PDAO_MAX_UPLOAD_MB", "2048")) * 1024**2,
             secret_key_override=env.get("PDAO_SECRET_KEY") or None,
+            fingerprint_key_override=env.get("PDAO_FINGERPRINT_KEY") or None,
             scene_approvals_required=int(env.get("PDAO_SCENE_APPROVALS", "2")),
             scene_max_validity_days=int(env.get("PDAO_SCENE_MAX_VALIDITY_DAYS", "366")),
             query_lease_seconds=int(env.get("PDAO_QUERY_LEASE_SECONDS", "60")),
@@ -84,16 +86,34 @@ class Settings:
             if len(self.secret_key_override.encode()) < 32:
                 raise ValueError("PDAO_SECRET_KEY must be at least 32 bytes (HS256 wants a key as long as its hash)")
             return self.secret_key_override
-        path = self.home / "secret.key"
+        return self._kept_key("secret.key")
+
+    @property
+    def fingerprint_key(self) -> str:
+        """The key of export stamps and content fingerprints: its own, so that rotating the token key
+        never orphans the files already out. PDAO_FINGERPRINT_KEY, else kept in the home (0600);
+        back it up with the database — without it no file out there can be traced."""
+        if self.fingerprint_key_override:
+            if len(self.fingerprint_key_override.encode()) < 32:
+                raise ValueError("PDAO_FINGERPRINT_KEY must be at least 32 bytes")
+            return self.fingerprint_key_override
+        return self._kept_key("fingerprint.key")
+
+    def _kept_key(self, name: str) -> str:
+        path = self.home / name
         if not path.exists():
             self.ensure_home()
+            # written whole under a temporary name, then linked: a racing process never reads it half-written
+            tmp = self.home / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(tmp, path)
             except FileExistsError:
                 pass  # another process won the race; read theirs
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_urlsafe(48))
+            finally:
+                tmp.unlink(missing_ok=True)
         return path.read_text().strip()
 
 

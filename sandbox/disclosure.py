@@ -610,13 +610,12 @@ def rows_checks(table: pa.Table, quasi_identifiers: list[str], sensitive: list[s
         qcols = {q: classes[q].to_pylist() for q in qis}
         k = t.k_anonymity
         small = [i for i, s in enumerate(sizes) if s < k]
-        if small:
-            rows_below = sum(sizes[i] for i in small)
+        if small:   # which classes, never how many rows they hold (a count of the data)
             checks.append(Check(
                 "k_anonymity", "fail",
-                f"{_plural(len(small), 'equivalence class')} over {_cols_en(qis)} ({_plural(rows_below, 'row')}) "
+                f"{_plural(len(small), 'equivalence class')} over {_cols_en(qis)} "
                 f"{'has' if len(small) == 1 else 'have'} fewer than k = {k} rows; generalize or suppress these rows.",
-                f"按 {_cols_zh(qis)} 划分的 {len(small)} 个等价类（共 {rows_below} 行）少于 k = {k} 行；需泛化或抑制这些行。",
+                f"按 {_cols_zh(qis)} 划分的 {len(small)} 个等价类少于 k = {k} 行；需泛化或抑制这些行。",
                 _key_dicts(qis, qcols, small), len(small), qis))
         else:
             checks.append(Check("k_anonymity", "pass",

@@ -35,7 +35,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import func
+from sqlalchemy import func, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from catalog.models import Dataset, DatasetVersion, Organization
@@ -61,9 +62,10 @@ FORMATS = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.
 
 
 def fingerprint_key(settings: Settings) -> bytes:
-    """The key of content fingerprints and export stamps, derived from the server secret (a PRF):
-    only the server can stamp a file or recognise its cells."""
-    return hmac.new(settings.secret_key.encode(), b"pdao/export/fingerprint", hashlib.sha256).digest()
+    """The key of content fingerprints and export stamps, derived (a PRF) from the home's own
+    fingerprint key — not the token key, so rotating that never orphans a file already out: only
+    the server can stamp a file or recognise its cells."""
+    return fingerprint.derive_key(settings.fingerprint_key.encode(), "pdao/export/fingerprint v1")
 
 
 def release_policy(scene: Scene) -> ReleasePolicy:
@@ -159,8 +161,13 @@ def _drop_cells(stats: pa.Table, keys: list[str], cells: list[dict[str, Any]]) -
 
 
 def _norm(v: Any) -> Any:
-    if isinstance(v, (dt.date, dt.datetime)):
-        return v.isoformat()[:10] if not isinstance(v, dt.datetime) else v.isoformat()
+    """A cell's key value as JSON would carry it (dates as ISO text, whole floats as ints)."""
+    if isinstance(v, dt.datetime):
+        return v.isoformat()
+    if isinstance(v, dt.date):
+        return v.isoformat()
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
     return v
 
 
@@ -200,24 +207,40 @@ def may_see(principal: Principal, org_id: int) -> bool:
     return principal.role is not Role.provider
 
 
-def cells_visible(principal: Principal, r: QueryResult) -> bool:
+def cells_visible(principal: Principal, r: QueryResult, *, decided_by_me: bool = False) -> bool:
     """The cells of a result: its tenant's own synthetic (dev) answers at once, prod answers once
-    released; an export reviewer those of a result waiting for their review (what would go out:
-    already noised or masked). Nobody else — auditors never."""
+    released; an export reviewer those of a result waiting for their decision (what would go out:
+    already noised or masked) — not once they decided. Nobody else — auditors never."""
     if principal.role is Role.applicant:
         return r.org_id == principal.org_id and (r.synthetic or r.status == "released")
     if principal.role is Role.reviewer:
-        return r.status == "held" and not r.synthetic and r.org_id != principal.org_id
+        return (r.status == "held" and not r.synthetic and r.org_id != principal.org_id
+                and not _tenant_scoped(principal) and not decided_by_me)
     return False
 
 
+def decided_by(session: Session, principal: Principal, r: QueryResult) -> bool:
+    return session.exec(select(ResultReview.id).where(ResultReview.result_id == r.id,
+                                                      ResultReview.reviewer_id == principal.user_id)).first() is not None
+
+
+def is_staff(principal: Principal) -> bool:
+    """Who reads whole disclosure reports: the office, export reviewers and auditors (never anyone
+    in a company, nor the operator). The reports rest on exact statistics."""
+    return principal.role in (Role.office, Role.reviewer, Role.auditor) and not _tenant_scoped(principal)
+
+
 def get_result(session: Session, principal: Principal, result_id: int, *, lock: bool = False) -> QueryResult:
-    stmt = select(QueryResult).where(QueryResult.id == result_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    r = session.exec(stmt).first()
+    """A result the caller may see (else 404). With `lock`, the row is taken for this transaction
+    first: a no-op UPDATE locks it on PostgreSQL and takes SQLite's write lock (which ignores
+    FOR UPDATE), so two decisions on one result run one after the other, each seeing the other's."""
+    r = session.get(QueryResult, result_id)
     if r is None or not may_see(principal, r.org_id):
         raise not_found("Result", "结果")
+    if lock:
+        session.exec(update(QueryResult).where(QueryResult.id == result_id).values(status=QueryResult.status)
+                     .execution_options(synchronize_session=False))
+        session.refresh(r)
     return r
 
 
@@ -284,7 +307,11 @@ def review(session: Session, principal: Principal, result_id: int, decision: str
     scene = session.get(Scene, r.scene_id)
     session.add(ResultReview(result_id=r.id, reviewer_id=principal.user_id, reviewer_org_id=principal.org_id,
                              decision=decision, reason=reason))
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:   # the same reviewer twice at once: the unique (result, reviewer) decides
+        session.rollback()
+        raise conflict("already_reviewed", "You already decided on this result.", "您已审核过该结果。") from None
     releases = session.exec(select(func.count()).select_from(ResultReview).where(
         ResultReview.result_id == r.id, ResultReview.decision == "release")).one()
     required = release_policy(scene).reviewers_required
@@ -324,17 +351,18 @@ def revise(session: Session, settings: Settings, principal: Principal, result_id
             table, removed = _suppress_failing_rows(r, table)
             revision["rows_removed"] = removed
         else:
+            hidden = [k for k in key_names if k not in table.column_names]
+            if hidden:   # a cell the output cannot name cannot be suppressed in it
+                raise invalid("suppress_needs_selected_keys",
+                              "Cells can be suppressed only when every group key is an output column.",
+                              "只有当每个分组键都是输出列时才能抑制单元格。", details={"keys": key_names})
             chosen = _failing_cells(r) if cells == "failing" else list(cells or [])
             if not chosen:
                 raise invalid("nothing_to_suppress", "No cells to suppress.", "没有需要抑制的单元格。")
-            unknown = [c for c in chosen if set(c) - set(key_names)]
-            if unknown:
-                raise invalid("unknown_cell", "A cell is named by the result's key columns only.",
-                              "单元格只能用结果的分组键列来指定。", details={"keys": key_names})
-            table = disclosure.suppress(table, chosen, [k for k in key_names if k in table.column_names],
-                                        [v for v in value_names if v in table.column_names])
-            suppressed = [dict(c) for c in chosen] + list((r.revision or {}).get("suppressed_cells", []))
-            revision["cells"] = chosen
+            matched = _match_cells(table, key_names, chosen)
+            table = disclosure.suppress(table, matched, key_names, [v for v in value_names if v in table.column_names])
+            suppressed = matched + list((r.revision or {}).get("suppressed_cells", []))
+            revision["cells"] = matched
         revision["suppressed_cells"] = suppressed or []
     else:   # round
         if not base or base < 1:
@@ -350,12 +378,17 @@ def revise(session: Session, settings: Settings, principal: Principal, result_id
         revision["suppressed_cells"] = suppressed or []
 
     new = _store_version(session, settings, r, q, scene, table, stats, revision, suppressed)
-    r.status, r.decided_at = "superseded", utcnow()
-    q.result_id = new.id
-    session.add_all([r, q])
-    _audit_decision(session, principal, f"result.{action}", r, reason, request_id, new_result_id=new.id,
-                    new_version=new.version)
-    session.commit()
+    try:
+        r.status, r.decided_at = "superseded", utcnow()
+        q.result_id = new.id
+        session.add_all([r, q])
+        _audit_decision(session, principal, f"result.{action}", r, reason, request_id, new_result_id=new.id,
+                        new_version=new.version)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        (settings.results_dir / new.storage_path).unlink(missing_ok=True)
+        raise
     session.refresh(new)
     return new
 
@@ -366,6 +399,32 @@ def _result_columns(r: QueryResult) -> tuple[list[str], list[str]]:
     keys = list(meta.get("keys", []))
     values = list(meta.get("values", []))
     return keys, values
+
+
+SCALARS = (str, int, float, bool, type(None))
+
+
+def _match_cells(table: pa.Table, keys: list[str], cells: list[Any]) -> list[dict[str, Any]]:
+    """The named cells as they are in the table (422 for a cell that is malformed or not there):
+    each names exactly the key columns, with plain values."""
+    present = {tuple(_norm(v) for v in row): row for row in
+               (tuple(r[k] for k in keys) for r in table.select(keys).to_pylist())}
+    out = []
+    for c in cells:
+        if (not isinstance(c, dict) or set(c) != set(keys)
+                or not all(isinstance(v, SCALARS) for v in c.values())):
+            raise invalid("bad_cell", "Each cell names exactly the result's key columns, with plain values.",
+                          "每个单元格须恰好用结果的全部分组键列指定，取值为简单值。", details={"keys": keys})
+        at = tuple(_norm(c[k]) for k in keys)
+        if at not in present:
+            raise invalid("unknown_cell", "A named cell is not in the result.", "指定的单元格不在结果中。",
+                          details={"keys": keys})
+        out.append(dict(zip(keys, (_jsonable(v) for v in present[at]))))
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    return v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v
 
 
 def _failing_cells(r: QueryResult) -> list[dict[str, Any]]:
@@ -407,12 +466,23 @@ def _store_version(session: Session, settings: Settings, parent: QueryResult, q:
     with tmp.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     tmp.replace(folder / name)
+    try:
+        return _version_row(session, settings, parent, q, scene, table, stats, revision, suppressed, folder / name,
+                            digest)
+    except BaseException:
+        (folder / name).unlink(missing_ok=True)
+        raise
+
+
+def _version_row(session: Session, settings: Settings, parent: QueryResult, q: Query, scene: Scene,
+                 table: pa.Table, stats: pa.Table | None, revision: dict[str, Any],
+                 suppressed: list[dict[str, Any]] | None, path: Any, digest: str) -> QueryResult:
     report = _recheck(parent, scene, q, table, stats, suppressed, revision)
     new = QueryResult(query_id=q.id, version=parent.version + 1, parent_id=parent.id, revision=revision,
                       scene_id=parent.scene_id, org_id=parent.org_id, synthetic=False, kind=parent.kind, status="held",
                       columns=[{"name": f.name, "type": str(f.type)} for f in table.schema], row_count=table.num_rows,
                       noise=parent.noise, epsilon_spent=parent.epsilon_spent, notes=parent.notes,
-                      storage_path=str((folder / name).relative_to(settings.results_dir)), sha256=digest,
+                      storage_path=str(path.relative_to(settings.results_dir)), sha256=digest,
                       report=report, stats_path=parent.stats_path, content_fp=content_fp(settings, table))
     session.add(new)
     session.flush()
@@ -521,13 +591,20 @@ def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> d
     exports = session.exec(select(ResultExport).where(ResultExport.result_id.in_(ids)).order_by(ResultExport.id)).all()
     approvals = session.exec(select(SceneReview).where(SceneReview.scene_id == scene.id, SceneReview.round == scene.round)
                              .order_by(SceneReview.id)).all()
+    staff = principal is None or is_staff(principal)
+
+    def shown(v: QueryResult) -> bool:   # a held file's hash would confirm a guess of its cells
+        return staff or v.synthetic or v.status == "released"
+
     return {
         "result": {"id": r.id, "version": r.version, "status": r.status, "kind": r.kind, "synthetic": r.synthetic,
-                   "sha256": r.sha256, "content_fingerprint": r.content_fp, "released_by": r.released_by,
+                   "sha256": r.sha256 if shown(r) else None,
+                   "content_fingerprint": r.content_fp if shown(r) else None, "released_by": r.released_by,
                    "decided_at": r.decided_at, "created_at": r.created_at,
-                   "verdict": (r.report or {}).get("verdict")},
+                   "verdict": (r.report or {}).get("verdict") if staff else None},
         "versions": [{"id": v.id, "version": v.version, "status": v.status, "parent_id": v.parent_id,
-                      "revision": _public_revision(v.revision), "sha256": v.sha256, "created_at": v.created_at}
+                      "revision": revision_view(principal, v), "sha256": v.sha256 if shown(v) else None,
+                      "created_at": v.created_at}
                      for v in versions],
         "query": {"id": q.id, "mode": q.mode, "kind": q.kind, "sql": q.sql_text, "checked_sql": q.checked_sql,
                   "epsilon": q.epsilon, "epsilon_spent": q.epsilon_spent, "max_contributions": q.max_contributions,
@@ -552,7 +629,21 @@ def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> d
     }
 
 
-def _public_revision(revision: dict[str, Any] | None) -> dict[str, Any] | None:
+def revision_view(principal: Principal | None, r: QueryResult) -> dict[str, Any] | None:
+    """What a reviewer changed. Staff see it all; the tenant learns which cells were suppressed (or
+    how many rows) only with the cells, once released."""
+    rev = r.revision
+    if not rev:
+        return None
+    if principal is None or is_staff(principal):
+        return public_revision(rev)
+    shown = ("action", "from_version", "columns", "base")
+    if r.status == "released":
+        shown += ("cells", "rows_removed")
+    return {k: v for k, v in rev.items() if k in shown}
+
+
+def public_revision(revision: dict[str, Any] | None) -> dict[str, Any] | None:
     if not revision:
         return None
     return {k: v for k, v in revision.items() if k in ("action", "by", "reason", "from_version", "cells", "columns",
@@ -566,60 +657,79 @@ def _user_org(session: Session, org_id: int) -> dict[str, Any]:
 
 def trace(session: Session, settings: Settings, data: bytes, filename: str | None = None) -> dict[str, Any]:
     """Name the export, query, scene, datasets and versions, requester and reviewers of a file found
-    outside: by its stamp (export id + keyed fingerprint) when it survived, else by its cells."""
+    outside.
+
+    1. A stamp (export id + keyed fingerprint) that is genuine AND belongs to these cells names its
+       export exactly (`match: "stamp"`).
+    2. Else the cells: every result whose content fingerprint they match (`match: "content"`). Two
+       tenants can get identical cells from the same query; then all are listed (`ambiguous`) and
+       none is picked. A genuine stamp of other cells is reported (`stamp_matches_cells: false`).
+    3. Else the nearest exported result of the same shape, if nearly every row matches
+       (`match: "similar"`: a spreadsheet that kept fewer digits).
+    4. A genuine stamp on altered cells names its export as `match: "stamp_only"`; a stamp that is
+       not genuine matches nothing."""
     try:
         found = fingerprint.read_found(data, filename)
     except fingerprint.FoundFileError as e:
         raise PdaoError(e.status, e.code, e.message, e.message_zh) from None
     key = fingerprint_key(settings)
-    candidates = fingerprint.match_candidates(key, found)
-    results: list[QueryResult] = []
-    if candidates:
-        results = list(session.exec(select(QueryResult).where(QueryResult.content_fp.in_(candidates))
-                                    .order_by(QueryResult.id)).all())
-    similar = None
-    if not results:
-        similar = _most_similar(session, settings, found)
-        if similar is not None:
-            results = [similar[0]]
+    candidates = set(fingerprint.match_candidates(key, found))
     stamp = found.stamp or None
-    stamped_export = None
-    stamp_valid = None
-    if stamp and stamp.get("export_id"):
-        stamped_export = session.exec(select(ResultExport).where(ResultExport.export_id == str(stamp["export_id"]))).first()
-        if stamped_export is not None:
-            stamp_valid = fingerprint.verify_stamp(key, stamp, stamped_export.content_fp) and \
-                hmac.compare_digest(str(stamp.get("fingerprint", "")), stamped_export.fingerprint)
-        else:
-            stamp_valid = False
-    if not results and stamped_export is None:
-        return {"matched": False, "match": None, "stamp": _stamp_view(stamp), "stamp_valid": stamp_valid,
-                "message": "No export matches this file's cells or stamp.",
-                "message_zh": "没有与该文件内容或标记相符的导出记录。"}
-    if results:
-        r = results[-1]
-        match = "content" if similar is None else "similar"
-    else:
-        r = session.get(QueryResult, stamped_export.result_id)
-        match = "stamp_only"   # the stamp is ours, but the cells were changed
-    exports = [e for e in session.exec(select(ResultExport).where(ResultExport.result_id == r.id)
-                                       .order_by(ResultExport.id)).all()]
+    stamped, stamp_valid = _stamped_export(session, key, stamp)
+    stamp_matches_cells = None if stamped is None or not stamp_valid else stamped.content_fp in candidates
+    base = {"stamp": _stamp_view(stamp), "stamp_valid": stamp_valid, "stamp_matches_cells": stamp_matches_cells}
+
+    if stamped is not None and stamp_valid and stamp_matches_cells:
+        r = session.get(QueryResult, stamped.result_id)
+        return _traced(session, r, base, "stamp", export_id=stamped.export_id)
+    results = []
+    if candidates:
+        results = list(session.exec(select(QueryResult).where(QueryResult.content_fp.in_(sorted(candidates)))
+                                    .order_by(QueryResult.id)).all())
+    if len(results) == 1:
+        return _traced(session, results[0], base, "content")
+    if len(results) > 1:
+        return {**base, "matched": True, "match": "content", "ambiguous": True, "cells_intact": True,
+                "export_id": None, "result_id": None,
+                "matches": [_traced(session, r, {}, "content") for r in results],
+                "message": f"{len(results)} results hold exactly these cells; each is listed.",
+                "message_zh": f"共有 {len(results)} 个结果的内容与该文件完全相同，均已列出。"}
+    similar = _most_similar(session, settings, found)
+    if similar is not None:
+        return _traced(session, similar[0], base, "similar", similarity=round(similar[1], 4))
+    if stamped is not None and stamp_valid:
+        r = session.get(QueryResult, stamped.result_id)
+        return _traced(session, r, base, "stamp_only", export_id=stamped.export_id)
+    return {**base, "matched": False, "match": None,
+            "message": "No export matches this file's cells or stamp.",
+            "message_zh": "没有与该文件内容或标记相符的导出记录。"}
+
+
+def _stamped_export(session: Session, key: bytes, stamp: dict[str, Any] | None) -> tuple[ResultExport | None, bool | None]:
+    """The export a stamp names, and whether the stamp is genuine (the fingerprint recorded for
+    that export, and the server's HMAC over its id and recorded content)."""
+    if not stamp or not stamp.get("export_id"):
+        return None, None
+    e = session.exec(select(ResultExport).where(ResultExport.export_id == str(stamp["export_id"])[:40])).first()
+    if e is None:
+        return None, False
+    genuine = (hmac.compare_digest(str(stamp.get("fingerprint", "")), e.fingerprint)
+               and fingerprint.verify_stamp(key, stamp, e.content_fp))
+    return e, genuine
+
+
+def _traced(session: Session, r: QueryResult, base: dict[str, Any], match: str, *, export_id: str | None = None,
+            similarity: float | None = None) -> dict[str, Any]:
+    exports = session.exec(select(ResultExport).where(ResultExport.result_id == r.id).order_by(ResultExport.id)).all()
     lineage_ = _lineage(session, r, None)
-    the_export = None
-    if stamped_export is not None and stamped_export.result_id == r.id and stamp_valid:
-        the_export = stamped_export.export_id
-    elif len(exports) == 1:
-        the_export = exports[0].export_id
+    if export_id is None and len(exports) == 1:
+        export_id = exports[0].export_id   # the only file of these cells that ever left
     return {
-        "matched": True, "match": match, "stamp": _stamp_view(stamp), "stamp_valid": stamp_valid,
-        "cells_intact": match == "content",
-        "similarity": None if similar is None else round(similar[1], 4),
-        "export_id": the_export,
-        "candidate_exports": [e.export_id for e in exports],
+        **base, "matched": True, "match": match, "ambiguous": False, "cells_intact": match in ("stamp", "content"),
+        "similarity": similarity, "export_id": export_id, "candidate_exports": [e.export_id for e in exports],
         "result_id": r.id, "query_id": r.query_id, "scene_id": r.scene_id,
-        "requester": lineage_["query"]["requester"],
-        "reviewers": [v["reviewer"] for v in lineage_["reviews"]],
-        "released_by": r.released_by,
+        "org": lineage_["scene"]["org"], "requester": lineage_["query"]["requester"],
+        "reviewers": [v["reviewer"] for v in lineage_["reviews"]], "released_by": r.released_by,
         "lineage": lineage_,
     }
 

@@ -64,6 +64,7 @@ class QueryResult(SQLModel, table=True):
     suppression or rounding adds version n+1 (parent_id: the version it was made from)."""
 
     __tablename__ = "query_result"
+    __table_args__ = (UniqueConstraint("query_id", "version", name="uq_query_result_query_id_version"),)
 
     id: int | None = Field(default=None, primary_key=True)
     query_id: int = Field(foreign_key="query.id", index=True)

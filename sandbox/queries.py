@@ -280,18 +280,24 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
         return finish_failed(session, q, "result_not_stored", "The answer could not be stored; nothing was charged.",
                              "结果无法保存，未扣除隐私预算。", worker=worker)
     result = result_row(q, answer, path, digest)
-    result.content_fp = export.content_fp(settings, answer.table)
     final = "done" if q.mode == "dev" else "held"
     releasable = False
-    if q.mode == "prod":   # export review starts here: checked inside the domain, released or held
-        scene = session.get(Scene, q.scene_id)
-        assessment = export.assess(execution, answer, scene, q)
-        result.report = assessment.report
-        if assessment.stats is not None:
-            result.stats_path = export.write_stats(settings, assessment.stats, path)
-        releasable = assessment.releasable
-        if releasable:
-            final = "released"
+    try:
+        result.content_fp = export.content_fp(settings, answer.table)
+        if q.mode == "prod":   # export review starts here: checked inside the domain, released or held
+            scene = session.get(Scene, q.scene_id)
+            assessment = export.assess(execution, answer, scene, q)
+            result.report = assessment.report
+            if assessment.stats is not None:
+                result.stats_path = export.write_stats(settings, assessment.stats, path)
+            releasable = assessment.releasable
+            if releasable:
+                final = "released"
+    except Exception:  # noqa: BLE001 - nothing is stored or charged; no internals leak
+        _remove_files(settings, result)
+        return finish_failed(session, q, "result_not_checked",
+                             "The answer could not be checked for export; nothing was charged.",
+                             "结果无法完成出域检查，未扣除隐私预算。", worker=worker)
     try:
         session.add(result)
         session.flush()
@@ -431,32 +437,35 @@ def query_out(q: Query) -> dict[str, Any]:
 
 
 def report_view(principal: Principal, r: QueryResult) -> dict[str, Any] | None:
-    """The disclosure report. Reviewers, the office and auditors read all of it. The tenant reads
-    each check's verdict, not which cells: for a DP answer, "this cell has few people" is exactly
-    what the noise hides."""
-    report = r.report
-    if report is None:
+    """The disclosure report, for the office, export reviewers and auditors only. Its verdicts rest
+    on exact statistics (is a cell below 10 persons?), which the noise of a DP answer exists to
+    hide, so the tenant is shown none of them: only the result's status, and what a reviewer
+    did (`revision_view`)."""
+    if r.report is None or not export.is_staff(principal):
         return None
-    if not (principal.role is Role.applicant or principal.org_kind == "company"):
-        return report
-    return {"verdict": report.get("verdict"),
-            "checks": [{"name": c.get("name"), "verdict": c.get("verdict")} for c in report.get("checks", [])],
-            "revision": report.get("revision")}
+    return r.report
 
 
-def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with_rows: bool = True) -> dict[str, Any]:
-    visible = cells_visible(principal, r)
+def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with_rows: bool = True,
+               session: Session | None = None) -> dict[str, Any]:
+    decided = principal.role is Role.reviewer and session is not None and export.decided_by(session, principal, r)
+    visible = cells_visible(principal, r, decided_by_me=decided)
+    staff = export.is_staff(principal)
     # A row-level answer's size says how many rows matched: the tenant learns it with the cells
     # (after export review); the office, reviewers and auditors see it to review.
-    size_shown = visible or r.kind != "rows" or principal.role is not Role.applicant
+    size_shown = visible or r.kind != "rows" or staff
+    # The file's hash would confirm a guess of the held cells: the tenant gets it with the cells.
+    hash_shown = visible or staff
     out: dict[str, Any] = {
         "id": r.id, "query_id": r.query_id, "scene_id": r.scene_id, "kind": r.kind, "synthetic": r.synthetic,
         "status": r.status, "columns": r.columns, "row_count": r.row_count if size_shown else None, "noise": r.noise,
         "epsilon_spent": r.epsilon_spent, "notes": r.notes if size_shown else [],
         # the ε the noise was calibrated to (a dev answer is calibrated alike but charges nothing)
-        "epsilon": sum(float(n.get("epsilon", 0.0)) for n in (r.noise or {}).values()), "sha256": r.sha256, "created_at": r.created_at,
+        "epsilon": sum(float(n.get("epsilon", 0.0)) for n in (r.noise or {}).values()),
+        "sha256": r.sha256 if hash_shown else None, "created_at": r.created_at,
         "cells_visible": visible, "version": r.version, "parent_id": r.parent_id, "released_by": r.released_by,
-        "decided_at": r.decided_at, "report": report_view(principal, r),
+        "decided_at": r.decided_at, "report": report_view(principal, r), "revision": export.revision_view(principal, r),
+        "decided_by_me": decided if principal.role is Role.reviewer else None,
     }
     if r.synthetic:
         out["notice"] = "synthetic: computed on the dev twin, not on real data"

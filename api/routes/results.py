@@ -47,7 +47,7 @@ def list_results(principal: caller("result", "read"), session: SessionDep, setti
                  status: Annotated[Literal["dev", "held", "released", "rejected", "superseded"] | None, QueryParam()] = None,
                  limit: Annotated[int, QueryParam(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
     """Result metadata (own tenant's for companies); `status=held` is the review queue's superset."""
-    return [queries.result_out(settings, principal, r, with_rows=False)
+    return [queries.result_out(settings, principal, r, with_rows=False, session=session)
             for r in export.list_results(session, principal, status, limit)]
 
 
@@ -55,7 +55,7 @@ def list_results(principal: caller("result", "read"), session: SessionDep, setti
 def review_queue(principal: caller("result", "review"), session: SessionDep, settings: SettingsDep,
                  limit: Annotated[int, QueryParam(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
     """Held results this reviewer may decide on (not their organization's, not yet decided by them)."""
-    return [queries.result_out(settings, principal, r, with_rows=False)
+    return [queries.result_out(settings, principal, r, with_rows=False, session=session)
             for r in export.review_queue(session, principal, limit)]
 
 
@@ -67,7 +67,7 @@ def get_result(result_id: int, principal: caller("result", "read"), session: Ses
     _on(request, result_id)
     r = export.get_result(session, principal, result_id)
     _on(request, result_id, r.scene_id)
-    return queries.result_out(settings, principal, r)
+    return queries.result_out(settings, principal, r, session=session)
 
 
 @router.post("/results/{result_id}/review", name="results.review")
@@ -77,7 +77,7 @@ def review_result(result_id: int, body: ReviewIn, principal: caller("result", "r
     request.state.audit_detail = {"decision": body.decision}
     r = export.review(session, principal, result_id, body.decision, body.reason, request.state.request_id)
     _on(request, result_id, r.scene_id)
-    return queries.result_out(settings, principal, r, with_rows=False)
+    return queries.result_out(settings, principal, r, with_rows=False, session=session)
 
 
 @router.post("/results/{result_id}/revisions", name="results.revise", status_code=201)
@@ -89,7 +89,7 @@ def revise_result(result_id: int, body: RevisionIn, principal: caller("result", 
     new = export.revise(session, settings, principal, result_id, body.action, body.reason, cells=body.cells,
                         columns=body.columns, base=body.base, request_id=request.state.request_id)
     _on(request, result_id, new.scene_id)
-    return queries.result_out(settings, principal, new)
+    return queries.result_out(settings, principal, new, session=session)
 
 
 @router.get("/results/{result_id}/download", name="results.download")

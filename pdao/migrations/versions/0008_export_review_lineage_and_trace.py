@@ -34,6 +34,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('decided_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True))
         batch_op.create_index(batch_op.f('ix_query_result_content_fp'), ['content_fp'], unique=False)
         batch_op.create_foreign_key('fk_query_result_parent_id', 'query_result', ['parent_id'], ['id'])
+        batch_op.create_unique_constraint('uq_query_result_query_id_version', ['query_id', 'version'])
 
     op.create_table('result_review',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -85,6 +86,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_result_review_result_id'))
     op.drop_table('result_review')
     with op.batch_alter_table('query_result', schema=None) as batch_op:
+        batch_op.drop_constraint('uq_query_result_query_id_version', type_='unique')
         batch_op.drop_constraint('fk_query_result_parent_id', type_='foreignkey')
         batch_op.drop_index(batch_op.f('ix_query_result_content_fp'))
         for col in ('decided_at', 'released_by', 'content_fp', 'stats_path', 'report', 'revision', 'parent_id', 'version'):
