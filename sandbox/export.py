@@ -252,11 +252,17 @@ def review_queue(session: Session, principal: Principal, limit: int = 100) -> li
     return list(session.exec(stmt).all())
 
 
-def list_results(session: Session, principal: Principal, status: str | None, limit: int = 100) -> list[QueryResult]:
-    stmt = select(QueryResult)
+def visible_rows(stmt: Any, principal: Principal, org_column: Any) -> Any:
+    """`stmt` narrowed to what `may_see` allows: a tenant's own organization's rows, none for
+    providers (None: nothing to list), all for the office, reviewers, auditors and the operator."""
     if _tenant_scoped(principal):
-        stmt = stmt.where(QueryResult.org_id == principal.org_id)
-    elif principal.role is Role.provider:
+        return stmt.where(org_column == principal.org_id)
+    return None if principal.role is Role.provider else stmt
+
+
+def list_results(session: Session, principal: Principal, status: str | None, limit: int = 100) -> list[QueryResult]:
+    stmt = visible_rows(select(QueryResult), principal, QueryResult.org_id)
+    if stmt is None:
         return []
     if status is not None:
         stmt = stmt.where(QueryResult.status == status)

@@ -407,10 +407,8 @@ cells_visible = export.cells_visible
 
 
 def list_queries(session: Session, principal: Principal, scene_id: int | None = None, limit: int = 100) -> list[Query]:
-    stmt = select(Query)
-    if principal.role is Role.applicant or principal.org_kind == "company":
-        stmt = stmt.where(Query.org_id == principal.org_id)
-    elif principal.role is Role.provider:
+    stmt = export.visible_rows(select(Query), principal, Query.org_id)
+    if stmt is None:
         return []
     if scene_id is not None:
         stmt = stmt.where(Query.scene_id == scene_id)

@@ -81,6 +81,23 @@ def backend(request, tmp_path_factory) -> Iterator[tuple[str, str]]:
     _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request, tmp_path):
+    """An empty database (no schema) on each backend, for migration tests."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    reason = _pg_available()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL not reachable: {reason}", pytrace=False)
+        pytest.skip(f"PostgreSQL not reachable: {reason}")
+    name = f"pdao_mig_{os.getpid()}_{next(_counter)}"
+    _pg_admin(f"CREATE DATABASE {name}")
+    yield _pg_url(name)
+    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def database_url(backend, tmp_path) -> Iterator[str]:
     """A fresh copy of the template for this test."""

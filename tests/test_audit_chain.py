@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from pdao import audit
 from pdao.audit import GENESIS_HASH, AuditChainError
 from pdao.cli import app as cli_app
 from pdao.db import alembic_config, make_engine, migrate
-from tests.conftest import _counter, _pg_admin, _pg_available, _pg_url
 
 REPO = Path(__file__).resolve().parents[1]
 API = "/api/v1"
@@ -585,20 +583,6 @@ def test_the_outsider_snippet_is_short_and_stdlib_only():
 
 # --- the migration -------------------------------------------------------------------------------
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    reason = _pg_available()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL not reachable: {reason}", pytrace=False)
-        pytest.skip(f"PostgreSQL not reachable: {reason}")
-    name = f"pdao_auditmig_{os.getpid()}_{next(_counter)}"
-    _pg_admin(f"CREATE DATABASE {name}")
-    yield _pg_url(name)
-    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_migration_chains_existing_events_and_rolls_back(empty_url):

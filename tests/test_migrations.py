@@ -3,9 +3,6 @@ say, on SQLite and PostgreSQL, and can be rolled back."""
 
 from __future__ import annotations
 
-import os
-
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -13,23 +10,8 @@ from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
 from pdao.db import alembic_config, import_all_models, make_engine, migrate
-from tests.conftest import _counter, _pg_admin, _pg_available, _pg_url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    reason = _pg_available()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL not reachable: {reason}", pytrace=False)
-        pytest.skip(f"PostgreSQL not reachable: {reason}")
-    name = f"pdao_mig_{os.getpid()}_{next(_counter)}"
-    _pg_admin(f"CREATE DATABASE {name}")
-    yield _pg_url(name)
-    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_migrations_match_the_models_and_roll_back(empty_url):
