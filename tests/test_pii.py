@@ -373,6 +373,7 @@ def test_fast_path_equals_engine(synth_texts):
 # ----------------------------------------------------------------------------- throughput
 
 
+@pytest.mark.slow   # a measurement, not a check: bench/pii_bench.py is the benchmark
 def test_throughput_printed(synth_texts, capsys):
     texts, _ = synth_texts
     rich = [t for t in texts if len(t) > 25]  # the long texts, which carry the personal data

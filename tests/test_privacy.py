@@ -131,8 +131,9 @@ UNGROUPED_SHAPES = [agg("count", alias="n"), agg("sum", "fee"), agg("avg", "fee"
 @oracle
 @pytest.mark.parametrize(("measure", "budget", "k", "grouped", "shapes"), [
     ("epsilon", 1.0, 10, True, SHAPES),
-    ("rho", 0.5, 3, True, ZCDP_SHAPES),
-    ("epsilon", 0.7, 10, False, UNGROUPED_SHAPES),
+    # the other two measures cost ~15 s each (OpenDP builds each Context): `make test-slow`
+    pytest.param("rho", 0.5, 3, True, ZCDP_SHAPES, marks=pytest.mark.slow),
+    pytest.param("epsilon", 0.7, 10, False, UNGROUPED_SHAPES, marks=pytest.mark.slow),
 ], ids=["pure-by-district", "zcdp-by-district", "pure-no-group"])
 def test_noise_scale_equals_the_opendp_context(measure, budget, k, grouped, shapes):
     n_groups = len(DISTRICTS) if grouped else 1
