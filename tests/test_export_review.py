@@ -17,6 +17,7 @@ from pdao.identity import service as identities
 from sandbox.models import Query, QueryResult, ResultExport
 from tests.conftest import DEMO_PASSWORD, login
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
+from tests.test_cli import pdao  # noqa: F401 - the `pdao` command fixture
 from tests.test_queries import work_once
 
 BY_DISTRICT_COUNT = f"SELECT district, COUNT(*) AS n FROM {VISITS} GROUP BY district"
@@ -455,3 +456,23 @@ def test_malformed_revisions_are_refused_clearly_and_change_nothing(client, auth
     with Session(engine) as s:
         assert {x.status for x in s.exec(select(QueryResult)).all()} == {"held"}
         assert all(x.version == 1 for x in s.exec(select(QueryResult)).all())
+
+
+def test_pdao_trace_names_a_stripped_file_and_is_audited(client, auth, engine, settings, loaded, pdao, tmp_path):
+    scene = active_scene(client, auth)
+    rid = held_result(client, auth, engine, settings, scene["id"])["id"]
+    assert review(client, auth("reviewer1"), rid).status_code == 200
+    csv = client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).content
+    found = tmp_path / "found.csv"
+    found.write_bytes(b"\n".join([ln for ln in csv.splitlines() if not ln.startswith(b"#")][1:]))   # no header
+    out = pdao("trace", str(found)).output
+    assert "matched by content" in out and "requester: insurer_a" in out and "reviewers: reviewer1" in out
+    assert f"result:    {rid}" in out and VISITS in out
+    as_json = json.loads(pdao("trace", str(found), "--json").output)
+    assert as_json["result_id"] == rid and as_json["requester"]["username"] == "insurer_a"
+    nothing = tmp_path / "other.csv"
+    nothing.write_text("a,b\n1,2\n")
+    assert "no match" in pdao("trace", str(nothing), ok=False).output
+    with Session(engine) as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.action == "cli.trace")).all()
+    assert len(events) == 3 and {e.object for e in events} == {"found.csv", "other.csv"}
