@@ -393,8 +393,15 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
 
     from sandbox.worker import start_in_thread
 
+    from sandbox.export import sweep_orphans
+
     s = _settings()
     eng = _engine(s)  # migrate before any worker starts
+    with Session(eng) as session:
+        swept = sweep_orphans(session, s)
+    if swept:
+        typer.echo(f"removed {swept} result file(s) a crash left without a result row")
+        _audit(eng, "results.sweep", f"{swept} files", "allow", None)
     for _ in range(query_workers):
         start_in_thread(eng, s)
     typer.echo(f"serving {s.home} on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")

@@ -769,3 +769,31 @@ def _stamp_view(stamp: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {k: stamp.get(k) for k in ("export_id", "fingerprint", "result_id", "query_id", "version") if k in stamp}
 
+
+# ---------------------------------------------------------------------------------------------
+# Housekeeping
+
+
+def sweep_orphans(session: Session, settings: Settings, older_than_seconds: float = 24 * 3600) -> int:
+    """Remove result-store files no result row points at: what a crash between writing a file and
+    committing its row left behind (a worker's answer, a reviewer's version). Only files older
+    than a day: a live store step takes seconds. Answers how many were removed."""
+    import time
+
+    root = settings.results_dir
+    if not root.exists():
+        return 0
+    known = set()
+    for path, stats in session.exec(select(QueryResult.storage_path, QueryResult.stats_path)).all():
+        known.add(path)
+        if stats:
+            known.add(stats)
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    for f in root.glob("scene-*/*"):
+        rel = str(f.relative_to(root))
+        if f.is_file() and rel not in known and f.lstat().st_mtime < cutoff:
+            f.unlink(missing_ok=True)
+            removed += 1
+    return removed
+

@@ -476,3 +476,26 @@ def test_pdao_trace_names_a_stripped_file_and_is_audited(client, auth, engine, s
     with Session(engine) as s:
         events = s.exec(select(AuditEvent).where(AuditEvent.action == "cli.trace")).all()
     assert len(events) == 3 and {e.object for e in events} == {"found.csv", "other.csv"}
+
+
+def test_orphan_result_files_are_swept_and_referenced_ones_kept(client, auth, engine, settings, loaded):
+    import os
+    import time
+
+    from sandbox import export
+
+    scene = active_scene(client, auth)
+    res = held_result(client, auth, engine, settings, scene["id"])
+    with Session(engine) as s:
+        r = s.get(QueryResult, res["id"])
+        kept = [settings.results_dir / r.storage_path, settings.results_dir / r.stats_path]
+    folder = kept[0].parent
+    orphan, fresh = folder / "q999-crashed.parquet", folder / "q998-being-written.parquet"
+    for f in (orphan, fresh):
+        f.write_bytes(b"PAR1")
+    day_ago = time.time() - 2 * 24 * 3600
+    for f in (orphan, *kept):
+        os.utime(f, (day_ago, day_ago))
+    with Session(engine) as s:
+        assert export.sweep_orphans(s, settings) == 1
+    assert not orphan.exists() and fresh.exists() and all(f.exists() for f in kept)
