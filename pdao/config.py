@@ -15,6 +15,7 @@ class Settings:
     demo_password: str = "pdao-demo"
     token_ttl_minutes: int = 60
     max_upload_bytes: int = 2 * 1024**3
+    max_tenant_upload_bytes: int = 200 * 1024**2  # a tenant's own table (POST /uploads)
     login_max_failures: int = 5
     login_lock_minutes: int = 15
     scene_approvals_required: int = 2  # distinct office approvers per scene
@@ -35,6 +36,7 @@ class Settings:
             demo_password=env.get("PDAO_DEMO_PASSWORD", "pdao-demo"),
             token_ttl_minutes=int(env.get("PDAO_TOKEN_TTL_MINUTES", "60")),
             max_upload_bytes=int(env.get("PDAO_MAX_UPLOAD_MB", "2048")) * 1024**2,
+            max_tenant_upload_bytes=int(env.get("PDAO_MAX_TENANT_UPLOAD_MB", "200")) * 1024**2,
             secret_key_override=env.get("PDAO_SECRET_KEY") or None,
             fingerprint_key_override=env.get("PDAO_FINGERPRINT_KEY") or None,
             scene_approvals_required=int(env.get("PDAO_SCENE_APPROVALS", "2")),

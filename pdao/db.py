@@ -101,3 +101,4 @@ def import_all_models() -> None:
     import policies.models  # noqa: F401
     import sandbox.ledger  # noqa: F401
     import sandbox.models  # noqa: F401
+    import sandbox.upload_models  # noqa: F401
