@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from api.errors import error_response, install_error_handlers, internal_error_response
 from api.limits import BodySizeLimit, limits_by_path
-from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes
+from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes, uploads
 from pdao import __version__, audit
 from pdao.config import Settings
 from pdao.errors import PdaoError
@@ -42,13 +42,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.scene_enforcers = SceneEnforcers(app.state.engine)
     for router in (health.router, auth.router, datasets.router, scenes.router, queries.router, results.router,
                    admin.router,
-                   audit_routes.router, alerts.router):
+                   audit_routes.router, alerts.router, uploads.router):
         app.include_router(router, prefix=API_PREFIX)
     # Added before the audit middleware, so it runs inside it: a refused body is audited too.
     app.add_middleware(BodySizeLimit, limit_for=limits_by_path(DEFAULT_BODY_LIMIT, [
         # file uploads: the file itself is checked against max_upload_bytes by the route
         ("POST", rf"{API_PREFIX}/datasets/[^/]+/versions", settings.max_upload_bytes + MULTIPART_OVERHEAD),
         ("POST", rf"{API_PREFIX}/trace", 50 * 1024 * 1024 + MULTIPART_OVERHEAD),
+        ("POST", rf"{API_PREFIX}/uploads", settings.max_tenant_upload_bytes + MULTIPART_OVERHEAD),
     ]))
 
     @app.middleware("http")

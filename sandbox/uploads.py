@@ -1,0 +1,707 @@
+"""Tenant uploads (issue #6): a company's own table, checked, scanned and kept as immutable versions.
+
+A tenant sends a file (CSV or Parquet) with a declared schema (`parse_schema`). `store_upload`
+checks it with DuckDB the way `sandbox.store` checks a dataset version — the source read through a
+staged link, typed parsing, the file refused whole with a report by row (and, for CSV, by line)
+that never holds a cell value — then scans every string or integer column the schema did not
+declare as personal data with the project's Presidio recognizers (`sandbox.pii.find_pii_batch`):
+undeclared personal data refuses the file (422 `unexpected_pii`, column, kind and rows/lines, never
+the text). A file that passes becomes the next version of that name in the tenant's own space,
+`PDAO_HOME/tenants/<org>/uploads/<name>/v<n>-<sha12>.parquet` (read-only, SHA-256 recorded), and a
+`TenantUpload` row.
+
+Who sees what (`upload_scope`): the tenant its own organization's uploads (metadata: never cells);
+office, reviewers and auditors the metadata of every tenant's uploads; providers, operators and
+other tenants nothing (404 on a name, exactly like a missing one).
+
+For the query path (sandbox/queries.py, sandbox/sql.py): `latest_upload`, `upload_path`,
+`tenant_upload_columns`, `join_key_of`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, func, select
+
+from catalog.identifiers import is_cn_mobile, is_valid_cn_id
+from catalog.models import Dataset, DatasetField, Organization
+from pdao.config import Settings
+from pdao.errors import PdaoError, invalid, not_found
+from pdao.identity.models import Role
+from policies.catalog_rules import catalog_scope
+from sandbox.store import (
+    _COMPATIBLE,
+    DUCK_TYPES,
+    MAX_EXAMPLES,
+    _base_type,
+    _connect,
+    _sha256,
+    _type_problem_condition,
+    _typed,
+    duck_path,
+    quote_ident,
+    quote_literal,
+    sniff_format,
+    stage_source,
+)
+from sandbox.upload_models import TenantUpload
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+TYPES = ("string", "integer", "decimal", "date", "boolean")
+ROLES = ("join_key", "consent_ref", "consent_valid_from", "consent_valid_until", "attribute")
+PII_KINDS = ("cn_id", "name", "phone")
+MAX_COLUMNS = 64
+MAX_NOTE = 500
+# Findings below this score are not refusals: a bare `E12345678` is a passport number at 0.4, and
+# so is many a claim reference. Check digits (ID, card, credit code) score 1.0, phones 0.7+.
+PII_MIN_SCORE = 0.5
+PII_CHUNK = 10_000
+ROW = "__pdao_row"
+
+ROLE_TYPES = {"consent_valid_from": "date", "consent_valid_until": "date"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The declared schema
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    type: str
+    role: str = "attribute"
+    pii_kind: str | None = None
+    nullable: bool = True
+    joins: str | None = None   # join_key only: "dataset.code.field"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "role": self.role, "pii_kind": self.pii_kind,
+                "nullable": self.nullable, "joins": self.joins}
+
+
+@dataclass(frozen=True)
+class UploadSchema:
+    name: str
+    columns: tuple[ColumnSpec, ...]
+
+    def column(self, role: str) -> ColumnSpec | None:
+        return next((c for c in self.columns if c.role == role), None)
+
+
+def schema_invalid(problems: list[dict[str, Any]]) -> PdaoError:
+    first = problems[0]["message"]
+    more = f" (and {len(problems) - 1} more; see details)" if len(problems) > 1 else ""
+    more_zh = f"（另有 {len(problems) - 1} 处问题，见 details）" if len(problems) > 1 else ""
+    return invalid("schema_invalid", f"The declared schema is invalid: {first}{more}; nothing was stored.",
+                   f"声明的表结构无效：{problems[0].get('message_zh', first)}{more_zh}；未保存任何数据。",
+                   details={"problems": problems})
+
+
+def _shown(value: Any) -> str | None:
+    """A name the client sent, echoed only when it is a plain name (anything else could be data)."""
+    return value if isinstance(value, str) and NAME_RE.fullmatch(value) else None
+
+
+def parse_schema(data: Any, name: str | None = None) -> UploadSchema:
+    """The declared schema from its JSON (already decoded), or 422 `schema_invalid` naming every
+    problem. `name` (a form field) stands in for, or must agree with, the schema's own `name`."""
+    problems: list[dict[str, Any]] = []
+
+    def bad(path: str, message: str, message_zh: str) -> None:
+        problems.append({"path": path, "message": message, "message_zh": message_zh})
+
+    if not isinstance(data, dict):
+        raise schema_invalid([{"path": "", "message": "the schema must be a JSON object with 'name' and 'columns'",
+                               "message_zh": "表结构须为包含 name 与 columns 的 JSON 对象"}])
+    unknown = sorted(k for k in data if k not in ("name", "columns"))
+    if unknown:
+        shown = [k for k in unknown if _shown(k)]
+        bad("", f"unknown keys: {', '.join(shown) or '-'}", f"未知的键：{', '.join(shown) or '-'}")
+    table = data.get("name", name)
+    if name is not None and data.get("name") not in (None, name):
+        bad("name", "the form's 'name' and the schema's 'name' differ", "表单的 name 与表结构的 name 不一致")
+    if not isinstance(table, str) or not NAME_RE.fullmatch(table):
+        bad("name", "the table name must match ^[a-z][a-z0-9_]{0,62}$", "表名须符合 ^[a-z][a-z0-9_]{0,62}$")
+    cols = data.get("columns")
+    specs: list[ColumnSpec] = []
+    if not isinstance(cols, list) or not cols:
+        bad("columns", "'columns' must be a non-empty list", "columns 须为非空列表")
+        cols = []
+    if len(cols) > MAX_COLUMNS:
+        bad("columns", f"at most {MAX_COLUMNS} columns", f"最多 {MAX_COLUMNS} 列")
+        cols = []
+    seen: set[str] = set()
+    for i, c in enumerate(cols):
+        at = f"columns[{i}]"
+        if not isinstance(c, dict):
+            bad(at, "each column is an object", "每一列须为对象")
+            continue
+        extra = sorted(k for k in c if k not in ("name", "type", "role", "pii_kind", "nullable", "joins"))
+        if extra:
+            shown = [k for k in extra if _shown(k)]
+            bad(at, f"unknown keys: {', '.join(shown) or '-'}", f"未知的键：{', '.join(shown) or '-'}")
+        cname, ctype = c.get("name"), c.get("type")
+        role, kind = c.get("role", "attribute"), c.get("pii_kind")
+        nullable, joins = c.get("nullable", True), c.get("joins")
+        label = f"column '{cname}'" if _shown(cname) else f"column #{i + 1}"
+        ok = True
+        if not isinstance(cname, str) or not NAME_RE.fullmatch(cname) or cname.startswith("__"):
+            bad(f"{at}.name", f"{label}: the name must match ^[a-z][a-z0-9_]{{0,62}}$",
+                f"第 {i + 1} 列：列名须符合 ^[a-z][a-z0-9_]{{0,62}}$")
+            ok = False
+        elif cname in seen:
+            bad(f"{at}.name", f"{label} is declared twice", f"列 {cname} 重复声明")
+            ok = False
+        else:
+            seen.add(cname)
+        if ctype not in TYPES:
+            bad(f"{at}.type", f"{label}: type must be one of {', '.join(TYPES)}", f"{label}：type 须为 {', '.join(TYPES)} 之一")
+            ok = False
+        if role not in ROLES:
+            bad(f"{at}.role", f"{label}: role must be one of {', '.join(ROLES)}", f"{label}：role 须为 {', '.join(ROLES)} 之一")
+            ok = False
+        if kind is not None and kind not in PII_KINDS:
+            bad(f"{at}.pii_kind", f"{label}: pii_kind must be one of {', '.join(PII_KINDS)} or null",
+                f"{label}：pii_kind 须为 {', '.join(PII_KINDS)} 之一或 null")
+            ok = False
+        if not isinstance(nullable, bool):
+            bad(f"{at}.nullable", f"{label}: nullable must be true or false", f"{label}：nullable 须为 true 或 false")
+            ok = False
+        if kind is not None and ctype not in (None, "string") and ctype in TYPES:
+            bad(f"{at}.pii_kind", f"{label}: a column with a pii_kind is a string", f"{label}：带 pii_kind 的列须为 string")
+            ok = False
+        if role in ROLE_TYPES and ctype in TYPES and ctype != ROLE_TYPES[role]:
+            bad(f"{at}.type", f"{label}: a {role} column is a date", f"{label}：{role} 列须为 date")
+            ok = False
+        if role == "join_key":
+            if not isinstance(joins, str) or joins.count(".") < 1:
+                bad(f"{at}.joins", f"{label}: a join_key names the dataset field it joins, e.g. "
+                    "\"health.resident.id_number\"", f"{label}：join_key 须指明关联的数据集字段，如 health.resident.id_number")
+                ok = False
+            if nullable is True:
+                bad(f"{at}.nullable", f"{label}: a join_key may not be nullable", f"{label}：join_key 不可为空")
+                ok = False
+        elif joins is not None:
+            bad(f"{at}.joins", f"{label}: only a join_key column joins a dataset field", f"{label}：只有 join_key 列可声明 joins")
+            ok = False
+        if ok:
+            specs.append(ColumnSpec(cname, ctype, role, kind, nullable, joins))
+    for role in ("join_key", "consent_ref", "consent_valid_from", "consent_valid_until"):
+        n = sum(1 for c in cols if isinstance(c, dict) and c.get("role", "attribute") == role)
+        if n > 1:
+            bad("columns", f"at most one {role} column", f"{role} 列至多一个")
+    if cols and not any(isinstance(c, dict) and c.get("role") == "join_key" for c in cols):
+        bad("columns", "one column must be the join_key (the key joined to a dataset field)",
+            "须有一列为 join_key（与数据集字段关联的键）")
+    if problems:
+        raise schema_invalid(problems)
+    return UploadSchema(table, tuple(specs))
+
+
+def parse_schema_text(text: str | None, name: str | None = None) -> UploadSchema:
+    if text is None or not text.strip():
+        raise invalid("schema_required", "Send the table's declared schema as the form field 'schema' (JSON).",
+                      "请以表单字段 schema（JSON）声明表结构。")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise schema_invalid([{"path": "", "message": "the schema is not valid JSON",
+                               "message_zh": "表结构不是有效的 JSON"}]) from None
+    return parse_schema(data, name)
+
+
+def check_join_targets(session: Session, schema: UploadSchema, role: Role, org_id: int) -> None:
+    """Each join_key's `joins` names a field of a dataset the tenant may see, of the same type and
+    the same pii_kind (an ID number joins an ID number). 422 `schema_invalid` otherwise."""
+    problems = []
+    scope = catalog_scope(role, org_id)
+    for c in schema.columns:
+        if c.role != "join_key":
+            continue
+        code, _, fname = (c.joins or "").rpartition(".")
+        ds = None
+        if code:
+            from catalog.service import _scoped  # the catalog's one visibility filter
+
+            ds = session.exec(_scoped(select(Dataset).where(Dataset.code == code), scope)).first()
+        f = None if ds is None else session.exec(select(DatasetField).where(
+            DatasetField.dataset_id == ds.id, DatasetField.name == fname)).first()
+        if f is None:
+            problems.append({"path": f"columns.{c.name}.joins",
+                             "message": f"column '{c.name}' joins no field the catalog has",
+                             "message_zh": f"列 {c.name} 关联的字段在目录中不存在"})
+            continue
+        if f.type != c.type:
+            problems.append({"path": f"columns.{c.name}.type",
+                             "message": f"column '{c.name}' is {c.type}, {c.joins} is {f.type}",
+                             "message_zh": f"列 {c.name} 类型为 {c.type}，{c.joins} 为 {f.type}"})
+        if (f.pii_kind or None) != c.pii_kind:
+            problems.append({"path": f"columns.{c.name}.pii_kind",
+                             "message": f"column '{c.name}' declares pii_kind {c.pii_kind}, "
+                                        f"{c.joins} is {f.pii_kind}",
+                             "message_zh": f"列 {c.name} 声明的 pii_kind 为 {c.pii_kind}，{c.joins} 为 {f.pii_kind}"})
+    if problems:
+        raise schema_invalid(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a file
+
+@dataclass
+class UploadReport:
+    """Where a file disagrees with its schema: columns, counts, rows (1-based data rows) and, for
+    CSV, lines (1-based, the header is line 1). Never a cell value."""
+
+    format: str
+    row_count: int = 0
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    pii: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            for rec in csv.reader(f):
+                if rec:
+                    return rec
+    except (UnicodeDecodeError, csv.Error, OSError):
+        return None
+    return None
+
+
+def csv_lines(path: Path, rows: set[int], ncols: int) -> dict[int, int]:
+    """Data row number -> the line it starts on (the header is line 1), for the rows asked. Read
+    as DuckDB reads it (comma, double quotes, a quoted value may span lines, blank lines skipped
+    unless the table has one column)."""
+    out: dict[int, int] = {}
+    if not rows:
+        return out
+    last = max(rows)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header_seen, row, line_end = False, 0, 0
+            for rec in reader:
+                start, line_end = line_end + 1, reader.line_num
+                if not header_seen:
+                    header_seen = bool(rec)
+                    continue
+                if not rec and ncols > 1:
+                    continue
+                row += 1
+                if row in rows:
+                    out[row] = start
+                if row >= last:
+                    break
+    except (UnicodeDecodeError, csv.Error, OSError):
+        return {}
+    return out
+
+
+def _bind(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, report: UploadReport) -> list[str] | None:
+    lit = quote_literal(duck_path(path))
+    if fmt == "parquet":
+        con.execute(f"CREATE VIEW src AS SELECT * FROM read_parquet({lit})")
+        return [r[0] for r in con.execute("DESCRIBE src").fetchall()]
+    header = _csv_header(path)
+    if header is None:
+        report.problems.append({"check": "readable", "message": "the file cannot be read as CSV (UTF-8, with a "
+                                "header line)"})
+        return None
+    if len(set(header)) != len(header):
+        report.problems.append({"check": "columns", "message": "the header line names a column twice"})
+        return None
+    cols = "{" + ", ".join(f"{quote_literal(h)}: 'VARCHAR'" for h in header) + "}"
+    con.execute(f"CREATE VIEW src AS SELECT * FROM read_csv({lit}, header=true, delim=',', quote='\"', "
+                f"escape='\"', columns={cols}, auto_detect=false, store_rejects=true)")
+    return header
+
+
+def _rejects(con: duckdb.DuckDBPyConnection, report: UploadReport) -> None:
+    """Lines the CSV reader could not take (wrong number of values, bad quoting or encoding)."""
+    try:
+        rows = con.execute("SELECT error_type::VARCHAR, count(DISTINCT line), list(DISTINCT line ORDER BY line)[1:5] "
+                           "FROM reject_errors "
+                           "GROUP BY 1 ORDER BY 1").fetchall()
+    except duckdb.CatalogException:   # DuckDB makes the table only when a line was rejected
+        return
+    for kind, n, lines in rows:
+        report.problems.append({"check": "malformed", "error": kind.lower().replace(" ", "_"), "count": n,
+                                "first_lines": [int(x) for x in lines],
+                                "message": f"{n} line(s) cannot be read as CSV ({kind.lower()})"})
+
+
+def _cn_id_ok(v: str) -> bool:
+    return is_valid_cn_id(v)
+
+
+def _phone_ok(v: str) -> bool:
+    return is_cn_mobile(v)
+
+
+def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema,
+                 today: date | None = None) -> UploadReport:
+    """Bind `path` as `src` and compare it with the schema (refusals in `problems`, notes in
+    `warnings`). Does not scan for personal data (`scan_pii`)."""
+    report = UploadReport(format=fmt)
+    try:
+        names = _bind(con, path, fmt, report)
+        if names is None:
+            return report
+        src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
+        if fmt == "csv":
+            # every column read (a bare count(*) does not parse the values, and rejects nothing)
+            con.execute(f"SELECT count(*), {', '.join(f'max(length({quote_ident(n)}))' for n in names)} "
+                        "FROM src").fetchall()   # fetchall: the scan must finish to record its rejects
+            _rejects(con, report)
+            if report.problems:
+                return report
+    except duckdb.Error:
+        report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
+        return report
+    wanted = [c.name for c in schema.columns]
+    missing = [n for n in wanted if n not in src_types]
+    extra = [n for n in src_types if n not in wanted]
+    if missing:
+        report.problems.append({"check": "columns", "columns": missing,
+                                "message": f"declared columns missing from the file: {', '.join(missing)}"})
+    if extra:
+        shown = [n for n in extra if NAME_RE.fullmatch(n)]
+        hidden = f" and {len(extra) - len(shown)} more" if len(shown) < len(extra) else ""
+        report.problems.append({"check": "columns", "columns": shown,
+                                "message": f"columns not declared in the schema: {', '.join(shown) or '-'}{hidden}"})
+    for c in schema.columns:
+        if c.name in src_types and _base_type(src_types[c.name]).strip('"') not in _COMPATIBLE[c.type] | {"NULL"}:
+            report.problems.append({"check": "type", "column": c.name,
+                                    "message": f"column '{c.name}' is {src_types[c.name]}, the schema says {c.type}"})
+    if report.problems:
+        return report
+
+    con.create_function("pdao_cn_id_ok", _cn_id_ok, ["VARCHAR"], "BOOLEAN")
+    con.create_function("pdao_phone_ok", _phone_ok, ["VARCHAR"], "BOOLEAN")
+    today = today or date.today()
+    checks: list[tuple[str, str, str, bool]] = []   # (column, check, condition, warning?)
+    for c in schema.columns:
+        col = f"s.{quote_ident(c.name)}"
+        bad_type = _type_problem_condition(col, c.type, src_types[c.name])
+        if bad_type:
+            checks.append((c.name, "type", bad_type, False))
+        if not c.nullable:
+            empty = f" OR trim({col}) = ''" if c.type == "string" else ""
+            checks.append((c.name, "null", f"{col} IS NULL{empty}", False))
+        if c.pii_kind == "cn_id":
+            checks.append((c.name, "cn_id", f"{col} IS NOT NULL AND NOT pdao_cn_id_ok({col})", False))
+        if c.pii_kind == "phone":
+            checks.append((c.name, "phone", f"{col} IS NOT NULL AND NOT pdao_phone_ok({col})", False))
+    typed = {c.name: _typed(f"s.{quote_ident(c.name)}", c.type, src_types[c.name]) for c in schema.columns}
+    vf, vu = schema.column("consent_valid_from"), schema.column("consent_valid_until")
+    if vf and vu:
+        checks.append((vu.name, "consent_order", f"{typed[vu.name]} < {typed[vf.name]}", False))
+    today_lit = f"DATE {quote_literal(today.isoformat())}"
+    if vu:
+        checks.append((vu.name, "consent_expired", f"{typed[vu.name]} < {today_lit}", True))
+    if vf:
+        checks.append((vf.name, "consent_not_yet_valid", f"{typed[vf.name]} > {today_lit}", True))
+    key = schema.column("join_key")
+    numbered = f"(SELECT row_number() OVER () AS {ROW}, s.* FROM src AS s)"
+    if key is not None:
+        kcol = f"s.{quote_ident(key.name)}"
+        numbered = (f"(SELECT s.*, row_number() OVER (PARTITION BY upper({kcol}) ORDER BY s.{ROW}) AS __pdao_dup "
+                    f"FROM (SELECT row_number() OVER () AS {ROW}, s.* FROM src AS s) AS s)")
+        checks.append((key.name, "duplicate_key", f"{kcol} IS NOT NULL AND s.__pdao_dup > 1", True))
+    exprs = ["count(*)"] + [f"count(*) FILTER (WHERE {cond})" for _, _, cond, _ in checks]
+    try:
+        counts = con.execute(f"SELECT {', '.join(exprs)} FROM {numbered} AS s").fetchone()
+        report.row_count = counts[0]
+        found = []
+        for (cname, kind, cond, warn), n in zip(checks, counts[1:], strict=True):
+            if n:
+                rows = [r[0] for r in con.execute(f"SELECT s.{ROW} FROM {numbered} AS s WHERE {cond} "
+                                                  f"ORDER BY s.{ROW} LIMIT {MAX_EXAMPLES}").fetchall()]
+                found.append((cname, kind, n, rows, warn))
+    except duckdb.Error:
+        report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
+        return report
+    if report.row_count == 0:
+        report.problems.append({"check": "rows", "message": "the file has no data rows"})
+    spec = {c.name: c for c in schema.columns}
+    for cname, kind, n, rows, warn in found:
+        item: dict[str, Any] = {"check": kind, "column": cname, "count": n, "first_rows": rows}
+        item["message"] = {
+            "type": f"{n} value(s) of '{cname}' are not a valid {spec[cname].type}",
+            "null": f"{n} row(s) have no value for '{cname}', which may not be empty",
+            "cn_id": f"{n} value(s) of '{cname}' are not valid resident ID numbers (GB 11643: 18 characters, "
+                     "a real birth date, the check character)",
+            "phone": f"{n} value(s) of '{cname}' are not mainland mobile numbers",
+            "consent_order": f"{n} row(s) have '{cname}' before '{vf.name if vf else ''}'",
+            "consent_expired": f"{n} row(s) have a consent that ended before {today.isoformat()}",
+            "consent_not_yet_valid": f"{n} row(s) have a consent that starts after {today.isoformat()}",
+            "duplicate_key": f"{n} row(s) repeat a '{cname}' of an earlier row; a join keeps one row per key",
+        }[kind]
+        (report.warnings if warn else report.problems).append(item)
+    _add_lines(path, fmt, len(schema.columns), report.problems + report.warnings)
+    return report
+
+
+def _add_lines(path: Path, fmt: str, ncols: int, items: list[dict[str, Any]]) -> None:
+    if fmt != "csv":
+        return
+    wanted = {r for it in items for r in it.get("first_rows", ())}
+    lines = csv_lines(path, wanted, ncols)
+    if not wanted or len(lines) != len(wanted):
+        return
+    for it in items:
+        if "first_rows" in it:
+            it["first_lines"] = [lines[r] for r in it["first_rows"]]
+
+
+def scanned_columns(schema: UploadSchema) -> list[ColumnSpec]:
+    """Columns the PII scan reads: every string or integer column without a declared pii_kind
+    (an 11- or 18-digit integer can be a phone or an ID number as well as a string can)."""
+    return [c for c in schema.columns if c.pii_kind is None and c.type in ("string", "integer")]
+
+
+def scan_pii(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema) -> list[dict[str, Any]]:
+    """Personal data the schema did not declare: per (column, kind), how many rows and the first
+    rows (lines for CSV). Each distinct value is scanned once; no value leaves this function."""
+    from sandbox.pii import find_pii_batch
+
+    out: list[dict[str, Any]] = []
+    for c in scanned_columns(schema):
+        col = f"s.{quote_ident(c.name)}"
+        cur = con.execute(
+            f"SELECT v, count(*), list(r ORDER BY r)[1:{MAX_EXAMPLES}] FROM (SELECT CAST({col} AS VARCHAR) AS v, "
+            f"row_number() OVER () AS r FROM src AS s) WHERE v IS NOT NULL AND trim(v) <> '' GROUP BY v")
+        hits: dict[str, list] = {}
+        while True:
+            chunk = cur.fetchmany(PII_CHUNK)
+            if not chunk:
+                break
+            findings = find_pii_batch([v for v, _, _ in chunk])
+            for (_, n, rows), fs in zip(chunk, findings, strict=True):
+                for kind in {f.kind for f in fs if f.score >= PII_MIN_SCORE}:
+                    h = hits.setdefault(kind, [0, []])
+                    h[0] += n
+                    h[1] = sorted(set(h[1]) | set(rows))[:MAX_EXAMPLES]
+        for kind, (n, rows) in sorted(hits.items()):
+            out.append({"check": "unexpected_pii", "column": c.name, "kind": kind, "count": n, "first_rows": rows,
+                        "message": f"{n} value(s) of '{c.name}' hold personal data of kind {kind}, which the "
+                                   "schema does not declare"})
+    _add_lines(path, fmt, len(schema.columns), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Storing
+
+def tenants_dir(settings: Settings) -> Path:
+    return settings.home / "tenants"
+
+
+def upload_path(settings: Settings, upload: TenantUpload) -> Path:
+    """Where an upload's Parquet file lives (for the sandbox engine only; never shown)."""
+    return settings.home / upload.storage_path
+
+
+def verify_upload(settings: Settings, upload: TenantUpload) -> str:
+    """`ok`, `missing` or `altered`: does the file still hash to what was recorded?"""
+    path = upload_path(settings, upload)
+    if not path.is_file():
+        return "missing"
+    return "ok" if _sha256(path) == upload.sha256 else "altered"
+
+
+def _refused(report: UploadReport, schema: UploadSchema) -> PdaoError:
+    n = len(report.problems)
+    return invalid("upload_invalid",
+                   f"The file does not match the declared schema of '{schema.name}' ({n} problem(s)); "
+                   "nothing was stored.",
+                   f"文件与声明的表结构 {schema.name} 不符（{n} 处问题），未保存任何数据。",
+                   details={"format": report.format, "problems": report.problems, "warnings": report.warnings})
+
+
+def _pii_refused(report: UploadReport) -> PdaoError:
+    first = report.pii[0]
+    where = (f"line {first['first_lines'][0]}" if first.get("first_lines") else f"row {first['first_rows'][0]}")
+    where_zh = (f"第 {first['first_lines'][0]} 行" if first.get("first_lines") else f"第 {first['first_rows'][0]} 条记录")
+    more = f" (and {len(report.pii) - 1} more; see details)" if len(report.pii) > 1 else ""
+    return invalid("unexpected_pii",
+                   f"Column '{first['column']}' holds personal data of kind {first['kind']} that the schema does "
+                   f"not declare ({first['count']} value(s), first at {where}){more}; nothing was stored. Remove it, "
+                   "or declare the column's pii_kind if the scene needs it.",
+                   f"列 {first['column']} 含有未声明的个人信息（类型 {first['kind']}，{first['count']} 个值，首见于{where_zh}）；"
+                   "未保存任何数据。请删除，或在场景确需时声明该列的 pii_kind。",
+                   details={"format": report.format, "findings": report.pii, "warnings": report.warnings})
+
+
+def write_upload(settings: Settings, src: Path, schema: UploadSchema, today: date | None = None
+                 ) -> tuple[Path, UploadReport]:
+    """Check and scan `src`, then write its canonical Parquet to staging (the caller removes it).
+    Refuses the file whole (422 `upload_invalid` / `unexpected_pii`). Touches no database."""
+    settings.ensure_home()
+    fmt = sniff_format(src)
+    tmp = settings.staging_dir / f"tenant-{uuid.uuid4().hex}.parquet"
+    staged = stage_source(settings, src)
+    con = None
+    try:
+        con = _connect(settings)
+        report = check_upload(con, staged, fmt, schema, today)
+        if report.problems:
+            raise _refused(report, schema)
+        try:
+            report.pii = scan_pii(con, staged, fmt, schema)
+        except duckdb.Error:
+            report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
+            raise _refused(report, schema) from None
+        if report.pii:
+            raise _pii_refused(report)
+        src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
+        exprs = []
+        for c in schema.columns:
+            e = _typed(quote_ident(c.name), c.type, src_types[c.name], strict=True)
+            if c.pii_kind == "cn_id":
+                e = f"upper(trim({e}))"   # 'x' typed by hand joins the catalog's 'X'
+            exprs.append(f"{e} AS {quote_ident(c.name)}")
+        try:
+            con.execute(f"COPY (SELECT {', '.join(exprs)} FROM src) TO {quote_literal(str(tmp))} "
+                        "(FORMAT parquet, COMPRESSION zstd)")
+        except duckdb.Error:
+            tmp.unlink(missing_ok=True)
+            report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
+            raise _refused(report, schema) from None
+    finally:
+        if con is not None:
+            con.close()
+        staged.unlink(missing_ok=True)
+    return tmp, report
+
+
+def store_upload(session: Session, settings: Settings, *, org: Organization, user_id: int, schema: UploadSchema,
+                 src: Path, note: str = "", today: date | None = None) -> tuple[TenantUpload, UploadReport]:
+    """Check `src` against `schema` and keep it as the next version of `schema.name` in the
+    tenant's own space (committed). The caller has checked the schema's join targets."""
+    tmp, report = write_upload(settings, src, schema, today)
+    try:
+        digest = _sha256(tmp)
+        folder = tenants_dir(settings) / org.code / "uploads" / schema.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(20):
+            final: Path | None = None
+            try:
+                number = session.exec(select(func.max(TenantUpload.version)).where(
+                    TenantUpload.org_id == org.id, TenantUpload.name == schema.name)).one() or 0
+                while final is None:   # step over a file a crashed upload left
+                    number += 1
+                    final = folder / f"v{number}-{digest[:12]}.parquet"
+                    try:
+                        os.link(tmp, final)
+                    except FileExistsError:
+                        final = None
+                os.chmod(final, 0o444)
+                row = TenantUpload(org_id=org.id, name=schema.name, version=number,
+                                   columns=[c.as_dict() for c in schema.columns], format=report.format,
+                                   row_count=report.row_count, size_bytes=final.stat().st_size, sha256=digest,
+                                   storage_path=str(final.relative_to(settings.home)), warnings=report.warnings,
+                                   note=note[:MAX_NOTE], uploaded_by=user_id)
+                session.add(row)
+                session.commit()
+            except IntegrityError:   # a concurrent upload took the number: again
+                session.rollback()
+                if final is not None:
+                    final.unlink(missing_ok=True)
+                continue
+            except BaseException:
+                session.rollback()
+                if final is not None:
+                    final.unlink(missing_ok=True)
+                raise
+            session.refresh(row)
+            return row, report
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise PdaoError(409, "concurrent_change", "Another upload of this table was stored at the same time; send it "
+                    "again.", "同一表的另一次上传同时写入，请重新上传。")
+
+
+# ---------------------------------------------------------------------------------------------
+# Who sees what, and the integrator's API
+
+def upload_scope(role: Role, org_id: int) -> int | None | bool:
+    """Which uploads a caller may see (metadata only, never cells): an org id (the tenant's own),
+    None (every tenant's: office, reviewers, auditors), or False (none: providers, operators)."""
+    if role is Role.applicant:
+        return org_id
+    if role in (Role.office, Role.reviewer, Role.auditor):
+        return None
+    return False
+
+
+def visible_uploads(session: Session, role: Role, org_id: int, *, name: str | None = None,
+                    org_code: str | None = None) -> list[tuple[TenantUpload, str]]:
+    """(upload, org code) the caller may see, by org, name, version."""
+    scope = upload_scope(role, org_id)
+    if scope is False:
+        return []
+    stmt = select(TenantUpload, Organization.code).join(Organization, Organization.id == TenantUpload.org_id)
+    if scope is not None:
+        stmt = stmt.where(TenantUpload.org_id == scope)
+    if name is not None:
+        stmt = stmt.where(TenantUpload.name == name)
+    if org_code is not None:
+        stmt = stmt.where(Organization.code == org_code)
+    return list(session.exec(stmt.order_by(Organization.code, TenantUpload.name, TenantUpload.version)).all())
+
+
+def get_versions(session: Session, role: Role, org_id: int, name: str, org_code: str | None = None
+                 ) -> list[tuple[TenantUpload, str]]:
+    rows = visible_uploads(session, role, org_id, name=name, org_code=org_code)
+    if not rows:
+        raise not_found("Upload", "上传数据")
+    return rows
+
+
+def latest_upload(session: Session, org_id: int, name: str) -> TenantUpload | None:
+    """The newest version of the tenant's table `name`, or None."""
+    return session.exec(select(TenantUpload).where(TenantUpload.org_id == org_id, TenantUpload.name == name)
+                        .order_by(TenantUpload.version.desc())).first()
+
+
+def tenant_upload_columns(session: Session, org_id: int) -> dict[str, list[str]]:
+    """name -> the columns of its newest version, for `sandbox.sql.check_query(..., uploads=...)`."""
+    out: dict[str, tuple[int, list[str]]] = {}
+    for u in session.exec(select(TenantUpload).where(TenantUpload.org_id == org_id)).all():
+        if u.name not in out or u.version > out[u.name][0]:
+            out[u.name] = (u.version, [c["name"] for c in u.columns])
+    return {k: v[1] for k, v in sorted(out.items())}
+
+
+def join_key_of(upload: TenantUpload) -> tuple[str, str]:
+    """(the upload's join-key column, the "dataset.code.field" it joins), e.g.
+    ("id_number", "health.resident.id_number")."""
+    for c in upload.columns:
+        if c.get("role") == "join_key":
+            return c["name"], c["joins"]
+    raise ValueError(f"upload {upload.name} v{upload.version} has no join key")
+
+
+def split_join_target(target: str) -> tuple[str, str]:
+    """"health.resident.id_number" -> ("health.resident", "id_number")."""
+    code, _, fname = target.rpartition(".")
+    return code, fname
+
+
+__all__ = ["ColumnSpec", "UploadSchema", "UploadReport", "parse_schema", "parse_schema_text", "check_join_targets",
+           "check_upload", "scan_pii", "write_upload", "store_upload", "upload_path", "verify_upload", "upload_scope",
+           "visible_uploads", "get_versions", "latest_upload", "tenant_upload_columns", "join_key_of",
+           "split_join_target", "DUCK_TYPES"]
