@@ -35,7 +35,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
 from catalog.identifiers import is_cn_mobile, is_valid_cn_id
-from catalog.models import Dataset, DatasetField, Organization
+from catalog.models import DatasetField, Organization
+from catalog.service import find_dataset
 from pdao.config import Settings
 from pdao.errors import PdaoError, invalid, not_found
 from pdao.identity.models import Role
@@ -231,9 +232,10 @@ def check_join_targets(session: Session, schema: UploadSchema, role: Role, org_i
         code, _, fname = (c.joins or "").rpartition(".")
         ds = None
         if code:
-            from catalog.service import _scoped  # the catalog's one visibility filter
-
-            ds = session.exec(_scoped(select(Dataset).where(Dataset.code == code), scope)).first()
+            try:   # the catalog's one visibility filter: a prohibited dataset is "no such dataset"
+                ds = find_dataset(session, code, scope)
+            except PdaoError:
+                ds = None
         f = None if ds is None else session.exec(select(DatasetField).where(
             DatasetField.dataset_id == ds.id, DatasetField.name == fname)).first()
         if f is None:

@@ -240,6 +240,13 @@ def test_wrong_columns_and_bad_schemas(client, auth, engine, settings):
         {"name": "t", "columns": [{"name": "x", "type": "text"}]},
         {"name": "t", "columns": [{"name": "x", "type": "string"}]},   # no join key
     ]
+    # a prohibited dataset is no join target, and says so exactly like a missing one
+    prohibited = {"name": "t", "columns": [{"name": "person_id", "type": "integer", "role": "join_key",
+                                            "nullable": False, "joins": "health.notifiable_disease.person_id"}]}
+    missing = {"name": "t", "columns": [{"name": "person_id", "type": "integer", "role": "join_key",
+                                         "nullable": False, "joins": "health.no_such.person_id"}]}
+    answers = [send(client, a, b"person_id\n1\n", s).json() for s in (prohibited, missing)]
+    assert answers[0]["code"] == "schema_invalid" and answers[0]["details"] == answers[1]["details"]
     for schema in bad:
         r = send(client, a, to_csv(applicant_rows(2)), schema)
         assert r.status_code == 422 and r.json()["code"] == "schema_invalid", (schema, r.text)
@@ -266,7 +273,14 @@ def test_unexpected_pii_is_refused_naming_column_kind_and_line(client, auth, eng
     assert found[("consent_ref", "cn_id")]["first_lines"] == [4]
     assert "consent_ref" in body["message"] or "note" in body["message"]
     assert phone not in r.text and IDS[20] not in r.text
+    # personal data in the note is refused too
+    r = send(client, a, to_csv(applicant_rows(3)), note=f"联系人电话 {phone}")
+    assert r.status_code == 422 and r.json()["code"] == "unexpected_pii" and phone not in r.text
     assert phone not in audit_text(engine) and IDS[20] not in audit_text(engine)
+    with engine.connect() as conn:
+        refused = conn.execute(text("SELECT object, reason FROM audit_event WHERE action = 'upload.create' "
+                                    "ORDER BY seq")).all()
+    assert [tuple(x) for x in refused] == [("upload:company_a/applicants", "unexpected_pii")] * 2
     assert upload_rows(engine) == 0 and files_under(settings) == []
 
 

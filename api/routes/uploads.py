@@ -20,6 +20,7 @@ from pdao.identity.models import User
 from sandbox.upload_models import TenantUpload
 from sandbox.uploads import (
     MAX_NOTE,
+    PII_MIN_SCORE,
     check_join_targets,
     get_versions,
     latest_upload,
@@ -112,8 +113,8 @@ async def create_upload(request: Request, principal: Uploader, session: SessionD
             raise
         form_name = received.fields.get("name") or name
         note = received.fields.get("note", note)[:MAX_NOTE]
-        row, report = await run_in_threadpool(_store, session, settings, principal, received.fields.get("schema"),
-                                               form_name, note, staged)
+        row, report = await run_in_threadpool(_store, request, session, settings, principal,
+                                               received.fields.get("schema"), form_name, note, staged)
     finally:
         staged.unlink(missing_ok=True)
     request.state.object = f"upload:{principal.org_code}/{row.name}/v{row.version}"
@@ -122,7 +123,8 @@ async def create_upload(request: Request, principal: Uploader, session: SessionD
     return _out(session, row, principal.org_code, True)
 
 
-def _store(session, settings, principal, schema_text: str | None, name: str | None, note: str, staged):  # noqa: ANN001, ANN202
+def _store(request, session, settings, principal, schema_text: str | None, name: str | None, note: str,  # noqa: ANN001, ANN202
+           staged):  # noqa: ANN001
     if schema_text is None and name is not None:
         previous = latest_upload(session, principal.org_id, name)
         if previous is None:
@@ -131,11 +133,12 @@ def _store(session, settings, principal, schema_text: str | None, name: str | No
         schema = parse_schema({"name": name, "columns": previous.columns})
     else:
         schema = parse_schema_text(schema_text, name)
+    request.state.object = f"upload:{principal.org_code}/{schema.name}"   # a refusal is audited by name too
     check_join_targets(session, schema, principal.role, principal.org_id)
     if note:
         from sandbox.pii import find_pii_batch
 
-        if find_pii_batch([note])[0]:
+        if any(f.score >= PII_MIN_SCORE for f in find_pii_batch([note])[0]):
             raise invalid("unexpected_pii", "The note holds personal data; nothing was stored.",
                           "备注含有个人信息，未保存任何数据。", details={"findings": [{"field": "note"}]})
     org = session.exec(select(Organization).where(Organization.id == principal.org_id)).one()
