@@ -153,7 +153,7 @@ def parse_schema(data: Any, name: str | None = None) -> UploadSchema:
             bad(at, f"unknown keys: {', '.join(shown) or '-'}", f"未知的键：{', '.join(shown) or '-'}")
         cname, ctype = c.get("name"), c.get("type")
         role, kind = c.get("role", "attribute"), c.get("pii_kind")
-        nullable, joins = c.get("nullable", True), c.get("joins")
+        nullable, joins = c.get("nullable", role != "join_key"), c.get("joins")   # a join key: not null
         label = f"column '{cname}'" if _shown(cname) else f"column #{i + 1}"
         ok = True
         if not isinstance(cname, str) or not NAME_RE.fullmatch(cname) or cname.startswith("__"):
@@ -596,6 +596,8 @@ def store_upload(session: Session, settings: Settings, *, org: Organization, use
     tmp, report = write_upload(settings, src, schema, today)
     try:
         digest = _sha256(tmp)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", org.code) or ".." in org.code:
+            raise ValueError(f"organization code {org.code!r} cannot name a folder")
         folder = tenants_dir(settings) / org.code / "uploads" / schema.name
         folder.mkdir(parents=True, exist_ok=True)
         for _attempt in range(20):

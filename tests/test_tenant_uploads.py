@@ -353,3 +353,6 @@ def test_parse_schema_defaults():
         {"name": "k", "type": "string", "role": "join_key", "pii_kind": "cn_id", "nullable": False,
          "joins": "health.resident.id_number"}, {"name": "v", "type": "integer"}]})
     assert [(c.name, c.role, c.nullable) for c in s.columns] == [("k", "join_key", False), ("v", "attribute", True)]
+    s = parse_schema({"name": "t", "columns": [{"name": "k", "type": "string", "role": "join_key", "pii_kind": "cn_id",
+                                                "joins": "health.resident.id_number"}]})
+    assert s.columns[0].nullable is False   # a join key is never null, declared or not
