@@ -454,10 +454,10 @@ def library_template(name: str) -> Template:
 
 @functools.lru_cache(maxsize=1)
 def _descriptor_catalog() -> tuple[tuple[str, DatasetInfo], ...]:
-    from catalog.descriptor import parse_descriptor_text
+    from catalog.descriptor import PACKAGED_DESCRIPTORS, parse_descriptor_text
 
     out = []
-    for p in sorted((Path(__file__).resolve().parent.parent / "catalog" / "descriptors").glob("*.yaml")):
+    for p in sorted(PACKAGED_DESCRIPTORS.glob("*.yaml")):
         desc, problems = parse_descriptor_text(p.read_text(encoding="utf-8"), p.name)
         if desc is None or problems or not getattr(desc, "fields", None):
             continue
@@ -1347,15 +1347,15 @@ def run_template(template: Template, params: Mapping[str, Any] | None, snapshots
         exp.Not(this=exp.Is(this=_col("reason", "e"), expression=exp.Null()))).order_by(_col("ref", "e"))
     try:
         with domain_connection(views, threads=threads, memory_limit=memory_limit) as con:
-            total, non_null, distinct = con.execute(stats.sql(dialect=DIALECT, identify=True)).fetchone()
+            total, non_null, distinct = con.sql(stats.sql(dialect=DIALECT, identify=True)).fetchall()[0]
             if non_null != total or distinct != non_null:
                 raise invalid("template_upload_invalid",
                               f"The upload's row reference {up.ref} must be present and unique on every row "
                               f"({total - non_null} empty, {non_null - distinct} repeated).",
                               f"上传数据的行引用 {up.ref} 必须在每一行都存在且唯一（{total - non_null} 行为空，"
                               f"{non_null - distinct} 行重复）。")
-            exclusions = con.execute(excl_sql.sql(dialect=DIALECT, identify=True)).fetch_arrow_table()
-            table = con.execute(r.sql).fetch_arrow_table()
+            exclusions = con.sql(excl_sql.sql(dialect=DIALECT, identify=True)).to_arrow_table()
+            table = con.sql(r.sql).to_arrow_table()
     except PdaoError:
         raise
     except duckdb.Error:
