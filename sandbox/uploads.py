@@ -273,7 +273,7 @@ class UploadReport:
 
 def _csv_header(path: Path) -> list[str] | None:
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             for rec in csv.reader(f):
                 if rec:
                     return rec
@@ -291,7 +291,7 @@ def csv_lines(path: Path, rows: set[int], ncols: int) -> dict[int, int]:
         return out
     last = max(rows)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.reader(f)
             header_seen, row, line_end = False, 0, 0
             for rec in reader:

@@ -356,3 +356,35 @@ def test_parse_schema_defaults():
     s = parse_schema({"name": "t", "columns": [{"name": "k", "type": "string", "role": "join_key", "pii_kind": "cn_id",
                                                 "joins": "health.resident.id_number"}]})
     assert s.columns[0].nullable is False   # a join key is never null, declared or not
+
+
+def test_concurrent_uploads_get_consecutive_versions(engine, settings, tmp_path):
+    """Four uploads of one table at once: versions 1–4, one file each, all read-only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catalog.models import Organization
+    from pdao.identity.models import User
+    from sandbox.uploads import store_upload
+
+    schema = parse_schema(APPLICANTS)
+    srcs = []
+    for i in range(4):
+        p = tmp_path / f"a{i}.csv"
+        p.write_bytes(to_csv(applicant_rows(5 + (i % 2))))   # two pairs of identical files
+        srcs.append(p)
+    with Session(engine) as s:
+        org = s.exec(select(Organization).where(Organization.code == "company_a")).one()
+        user = s.exec(select(User).where(User.username == "insurer_a")).one()
+
+    def one(src):  # noqa: ANN001, ANN202
+        with Session(engine, expire_on_commit=False) as s:
+            return store_upload(s, settings, org=org, user_id=user.id, schema=schema, src=src)[0].version
+
+    with ThreadPoolExecutor(4) as pool:
+        versions = sorted(pool.map(one, srcs))
+    assert versions == [1, 2, 3, 4]
+    with Session(engine) as s:
+        ups = s.exec(select(TenantUpload)).all()
+        assert sorted(u.version for u in ups) == [1, 2, 3, 4]
+        assert all(verify_upload(settings, u) == "ok" for u in ups)
+    assert len(files_under(settings)) == 4
