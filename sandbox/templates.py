@@ -552,6 +552,12 @@ def _short(node: exp.Expression, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _projection(select: exp.Select, name: str) -> exp.Expression | None:
+    """The projection of `select` named `name` (DuckDB matches names case-insensitively; duplicates
+    are refused by the checker, so there is at most one)."""
+    return next((p for p in select.expressions if p.alias_or_name.lower() == name.lower()), None)
+
+
 @dataclass(frozen=True)
 class _Val:
     """What an expression's value can be: `values`, a finite set of literals (None is NULL), or
@@ -756,6 +762,12 @@ class _Checker:
                     what = f"JOIN {odd[0].rstrip('_').upper()}"
                     self.refuse(what, f"{what} is not accepted: use [LEFT|INNER] JOIN … ON …",
                                 f"不接受 {what}：请使用 [LEFT|INNER] JOIN … ON …")
+            elif isinstance(node, exp.TableAlias) and node.args.get("columns"):
+                self.refuse("alias with columns", "an alias may not rename columns: name them in the SELECT",
+                            "别名不能重命名列：请在 SELECT 中为列命名")
+            elif isinstance(node, exp.Star) and any(v for v in node.args.values()):
+                self.refuse("SELECT * with modifiers", "* EXCLUDE / REPLACE / RENAME is not accepted: list the columns",
+                            "不接受 * EXCLUDE / REPLACE / RENAME：请列出各列")
             elif isinstance(node, exp.With) and node.args.get("recursive"):
                 self.refuse("WITH RECURSIVE", "recursive CTEs are not accepted", "不接受递归 CTE")
             elif type(node) is exp.Cast and not self.safe_cast(node):
@@ -776,6 +788,12 @@ class _Checker:
                     node.set("db", None)
         for t in tables:
             self.table(t, ctes)
+        uses = sum(1 for t in tables if t.name == upload_view_name(self.t.upload.name))
+        if uses > 1:
+            self.refuse("upload read twice", f"the upload {self.t.upload.name} is read {uses} times: read it once (in a "
+                        "CTE if several parts need it), so that each row's reference stays with that row's own values",
+                        f"上传表 {self.t.upload.name} 被读取了 {uses} 次：只能读取一次（如多处需要，请放在 CTE 中），"
+                        "以保证每行的引用只对应该行自身的值")
         return placeholders
 
     def safe_cast(self, node: exp.Cast) -> bool:
@@ -836,7 +854,7 @@ class _Checker:
             if key in self._busy or not isinstance(src.expression, exp.Select):
                 return _opaque(f"column {col.table}.{col.name}", f"列 {col.table}.{col.name}")
             self._busy.add(key)
-            proj = next((p for p in src.expression.expressions if p.alias_or_name == col.name), None)
+            proj = _projection(src.expression, col.name)
             if proj is None:
                 val = _opaque(f"column {col.table}.{col.name}", f"列 {col.table}.{col.name}")
             else:
@@ -935,7 +953,7 @@ class _Checker:
                 return (b[0], b[1], col.name) if b else None
             if not isinstance(src, Scope) or not isinstance(src.expression, exp.Select):
                 return None
-            proj = next((p for p in src.expression.expressions if p.alias_or_name == col.name), None)
+            proj = _projection(src.expression, col.name)
             inner = proj.unalias() if proj is not None else None
             if not isinstance(inner, exp.Column):
                 return None
@@ -987,6 +1005,15 @@ class _Checker:
             self.refuse("query", "the template could not be analysed", "无法分析该模板")
             return _Analysis(self.problems)
 
+        for sel in tree.find_all(exp.Select):
+            names = [p.alias_or_name.lower() for p in sel.expressions]
+            dups = sorted({n for n in names if names.count(n) > 1})
+            if dups:
+                self.refuse("duplicate column name", f"a SELECT names {', '.join(dups)} more than once (names are "
+                            "compared without case): name each column once", f"某个 SELECT 中 {', '.join(dups)} "
+                            "出现了多次（名称不区分大小写）：每列只能命名一次")
+        if self.problems:
+            return _Analysis(self.problems)
         scopes = list(root.traverse())
         self.scopes = {id(s.expression): s for s in scopes}
         col_scope: dict[int, Scope] = {}

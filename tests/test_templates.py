@@ -385,6 +385,8 @@ def _refusals(t: Template) -> list[tuple[str, str, str]]:
     ("MAX(s.admit_date) > DATE '2020-01-01' OR MAX(s.length_of_stay)", "band", ""),   # a boolean is not a band
     ("MAX(s.total_cost) > 1000", "band", ""),
     ("2", "flag", "2"),
+    ("ROW_NUMBER() OVER (ORDER BY MAX(s.total_cost))", "count_band", "ROW_NUMBER"),
+    ("MAX(s.hospital) OVER ()", "band", "health.inpatient_stay.hospital"),
     ("CASE WHEN COUNT(*) > 1 THEN 'a' ELSE 'c' END", "band", "'c'"),
     ("a.id_number", "band", "not accepted"),     # outer query cannot see the upload alias
 ])
@@ -464,8 +466,10 @@ def test_undeclared_and_missing_outputs_are_refused():
     problems = check_template(_variant(sql))
     assert any(p.construct == "output x" and "not in the SELECT" in p.message for p in problems)
     # SELECT * at the top expands to columns that are not declared outputs
-    sql = "SELECT * FROM applicants AS a LEFT JOIN health.resident AS r ON r.id_number = a.id_number"
+    sql = "SELECT a.* FROM applicants AS a LEFT JOIN health.resident AS r ON r.id_number = a.id_number"
     assert any("not a declared output" in p.message for p in check_template(_variant(sql)))
+    sql = "SELECT * FROM applicants AS a LEFT JOIN health.resident AS r ON r.id_number = a.id_number"
+    assert check_template(_variant(sql))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +511,19 @@ OK_TAIL = " FROM applicants AS a LEFT JOIN health.resident AS r ON r.id_number =
     ("SELECT a.applicant_ref, 'a' AS x FROM applicants AS a LEFT JOIN health.resident AS r ON r.name = a.id_number",
      "never joined"),
     ("SELECT a.applicant_ref, CASE WHEN r.birth_date < :cutoff THEN 'a' END AS x" + OK_TAIL, ":cutoff is not a declared"),
+    # renaming columns in an alias would let a name point at another projection than it seems
+    ("SELECT d.applicant_ref, d.y AS x FROM (SELECT a.applicant_ref, 'a' AS y, r.name AS z" + OK_TAIL + ") AS d(applicant_ref, z, y)",
+     "may not rename columns"),
+    ("WITH d(applicant_ref, z, y) AS (SELECT a.applicant_ref, 'a' AS y, r.name AS z" + OK_TAIL + ") "
+     "SELECT d.applicant_ref, d.y AS x FROM d", "rename"),
+    ("WITH d AS (SELECT a.applicant_ref, 'a' AS x, r.name AS \"X\"" + OK_TAIL + ") SELECT d.applicant_ref, d.x FROM d",
+     "more than once"),
+    ("WITH d AS (SELECT * REPLACE (r.name AS id_number)" + OK_TAIL + ") SELECT d.applicant_ref, 'a' AS x FROM d",
+     "EXCLUDE / REPLACE"),
+    ("SELECT COLUMNS('a.*') AS x" + OK_TAIL, "not accepted"),
+    ("WITH b AS (SELECT * FROM applicants) SELECT b.applicant_ref, 'a' AS x" + OK_TAIL + " JOIN b ON b.id_number = r.id_number",
+     "read 2 times"),
+    ("SELECT a.applicant_ref, LAG(a.applicant_ref) OVER (ORDER BY r.birth_date) AS x" + OK_TAIL, "not accepted"),
     ("SELECT a.applicant_ref, 'a' AS x FROM applicants AS a, LATERAL (SELECT 1) AS l "
      "LEFT JOIN health.resident AS r ON r.id_number = a.id_number", "not accepted"),
 ])
@@ -644,3 +661,22 @@ def test_engine_errors_do_not_quote_the_data(city, applicants):
     with pytest.raises(PdaoError) as e:
         run_template(t, {}, city, path, as_of=RUN_DATE)
     assert e.value.code == "template_failed" and "could quote a record" in e.value.message
+
+
+def test_the_catalog_can_be_given_as_dataset_facts():
+    from sandbox.execute import DatasetMeta
+    from sandbox.templates import descriptor_catalog
+
+    cat = descriptor_catalog()
+    uw = library_template("underwriting")
+    assert check_template(uw, {c: cat[c] for c in (RES, CHR, INP)}) == []
+    # DatasetMeta (fields -> FieldMeta) and plain field lists are accepted too
+    metas = {c: DatasetMeta.from_fields(c, cat[c].privacy_unit, [
+        type("F", (), {"name": f, "type": cat[c].types[f], "masking": "none", "nullable": True, "domain": None,
+                       "bounds": None})() for f in cat[c].fields]) for c in (RES, CHR, INP)}
+    assert check_template(uw, metas) == []
+    assert check_template(uw, {c: list(cat[c].fields) for c in (RES, CHR, INP)}) == []
+    problems = check_template(uw, {c: cat[c] for c in (RES, INP)})
+    assert any(p.construct == f"table {CHR}" and p.dataset == CHR for p in problems)
+    no_cost = {c: cat[c] for c in (RES, CHR)} | {INP: [f for f in cat[INP].fields if f != "total_cost"]}
+    assert any("total_cost" in p.message for p in check_template(uw, no_cost))
