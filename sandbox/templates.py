@@ -479,10 +479,10 @@ def _catalog_fields(catalog: Mapping[str, Any]) -> dict[str, dict[str, str | Non
     for code, info in catalog.items():
         fields = getattr(info, "fields", info)
         types = getattr(info, "types", None) or {}
-        if isinstance(fields, Mapping):
-            out[code.lower()] = {name: (getattr(f, "type", f) if not isinstance(f, Mapping) else f.get("type"))
-                                 for name, f in fields.items()}
-            out[code.lower()] = {k: (str(v) if isinstance(v, str) else None) for k, v in out[code.lower()].items()}
+        if isinstance(fields, Mapping):     # field -> FieldMeta / {"type": …} / type name
+            typed = {name: (f.get("type") if isinstance(f, Mapping) else getattr(f, "type", f))
+                     for name, f in fields.items()}
+            out[code.lower()] = {k: (str(v) if isinstance(v, str) else None) for k, v in typed.items()}
         else:
             out[code.lower()] = {name: types.get(name) for name in fields}
     return out
@@ -505,7 +505,7 @@ _STRUCTURE = (
     exp.Boolean, exp.Null, exp.DataType, exp.DataTypeParam, exp.Interval, exp.Var, exp.Cast, exp.TryCast,
 )
 _PREDICATES = (
-    exp.And, exp.Or, exp.Not, exp.Xor, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ,
+    exp.And, exp.Or, exp.Not, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ,
     exp.NullSafeNEQ, exp.Is, exp.In, exp.Between, exp.Like, exp.ILike, exp.Exists, exp.StartsWith,
 )
 _ARITHMETIC = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.IntDiv, exp.Mod, exp.Neg)
@@ -1382,6 +1382,8 @@ def run_template(template: Template, params: Mapping[str, Any] | None, snapshots
                               f"上传数据的行引用 {up.ref} 必须在每一行都存在且唯一（{total - non_null} 行为空，"
                               f"{non_null - distinct} 行重复）。")
             exclusions = con.sql(excl_sql.sql(dialect=DIALECT, identify=True)).to_arrow_table()
+            all_refs = con.sql(exp.Select(expressions=[exp.Cast(this=ref.copy(), to=exp.DataType.build("VARCHAR"))])
+                               .from_(source.copy()).sql(dialect=DIALECT, identify=True)).to_arrow_table().column(0)
             table = con.sql(r.sql).to_arrow_table()
     except PdaoError:
         raise
@@ -1395,6 +1397,9 @@ def run_template(template: Template, params: Mapping[str, Any] | None, snapshots
     if table.num_rows != consented or refs.null_count or pc.count_distinct(refs).as_py() != table.num_rows:
         raise _mismatch("it does not have exactly one row per consented upload row",
                         "结果并非对每个已授权的上传行恰有一行")
+    consented_refs = set(all_refs.to_pylist()) - set(exclusions.column("ref").to_pylist())
+    if set(refs.to_pylist()) != consented_refs:
+        raise _mismatch("its row references are not the consented upload rows'", "其行引用与已授权的上传行不一致")
     if table.column_names != [o.name for o in template.outputs]:
         raise _mismatch("its columns are not the declared outputs", "其列不是已声明的输出列")
     for o in template.outputs:
