@@ -297,6 +297,10 @@ def test_over_the_size_limit_is_413_and_stores_nothing(settings, engine):
             r = send(c, a, data)
             assert r.status_code == 413 and r.json()["code"] == "too_large", r.text
             assert r.json()["details"]["limit_bytes"] == 2000
+            # far over: refused by the body limit before anything is read, the same JSON error
+            r = send(c, a, to_csv(applicant_rows(40)) * 100)
+            assert r.status_code == 413 and r.json()["code"] == "too_large"
+            assert list(small.staging_dir.glob("upload-*")) == []
             assert send(c, a, to_csv(applicant_rows(5))).status_code == 201   # under the limit: fine
     finally:
         app.state.engine.dispose()
