@@ -680,3 +680,24 @@ def test_the_catalog_can_be_given_as_dataset_facts():
     assert any(p.construct == f"table {CHR}" and p.dataset == CHR for p in problems)
     no_cost = {c: cat[c] for c in (RES, CHR)} | {INP: [f for f in cat[INP].fields if f != "total_cost"]}
     assert any("total_cost" in p.message for p in check_template(uw, no_cost))
+
+
+def test_typed_upload_columns_work_too(city, frames, tmp_path):
+    # integer references, DATE consent columns (the tests above use strings)
+    res = frames[RES]
+    ids = list(res.id_number[:6])
+    table = pa.table({
+        "applicant_ref": pa.array([10, 11, 12, 13, 14, 15], pa.int64()),
+        "id_number": ids,
+        "consent_ref": ["a", "b", None, "d", "e", "f"],
+        "consent_valid_from": pa.array([dt.date(2025, 1, 1)] * 5 + [dt.date(2026, 6, 1)], pa.date32()),
+        "consent_valid_until": pa.array([dt.date(2027, 1, 1)] * 4 + [dt.date(2025, 12, 1), dt.date(2027, 1, 1)],
+                                        pa.date32()),
+    })
+    pq.write_table(table, tmp_path / "typed.parquet")
+    ans = run_template(library_template("underwriting"), {"as_of": AS_OF}, city, tmp_path / "typed.parquet",
+                       as_of=RUN_DATE)
+    assert ans.table.column("applicant_ref").to_pylist() == ["10", "11", "13"]
+    assert dict(zip(ans.exclusions.column("ref").to_pylist(), ans.exclusions.column("reason").to_pylist())) == {
+        "12": "no_consent_ref", "14": "expired", "15": "not_yet_valid"}
+    assert ans.table.column("resident_found").to_pylist() == [True, True, True]
