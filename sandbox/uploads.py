@@ -60,7 +60,8 @@ from sandbox.upload_models import TenantUpload
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 TYPES = ("string", "integer", "decimal", "date", "boolean")
-ROLES = ("join_key", "consent_ref", "consent_valid_from", "consent_valid_until", "attribute")
+ROLES = ("join_key", "row_ref", "consent_ref", "consent_valid_from", "consent_valid_until", "attribute")
+NOT_NULL_ROLES = ("join_key", "row_ref")   # never null, declared or not
 PII_KINDS = ("cn_id", "name", "phone")
 MAX_COLUMNS = 64
 MAX_NOTE = 500
@@ -153,7 +154,7 @@ def parse_schema(data: Any, name: str | None = None) -> UploadSchema:
             bad(at, f"unknown keys: {', '.join(shown) or '-'}", f"未知的键：{', '.join(shown) or '-'}")
         cname, ctype = c.get("name"), c.get("type")
         role, kind = c.get("role", "attribute"), c.get("pii_kind")
-        nullable, joins = c.get("nullable", role != "join_key"), c.get("joins")   # a join key: not null
+        nullable, joins = c.get("nullable", role not in NOT_NULL_ROLES), c.get("joins")
         label = f"column '{cname}'" if _shown(cname) else f"column #{i + 1}"
         ok = True
         if not isinstance(cname, str) or not NAME_RE.fullmatch(cname) or cname.startswith("__"):
@@ -195,9 +196,16 @@ def parse_schema(data: Any, name: str | None = None) -> UploadSchema:
         elif joins is not None:
             bad(f"{at}.joins", f"{label}: only a join_key column joins a dataset field", f"{label}：只有 join_key 列可声明 joins")
             ok = False
+        if role == "row_ref":
+            if ctype in TYPES and ctype not in ("string", "integer"):
+                bad(f"{at}.type", f"{label}: a row_ref is a string or an integer", f"{label}：row_ref 须为 string 或 integer")
+                ok = False
+            if nullable is True:
+                bad(f"{at}.nullable", f"{label}: a row_ref may not be nullable", f"{label}：row_ref 不可为空")
+                ok = False
         if ok:
             specs.append(ColumnSpec(cname, ctype, role, kind, nullable, joins))
-    for role in ("join_key", "consent_ref", "consent_valid_from", "consent_valid_until"):
+    for role in ("join_key", "row_ref", "consent_ref", "consent_valid_from", "consent_valid_until"):
         n = sum(1 for c in cols if isinstance(c, dict) and c.get("role", "attribute") == role)
         if n > 1:
             bad("columns", f"at most one {role} column", f"{role} 列至多一个")
@@ -415,13 +423,20 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
         checks.append((vu.name, "consent_expired", f"{typed[vu.name]} < {today_lit}", True))
     if vf:
         checks.append((vf.name, "consent_not_yet_valid", f"{typed[vf.name]} > {today_lit}", True))
-    key = schema.column("join_key")
+    # repeated keys (a warning: the engine keeps one row per key) and row references (refused:
+    # each row's answer is told by its reference)
+    windows = []
+    for role, check, warn, alias in (("join_key", "duplicate_key", True, "__pdao_dup_key"),
+                                     ("row_ref", "duplicate_ref", False, "__pdao_dup_ref")):
+        c = schema.column(role)
+        if c is not None:
+            ccol = f"s.{quote_ident(c.name)}"
+            part = f"upper({ccol})" if c.type == "string" else ccol
+            windows.append(f"row_number() OVER (PARTITION BY {part} ORDER BY s.{ROW}) AS {alias}")
+            checks.append((c.name, check, f"{ccol} IS NOT NULL AND s.{alias} > 1", warn))
     numbered = f"(SELECT row_number() OVER () AS {ROW}, s.* FROM src AS s)"
-    if key is not None:
-        kcol = f"s.{quote_ident(key.name)}"
-        numbered = (f"(SELECT s.*, row_number() OVER (PARTITION BY upper({kcol}) ORDER BY s.{ROW}) AS __pdao_dup "
-                    f"FROM (SELECT row_number() OVER () AS {ROW}, s.* FROM src AS s) AS s)")
-        checks.append((key.name, "duplicate_key", f"{kcol} IS NOT NULL AND s.__pdao_dup > 1", True))
+    if windows:
+        numbered = f"(SELECT s.*, {', '.join(windows)} FROM {numbered} AS s)"
     exprs = ["count(*)"] + [f"count(*) FILTER (WHERE {cond})" for _, _, cond, _ in checks]
     try:
         counts = con.execute(f"SELECT {', '.join(exprs)} FROM {numbered} AS s").fetchone()
@@ -450,6 +465,7 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
             "consent_expired": f"{n} row(s) have a consent that ended before {today.isoformat()}",
             "consent_not_yet_valid": f"{n} row(s) have a consent that starts after {today.isoformat()}",
             "duplicate_key": f"{n} row(s) repeat a '{cname}' of an earlier row; a join keeps one row per key",
+            "duplicate_ref": f"{n} row(s) repeat a '{cname}' of an earlier row; a row_ref names one row",
         }[kind]
         (report.warnings if warn else report.problems).append(item)
     _add_lines(path, fmt, len(schema.columns), report.problems + report.warnings)
@@ -699,6 +715,13 @@ def join_key_of(upload: TenantUpload) -> tuple[str, str]:
     raise ValueError(f"upload {upload.name} v{upload.version} has no join key")
 
 
+def upload_roles(upload: TenantUpload) -> dict[str, str]:
+    """role -> column for every role but `attribute`, e.g. {"join_key": "id_number", "row_ref":
+    "applicant_ref", "consent_ref": …, "consent_valid_from": …, "consent_valid_until": …}: what a
+    template's upload contract (sandbox.templates.UploadSpec) maps to."""
+    return {c["role"]: c["name"] for c in upload.columns if c.get("role", "attribute") != "attribute"}
+
+
 def split_join_target(target: str) -> tuple[str, str]:
     """"health.resident.id_number" -> ("health.resident", "id_number")."""
     code, _, fname = target.rpartition(".")
@@ -707,5 +730,5 @@ def split_join_target(target: str) -> tuple[str, str]:
 
 __all__ = ["ColumnSpec", "UploadSchema", "UploadReport", "parse_schema", "parse_schema_text", "check_join_targets",
            "check_upload", "scan_pii", "write_upload", "store_upload", "upload_path", "verify_upload", "upload_scope",
-           "visible_uploads", "get_versions", "latest_upload", "tenant_upload_columns", "join_key_of",
+           "visible_uploads", "get_versions", "latest_upload", "tenant_upload_columns", "join_key_of", "upload_roles",
            "split_join_target", "DUCK_TYPES"]

@@ -23,6 +23,7 @@ from catalog.identifiers import cn_id_check_char, is_valid_cn_id
 from sandbox.upload_models import TenantUpload
 from sandbox.uploads import (
     join_key_of,
+    upload_roles,
     latest_upload,
     parse_schema,
     tenant_upload_columns,
@@ -43,7 +44,7 @@ def cn_id(i: int, born: str = "19800101") -> str:
 IDS = [cn_id(i, f"19{50 + i % 40}0{1 + i % 9}1{i % 9}") for i in range(1, 41)]
 
 APPLICANTS = {"name": "applicants", "columns": [
-    {"name": "applicant_ref", "type": "string", "role": "attribute", "nullable": False},
+    {"name": "applicant_ref", "type": "string", "role": "row_ref"},
     {"name": "id_number", "type": "string", "role": "join_key", "pii_kind": "cn_id", "nullable": False,
      "joins": "health.resident.id_number"},
     {"name": "consent_ref", "type": "string", "role": "consent_ref", "nullable": False},
@@ -159,6 +160,9 @@ def test_csv_and_parquet_are_stored_as_immutable_versions(client, auth, engine, 
         assert latest_upload(s, org_a, "claims") is None
         assert tenant_upload_columns(s, org_a) == {"applicants": [c["name"] for c in APPLICANTS["columns"]]}
         assert join_key_of(latest) == ("id_number", "health.resident.id_number")
+        assert upload_roles(latest) == {"row_ref": "applicant_ref", "join_key": "id_number",
+                                        "consent_ref": "consent_ref", "consent_valid_from": "consent_signed_on",
+                                        "consent_valid_until": "consent_valid_until"}
         # rows are immutable
         ups[0].note = "changed"
         s.add(ups[0])
@@ -346,6 +350,12 @@ def test_warnings_for_expired_consent_and_duplicate_keys(client, auth):
     rows[4]["id_number"] = rows[1]["id_number"]
     r = send(client, a, to_csv(rows))
     assert r.status_code == 201, r.text
+    # a repeated row reference is refused, by line
+    rows[5]["applicant_ref"] = rows[0]["applicant_ref"]
+    bad = send(client, a, to_csv(rows))
+    assert bad.status_code == 422 and bad.json()["code"] == "upload_invalid"
+    p = bad.json()["details"]["problems"][0]
+    assert (p["check"], p["column"], p["first_lines"]) == ("duplicate_ref", "applicant_ref", [7])
     w = {x["check"]: x for x in r.json()["warnings"]}
     assert w["consent_expired"]["first_lines"] == [4]
     assert w["duplicate_key"]["first_lines"] == [6]
