@@ -593,6 +593,7 @@ class _Checker:
         self._memo: dict[tuple[int, str], _Val] = {}
         self._busy: set[tuple[int, str]] = set()
         self.scopes: dict[int, Scope] = {}
+        self._reads_upload: dict[int, bool] = {}
 
     def refuse(self, construct: str, en: str, zh: str, **kw: Any) -> None:
         if (construct, en) not in self._seen:
@@ -960,6 +961,88 @@ class _Checker:
             col, scope = inner, src
         return None
 
+    # -- one applicant per row -------------------------------------------------------------------
+    def reads_upload(self, src: exp.Table | Scope | None, _depth: int = 0) -> bool:
+        """Whether a source holds rows of the upload (the upload itself, or a CTE / derived table /
+        subquery built on it)."""
+        if isinstance(src, exp.Table):
+            b = self.base(src)
+            return bool(b and b[0] == "upload")
+        if not isinstance(src, Scope) or _depth > 64:
+            return False
+        key = id(src)
+        if key not in self._reads_upload:
+            self._reads_upload[key] = False   # (no cycles in a checked tree; this only guards)
+            self._reads_upload[key] = any(self.reads_upload(s, _depth + 1) for _, s in src.selected_sources.values()) \
+                or any(self.reads_upload(s, _depth + 1) for s in src.subquery_scopes)
+        return self._reads_upload[key]
+
+    def is_ref(self, node: exp.Expression, scope: Scope) -> bool:
+        u = self.t.upload
+        return isinstance(node, exp.Column) and self.trace(node, scope) == ("upload", u.name, u.ref)
+
+    def own(self, node: exp.Expression, scope: Scope) -> bool:
+        """Whether `node` belongs to `scope`'s own SELECT (not to a nested one)."""
+        return node.find_ancestor(exp.Select) is scope.expression
+
+    def per_applicant(self, scope: Scope) -> None:
+        """Rows of the upload stay apart: whatever reads them keeps each row with its own reference.
+
+        - two sources holding upload rows are joined on equal references (traced to the upload's
+          ref), so one applicant's reference is never attached to another's values;
+        - an aggregate over upload rows groups by the reference, a window partitions by it;
+        - a subquery inside an expression does not read upload rows (it would compare an applicant
+          with the others)."""
+        sel = scope.expression
+        if not isinstance(sel, exp.Select):
+            return
+        if scope.is_subquery and self.reads_upload(scope):
+            self.refuse("subquery on the upload", "a subquery inside an expression may not read the upload's rows: "
+                        "it would compare an applicant with the other applicants", "表达式中的子查询不能读取上传表的行："
+                        "那样会把一个申请人与其他申请人比较")
+        dep = [alias for alias, (_, src) in scope.selected_sources.items() if self.reads_upload(src)]
+        if not dep:
+            return
+        if len(dep) > 1:
+            parent = {a: a for a in dep}
+
+            def find(a: str) -> str:
+                while parent[a] != a:
+                    a = parent[a]
+                return a
+
+            conds = [j.args.get("on") for j in sel.args.get("joins") or []]
+            if sel.args.get("where") is not None:
+                conds.append(sel.args["where"].this)
+            for cond in conds:
+                for eq in (cond.flatten() if isinstance(cond, exp.And) else [cond]) if cond is not None else []:
+                    while isinstance(eq, exp.Paren):
+                        eq = eq.this
+                    if isinstance(eq, exp.EQ) and isinstance(eq.this, exp.Column) and isinstance(eq.expression, exp.Column):
+                        a, b = eq.this.table, eq.expression.table
+                        if a in parent and b in parent and a != b and self.is_ref(eq.this, scope) \
+                                and self.is_ref(eq.expression, scope):
+                            parent[find(a)] = find(b)
+            if len({find(a) for a in dep}) > 1:
+                self.refuse("upload rows joined", f"{', '.join(dep)} all hold rows of the upload: join them on equal "
+                            f"row references ({self.t.upload.ref}), so that each row keeps its own applicant",
+                            f"{', '.join(dep)} 都包含上传表的行：请按相同的行引用（{self.t.upload.ref}）关联，"
+                            "使每一行只对应其自身的申请人")
+        group = sel.args.get("group")
+        keys = group.expressions if group is not None else []
+        # an aggregate of this SELECT (not of a nested one, not a window function)
+        aggregated = group is not None or any(n.find_ancestor(exp.Window, exp.Select) is sel
+                                              for n in sel.find_all(exp.AggFunc))
+        if aggregated and not any(self.is_ref(k, scope) for k in keys):
+            self.refuse("aggregate over upload rows", f"an aggregate over the upload's rows must GROUP BY the row "
+                        f"reference ({self.t.upload.ref}): otherwise it mixes applicants",
+                        f"对上传表行的聚合必须按行引用（{self.t.upload.ref}）GROUP BY，否则会混合不同申请人")
+        for w in sel.find_all(exp.Window):
+            if self.own(w, scope) and not any(self.is_ref(k, scope) for k in w.args.get("partition_by") or []):
+                self.refuse("window over upload rows", f"a window over the upload's rows must PARTITION BY the row "
+                            f"reference ({self.t.upload.ref}): otherwise it mixes applicants",
+                            f"对上传表行的窗口函数必须按行引用（{self.t.upload.ref}）PARTITION BY，否则会混合不同申请人")
+
     # -- the whole check ------------------------------------------------------------------------
     def analyse(self) -> _Analysis:
         self.model()
@@ -1026,6 +1109,9 @@ class _Checker:
                     b = self.base(src)
                     if b and b[0] == "dataset":
                         reads.add((b[1], c.name))
+
+        for s in scopes:
+            self.per_applicant(s)
 
         # The upload's key is joined to health.resident.id_number somewhere.
         u = self.t.upload

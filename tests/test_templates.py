@@ -701,3 +701,41 @@ def test_typed_upload_columns_work_too(city, frames, tmp_path):
     assert dict(zip(ans.exclusions.column("ref").to_pylist(), ans.exclusions.column("reason").to_pylist())) == {
         "12": "no_consent_ref", "14": "expired", "15": "not_yet_valid"}
     assert ans.table.column("resident_found").to_pylist() == [True, True, True]
+
+
+PERSON = ("WITH p AS (SELECT a.applicant_ref, r.person_id, r.district FROM applicants AS a "
+          "LEFT JOIN health.resident AS r ON r.id_number = a.id_number) ")
+
+
+@pytest.mark.parametrize("sql, kind, fragment", [
+    # one applicant's reference attached to another applicant's values
+    (PERSON + "SELECT p2.applicant_ref, p1.person_id IS NULL AS x FROM p AS p1 JOIN p AS p2 "
+     "ON p2.person_id = p1.person_id + 1", "flag", "join them on equal row references"),
+    (PERSON + "SELECT p2.applicant_ref, p1.person_id IS NULL AS x FROM p AS p1, p AS p2", "flag",
+     "join them on equal row references"),
+    (PERSON + "SELECT p2.applicant_ref, p1.person_id IS NULL AS x FROM p AS p1 JOIN p AS p2 "
+     "ON p2.applicant_ref = p1.applicant_ref OR p1.person_id > 5", "flag", "join them on equal row references"),
+    # counting or comparing across applicants
+    (PERSON + ", n AS (SELECT COUNT(*) AS k FROM p) SELECT p.applicant_ref, n.k > 5 AS x FROM p CROSS JOIN n",
+     "flag", "must GROUP BY the row reference"),
+    (PERSON + ", n AS (SELECT p.district, COUNT(*) AS k FROM p GROUP BY p.district) "
+     "SELECT p.applicant_ref, n.k > 1 AS x FROM p LEFT JOIN n ON n.district = p.district", "flag", "must GROUP BY"),
+    (PERSON + "SELECT p.applicant_ref, BOOL_OR(p.person_id IS NULL) OVER () AS x FROM p", "flag",
+     "must PARTITION BY the row reference"),
+    (PERSON + "SELECT p.applicant_ref, EXISTS (SELECT 1 FROM p AS q WHERE q.district = p.district "
+     "AND q.applicant_ref <> p.applicant_ref) AS x FROM p", "flag", "compare an applicant with the other"),
+])
+def test_rows_of_different_applicants_are_never_mixed(sql, kind, fragment):
+    t = _variant(sql, [Output("applicant_ref", "ref"), Output("x", kind)])
+    problems = check_template(t)
+    assert any(fragment in p.message for p in problems), problems
+
+
+def test_per_applicant_joins_groups_and_windows_are_accepted():
+    sql = (PERSON + ", s AS (SELECT p.applicant_ref, COUNT(st.stay_id) AS n, "
+           "ROW_NUMBER() OVER (PARTITION BY p.applicant_ref ORDER BY p.district) AS k "
+           "FROM p LEFT JOIN health.inpatient_stay AS st ON st.person_id = p.person_id GROUP BY p.applicant_ref, p.district) "
+           "SELECT p.applicant_ref, CASE WHEN s.n > 0 THEN 'a' ELSE 'b' END AS x, s.k = 1 AS f "
+           "FROM p JOIN s ON s.applicant_ref = p.applicant_ref")
+    t = _variant(sql, [Output("applicant_ref", "ref"), Output("x", "band", ("a", "b")), Output("f", "flag")])
+    assert check_template(t) == []
