@@ -51,6 +51,7 @@ from policies.schemas import ReleasePolicy
 from sandbox import disclosure, fingerprint
 from sandbox.execute import Answer, Execution
 from sandbox.models import Query, QueryResult, ResultExport, ResultReview
+from sandbox.upload_models import TenantUpload
 
 VALUE_FUNCTIONS = ("sum", "avg", "median", "quantile")
 FORMATS = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet",
@@ -622,6 +623,7 @@ def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> d
                   "approvals": [{"reviewer": _user(session, a.reviewer_id), "decision": a.decision,
                                  "comment": a.comment, "at": a.created_at} for a in approvals]},
         "authorization": [{"dataset": d, "field": f, "usage": u} for d, f, u in (q.uses or [])],
+        "uploads": _upload_lineage(session, q),
         "datasets": [{"code": ds.code, "title": ds.title_zh, "version": version.number, "version_id": version.id,
                       "env": version.env, "dataset_revision": version.dataset_revision, "sha256": version.sha256,
                       "row_count": version.row_count, "loaded_at": version.created_at,
@@ -647,6 +649,24 @@ def revision_view(principal: Principal | None, r: QueryResult) -> dict[str, Any]
     if r.status == "released":
         shown += ("cells", "rows_removed")
     return {k: v for k, v in rev.items() if k in shown}
+
+
+def pinned_upload(session: Session, q: Query) -> TenantUpload | None:
+    """The version of the tenant's own table a query joins (`Query.upload` = "name@v<n>")."""
+    if not q.upload:
+        return None
+    name, _, version = q.upload.rpartition("@v")
+    return session.exec(select(TenantUpload).where(TenantUpload.org_id == q.org_id, TenantUpload.name == name,
+                                                   TenantUpload.version == int(version))).first()
+
+
+def _upload_lineage(session: Session, q: Query) -> list[dict[str, Any]]:
+    """The tenant's own table a query joined, pinned at submission (metadata only)."""
+    u = pinned_upload(session, q)
+    if u is None:
+        return []
+    return [{"name": u.name, "version": u.version, "sha256": u.sha256, "row_count": u.row_count,
+             "uploaded_by": _user(session, u.uploaded_by), "at": u.created_at}]
 
 
 def public_revision(revision: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ import hmac
 import json
 import os
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -44,11 +45,12 @@ from policies import scenes, states
 from policies.enforcer import SceneEnforcers
 from policies.models import Scene, SceneItem
 from policies.rules import item_verdict
-from sandbox import export, ledger
+from sandbox import export, ledger, uploads
 from sandbox.execute import Answer, DatasetMeta, Execution, preview as plan_preview
 from sandbox.models import Query, QueryResult
 from sandbox.sql import CheckedQuery, check_query
 from sandbox.store import snapshot_path
+from sandbox.upload_models import TenantUpload
 
 CHINA = ZoneInfo("Asia/Shanghai")
 DEFAULT_EPSILON = 0.5       # when a query names none (never above the scene's per-query cap)
@@ -59,6 +61,28 @@ class Prepared:
     checked: CheckedQuery
     version: DatasetVersion
     execution: Execution
+    upload: TenantUpload | None = None    # the tenant's own table the query joins, pinned
+
+
+def _joined_upload(session: Session, scene: Scene, checked: CheckedQuery) -> TenantUpload | None:
+    """The scene's tenant's own upload a query joins (its newest version, pinned at submission),
+    joined on its declared join key to the field that key names: 404 for an upload the tenant
+    does not hold (another tenant's is indistinguishable), 422 for a join on another column."""
+    if checked.join is None:
+        return None
+    u = uploads.latest_upload(session, scene.org_id, checked.join.upload)
+    if u is None:
+        raise not_found("Upload", "上传数据")
+    key, target = uploads.join_key_of(u)
+    if checked.join.upload_key != key or target != f"{checked.dataset}.{checked.join.dataset_key}":
+        raise invalid("upload_join_mismatch",
+                      f"The upload {u.name} joins only on its key {key} = {target}.",
+                      f"上传数据 {u.name} 只能以其关联键 {key} 关联 {target}。", details={"key": key, "joins": target})
+    return u
+
+
+def _upload_files(settings: Settings, upload: TenantUpload | None) -> dict[str, Path]:
+    return {} if upload is None else {upload.name: uploads.upload_path(settings, upload)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,11 +156,11 @@ def prepare(session: Session, settings: Settings, enforcers: SceneEnforcers, pri
     codes = sorted({d for d, _ in grants})
     datasets = {ds.code: ds for ds in session.exec(select(Dataset).where(Dataset.code.in_(codes))).all()}
     metas = {code: dataset_meta(session, ds) for code, ds in datasets.items()}
-    checked = check_query(sql, grants, [m.info() for m in metas.values()])
+    checked = check_query(sql, grants, [m.info() for m in metas.values()],
+                          uploads=uploads.tenant_upload_columns(session, scene.org_id))
 
     authorize_uses(session, enforcers, scene, org, checked)
-    if checked.join is not None:   # tenant uploads arrive with issue 6; until then none can be joined
-        raise not_found("Upload", "上传数据")
+    upload = _joined_upload(session, scene, checked)
 
     env = "dev" if mode == "dev" else "prod"
     ds = datasets[checked.dataset]
@@ -155,8 +179,8 @@ def prepare(session: Session, settings: Settings, enforcers: SceneEnforcers, pri
                           f"ε={epsilon:g} 超过场景单次查询上限 {scene.max_query_epsilon:g}。")
     execution = Execution(checked, meta, snapshot_path(settings, version), epsilon=epsilon,
                           max_contributions=scene.max_contributions, pseudonym_key=pseudonym_key(settings, scene.id),
-                          reference_date=_today())
-    return Prepared(checked, version, execution)
+                          reference_date=_today(), uploads=_upload_files(settings, upload))
+    return Prepared(checked, version, execution, upload)
 
 
 def preview(session: Session, settings: Settings, enforcers: SceneEnforcers, principal: Principal, scene: Scene,
@@ -183,7 +207,8 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
               sql_text=sql, checked_sql=p.checked.sql, dataset=p.checked.dataset, version_id=p.version.id,
               epsilon=float(p.execution.epsilon or 0.0) if p.checked.kind == "aggregate" and mode == "prod" else 0.0,
               max_contributions=scene.max_contributions, status="queued" if mode == "prod" else "running",
-              uses=[list(u) for u in sorted(p.checked.uses)], policy_version=scene.policy_version)
+              uses=[list(u) for u in sorted(p.checked.uses)], policy_version=scene.policy_version,
+              upload=None if p.upload is None else f"{p.upload.name}@v{p.upload.version}")
     session.add(q)
     session.flush()
     if mode == "prod" and q.epsilon > 0:
@@ -212,11 +237,13 @@ def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcer
         raise conflict("scene_not_active", f"The scene became {status} before the query ran.",
                        f"查询执行前场景状态已变为 {status}。", details={"status": status})
     meta = dataset_meta(session, ds, version.row_count)
-    checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()])
+    upload = export.pinned_upload(session, q)
+    columns = {} if upload is None else {upload.name: [c["name"] for c in upload.columns]}
+    checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()], uploads=columns)
     authorize_uses(session, enforcers, scene, scenes.tenant_code(session, scene), checked)
     return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
                      max_contributions=q.max_contributions, pseudonym_key=pseudonym_key(settings, scene.id),
-                     reference_date=_today(), disclosure_stats=q.mode == "prod")
+                     reference_date=_today(), disclosure_stats=q.mode == "prod", uploads=_upload_files(settings, upload))
 
 
 def _json_safe(v: Any) -> Any:
