@@ -71,6 +71,22 @@ class SceneReview(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class SceneTemplate(SQLModel, table=True):
+    """An analysis template applied for with the scene and approved with it (issue 6): the only
+    way per-person derived values come out. `digest` is what the approval covers; a run checks it."""
+
+    __tablename__ = "scene_template"
+    __table_args__ = (UniqueConstraint("scene_id", "name", name="uq_scene_template_scene_id_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    scene_id: int = Field(foreign_key="scene.id", index=True)
+    name: str = Field(max_length=64)
+    version: int = 1
+    definition: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))   # sandbox.templates format
+    digest: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class SceneEvent(SQLModel, table=True):
     """Every transition: who, when, why."""
 

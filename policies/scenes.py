@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime
 
 from sqlalchemy import delete, or_
@@ -23,7 +24,7 @@ from pdao.identity.models import Role, User
 from pdao.identity.service import Principal
 from policies import states
 from policies.enforcer import SceneEnforcers, scene_domain, scene_policy_rows
-from policies.models import CasbinRule, Scene, SceneEvent, SceneItem, SceneReview
+from policies.models import CasbinRule, Scene, SceneEvent, SceneItem, SceneReview, SceneTemplate
 from policies.rules import FieldFacts, Verdict, item_verdict
 from policies.states import today_in_city
 from policies.schemas import (
@@ -42,6 +43,8 @@ from policies.schemas import (
     SceneOut,
     ScenePatch,
     SceneSummary,
+    TemplateIn,
+    TemplateOut,
 )
 
 MAX_EPSILON = 10.0      # a scene's whole budget
@@ -131,6 +134,77 @@ def application_problems(app: SceneIn, settings: Settings, *, at_approval: bool 
     return out
 
 
+def resolve_templates(templates: list[TemplateIn]) -> tuple[list[Any], list[Problem]]:
+    """The applied-for templates as `sandbox.templates.Template`s, and what is wrong with their
+    shape (an unknown shipped name, a malformed definition, two with one name)."""
+    from sandbox import templates as tpl   # pure: parses and checks, reads no rows
+
+    out, problems, names = [], [], set()
+    for n, t in enumerate(templates):
+        where = f"templates[{n}]"
+        try:
+            template = tpl.library_template(t.library) if t.library else tpl.template_from_mapping(t.definition)
+        except KeyError:
+            problems.append(Problem(where=where, item=n, rule="template_unknown",
+                                    message=f"no shipped template is named {t.library!r}",
+                                    message_zh=f"没有名为 {t.library!r} 的内置分析模板"))
+            continue
+        except tpl.TemplateRefused as e:
+            problems += [Problem(where=where, item=n, rule="template_refused", message=p.message,
+                                 message_zh=p.message_zh) for p in e.problems]
+            continue
+        if template.name in names:
+            problems.append(Problem(where=where, item=n, rule="template_duplicate",
+                                    message=f"two templates are named {template.name}",
+                                    message_zh=f"有两个模板都名为 {template.name}"))
+        names.add(template.name)
+        out.append(template)
+    return out, problems
+
+
+def template_problems(session: Session, templates: list[TemplateIn], items: list[ItemIn] | list[SceneItem]
+                      ) -> list[Problem]:
+    """Each template must be approvable (`sandbox.templates.check_template`: every output a
+    declared derived value, never a source field; one SELECT; known tables, columns and functions)
+    and read only fields on the scene's own data list, so the office reviews every field it touches."""
+    from sandbox import templates as tpl
+
+    resolved, problems = resolve_templates(templates)
+    if not resolved:
+        return problems
+    catalog = {ds.code: [f.name for f in session.exec(select(DatasetField).where(DatasetField.dataset_id == ds.id)).all()]
+               for ds in session.exec(select(Dataset)).all()}
+    listed = {(i.dataset, i.field) for i in items}
+    for n, template in enumerate(resolved):
+        where = f"templates[{template.name}]"
+        found = tpl.check_template(template, catalog)
+        problems += [Problem(where=where, item=n, rule="template_refused", message=p.message, message_zh=p.message_zh)
+                     for p in found]
+        if found:
+            continue
+        for d, f in sorted(tpl.template_reads(template, catalog) - listed):
+            problems.append(Problem(where=where, item=n, rule="template_reads_unlisted",
+                                    message=f"template {template.name} reads {d}.{f}, which is not on the data list",
+                                    message_zh=f"模板 {template.name} 读取 {d}.{f}，但该字段不在数据清单中"))
+    return problems
+
+
+def _replace_templates(session: Session, scene: Scene, templates: list[TemplateIn]) -> None:
+    from sandbox import templates as tpl
+
+    session.exec(delete(SceneTemplate).where(SceneTemplate.scene_id == scene.id))
+    session.flush()
+    resolved, _ = resolve_templates(templates)
+    for t in resolved:
+        session.add(SceneTemplate(scene_id=scene.id, name=t.name, version=t.version, definition=t.as_dict(),
+                                  digest=tpl.template_digest(t)))
+
+
+def scene_templates(session: Session, scene: Scene) -> list[SceneTemplate]:
+    return list(session.exec(select(SceneTemplate).where(SceneTemplate.scene_id == scene.id)
+                             .order_by(SceneTemplate.id)).all())
+
+
 def refuse_if_any(problems: list[Problem]) -> None:
     if problems:
         raise invalid("scene_refused", f"The application is refused: {len(problems)} problem(s); see details.",
@@ -197,12 +271,14 @@ def _event(session: Session, scene: Scene, action: str, from_status: str, actor:
 
 
 def create(session: Session, settings: Settings, principal: Principal, app: SceneIn) -> Scene:
-    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items))
+    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items)
+                  + template_problems(session, app.templates, app.items))
     scene = Scene(org_id=principal.org_id, applicant_id=principal.user_id, status="draft",
                   release_policy=app.release_policy.model_dump(), **app.model_dump(include=set(_SCALARS)))
     session.add(scene)
     session.flush()
     _replace_items(session, scene, app.items)
+    _replace_templates(session, scene, app.templates)
     _event(session, scene, "create", "", principal)
     return scene
 
@@ -211,6 +287,7 @@ def _as_application(session: Session, scene: Scene) -> SceneIn:
     items = session.exec(select(SceneItem).where(SceneItem.scene_id == scene.id).order_by(SceneItem.id)).all()
     return SceneIn(release_policy=ReleasePolicy(**scene.release_policy),
                    items=[ItemIn(dataset=i.dataset, field=i.field, usage=i.usage) for i in items],
+                   templates=[TemplateIn(definition=t.definition) for t in scene_templates(session, scene)],
                    **{k: getattr(scene, k) for k in _SCALARS})
 
 
@@ -237,12 +314,15 @@ def update(session: Session, settings: Settings, principal: Principal, scene: Sc
     merged = _as_application(session, scene).model_dump()
     merged.update(patch.model_dump(exclude_unset=True, exclude_none=True))
     app = SceneIn.model_validate(merged)
-    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items))
+    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items)
+                  + template_problems(session, app.templates, app.items))
     for k in _SCALARS:
         setattr(scene, k, getattr(app, k))
     scene.release_policy = app.release_policy.model_dump()
     if patch.items is not None:
         _replace_items(session, scene, app.items)
+    if patch.templates is not None:
+        _replace_templates(session, scene, app.templates)
     scene.updated_at = utcnow()
     session.add(scene)
     _event(session, scene, "edit", scene.status, principal)
@@ -330,8 +410,9 @@ def review(session: Session, settings: Settings, principal: Principal, scene: Sc
     # The last approval: the application and every item that stays must still pass the rules,
     # and something must stay.
     effective = [i for i in items.values() if not i.struck]
-    problems = application_problems(_as_application(session, scene), settings, at_approval=True) \
-        + item_problems(session, effective)
+    app = _as_application(session, scene)
+    problems = application_problems(app, settings, at_approval=True) + item_problems(session, effective) \
+        + template_problems(session, app.templates, effective)
     if problems:
         raise conflict("items_not_allowed", "Some items no longer pass the rules; strike them before approving.",
                        "部分条目已不符合规则，请先划去再批准。", details=[p.model_dump() for p in problems])
@@ -490,6 +571,11 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
                        struck_reason=i.struck_reason) for i in items],
         effective_items=[EffectiveItem(dataset=i.dataset, field=i.field, usage=i.usage)
                          for i in effective] if status == "active" else [],
+        templates=[TemplateOut(name=t.name, version=t.version, level=t.definition.get("level", ""),
+                               title=t.definition.get("title", {}), upload=t.definition.get("upload", {}),
+                               params=t.definition.get("params", []), outputs=t.definition.get("outputs", []),
+                               sql=t.definition.get("sql", ""), digest=t.digest)
+                   for t in scene_templates(session, scene)],
         approvals=Approvals(required=settings.scene_approvals_required, this_round=approvers),
         reviews=[ReviewOut(round=r.round, reviewer=users.get(r.reviewer_id, "?"), decision=r.decision,
                            struck_items=r.struck_items, comment=r.comment, created_at=r.created_at) for r in reviews],

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SceneType(StrEnum):
@@ -41,6 +41,34 @@ class ReleasePolicy(BaseModel):
     thresholds: DisclosureThresholds = DisclosureThresholds()
 
 
+class TemplateIn(BaseModel):
+    """An analysis template applied for with the scene: a shipped one by name (`library`), or the
+    applicant's own `definition` (the format of docs/templates.md). Checked at application and
+    again at approval; changing it means a new application round."""
+
+    model_config = ConfigDict(extra="forbid")
+    library: str | None = Field(default=None, min_length=1, max_length=64)
+    definition: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TemplateIn":
+        if (self.library is None) == (self.definition is None):
+            raise ValueError("give exactly one of 'library' or 'definition'")
+        return self
+
+
+class TemplateOut(BaseModel):
+    name: str
+    version: int
+    level: str
+    title: dict[str, str]
+    upload: dict[str, Any]
+    params: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    sql: str
+    digest: str
+
+
 class ItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: str = Field(min_length=1, max_length=128)
@@ -66,6 +94,7 @@ class SceneIn(BaseModel):
     max_contributions: int = Field(default=10, ge=1, le=1000)  # rows per person in an aggregate
     release_policy: ReleasePolicy = ReleasePolicy()
     items: list[ItemIn] = Field(min_length=1, max_length=500)
+    templates: list[TemplateIn] = Field(default_factory=list, max_length=10)
 
 
 class ScenePatch(BaseModel):
@@ -86,6 +115,7 @@ class ScenePatch(BaseModel):
     max_contributions: int | None = Field(default=None, ge=1, le=1000)
     release_policy: ReleasePolicy | None = None
     items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=500)
+    templates: list[TemplateIn] | None = Field(default=None, max_length=10)
 
 
 class ReviewIn(BaseModel):
@@ -174,6 +204,7 @@ class SceneOut(BaseModel):
     budget: Budget
     release_policy: ReleasePolicy
     items: list[ItemOut]
+    templates: list[TemplateOut] = []
     effective_items: list[EffectiveItem]  # what the scene may do now (empty unless active)
     approvals: Approvals
     reviews: list[ReviewOut]
