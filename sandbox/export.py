@@ -590,8 +590,6 @@ def lineage(session: Session, principal: Principal, result_id: int) -> dict[str,
 def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> dict[str, Any]:
     q = session.get(Query, r.query_id)
     scene = session.get(Scene, r.scene_id)
-    version = session.get(DatasetVersion, q.version_id)
-    ds = session.get(Dataset, version.dataset_id)
     versions = session.exec(select(QueryResult).where(QueryResult.query_id == q.id).order_by(QueryResult.version)).all()
     ids = [v.id for v in versions]
     reviews = session.exec(select(ResultReview).where(ResultReview.result_id.in_(ids)).order_by(ResultReview.id)).all()
@@ -624,10 +622,7 @@ def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> d
                                  "comment": a.comment, "at": a.created_at} for a in approvals]},
         "authorization": [{"dataset": d, "field": f, "usage": u} for d, f, u in (q.uses or [])],
         "uploads": _upload_lineage(session, q),
-        "datasets": [{"code": ds.code, "title": ds.title_zh, "version": version.number, "version_id": version.id,
-                      "env": version.env, "dataset_revision": version.dataset_revision, "sha256": version.sha256,
-                      "row_count": version.row_count, "loaded_at": version.created_at,
-                      "loaded_by": _user(session, version.loaded_by)}],
+        "datasets": [_version_lineage(session, v) for v in _query_versions(session, q, r)],
         "reviews": [{"result_id": v.result_id, "reviewer": _user(session, v.reviewer_id), "decision": v.decision,
                      "reason": v.reason, "at": v.created_at} for v in reviews],
         "exports": [{"export_id": e.export_id, "result_id": e.result_id, "format": e.format,
@@ -649,6 +644,21 @@ def revision_view(principal: Principal | None, r: QueryResult) -> dict[str, Any]
     if r.status == "released":
         shown += ("cells", "rows_removed")
     return {k: v for k, v in rev.items() if k in shown}
+
+
+def _query_versions(session: Session, q: Query, r: QueryResult) -> list[DatasetVersion]:
+    """Every dataset version a query read: one for a query, each a template read (its report
+    records them)."""
+    pinned = ((r.report or {}).get("template") or {}).get("versions") or {}
+    ids = [v["version_id"] for _, v in sorted(pinned.items())] or [q.version_id]
+    return [session.get(DatasetVersion, i) for i in ids]
+
+
+def _version_lineage(session: Session, v: DatasetVersion) -> dict[str, Any]:
+    ds = session.get(Dataset, v.dataset_id)
+    return {"code": ds.code, "title": ds.title_zh, "version": v.number, "version_id": v.id, "env": v.env,
+            "dataset_revision": v.dataset_revision, "sha256": v.sha256, "row_count": v.row_count,
+            "loaded_at": v.created_at, "loaded_by": _user(session, v.loaded_by)}
 
 
 def pinned_upload(session: Session, q: Query) -> TenantUpload | None:

@@ -466,8 +466,11 @@ def report_view(principal: Principal, r: QueryResult) -> dict[str, Any] | None:
     on exact statistics (is a cell below 10 persons?), which the noise of a DP answer exists to
     hide, so the tenant is shown none of them: only the result's status, and what a reviewer
     did (`revision_view`)."""
-    if r.report is None or not export.is_staff(principal):
+    if r.report is None:
         return None
+    if not export.is_staff(principal):
+        # a template run's section is about the tenant's own upload (consent exclusions): theirs to see
+        return {"template": r.report["template"]} if "template" in r.report else None
     return r.report
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query as QueryParam, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, caller, scene_access
-from sandbox import queries
+from sandbox import queries, template_runs
 from sandbox.sql import MAX_SQL_CHARS
 
 router = APIRouter(tags=["queries"])
@@ -72,3 +72,22 @@ def cancel_query(query_id: int, principal: caller("query", "cancel"), session: S
                  request: Request) -> dict[str, Any]:
     request.state.object = f"query:{query_id}"
     return queries.query_out(queries.cancel(session, principal, queries.get_query(session, principal, query_id)))
+
+
+class TemplateRunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    upload: str = Field(min_length=1, max_length=63)     # the tenant's own table (its newest version)
+    params: dict[str, Any] = Field(default_factory=dict, max_length=50)
+    mode: Literal["dev", "prod"] = "prod"
+
+
+@router.post("/scenes/{scene_id}/templates/{name}/runs", name="templates.run", status_code=status.HTTP_201_CREATED)
+def run_template(name: str, body: TemplateRunIn, ctx: scene_access("query"), session: SessionDep,
+                 settings: SettingsDep, request: Request) -> dict[str, Any]:
+    """Run an approved analysis template on the tenant's own upload: one row per consented upload
+    row, only the template's declared derived values; prod answers wait for export review."""
+    request.state.audit_detail = {"template": name, "upload": body.upload, "mode": body.mode, "params": body.params}
+    q = template_runs.run(session, settings, ctx.principal, ctx.scene, name, body.upload, body.params, body.mode,
+                          request.state.request_id)
+    request.state.object = f"query:{q.id}"
+    return queries.query_out(q)

@@ -1,0 +1,184 @@
+"""Running an approved analysis template on the tenant's own upload (issue 6): the only way
+per-person values come out, and only as the template's declared derived values.
+
+A run is checked like a query (the scene active and the tenant's, the template the one the office
+approved — its digest —, every field it reads still on the scene's effective data list, the upload
+the tenant's own), pinned to the newest dataset versions and the newest upload version, and run
+inside the domain (`sandbox.templates.run_template`: consent filter added by the sandbox). A prod
+answer is stored held for export review like any row-level answer (never released by policy); a
+dev answer runs on the synthetic twin and is the tenant's at once. The run answers in the request:
+a template reads the upload once and the datasets' per-person facts, seconds at the demo's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from sqlmodel import Session, select
+
+from catalog.models import Dataset, DatasetVersion
+from pdao import audit
+from pdao.config import Settings
+from pdao.db import utcnow
+from pdao.errors import PdaoError, conflict, forbidden, not_found
+from pdao.identity.models import Role
+from pdao.identity.service import Principal
+from policies import states
+from policies.models import Scene, SceneTemplate
+from sandbox import disclosure, export, templates, uploads
+from sandbox.models import Query, QueryResult
+from sandbox.queries import _today, effective_grants
+from sandbox.store import snapshot_path
+
+TEMPLATE_KIND = "template"
+
+
+def _template(session: Session, scene: Scene, name: str) -> tuple[SceneTemplate, templates.Template]:
+    row = session.exec(select(SceneTemplate).where(SceneTemplate.scene_id == scene.id,
+                                                   SceneTemplate.name == name)).first()
+    if row is None:
+        raise not_found("Template", "分析模板")
+    template = templates.template_from_mapping(row.definition)
+    if templates.template_digest(template) != row.digest:   # what runs is what the office approved
+        raise conflict("template_changed", "The template differs from the one approved; it cannot run.",
+                       "分析模板与批准时不一致，不能运行。")
+    return row, template
+
+
+def _versions(session: Session, codes: set[str], env: str) -> dict[str, DatasetVersion]:
+    out = {}
+    for code in sorted(codes):
+        v = session.exec(select(DatasetVersion).join(Dataset, Dataset.id == DatasetVersion.dataset_id)
+                         .where(Dataset.code == code, DatasetVersion.env == env)
+                         .order_by(DatasetVersion.number.desc())).first()
+        if v is None:
+            raise conflict("no_version", f"{code} has no {env} version loaded yet.",
+                           f"{code} 尚未加载{'合成孪生' if env == 'dev' else '生产'}版本。",
+                           details={"dataset": code, "env": env})
+        out[code] = v
+    return out
+
+
+def run(session: Session, settings: Settings, principal: Principal, scene: Scene, name: str, upload_name: str,
+        params: dict[str, Any] | None, mode: str, request_id: str | None = None) -> Query:
+    """Check, run and store one template run (commits). Refusals change nothing."""
+    if principal.role is not Role.applicant or scene.org_id != principal.org_id:
+        raise forbidden("not_your_scene", "Only the scene's own organization may run its templates.",
+                        "只有场景的申请单位可以运行其分析模板。")
+    status = states.effective_status(scene.status, scene.valid_from, scene.valid_to, utcnow())
+    if status != "active":
+        raise conflict("scene_not_active", f"The scene is {status}, not active: no template can run.",
+                       f"场景状态为 {status}，未生效，不能运行分析模板。", details={"status": status})
+    row, template = _template(session, scene, name)
+    reads = templates.template_reads(template)
+    granted = set(effective_grants(session, scene))
+    missing = sorted(reads - granted)
+    if missing:   # an item struck or a dataset closed since approval
+        raise PdaoError(403, "not_permitted", f"The scene no longer permits {missing[0][0]}.{missing[0][1]}.",
+                        f"该场景已不再允许使用 {missing[0][0]}.{missing[0][1]}。",
+                        details=[{"dataset": d, "field": f} for d, f in missing])
+    upload = uploads.latest_upload(session, scene.org_id, upload_name)
+    if upload is None:
+        raise not_found("Upload", "上传数据")
+    env = "dev" if mode == "dev" else "prod"
+    versions = _versions(session, {d for d, _ in reads}, env)
+    as_of = _today()
+    staged = _as_template_reads_it(settings, template, upload)
+    try:
+        answer = templates.run_template(template, params, {c: snapshot_path(settings, v) for c, v in versions.items()},
+                                        staged, as_of=as_of)
+    finally:
+        staged.unlink(missing_ok=True)
+
+    first = versions[sorted(versions)[0]]
+    q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode=mode, kind=TEMPLATE_KIND,
+              sql_text=f"-- template {template.name} v{template.version} {json.dumps(answer.report()['params'], ensure_ascii=False)}\n"
+                       f"{template.sql}",
+              checked_sql=answer.sql, dataset=sorted(versions)[0], version_id=first.id,
+              upload=f"{upload.name}@v{upload.version}", uses=[[d, f, "template"] for d, f in sorted(reads)],
+              policy_version=scene.policy_version, status="running", attempts=1, started_at=utcnow())
+    session.add(q)
+    session.flush()
+    path, digest = _write(settings, q, answer.table)
+    held = mode == "prod"
+    tpl_report = {**answer.report(), "versions": {c: {"version_id": v.id, "number": v.number, "sha256": v.sha256}
+                                                  for c, v in versions.items()},
+                  "upload": {"name": upload.name, "version": upload.version, "sha256": upload.sha256}}
+    checks = [_consent_check(answer), disclosure.pii_check(answer.table)]
+    report = {**disclosure.report(checks), "template": tpl_report, "columns": {"quasi_identifiers": [], "sensitive": []}}
+    result = QueryResult(query_id=q.id, scene_id=scene.id, org_id=scene.org_id, synthetic=not held, kind="rows",
+                         status="held" if held else "dev",
+                         columns=[{"name": f.name, "type": str(f.type)} for f in answer.table.schema],
+                         row_count=answer.table.num_rows, noise={}, epsilon_spent=0.0,
+                         notes=[f"template {template.name} v{template.version}; {answer.excluded} upload row(s) left "
+                                "out for consent"],
+                         storage_path=path, sha256=digest, report=report if held else None,
+                         content_fp=export.content_fp(settings, answer.table))
+    try:
+        session.add(result)
+        session.flush()
+        q.status, q.result_id, q.progress, q.finished_at = ("held" if held else "done"), result.id, 1.0, utcnow()
+        session.add(q)
+        audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
+                     role=principal.role.value, auth_method=principal.auth_method, action="template.run",
+                     object=f"query:{q.id}", scene_id=scene.id, decision="allow", reason=None,
+                     detail={"template": template.name, "digest": row.digest, "upload": q.upload, "mode": mode,
+                             "params": tpl_report["params"], "persons": answer.persons, "excluded": answer.excluded})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        (settings.results_dir / path).unlink(missing_ok=True)
+        raise
+    session.refresh(q)
+    return q
+
+
+ROLE_OF_SPEC = {"key": "join_key", "ref": "row_ref", "consent_ref": "consent_ref",
+               "valid_from": "consent_valid_from", "valid_until": "consent_valid_until"}
+
+
+def _as_template_reads_it(settings: Settings, template: templates.Template, upload: Any) -> Path:
+    """The upload with its role columns named as the template names them (the insurer calls its
+    consent date `consent_signed_on`, the template `consent_valid_from`): a staged copy inside the
+    domain, removed after the run. Other columns the template reads keep their names."""
+    roles = uploads.upload_roles(upload)
+    spec = template.upload
+    renames = {}
+    for attr, role in ROLE_OF_SPEC.items():
+        wanted, have = getattr(spec, attr, None), roles.get(role)
+        if wanted and have and wanted != have:
+            renames[have] = wanted
+    table = pq.read_table(uploads.upload_path(settings, upload))
+    table = table.rename_columns([renames.get(n, n) for n in table.column_names])
+    settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    staged = settings.staging_dir / f"template-{uuid.uuid4().hex}.parquet"
+    pq.write_table(table, staged)
+    return staged
+
+
+def _consent_check(answer: templates.TemplateAnswer) -> disclosure.Check:
+    by = ", ".join(f"{k}: {n}" for k, n in sorted(answer.excluded_by_reason.items()) if n) or "none"
+    return disclosure.Check(
+        "consent", "pass",
+        f"Only upload rows with valid consent on {answer.as_of.isoformat()} were answered; "
+        f"{answer.excluded} left out ({by}).",
+        f"仅对 {answer.as_of.isoformat()} 时授权有效的上传行作答；{answer.excluded} 行未纳入（{by}）。",
+        counts=answer.excluded)
+
+
+def _write(settings: Settings, q: Query, table: Any) -> tuple[str, str]:
+    folder = settings.results_dir / f"scene-{q.scene_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    with tmp.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    os.replace(tmp, folder / name)
+    return str(Path(folder / name).relative_to(settings.results_dir)), digest

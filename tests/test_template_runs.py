@@ -1,0 +1,103 @@
+"""The underwriting scene end to end through HTTP (issue 6): the insurer uploads its applicants,
+applies with the shipped template, two office approvals, runs it on real data, export review,
+download, trace — and insurer_b can use neither the upload nor the template."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pyarrow.parquet as pq
+import pytest
+from sqlmodel import Session
+
+from sandbox.store import load_version
+from tests.scene_helpers import active_scene
+from tests.test_scene_templates import underwriting_items
+from tests.test_tenant_uploads import APPLICANTS, TODAY, to_csv
+
+DATASETS = ("health.resident", "health.chronic_condition", "health.inpatient_stay")
+
+
+@pytest.fixture
+def health(engine, settings, synth_files):
+    with Session(engine) as s:
+        for code in DATASETS:
+            for env in ("prod", "dev"):
+                load_version(s, settings, code, synth_files[env][code], env=env, source="synth")
+    return pq.read_table(synth_files["prod"]["health.resident"], columns=["id_number"]).column(0).to_pylist()
+
+
+def applicants(ids: list[str]) -> bytes:
+    rows = []
+    for i, x in enumerate(ids):
+        valid = i % 5 != 4                      # every fifth applicant's consent has expired
+        rows.append({"applicant_ref": f"A{i:05d}", "id_number": x, "consent_ref": f"C-{i:04d}",
+                     "consent_signed_on": (TODAY - timedelta(days=400)).isoformat(),
+                     "consent_valid_until": (TODAY + timedelta(days=300) if valid else TODAY - timedelta(days=5)).isoformat(),
+                     "note": ""})
+    return to_csv(rows)
+
+
+def upload(client, headers, data: bytes) -> None:
+    r = client.post("/api/v1/uploads", headers=headers, data={"schema": json.dumps(APPLICANTS)},
+                    files={"file": ("applicants.csv", data, "text/csv")})
+    assert r.status_code == 201, r.text
+
+
+def test_underwriting_end_to_end(client, auth, engine, settings, health):
+    upload(client, auth("insurer_a"), applicants(health[:25]))
+    scene = active_scene(client, auth, scene_type="underwriting", items=underwriting_items(),
+                         templates=[{"library": "underwriting"}])
+    url = f"/api/v1/scenes/{scene['id']}/templates/underwriting/runs"
+    r = client.post(url, headers=auth("insurer_a"), json={"upload": "applicants", "params": {}})
+    assert r.status_code == 201, r.text
+    q = r.json()
+    assert q["status"] == "held" and q["kind"] == "template"
+    rid = q["result_id"]
+    # the tenant: held, no cells; but the consent section of its own upload
+    mine = client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
+    assert mine["rows"] is None and mine["report"]["template"]["excluded"] == 5
+    assert mine["report"]["template"]["excluded_by_reason"]["expired"] == 5
+    # the reviewer sees derived values only: no ID number, no cost, no name
+    held = client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()
+    assert len(held["rows"]) == 20 and set(held["rows"][0]) >= {"applicant_ref", "hypertension", "stays_5y",
+                                                                 "max_inpatient_cost_band"}
+    assert not ({"id_number", "name", "total_cost", "person_id"} & set(held["rows"][0]))
+    refs = {row["applicant_ref"] for row in held["rows"]}
+    assert "A00004" not in refs and "A00000" in refs           # no consent → no row
+    assert {c["name"]: c["verdict"] for c in held["report"]["checks"]}["consent"] == "pass"
+    r = client.post(f"/api/v1/results/{rid}/review", headers=auth("reviewer1"),
+                    json={"decision": "release", "reason": "derived bands only, consented applicants"})
+    assert r.status_code == 200 and r.json()["status"] == "released"
+    csv = client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a"))
+    assert csv.status_code == 200 and csv.headers["X-Pdao-Export"].startswith("ex-")
+    assert csv.content.startswith(b"# pdao export ex-") and b" fingerprint " in csv.content.splitlines()[0]
+    bare = b"\n".join([ln for ln in csv.content.splitlines() if not ln.startswith(b"#")][1:])
+    t = client.post("/api/v1/trace", headers=auth("auditor1"), files={"file": ("found.csv", bare)}).json()
+    assert t["matched"] and t["result_id"] == rid and t["requester"]["username"] == "insurer_a"
+    assert {d["code"] for d in t["lineage"]["datasets"]} == set(DATASETS)
+    assert t["lineage"]["uploads"][0]["name"] == "applicants"
+    # dev: the same run on the synthetic twin, the tenant's at once
+    r = client.post(url, headers=auth("insurer_a"), json={"upload": "applicants", "mode": "dev"})
+    assert r.status_code == 201 and r.json()["status"] == "done"
+
+
+def test_insurer_b_can_use_neither_the_upload_nor_the_template(client, auth, engine, settings, health):
+    upload(client, auth("insurer_a"), applicants(health[:10]))
+    scene_a = active_scene(client, auth, scene_type="underwriting", items=underwriting_items(),
+                           templates=[{"library": "underwriting"}])
+    # insurer_b through insurer_a's scene: the scene does not exist for it
+    r = client.post(f"/api/v1/scenes/{scene_a['id']}/templates/underwriting/runs", headers=auth("insurer_b"),
+                    json={"upload": "applicants"})
+    assert r.status_code == 404
+    # insurer_b's own scene with the same template: insurer_a's upload is none of its
+    scene_b = active_scene(client, auth, applicant="insurer_b", scene_type="underwriting",
+                           items=underwriting_items(), templates=[{"library": "underwriting"}])
+    r = client.post(f"/api/v1/scenes/{scene_b['id']}/templates/underwriting/runs", headers=auth("insurer_b"),
+                    json={"upload": "applicants"})
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    # a template the scene does not carry
+    r = client.post(f"/api/v1/scenes/{scene_a['id']}/templates/claims/runs", headers=auth("insurer_a"),
+                    json={"upload": "applicants"})
+    assert r.status_code == 404
