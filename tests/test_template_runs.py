@@ -101,3 +101,68 @@ def test_insurer_b_can_use_neither_the_upload_nor_the_template(client, auth, eng
     r = client.post(f"/api/v1/scenes/{scene_a['id']}/templates/claims/runs", headers=auth("insurer_a"),
                     json={"upload": "applicants"})
     assert r.status_code == 404
+
+
+CLAIMS_SCHEMA = {"name": "claims", "columns": [
+    {"name": "claim_ref", "type": "string", "role": "row_ref"},
+    {"name": "id_number", "type": "string", "role": "join_key", "pii_kind": "cn_id", "joins": "health.resident.id_number"},
+    {"name": "hospital", "type": "string"},
+    {"name": "admit_date", "type": "date"},
+    {"name": "discharge_date", "type": "date"},
+    {"name": "amount", "type": "decimal"},
+    {"name": "consent_ref", "type": "string", "role": "consent_ref"},
+    {"name": "consent_signed_on", "type": "date", "role": "consent_valid_from"},
+    {"name": "consent_valid_until", "type": "date", "role": "consent_valid_until"},
+]}
+
+
+def test_claims_verification_end_to_end(client, auth, engine, settings, synth_files):
+    import pyarrow.compute as pc
+
+    codes = DATASETS + ("health.insurance_settlement",)
+    with Session(engine) as s:
+        for code in codes:
+            load_version(s, settings, code, synth_files["prod"][code], env="prod", source="synth")
+    ids = dict(zip(*pq.read_table(synth_files["prod"]["health.resident"], columns=["person_id", "id_number"])
+                   .to_pydict().values()))
+    stays = pq.read_table(synth_files["prod"]["health.inpatient_stay"]).to_pylist()
+    settled = pq.read_table(synth_files["prod"]["health.insurance_settlement"])
+    settled = settled.filter(pc.is_valid(settled["stay_id"]))
+    amount_of = dict(zip(settled["stay_id"].to_pylist(), settled["total_amount"].to_pylist()))
+    stay = next(x for x in stays if x["stay_id"] in amount_of)
+    other_hospital = next(x["hospital"] for x in stays if x["hospital"] != stay["hospital"])
+    signed, until = (TODAY - timedelta(days=30)).isoformat(), (TODAY + timedelta(days=300)).isoformat()
+
+    def claim(ref, **over):
+        row = {"claim_ref": ref, "id_number": ids[stay["person_id"]], "hospital": stay["hospital"],
+               "admit_date": stay["admit_date"].isoformat(), "discharge_date": stay["discharge_date"].isoformat(),
+               "amount": f"{amount_of[stay['stay_id']]:.2f}", "consent_ref": f"C-{ref}",
+               "consent_signed_on": signed, "consent_valid_until": until}
+        row.update(over)
+        return row
+
+    rows = [claim("K1"),                                                        # all as recorded
+            claim("K2", amount=f"{amount_of[stay['stay_id']] * 2:.2f}"),        # twice the settled amount
+            claim("K3", hospital=other_hospital),                               # another hospital
+            claim("K4", discharge_date=(stay["discharge_date"] + timedelta(days=1)).isoformat()),   # other dates
+            claim("K5", admit_date="2010-01-01", discharge_date="2010-01-05"),   # no such stay
+            claim("K6", consent_ref="")]                                         # no consent → no row
+    r = client.post("/api/v1/uploads", headers=auth("insurer_a"), data={"schema": json.dumps(CLAIMS_SCHEMA)},
+                    files={"file": ("claims.csv", to_csv(rows), "text/csv")})
+    assert r.status_code == 201, r.text
+    from sandbox.templates import library_template, template_reads
+
+    items = [{"dataset": d, "field": f, "usage": "join_key" if f in ("id_number", "person_id", "stay_id") else "filter"}
+             for d, f in sorted(template_reads(library_template("claims")))]
+    scene = active_scene(client, auth, scene_type="claims", items=items, templates=[{"library": "claims"}])
+    r = client.post(f"/api/v1/scenes/{scene['id']}/templates/claims/runs", headers=auth("insurer_a"),
+                    json={"upload": "claims", "params": {"amount_tolerance": 0.05}})
+    assert r.status_code == 201, r.text
+    res = client.get(f"/api/v1/results/{r.json()['result_id']}", headers=auth("reviewer1")).json()
+    got = {row["claim_ref"]: row for row in res["rows"]}
+    assert set(got) == {"K1", "K2", "K3", "K4", "K5"}                    # K6 had no consent
+    assert got["K1"]["discrepancy"] == "none" and got["K1"]["stay_match"] == "match"
+    assert got["K2"]["discrepancy"] == "amount" and got["K2"]["settlement_match"] == "amount"
+    assert got["K3"]["stay_match"] == "hospital" and got["K4"]["stay_match"] == "dates"
+    assert got["K5"]["discrepancy"] == "no_stay"
+    assert not ({"hospital", "amount", "admit_date", "total_cost", "id_number"} & set(res["rows"][0]))
