@@ -380,6 +380,49 @@ class Client:
         target.write_bytes(data)
         return target
 
+    # -- scenes: apply (applicants), review (the office) ----------------------------------------------
+
+    def create_scene(self, application: Mapping[str, Any]) -> dict[str, Any]:
+        """Draft a scene application (fields of API.md: title, purpose, scene_type, legal_basis,
+        emergency_plan, valid_from/to, budgets, items, and optionally templates)."""
+        return self._request("POST", "/scenes", json=dict(application))
+
+    def submit_scene(self, scene: int) -> dict[str, Any]:
+        return self._request("POST", f"/scenes/{int(scene)}/submit")
+
+    def review_scene(self, scene: int, decision: Literal["approve", "reject", "return"], comment: str = "",
+                     struck_items: list[int] | None = None) -> dict[str, Any]:
+        """The office's opinion on a submitted scene."""
+        return self._request("POST", f"/scenes/{int(scene)}/reviews",
+                             json={"decision": decision, "comment": comment, "struck_items": struck_items or []})
+
+    # -- the tenant's own data and approved templates ------------------------------------------------
+
+    def upload(self, file: str | PathLike[str] | bytes, schema: Mapping[str, Any], *, note: str = "",
+               filename: str | None = None) -> dict[str, Any]:
+        """Upload the company's own table (CSV or Parquet) with its declared schema (docs/uploads.md):
+        checked, scanned for undeclared personal data, stored as a new immutable version."""
+        import json
+
+        if isinstance(file, bytes):
+            data, name = file, filename or "upload.csv"
+        else:
+            data, name = Path(file).read_bytes(), filename or Path(file).name
+        form = {"schema": json.dumps(dict(schema), ensure_ascii=False)}
+        if note:
+            form["note"] = note
+        return self._request("POST", "/uploads", data=form, files={"file": (name, data)})
+
+    def uploads(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/uploads")
+
+    def run_template(self, scene: int, template: str, upload: str, params: Mapping[str, Any] | None = None,
+                     mode: Literal["dev", "prod"] = "prod") -> dict[str, Any]:
+        """Run an approved analysis template of the scene on your upload. prod: the answer waits for
+        export review (`frame(result_id)` once released); dev: on the synthetic twin, at once."""
+        return self._request("POST", f"/scenes/{int(scene)}/templates/{template}/runs",
+                             json={"upload": upload, "params": dict(params or {}), "mode": mode})
+
     # -- export review, lineage and trace (reviewers, the office and auditors, signed in in person)
 
     def review_queue(self, limit: int = 100) -> list[dict[str, Any]]:

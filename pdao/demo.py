@@ -166,4 +166,63 @@ def run_demo(settings: Settings, scale: int = DEFAULT_SCALE, seed: int = DEFAULT
             echo(f"  {code:<30} {env:<4} v{number}  {rows:>10,} rows")
     scene_id = ensure_demo_scene(engine, settings)
     echo(f"demo scene {scene_id} is active for insurer_a: try POST /api/v1/scenes/{scene_id}/queries")
+    for path in write_demo_uploads(engine, settings):
+        echo(f"insurer_a's own sample table for the underwriting / claims flows: {path}")
     engine.dispose()
+
+
+def write_demo_uploads(engine: Engine, settings: Settings, n: int = 200) -> list[Path]:
+    """Sample files an insurer would upload (README: underwriting and claims flows): applicants and
+    claims made from people and stays of the synthetic prod data, so the templates find them,
+    with a few consents missing or expired. Written under PDAO_HOME/demo; not uploaded."""
+    import csv
+    from datetime import timedelta
+
+    import pyarrow.parquet as pq
+
+    from policies.states import today_in_city
+    from pdao.db import utcnow
+    from sandbox.store import snapshot_path
+
+    def snapshot(code: str) -> Path | None:
+        with Session(engine) as session:
+            v = session.exec(select(DatasetVersion).join(Dataset, Dataset.id == DatasetVersion.dataset_id)
+                             .where(Dataset.code == code, DatasetVersion.env == "prod")
+                             .order_by(DatasetVersion.number.desc())).first()
+        return None if v is None else snapshot_path(settings, v)
+
+    residents, stays, settled = (snapshot(c) for c in ("health.resident", "health.inpatient_stay",
+                                                         "health.insurance_settlement"))
+    if residents is None or stays is None or settled is None:
+        return []
+    folder = settings.home / "demo"
+    folder.mkdir(parents=True, exist_ok=True)
+    today = today_in_city(utcnow())
+    signed, until, expired = (today - timedelta(days=60)).isoformat(), (today + timedelta(days=300)).isoformat(), \
+        (today - timedelta(days=1)).isoformat()
+    ids = dict(zip(*pq.read_table(residents, columns=["person_id", "id_number"]).to_pydict().values()))
+
+    def consent(i: int) -> dict[str, str]:   # every 10th without consent, every 10th (+5) expired
+        return {"consent_ref": "" if i % 10 == 9 else f"SQ-{i:05d}", "consent_signed_on": signed,
+                "consent_valid_until": expired if i % 10 == 4 else until}
+
+    people = list(ids.values())[:n]
+    applicants = [{"applicant_ref": f"TB{i:05d}", "id_number": x, **consent(i)} for i, x in enumerate(people)]
+    amounts = {k: v for k, v in zip(*pq.read_table(settled, columns=["stay_id", "total_amount"]).to_pydict().values())
+               if k is not None}
+    claims = []
+    for i, st in enumerate(pq.read_table(stays, columns=["stay_id", "person_id", "hospital", "admit_date",
+                                                          "discharge_date"]).to_pylist()[:n]):
+        amount = float(amounts.get(st["stay_id"], 1000)) * (1.5 if i % 7 == 3 else 1.0)   # a few claims ask too much
+        claims.append({"claim_ref": f"LP{i:05d}", "id_number": ids[st["person_id"]], "hospital": st["hospital"],
+                       "admit_date": st["admit_date"].isoformat(), "discharge_date": st["discharge_date"].isoformat(),
+                       "amount": f"{amount:.2f}", **consent(i)})
+    out = []
+    for name, rows in (("applicants.csv", applicants), ("claims.csv", claims)):
+        path = folder / name
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+        out.append(path)
+    return out
