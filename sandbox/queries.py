@@ -469,8 +469,14 @@ def report_view(principal: Principal, r: QueryResult) -> dict[str, Any] | None:
     if r.report is None:
         return None
     if not export.is_staff(principal):
-        # a template run's section is about the tenant's own upload (consent exclusions): theirs to see
-        return {"template": r.report["template"]} if "template" in r.report else None
+        # a template run's section is about the tenant's own upload (consent exclusions): theirs
+        # to see once released
+        if "template" not in r.report:
+            return None
+        section = r.report["template"]
+        if r.status != "released":   # whether a prod run failed may depend on the data: not before review
+            section = {k: section.get(k) for k in ("template", "version", "digest")}
+        return {"template": section}
     return r.report
 
 

@@ -86,13 +86,30 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
     upload = uploads.latest_upload(session, scene.org_id, upload_name)
     if upload is None:
         raise not_found("Upload", "上传数据")
+    if uploads.verify_upload(settings, upload) != "ok":
+        raise conflict("upload_altered", "The upload's stored file is missing or no longer matches its hash.",
+                       "上传数据的存储文件缺失或与其哈希值不符。")
+    as_of = _today()
+    params = dict(params or {})
+    if template.param("as_of") is not None and "as_of" not in params:
+        params["as_of"] = as_of.isoformat()    # as run_template does: the run's own date
+    templates.validate_params(template, params)    # data-independent refusals answer at once (422)
     env = "dev" if mode == "dev" else "prod"
     versions = _versions(session, {d for d, _ in reads}, env)
-    as_of = _today()
-    staged = _as_template_reads_it(settings, template, upload)
+    staged = settings.staging_dir / f"template-{uuid.uuid4().hex}.parquet"
     try:
+        _as_template_reads_it(settings, template, upload, staged)
         answer = templates.run_template(template, params, {c: snapshot_path(settings, v) for c, v in versions.items()},
                                         staged, as_of=as_of)
+    except PdaoError as e:
+        if e.code not in DATA_DEPENDENT_FAILURES:
+            raise
+        if mode != "prod":   # the twin is synthetic: its failures may be told
+            raise PdaoError(422, e.code, e.message, e.message_zh) from None
+        # Whether a prod run fails can depend on the data: answered like any run (held), so the
+        # tenant learns nothing before a reviewer looked; the reviewer sees the failure.
+        return _store_failure(session, settings, principal, scene, row, template, upload, versions, params, e,
+                              request_id)
     finally:
         staged.unlink(missing_ok=True)
 
@@ -143,23 +160,71 @@ ROLE_OF_SPEC = {"key": "join_key", "ref": "row_ref", "consent_ref": "consent_ref
                "valid_from": "consent_valid_from", "valid_until": "consent_valid_until"}
 
 
-def _as_template_reads_it(settings: Settings, template: templates.Template, upload: Any) -> Path:
-    """The upload with its role columns named as the template names them (the insurer calls its
-    consent date `consent_signed_on`, the template `consent_valid_from`): a staged copy inside the
-    domain, removed after the run. Other columns the template reads keep their names."""
+DATA_DEPENDENT_FAILURES = ("template_failed", "template_output_mismatch")
+
+
+def _as_template_reads_it(settings: Settings, template: templates.Template, upload: Any, staged: Path) -> None:
+    """Exactly the columns the template reads, named as it names them, taken from the upload by
+    role (the insurer calls its consent date `consent_signed_on`, the template `consent_valid_from`)
+    or by name: a staged copy inside the domain, removed after the run. Taking only these columns
+    means a same-named ordinary column can never stand in for a role column."""
     roles = uploads.upload_roles(upload)
     spec = template.upload
-    renames = {}
-    for attr, role in ROLE_OF_SPEC.items():
-        wanted, have = getattr(spec, attr, None), roles.get(role)
-        if wanted and have and wanted != have:
-            renames[have] = wanted
+    source = {getattr(spec, attr): roles[role] for attr, role in ROLE_OF_SPEC.items()
+              if getattr(spec, attr, None) and role in roles}
     table = pq.read_table(uploads.upload_path(settings, upload))
-    table = table.rename_columns([renames.get(n, n) for n in table.column_names])
+    wanted = list(dict.fromkeys(spec.columns))
+    missing = [c for c in wanted if source.get(c, c) not in table.column_names]
+    if missing:
+        raise PdaoError(422, "template_upload_invalid",
+                        f"The upload lacks the template's columns: {', '.join(missing)}.",
+                        f"上传数据缺少模板所需的列：{'、'.join(missing)}。", details={"missing_columns": missing})
+    table = table.select([source.get(c, c) for c in wanted]).rename_columns(wanted)
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
-    staged = settings.staging_dir / f"template-{uuid.uuid4().hex}.parquet"
     pq.write_table(table, staged)
-    return staged
+
+
+def _store_failure(session: Session, settings: Settings, principal: Principal, scene: Scene, row: SceneTemplate,
+                   template: templates.Template, upload: Any, versions: dict[str, DatasetVersion],
+                   params: dict[str, Any] | None, error: PdaoError, request_id: str | None) -> Query:
+    import pyarrow as pa
+
+    empty = pa.table({o.name: pa.array([], pa.string()) for o in template.outputs})
+    failed = disclosure.Check("run", "fail", f"The run did not complete inside the domain ({error.code}); "
+                              "nothing can be released. Reject it.",
+                              f"运行未能在域内完成（{error.code}），没有可放行的内容，请驳回。")
+    first = versions[sorted(versions)[0]]
+    q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode="prod", kind=TEMPLATE_KIND,
+              sql_text=f"-- template {template.name} v{template.version}\n{template.sql}", checked_sql="",
+              dataset=sorted(versions)[0], version_id=first.id, upload=f"{upload.name}@v{upload.version}",
+              uses=[[d, f, "template"] for d, f in sorted(templates.template_reads(template))],
+              policy_version=scene.policy_version, status="running", attempts=1, started_at=utcnow())
+    session.add(q)
+    session.flush()
+    path, digest = _write(settings, q, empty)
+    report = {**disclosure.report([failed]), "columns": {"quasi_identifiers": [], "sensitive": []},
+              "template": {"template": template.name, "version": template.version, "digest": row.digest,
+                           "failed": error.code}}
+    result = QueryResult(query_id=q.id, scene_id=scene.id, org_id=scene.org_id, synthetic=False, kind="rows",
+                         status="held", columns=[{"name": f.name, "type": str(f.type)} for f in empty.schema],
+                         row_count=0, noise={}, epsilon_spent=0.0, notes=[], storage_path=path, sha256=digest,
+                         report=report, content_fp=None)
+    try:
+        session.add(result)
+        session.flush()
+        q.status, q.result_id, q.progress, q.finished_at = "held", result.id, 1.0, utcnow()
+        session.add(q)
+        audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
+                     role=principal.role.value, auth_method=principal.auth_method, action="template.run",
+                     object=f"query:{q.id}", scene_id=scene.id, decision="error", reason=error.code,
+                     detail={"template": template.name, "digest": row.digest, "upload": q.upload, "mode": "prod"})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        (settings.results_dir / path).unlink(missing_ok=True)
+        raise
+    session.refresh(q)
+    return q
 
 
 def _consent_check(answer: templates.TemplateAnswer) -> disclosure.Check:

@@ -55,10 +55,9 @@ def test_underwriting_end_to_end(client, auth, engine, settings, health):
     q = r.json()
     assert q["status"] == "held" and q["kind"] == "template"
     rid = q["result_id"]
-    # the tenant: held, no cells; but the consent section of its own upload
+    # the tenant: held, no cells, only which template ran (a run's outcome may depend on the data)
     mine = client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
-    assert mine["rows"] is None and mine["report"]["template"]["excluded"] == 5
-    assert mine["report"]["template"]["excluded_by_reason"]["expired"] == 5
+    assert mine["rows"] is None and set(mine["report"]["template"]) == {"template", "version", "digest"}
     # the reviewer sees derived values only: no ID number, no cost, no name
     held = client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()
     assert len(held["rows"]) == 20 and set(held["rows"][0]) >= {"applicant_ref", "hypertension", "stays_5y",
@@ -70,6 +69,9 @@ def test_underwriting_end_to_end(client, auth, engine, settings, health):
     r = client.post(f"/api/v1/results/{rid}/review", headers=auth("reviewer1"),
                     json={"decision": "release", "reason": "derived bands only, consented applicants"})
     assert r.status_code == 200 and r.json()["status"] == "released"
+    # once released, the consent section of its own upload: how many rows were left out, and why
+    mine = client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
+    assert mine["report"]["template"]["excluded"] == 5 and mine["report"]["template"]["excluded_by_reason"]["expired"] == 5
     csv = client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a"))
     assert csv.status_code == 200 and csv.headers["X-Pdao-Export"].startswith("ex-")
     assert csv.content.startswith(b"# pdao export ex-") and b" fingerprint " in csv.content.splitlines()[0]
@@ -166,3 +168,57 @@ def test_claims_verification_end_to_end(client, auth, engine, settings, synth_fi
     assert got["K3"]["stay_match"] == "hospital" and got["K4"]["stay_match"] == "dates"
     assert got["K5"]["discrepancy"] == "no_stay"
     assert not ({"hospital", "amount", "admit_date", "total_cost", "id_number"} & set(res["rows"][0]))
+
+
+def test_a_failing_prod_run_looks_like_any_run_until_review(client, auth, engine, settings, health, monkeypatch):
+    """Whether a run fails can depend on the data (a row-multiplying join that fires only for some
+    value): the tenant gets the same held answer either way; the reviewer sees the failure."""
+    from pdao.errors import PdaoError
+    from sandbox import templates
+
+    upload(client, auth("insurer_a"), applicants(health[:10]))
+    scene = active_scene(client, auth, scene_type="underwriting", items=underwriting_items(),
+                         templates=[{"library": "underwriting"}])
+    url = f"/api/v1/scenes/{scene['id']}/templates/underwriting/runs"
+    ok = client.post(url, headers=auth("insurer_a"), json={"upload": "applicants"})
+
+    def broken(*a, **kw):
+        raise PdaoError(500, "template_output_mismatch", "withheld", "不予返回")
+
+    monkeypatch.setattr(templates, "run_template", broken)
+    bad = client.post(url, headers=auth("insurer_a"), json={"upload": "applicants"})
+    assert ok.status_code == bad.status_code == 201
+    assert set(ok.json()) == set(bad.json()) and ok.json()["status"] == bad.json()["status"] == "held"
+    a, b = (client.get(f"/api/v1/results/{x.json()['result_id']}", headers=auth("insurer_a")).json() for x in (ok, bad))
+    assert a["report"] == b["report"] and a["row_count"] is None and b["row_count"] is None
+    seen = client.get(f"/api/v1/results/{bad.json()['result_id']}", headers=auth("reviewer1")).json()
+    assert seen["report"]["verdict"] == "fail" and seen["report"]["template"]["failed"] == "template_output_mismatch"
+    # dev failures are told at once (the twin is synthetic), and never as a 500
+    r = client.post(url, headers=auth("insurer_a"), json={"upload": "applicants", "mode": "dev"})
+    assert r.status_code == 422 and r.json()["code"] == "template_output_mismatch"
+
+
+
+def test_consent_is_read_from_the_declared_role_column_not_a_namesake(client, auth, engine, settings, health):
+    """An ordinary column named like the template's consent column never stands in for the column
+    the upload declares in that role."""
+    schema = json.loads(json.dumps(APPLICANTS))
+    for c in schema["columns"]:
+        if c.get("role") == "consent_valid_until":
+            c["name"] = "expiry"
+    schema["columns"].append({"name": "consent_valid_until", "type": "date"})
+    rows = [{"applicant_ref": f"A{i:05d}", "id_number": x, "consent_ref": f"C-{i}",
+             "consent_signed_on": (TODAY - timedelta(days=400)).isoformat(),
+             "expiry": (TODAY - timedelta(days=5)).isoformat(),                   # expired, as declared
+             "consent_valid_until": (TODAY + timedelta(days=300)).isoformat(), "note": ""}   # a namesake saying valid
+            for i, x in enumerate(health[:6])]
+    r = client.post("/api/v1/uploads", headers=auth("insurer_a"), data={"schema": json.dumps(schema)},
+                    files={"file": ("applicants.csv", to_csv(rows), "text/csv")})
+    assert r.status_code == 201, r.text
+    scene = active_scene(client, auth, scene_type="underwriting", items=underwriting_items(),
+                         templates=[{"library": "underwriting"}])
+    r = client.post(f"/api/v1/scenes/{scene['id']}/templates/underwriting/runs", headers=auth("insurer_a"),
+                    json={"upload": "applicants"})
+    assert r.status_code == 201, r.text
+    seen = client.get(f"/api/v1/results/{r.json()['result_id']}", headers=auth("reviewer1")).json()
+    assert seen["rows"] == [] and seen["report"]["template"]["excluded_by_reason"]["expired"] == 6
