@@ -137,20 +137,27 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
                                 "out for consent"],
                          storage_path=path, sha256=digest, report=report if held else None,
                          content_fp=export.content_fp(settings, answer.table))
+    return _commit(session, settings, principal, q, result, "held" if held else "done", request_id, "allow", None,
+                   {"template": template.name, "digest": row.digest, "upload": q.upload, "mode": mode,
+                    "params": tpl_report["params"], "persons": answer.persons, "excluded": answer.excluded})
+
+
+def _commit(session: Session, settings: Settings, principal: Principal, q: Query, result: QueryResult, status: str,
+            request_id: str | None, decision: str, reason: str | None, detail: dict[str, Any]) -> Query:
+    """The result, the query's outcome and their audit event in one transaction (the file removed
+    if it does not commit)."""
     try:
         session.add(result)
         session.flush()
-        q.status, q.result_id, q.progress, q.finished_at = ("held" if held else "done"), result.id, 1.0, utcnow()
+        q.status, q.result_id, q.progress, q.finished_at = status, result.id, 1.0, utcnow()
         session.add(q)
         audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
                      role=principal.role.value, auth_method=principal.auth_method, action="template.run",
-                     object=f"query:{q.id}", scene_id=scene.id, decision="allow", reason=None,
-                     detail={"template": template.name, "digest": row.digest, "upload": q.upload, "mode": mode,
-                             "params": tpl_report["params"], "persons": answer.persons, "excluded": answer.excluded})
+                     object=f"query:{q.id}", scene_id=q.scene_id, decision=decision, reason=reason, detail=detail)
         session.commit()
     except BaseException:
         session.rollback()
-        (settings.results_dir / path).unlink(missing_ok=True)
+        (settings.results_dir / result.storage_path).unlink(missing_ok=True)
         raise
     session.refresh(q)
     return q
@@ -209,22 +216,8 @@ def _store_failure(session: Session, settings: Settings, principal: Principal, s
                          status="held", columns=[{"name": f.name, "type": str(f.type)} for f in empty.schema],
                          row_count=0, noise={}, epsilon_spent=0.0, notes=[], storage_path=path, sha256=digest,
                          report=report, content_fp=None)
-    try:
-        session.add(result)
-        session.flush()
-        q.status, q.result_id, q.progress, q.finished_at = "held", result.id, 1.0, utcnow()
-        session.add(q)
-        audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
-                     role=principal.role.value, auth_method=principal.auth_method, action="template.run",
-                     object=f"query:{q.id}", scene_id=scene.id, decision="error", reason=error.code,
-                     detail={"template": template.name, "digest": row.digest, "upload": q.upload, "mode": "prod"})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        (settings.results_dir / path).unlink(missing_ok=True)
-        raise
-    session.refresh(q)
-    return q
+    return _commit(session, settings, principal, q, result, "held", request_id, "error", error.code,
+                   {"template": template.name, "digest": row.digest, "upload": q.upload, "mode": "prod"})
 
 
 def _consent_check(answer: templates.TemplateAnswer) -> disclosure.Check:

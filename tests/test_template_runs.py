@@ -14,7 +14,7 @@ from sqlmodel import Session
 from sandbox.store import load_version
 from tests.scene_helpers import active_scene
 from tests.test_scene_templates import underwriting_items
-from tests.test_tenant_uploads import APPLICANTS, TODAY, to_csv
+from tests.test_tenant_uploads import APPLICANTS, CLAIMS, TODAY, to_csv
 
 DATASETS = ("health.resident", "health.chronic_condition", "health.inpatient_stay")
 
@@ -105,17 +105,9 @@ def test_insurer_b_can_use_neither_the_upload_nor_the_template(client, auth, eng
     assert r.status_code == 404
 
 
-CLAIMS_SCHEMA = {"name": "claims", "columns": [
-    {"name": "claim_ref", "type": "string", "role": "row_ref"},
-    {"name": "id_number", "type": "string", "role": "join_key", "pii_kind": "cn_id", "joins": "health.resident.id_number"},
-    {"name": "hospital", "type": "string"},
-    {"name": "admit_date", "type": "date"},
-    {"name": "discharge_date", "type": "date"},
-    {"name": "amount", "type": "decimal"},
-    {"name": "consent_ref", "type": "string", "role": "consent_ref"},
-    {"name": "consent_signed_on", "type": "date", "role": "consent_valid_from"},
-    {"name": "consent_valid_until", "type": "date", "role": "consent_valid_until"},
-]}
+# the claims table of the upload tests, with its claim reference declared as the row reference
+CLAIMS_SCHEMA = {**CLAIMS, "columns": [dict(c, role="row_ref") if c["name"] == "claim_ref" else c
+                                       for c in CLAIMS["columns"]]}
 
 
 def test_claims_verification_end_to_end(client, auth, engine, settings, synth_files):
