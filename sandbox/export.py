@@ -105,21 +105,16 @@ def _fields_by_sensitivity(execution: Execution, output_fields: dict[str, str | 
             if f is not None and f in fields and fields[f].sensitivity == sensitivity]
 
 
-def assess(execution: Execution, answer: Answer, scene: Scene, q: Query, *,
-           suppressed: list[dict[str, Any]] | None = None, stats: pa.Table | None = None,
-           note: str | None = None) -> Assessment:
+def assess(execution: Execution, answer: Answer, scene: Scene, q: Query) -> Assessment:
     """The disclosure report of an answer, and whether the scene lets it out without a person.
-    Pure: the engine already computed what the checks need."""
+    Pure: the engine already computed what the checks need. (A reviewer's revision is checked
+    again by `_recheck`, from the stored statistics.)"""
     t = thresholds(scene)
     checks: list[Any] = []
-    stats = stats if stats is not None else answer.cell_stats
+    stats = answer.cell_stats
     if answer.kind == "aggregate":
-        keys = _stat_keys(execution)
         if stats is not None:
-            checked_stats = stats
-            if suppressed:   # suppressed cells publish nothing: they no longer count against the checks
-                checked_stats = _drop_cells(stats, keys, suppressed)
-            checks += disclosure.aggregate_checks(checked_stats, keys, _value_aliases(execution), t, dp=True)
+            checks += disclosure.aggregate_checks(stats, _stat_keys(execution), _value_aliases(execution), t, dp=True)
         checks.append(disclosure.budget_check(answer.epsilon_spent, q.epsilon, scene.epsilon_spent,
                                               scene.budget_epsilon))
     else:
@@ -130,10 +125,7 @@ def assess(execution: Execution, answer: Answer, scene: Scene, q: Query, *,
     checks.append(disclosure.pii_check(answer.table))
     report = disclosure.report(checks)
     report["columns"] = _columns_of(execution, answer)
-    if note:
-        report["revision"] = note
-    policy = release_policy(scene)
-    releasable = (policy.auto_release == "dp_aggregates" and suppressed is None and note is None
+    releasable = (release_policy(scene).auto_release == "dp_aggregates"
                   and disclosure.auto_releasable(report, answer.kind, dp=answer.kind == "aggregate"))
     return Assessment(report, stats, releasable)
 
