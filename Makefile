@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pii_bench.py
 	$(BIN)/python bench/query_bench.py --scales 10000000 100000000
 	$(BIN)/python bench/audit_bench.py --verify-events 1000000
+	$(BIN)/python bench/underwriting_bench.py --visits 10000000 --applicants 100000
 
 # Refresh the pinned versions after changing dependencies in pyproject.toml.
 lock:
