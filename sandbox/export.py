@@ -164,6 +164,19 @@ def _norm(v: Any) -> Any:
     return v
 
 
+def store_table(settings: Settings, scene_id: int, name: str, table: pa.Table) -> tuple[str, str]:
+    """Write a table into the result store (temporary name, then rename, so a reader never sees
+    half a file): its path relative to the store, and the SHA-256 of the file."""
+    folder = settings.results_dir / f"scene-{scene_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    with tmp.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    tmp.replace(folder / name)
+    return str((folder / name).relative_to(settings.results_dir)), digest
+
+
 def write_stats(settings: Settings, stats: pa.Table, result_path: str) -> str:
     """The per-cell statistics beside the result (inside the domain; no endpoint reads this file)."""
     rel = result_path.removesuffix(".parquet") + ".stats.parquet"
@@ -458,30 +471,24 @@ def _suppress_failing_rows(r: QueryResult, table: pa.Table) -> tuple[pa.Table, i
 def _store_version(session: Session, settings: Settings, parent: QueryResult, q: Query, scene: Scene,
                    table: pa.Table, stats: pa.Table | None, revision: dict[str, Any],
                    suppressed: list[dict[str, Any]] | None) -> QueryResult:
-    folder = settings.results_dir / f"scene-{q.scene_id}"
-    name = f"q{q.id}-v{parent.version + 1}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    with tmp.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    tmp.replace(folder / name)
+    rel, digest = store_table(settings, q.scene_id, f"q{q.id}-v{parent.version + 1}-{uuid.uuid4().hex[:12]}.parquet",
+                              table)
     try:
-        return _version_row(session, settings, parent, q, scene, table, stats, revision, suppressed, folder / name,
-                            digest)
+        return _version_row(session, settings, parent, q, scene, table, stats, revision, suppressed, rel, digest)
     except BaseException:
-        (folder / name).unlink(missing_ok=True)
+        (settings.results_dir / rel).unlink(missing_ok=True)
         raise
 
 
 def _version_row(session: Session, settings: Settings, parent: QueryResult, q: Query, scene: Scene,
                  table: pa.Table, stats: pa.Table | None, revision: dict[str, Any],
-                 suppressed: list[dict[str, Any]] | None, path: Any, digest: str) -> QueryResult:
+                 suppressed: list[dict[str, Any]] | None, path: str, digest: str) -> QueryResult:
     report = _recheck(parent, scene, q, table, stats, suppressed, revision)
     new = QueryResult(query_id=q.id, version=parent.version + 1, parent_id=parent.id, revision=revision,
                       scene_id=parent.scene_id, org_id=parent.org_id, synthetic=False, kind=parent.kind, status="held",
                       columns=[{"name": f.name, "type": str(f.type)} for f in table.schema], row_count=table.num_rows,
                       noise=parent.noise, epsilon_spent=parent.epsilon_spent, notes=parent.notes,
-                      storage_path=str(path.relative_to(settings.results_dir)), sha256=digest,
+                      storage_path=path, sha256=digest,
                       report=report, stats_path=parent.stats_path, content_fp=content_fp(settings, table))
     session.add(new)
     session.flush()

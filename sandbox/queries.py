@@ -22,7 +22,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import os
 import uuid
 from pathlib import Path
 from dataclasses import dataclass
@@ -257,16 +256,9 @@ def _json_safe(v: Any) -> Any:
 def write_answer(settings: Settings, answer: Answer, q: Query) -> tuple[str, str]:
     """Write the answer's table to the result store (temporary name, then rename); its relative
     path and SHA-256."""
-    folder = settings.results_dir / f"scene-{q.scene_id}"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = folder / f".{name}.tmp"
     meta = {b"pdao": json.dumps({"query_id": q.id, "scene_id": q.scene_id, "synthetic": q.mode == "dev"}).encode()}
-    pq.write_table(answer.table.replace_schema_metadata(meta), tmp)
-    with tmp.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    os.replace(tmp, folder / name)
-    return str((folder / name).relative_to(settings.results_dir)), digest
+    return export.store_table(settings, q.scene_id, f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet",
+                              answer.table.replace_schema_metadata(meta))
 
 
 def result_row(q: Query, answer: Answer, path: str, digest: str) -> QueryResult:

@@ -12,9 +12,7 @@ a template reads the upload once and the datasets' per-person facts, seconds at 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from policies import states
 from policies.models import Scene, SceneTemplate
 from sandbox import disclosure, export, templates, uploads
 from sandbox.models import Query, QueryResult
-from sandbox.queries import _today, effective_grants
+from sandbox.queries import effective_grants
 from sandbox.store import snapshot_path
 
 TEMPLATE_KIND = "template"
@@ -89,7 +87,7 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
     if uploads.verify_upload(settings, upload) != "ok":
         raise conflict("upload_altered", "The upload's stored file is missing or no longer matches its hash.",
                        "上传数据的存储文件缺失或与其哈希值不符。")
-    as_of = _today()
+    as_of = states.today_in_city(utcnow())
     params = dict(params or {})
     if template.param("as_of") is not None and "as_of" not in params:
         params["as_of"] = as_of.isoformat()    # as run_template does: the run's own date
@@ -122,7 +120,7 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
               policy_version=scene.policy_version, status="running", attempts=1, started_at=utcnow())
     session.add(q)
     session.flush()
-    path, digest = _write(settings, q, answer.table)
+    path, digest = export.store_table(settings, q.scene_id, f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet", answer.table)
     held = mode == "prod"
     tpl_report = {**answer.report(), "versions": {c: {"version_id": v.id, "number": v.number, "sha256": v.sha256}
                                                   for c, v in versions.items()},
@@ -208,7 +206,7 @@ def _store_failure(session: Session, settings: Settings, principal: Principal, s
               policy_version=scene.policy_version, status="running", attempts=1, started_at=utcnow())
     session.add(q)
     session.flush()
-    path, digest = _write(settings, q, empty)
+    path, digest = export.store_table(settings, q.scene_id, f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet", empty)
     report = {**disclosure.report([failed]), "columns": {"quasi_identifiers": [], "sensitive": []},
               "template": {"template": template.name, "version": template.version, "digest": row.digest,
                            "failed": error.code}}
@@ -228,15 +226,3 @@ def _consent_check(answer: templates.TemplateAnswer) -> disclosure.Check:
         f"{answer.excluded} left out ({by}).",
         f"仅对 {answer.as_of.isoformat()} 时授权有效的上传行作答；{answer.excluded} 行未纳入（{by}）。",
         counts=answer.excluded)
-
-
-def _write(settings: Settings, q: Query, table: Any) -> tuple[str, str]:
-    folder = settings.results_dir / f"scene-{q.scene_id}"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    with tmp.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    os.replace(tmp, folder / name)
-    return str(Path(folder / name).relative_to(settings.results_dir)), digest
