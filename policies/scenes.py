@@ -162,6 +162,27 @@ def resolve_templates(templates: list[TemplateIn]) -> tuple[list[Any], list[Prob
     return out, problems
 
 
+def template_catalog(session: Session) -> dict[str, Any]:
+    """The metadata database's catalog as the template checker reads it: every dataset's fields with
+    their types, sensitivity and PII kind (keys and direct identifiers are told apart by these)."""
+    from sandbox.execute import DatasetMeta
+
+    return {ds.code: DatasetMeta.from_fields(ds.code, ds.privacy_unit, session.exec(
+                select(DatasetField).where(DatasetField.dataset_id == ds.id).order_by(DatasetField.position)).all())
+            for ds in session.exec(select(Dataset)).all()}
+
+
+def template_disclosure(session: Session, definition: dict[str, Any]) -> dict[str, Any] | None:
+    """What the office sees of a template before approving it: the fields each output depends on,
+    and how many value combinations all outputs can take per field (`sandbox.templates`)."""
+    from sandbox import templates as tpl
+
+    try:
+        return tpl.template_disclosure(tpl.template_from_mapping(definition), template_catalog(session))
+    except PdaoError:
+        return None     # a template the catalog no longer accepts: approval refuses it with reasons
+
+
 def template_problems(session: Session, templates: list[TemplateIn], items: list[ItemIn] | list[SceneItem]
                       ) -> list[Problem]:
     """Each template must be approvable (`sandbox.templates.check_template`: every output a
@@ -172,8 +193,7 @@ def template_problems(session: Session, templates: list[TemplateIn], items: list
     resolved, problems = resolve_templates(templates)
     if not resolved:
         return problems
-    catalog = {ds.code: [f.name for f in session.exec(select(DatasetField).where(DatasetField.dataset_id == ds.id)).all()]
-               for ds in session.exec(select(Dataset)).all()}
+    catalog = template_catalog(session)
     listed = {(i.dataset, i.field) for i in items}
     for n, template in enumerate(resolved):
         where = f"templates[{template.name}]"
@@ -574,7 +594,8 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
         templates=[TemplateOut(name=t.name, version=t.version, level=t.definition.get("level", ""),
                                title=t.definition.get("title", {}), upload=t.definition.get("upload", {}),
                                params=t.definition.get("params", []), outputs=t.definition.get("outputs", []),
-                               sql=t.definition.get("sql", ""), digest=t.digest)
+                               sql=t.definition.get("sql", ""), digest=t.digest,
+                               disclosure=template_disclosure(session, t.definition))
                    for t in scene_templates(session, scene)],
         approvals=Approvals(required=settings.scene_approvals_required, this_round=approvers),
         reviews=[ReviewOut(round=r.round, reviewer=users.get(r.reviewer_id, "?"), decision=r.decision,

@@ -67,6 +67,9 @@ class TemplateOut(BaseModel):
     outputs: list[dict[str, Any]]
     sql: str
     digest: str
+    # per output, the catalog fields its value depends on; per field, the value combinations all
+    # outputs can take for one person (what the office weighs before approving)
+    disclosure: dict[str, Any] | None = None
 
 
 class ItemIn(BaseModel):

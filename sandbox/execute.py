@@ -85,6 +85,7 @@ class FieldMeta:
     domain: tuple[str, ...] | None = None  # public value domain of a category field
     bounds: tuple[Any, Any] | None = None  # public bounds: numbers, or ISO dates
     sensitivity: str = "public"            # catalog.descriptor.Sensitivity value (disclosure checks)
+    pii_kind: str | None = None            # catalog.descriptor PII kind: person_key, cn_id, name, …
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,12 @@ class DatasetMeta:
                 b = b.model_dump() if hasattr(b, "model_dump") else dict(b)
             bounds = (b["min"], b["max"]) if b else None
             sensitivity = getattr(f, "sensitivity", None) or "public"
+            pii_kind = getattr(f, "pii_kind", None)
             out[f.name] = FieldMeta(f.name, str(getattr(f.type, "value", f.type)),
                                     str(getattr(f.masking, "value", f.masking)), bool(f.nullable),
                                     tuple(f.domain) if f.domain else None, bounds,
-                                    str(getattr(sensitivity, "value", sensitivity)))
+                                    str(getattr(sensitivity, "value", sensitivity)),
+                                    str(getattr(pii_kind, "value", pii_kind)) if pii_kind else None)
         return cls(code, privacy_unit, out, row_count)
 
 

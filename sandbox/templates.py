@@ -60,14 +60,15 @@ from sqlglot.optimizer.scope import Scope, build_scope
 
 from pdao.errors import PdaoError, invalid
 from sandbox.engine import domain_connection
-from sandbox.sql import DIALECT, DatasetInfo, Problem, QueryRefused, parse_statement, upload_view_name, view_name
+from sandbox.execute import DatasetMeta
+from sandbox.sql import DIALECT, Problem, QueryRefused, parse_statement, upload_view_name, view_name
 from sandbox.store import DUCK_TYPES
 
 __all__ = [
     "LEVELS", "OUTPUT_KINDS", "PARAM_TYPES", "KEY_FIELD", "EXCLUSION_REASONS", "LIBRARY_DIR",
     "Param", "Output", "UploadSpec", "Template", "TemplateAnswer", "TemplateRefused",
     "template_from_mapping", "load_template", "library", "library_template", "template_digest",
-    "descriptor_catalog", "check_template", "template_reads", "validate_params", "render",
+    "descriptor_catalog", "check_template", "template_reads", "template_disclosure", "MAX_FIELD_COMBINATIONS", "validate_params", "render",
     "consent_condition", "run_template",
 ]
 
@@ -91,6 +92,11 @@ MAX_LABELS = 32
 MAX_LABEL_CHARS = 64
 MAX_PARAMS = 16
 MAX_STRING_PARAM_CHARS = 200
+# What all the outputs of one run may say together about one source field of one person: the product
+# of the outputs' value counts (NULL included) over the outputs that depend on the field. 1,024
+# combinations (10 bits) fit the shipped templates (underwriting says 750 about admit_date) and stop a
+# template spelling out a value bit by bit (a phone number needs ~27 bits, a birth date ~15).
+MAX_FIELD_COMBINATIONS = 1024
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _RESERVED_PREFIXES = ("v_", "u_", "__pdao")   # engine view names and internal columns
 _OUT_ALIAS = "t"                              # the template's answer inside the final projection
@@ -453,7 +459,7 @@ def library_template(name: str) -> Template:
 
 
 @functools.lru_cache(maxsize=1)
-def _descriptor_catalog() -> tuple[tuple[str, DatasetInfo], ...]:
+def _descriptor_catalog() -> tuple[tuple[str, DatasetMeta], ...]:
     from catalog.descriptor import PACKAGED_DESCRIPTORS, parse_descriptor_text
 
     out = []
@@ -461,13 +467,12 @@ def _descriptor_catalog() -> tuple[tuple[str, DatasetInfo], ...]:
         desc, problems = parse_descriptor_text(p.read_text(encoding="utf-8"), p.name)
         if desc is None or problems or not getattr(desc, "fields", None):
             continue
-        out.append((desc.code, DatasetInfo(desc.code, tuple(f.name for f in desc.fields), desc.privacy_unit,
-                                           {f.name: str(getattr(f.type, "value", f.type)) for f in desc.fields})))
+        out.append((desc.code, DatasetMeta.from_fields(desc.code, desc.privacy_unit, desc.fields)))
     return tuple(out)
 
 
-def descriptor_catalog() -> dict[str, DatasetInfo]:
-    """The packaged catalog (catalog/descriptors/*.yaml): code -> DatasetInfo. The default catalog
+def descriptor_catalog() -> dict[str, DatasetMeta]:
+    """The packaged catalog (catalog/descriptors/*.yaml): code -> DatasetMeta (types, sensitivity). The default catalog
     of `render` and `run_template`; the scene layer passes the metadata database's facts instead."""
     return dict(_descriptor_catalog())
 
@@ -485,6 +490,40 @@ def _catalog_fields(catalog: Mapping[str, Any]) -> dict[str, dict[str, str | Non
             out[code.lower()] = {k: (str(v) if isinstance(v, str) else None) for k, v in typed.items()}
         else:
             out[code.lower()] = {name: types.get(name) for name in fields}
+    return out
+
+
+def _field_class(sensitivity: Any, pii_kind: Any) -> str:
+    """How a template may use a field: `key` (a record or person key: joined, grouped, never a value),
+    `direct` (a direct identifier: name, phone, address, ID number: never used), or `value`."""
+    sensitivity = getattr(sensitivity, "value", sensitivity)
+    pii_kind = getattr(pii_kind, "value", pii_kind)
+    if sensitivity != "identifier":
+        return "value"
+    return "key" if pii_kind in (None, "person_key") else "direct"
+
+
+@functools.lru_cache(maxsize=1)
+def _descriptor_classes() -> dict[str, dict[str, str]]:
+    return {code: {name: _field_class(f.sensitivity, f.pii_kind) for name, f in meta.fields.items()}
+            for code, meta in _descriptor_catalog()}
+
+
+def _field_classes(catalog: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """code -> {field: key | direct | value}. A catalog that gives field names only (no sensitivity)
+    takes the packaged descriptors' facts; a field known to neither is a plain value."""
+    packaged = _descriptor_classes()
+    out: dict[str, dict[str, str]] = {}
+    for code, info in catalog.items():
+        fields = getattr(info, "fields", info)
+        known = packaged.get(code.lower(), {})
+        classes: dict[str, str] = {}
+        for name in (fields.keys() if isinstance(fields, Mapping) else fields):
+            f = fields[name] if isinstance(fields, Mapping) else None
+            sens = f.get("sensitivity") if isinstance(f, Mapping) else getattr(f, "sensitivity", None)
+            pii = f.get("pii_kind") if isinstance(f, Mapping) else getattr(f, "pii_kind", None)
+            classes[name] = _field_class(sens, pii) if sens is not None else known.get(name, "value")
+        out[code.lower()] = classes
     return out
 
 
@@ -508,7 +547,9 @@ _PREDICATES = (
     exp.And, exp.Or, exp.Not, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ,
     exp.NullSafeNEQ, exp.Is, exp.In, exp.Between, exp.Like, exp.ILike, exp.Exists, exp.StartsWith,
 )
-_ARITHMETIC = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.IntDiv, exp.Mod, exp.Neg)
+# No `%` and no `//`: they turn a value into its digits or bits (`YEAR(birth_date) % 2`), the way a
+# template would smuggle a source value out through flags.
+_ARITHMETIC = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Neg)
 _CONDITIONALS = (exp.Case, exp.If, exp.Coalesce, exp.Nullif, exp.Greatest, exp.Least)
 _AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max, exp.LogicalOr, exp.LogicalAnd, exp.CountIf)
 _WINDOW_FUNCS = (exp.RowNumber, exp.Rank, exp.DenseRank)
@@ -522,8 +563,8 @@ ALLOWED_FUNCTIONS = (
     "CASE", "IF", "COALESCE", "NULLIF", "GREATEST", "LEAST", "COUNT", "COUNT_IF", "SUM", "AVG", "MIN", "MAX",
     "BOOL_OR", "BOOL_AND", "ROW_NUMBER", "RANK", "DENSE_RANK", "ABS", "ROUND", "FLOOR", "CEIL", "DATE_DIFF",
     "DATE_ADD", "DATE_SUB", "DATE_TRUNC", "EXTRACT", "YEAR", "MONTH", "DAY", "UPPER", "LOWER", "TRIM",
-    "LENGTH", "SUBSTRING", "CONCAT", "STARTS_WITH", "TRY_CAST", "CAST (of a literal or parameter, to BOOLEAN "
-    "of a predicate, or to VARCHAR)",
+    "LENGTH", "SUBSTRING (of upload columns and literals)", "CONCAT", "STARTS_WITH", "TRY_CAST",
+    "CAST (of a literal or parameter, to BOOLEAN of a predicate, or to VARCHAR)", "+ - * /",
 )
 # The value of these is always a boolean (or NULL).
 _BOOLEAN_VALUED = _PREDICATES + (exp.LogicalOr, exp.LogicalAnd)
@@ -594,6 +635,10 @@ class _Checker:
         self._busy: set[tuple[int, str]] = set()
         self.scopes: dict[int, Scope] = {}
         self._reads_upload: dict[int, bool] = {}
+        self.classes = _field_classes(catalog)
+        self._deps: dict[tuple[int, str], frozenset[tuple[str, str]]] = {}
+        self.output_deps: dict[str, list[str]] = {}       # output -> "dataset.field" it depends on
+        self.field_combinations: dict[str, int] = {}      # "dataset.field" -> what all outputs say of it
 
     def refuse(self, construct: str, en: str, zh: str, **kw: Any) -> None:
         if (construct, en) not in self._seen:
@@ -1043,6 +1088,308 @@ class _Checker:
                             f"reference ({self.t.upload.ref}): otherwise it mixes applicants",
                             f"对上传表行的窗口函数必须按行引用（{self.t.upload.ref}）PARTITION BY，否则会混合不同申请人")
 
+    # -- identifiers, and every row tied to an applicant ---------------------------------------------
+    def field_class(self, code: str, name: str) -> str:
+        return self.classes.get(code, {}).get(name, "value")
+
+    def key_of(self, col: exp.Column, scope: Scope) -> str | None:
+        """What a column joins as: `ref` (the upload's row reference), `id` (the upload's key, or
+        health.resident.id_number), `key:<field>` (a catalog key such as person_id or stay_id, passed
+        through unchanged); None for anything else."""
+        t = self.trace(col, scope)
+        if t is None:
+            return None
+        kind, name, f = t
+        u = self.t.upload
+        if kind == "upload":
+            return "ref" if f == u.ref else "id" if f == u.key else None
+        if (name, f) == KEY_FIELD:
+            return "id"
+        return f"key:{f}" if self.field_class(name, f) == "key" else None
+
+    def identifier_use_ok(self, col: exp.Column, scope: Scope, cls: str) -> bool:
+        node, parent = col, col.parent
+        while isinstance(parent, exp.Paren):
+            node, parent = parent, parent.parent
+        if isinstance(parent, exp.Alias) and isinstance(parent.parent, exp.Select) and parent.arg_key == "expressions":
+            return True                      # passed through by a CTE or derived table; its uses are checked there
+        if isinstance(parent, exp.Select) and node.arg_key == "expressions":
+            return True
+        if isinstance(parent, exp.EQ):
+            other = parent.expression if node is parent.this else parent.this
+            while isinstance(other, exp.Paren):
+                other = other.this
+            if not isinstance(other, exp.Column):
+                return False
+            mine = self.key_of(col, scope)
+            return mine is not None and mine == self.key_of(other, self.scope_of(other, scope))
+        if cls == "direct":
+            return False
+        if isinstance(parent, exp.Group):
+            return True
+        if isinstance(parent, exp.Window) and node.arg_key == "partition_by":
+            return True
+        if isinstance(parent, exp.Ordered) and isinstance(parent.parent, exp.Order) \
+                and isinstance(parent.parent.parent, exp.Window):
+            return True                      # a tie-break inside ROW_NUMBER: says nothing of the key's value
+        if isinstance(parent, exp.Is) and node.arg_key == "this" and isinstance(parent.expression, exp.Null):
+            return True
+        if isinstance(parent, exp.Count) or (isinstance(parent, exp.Distinct) and isinstance(parent.parent, exp.Count)):
+            return True
+        return False
+
+    def scope_of(self, node: exp.Expression, default: Scope) -> Scope:
+        """The scope of the SELECT a node belongs to (a subquery's columns are listed by its parents too)."""
+        return self.scopes.get(id(node.find_ancestor(exp.Select)), default)
+
+    def identifiers(self, scope: Scope) -> None:
+        """Keys and direct identifiers are never values. A key (person_id, stay_id, …) may only be
+        joined (=) to the same key, grouped or partitioned by, ordered by inside a window, tested
+        IS NULL or counted; a direct identifier (name, phone, address, ID number) may only be the
+        ID number joined to the upload's key. So no literal or parameter ever picks a person
+        (`id_number = '…'`, `person_id = 42`), and no key is turned into digits."""
+        if not isinstance(scope.expression, exp.Select):
+            return
+        for col in scope.columns:
+            if col.find_ancestor(exp.Select) is not scope.expression:
+                continue
+            t = self.trace(col, scope)
+            if t is None or t[0] != "dataset":
+                continue
+            cls = self.field_class(t[1], t[2])
+            if cls == "value" or self.identifier_use_ok(col, scope, cls):
+                continue
+            where = col.parent.sql(dialect=DIALECT, comments=False) if col.parent is not None else col.sql()
+            where = where if len(where) <= 80 else where[:79] + "…"
+            for view, (_, name) in self.views.items():
+                where = where.replace(f'"{view}"', name)
+            if cls == "direct":
+                self.refuse(f"identifier {t[1]}.{t[2]}", f"{t[1]}.{t[2]} is a direct identifier: a template may use "
+                            f"it only to join the upload's key to {KEY_FIELD[0]}.{KEY_FIELD[1]} (here: {where})",
+                            f"{t[1]}.{t[2]} 是直接标识符：模板只能用它将上传表的关联键与 {KEY_FIELD[0]}.{KEY_FIELD[1]} "
+                            f"关联（此处：{where}）", dataset=t[1], field=t[2])
+            else:
+                self.refuse(f"key {t[1]}.{t[2]}", f"{t[1]}.{t[2]} is a key: it may only be joined (=) to the same key, "
+                            f"grouped or partitioned by, ordered by inside a window, tested IS NULL or counted — never "
+                            f"compared with a literal or parameter or computed with (here: {where})",
+                            f"{t[1]}.{t[2]} 是关联键：只能与同名关联键等值关联、用于 GROUP BY / PARTITION BY、"
+                            f"窗口内排序、IS NULL 判断或计数，不能与常量或参数比较，也不能参与计算（此处：{where}）",
+                            dataset=t[1], field=t[2])
+
+    def aggregated(self, sel: exp.Select) -> bool:
+        return sel.args.get("group") is not None or any(n.find_ancestor(exp.Window, exp.Select) is sel
+                                                         for n in sel.find_all(exp.AggFunc))
+
+    def tied(self, scope: Scope) -> None:
+        """Every row a template reads belongs to one applicant.
+
+        In each SELECT, the tables, CTEs and derived tables it reads are connected by equalities of
+        keys (a top-level AND term of ON or WHERE): the upload's key to health.resident.id_number,
+        person_id to person_id, stay_id to stay_id, row reference to row reference. A SELECT that
+        reads no upload rows (a CTE over a dataset) keeps rows of one person or record: it groups and
+        partitions by a key, and is joined on that key where it is used. A subquery inside an
+        expression is tied to the outer row by such an equality. So no part reads residents the
+        upload does not name, and nothing aggregates over the whole population."""
+        sel = scope.expression
+        if not isinstance(sel, exp.Select):
+            return
+        sources = list(scope.selected_sources)
+        if not sources:
+            return
+        outer = "\0outer"
+        parent = {a: a for a in [*sources, outer]}
+
+        def find(a: str) -> str:
+            while parent[a] != a:
+                a = parent[a]
+            return a
+
+        def node_of(c: exp.Column) -> str | None:
+            if c.table in scope.selected_sources:
+                return c.table
+            return outer if scope.is_subquery and self.source_of(c, scope) is not None else None
+
+        conds = [j.args.get("on") for j in sel.args.get("joins") or []]
+        if sel.args.get("where") is not None:
+            conds.append(sel.args["where"].this)
+        for cond in conds:
+            for eq in (cond.flatten() if isinstance(cond, exp.And) else [cond]) if cond is not None else []:
+                while isinstance(eq, exp.Paren):
+                    eq = eq.this
+                if not (isinstance(eq, exp.EQ) and isinstance(eq.this, exp.Column)
+                        and isinstance(eq.expression, exp.Column)):
+                    continue
+                ka = self.key_of(eq.this, scope)
+                if ka is None or ka != self.key_of(eq.expression, scope):
+                    continue
+                a, b = node_of(eq.this), node_of(eq.expression)
+                if a is not None and b is not None and a != b:
+                    parent[find(a)] = find(b)
+        if scope.is_subquery:
+            loose = [a for a in sources if find(a) != find(outer)]
+            if loose:
+                self.refuse("subquery not tied to the row", f"a subquery inside an expression reads {', '.join(loose)} "
+                            "without tying it to the outer row: equate one of its keys (person_id, stay_id, …) with the "
+                            "outer query's same key, so it reads only that applicant's records",
+                            f"表达式中的子查询读取 {', '.join(loose)}，但没有与外层行关联：请将其关联键（person_id、"
+                            "stay_id 等）与外层查询的同名关联键等值关联，使其只读取该申请人的记录")
+            return
+        if len({find(a) for a in sources}) > 1:
+            groups: dict[str, list[str]] = {}
+            for a in sources:
+                groups.setdefault(find(a), []).append(a)
+            shown = " | ".join(", ".join(g) for g in groups.values())
+            self.refuse("sources not joined on keys", f"the tables of a SELECT must be joined on keys (the upload's key "
+                        f"to {KEY_FIELD[0]}.{KEY_FIELD[1]}, person_id = person_id, stay_id = stay_id, row reference = "
+                        f"row reference), as a top-level AND term of ON or WHERE; these are not connected: {shown}",
+                        f"一个 SELECT 中的各表必须按关联键连接（上传表关联键与 {KEY_FIELD[0]}.{KEY_FIELD[1]}、person_id = "
+                        f"person_id、stay_id = stay_id、行引用 = 行引用），且须是 ON 或 WHERE 中顶层 AND 条件；"
+                        f"以下部分互不相连：{shown}")
+        if self.reads_upload(scope):
+            return          # grouped and partitioned by the row reference: per_applicant
+        if self.aggregated(sel):
+            keys = (sel.args["group"].expressions if sel.args.get("group") is not None else [])
+            if not any(isinstance(k, exp.Column) and (self.key_of(k, scope) or "").startswith("key:") for k in keys):
+                self.refuse("aggregate over a whole dataset", "an aggregate over a dataset must GROUP BY a key "
+                            "(person_id, stay_id, …) and be joined on it: a template never computes over the whole "
+                            "population", "对数据集的聚合必须按关联键（person_id、stay_id 等）GROUP BY 并按其关联："
+                            "模板不能对全体人群计算")
+        for w in sel.find_all(exp.Window):
+            if self.own(w, scope) and not any(isinstance(k, exp.Column) and (self.key_of(k, scope) or "").startswith("key:")
+                                              for k in w.args.get("partition_by") or []):
+                self.refuse("window over a whole dataset", "a window over a dataset must PARTITION BY a key (person_id, "
+                            "stay_id, …)", "对数据集的窗口函数必须按关联键（person_id、stay_id 等）PARTITION BY")
+
+    # -- what each output depends on ------------------------------------------------------------------
+    def col_deps(self, col: exp.Column, scope: Scope) -> frozenset[tuple[str, str]]:
+        src = self.source_of(col, scope)
+        if isinstance(src, exp.Table):
+            b = self.base(src)
+            if b and b[0] == "dataset" and self.field_class(b[1], col.name) == "value":
+                return frozenset({(b[1], col.name)})
+            return frozenset()
+        if not isinstance(src, Scope) or not isinstance(src.expression, exp.Select):
+            return frozenset()
+        key = (id(src), col.name.lower())
+        if key not in self._deps:
+            self._deps[key] = frozenset()      # (a checked tree has no cycles; this only guards)
+            proj = _projection(src.expression, col.name)
+            inner = self.expr_deps(proj.unalias(), src) if proj is not None else frozenset()
+            self._deps[key] = inner | self.row_deps(src)
+        return self._deps[key]
+
+    def is_key_term(self, term: exp.Expression, scope: Scope) -> bool:
+        while isinstance(term, exp.Paren):
+            term = term.this
+        if not (isinstance(term, exp.EQ) and isinstance(term.this, exp.Column) and isinstance(term.expression, exp.Column)):
+            return False
+        k = self.key_of(term.this, scope)
+        return k is not None and k == self.key_of(term.expression, scope)
+
+    def source_rows(self, scope: Scope, alias: str) -> frozenset[tuple[str, str]]:
+        src = scope.selected_sources.get(alias, (None, None))[1]
+        return self.row_deps(src) if isinstance(src, Scope) and isinstance(src.expression, exp.Select) else frozenset()
+
+    def row_deps(self, scope: Scope, *, all_sources: bool = False) -> frozenset[tuple[str, str]]:
+        """The fields that decide which rows a SELECT holds: its conditions (WHERE, HAVING, QUALIFY,
+        GROUP BY, and ON terms other than key equalities) and the rows of the sources it keeps only
+        when they match (FROM and inner joins). A LEFT-joined source decides only whether its own
+        columns are NULL, which their own dependencies carry; an aggregate or window counts its
+        matches too (`all_sources`)."""
+        sel = scope.expression
+        key = (id(scope), "\0rows*" if all_sources else "\0rows")
+        if key in self._deps:
+            return self._deps[key]
+        self._deps[key] = frozenset()
+        parts: list[exp.Expression] = []
+        for k in ("where", "having", "qualify"):
+            if sel.args.get(k) is not None:
+                parts.append(sel.args[k].this)
+        if sel.args.get("group") is not None:
+            parts += list(sel.args["group"].expressions)
+        kept = []
+        from_ = sel.args.get("from_")
+        if from_ is not None and isinstance(from_.this, exp.Expression):
+            kept.append(from_.this.alias_or_name)
+        for j in sel.args.get("joins") or []:
+            on = j.args.get("on")
+            if on is not None:
+                parts += [t for t in (on.flatten() if isinstance(on, exp.And) else [on]) if not self.is_key_term(t, scope)]
+            if all_sources or (j.side or "").upper() != "LEFT":
+                kept.append(j.this.alias_or_name)
+        out: set[tuple[str, str]] = set()
+        for p in parts:
+            out |= self.expr_deps(p, scope)
+        for alias in kept:
+            out |= self.source_rows(scope, alias)
+        self._deps[key] = frozenset(out)
+        return self._deps[key]
+
+    def expr_deps(self, node: exp.Expression, scope: Scope) -> frozenset[tuple[str, str]]:
+        """The catalog value fields `node` can depend on: what flows into it, what its conditions test,
+        and what decides the rows it is computed over (keys and upload columns are not counted)."""
+        out: set[tuple[str, str]] = set()
+        for n in node.walk(prune=lambda x: isinstance(x, exp.Select) and x is not node):
+            if isinstance(n, exp.Column):
+                out |= self.col_deps(n, scope)
+            elif isinstance(n, (exp.AggFunc, exp.Window)) and isinstance(scope.expression, exp.Select):
+                out |= self.row_deps(scope, all_sources=True)
+            elif isinstance(n, exp.Select) and n is not node:
+                sub = self.scopes.get(id(n))
+                if sub is not None:
+                    out |= self.row_deps(sub, all_sources=True)
+                    for p in n.expressions:
+                        out |= self.expr_deps(p.unalias(), sub)
+        return frozenset(out)
+
+    def field_budget(self, root: Scope) -> None:
+        """All outputs together say at most MAX_FIELD_COMBINATIONS values about one source field."""
+        rows = self.row_deps(root)
+        combos: dict[str, int] = {}
+        users: dict[str, list[str]] = {}
+        for o in self.t.outputs:
+            proj = _projection(root.expression, o.name)
+            if proj is None or o.kind == "ref":
+                continue
+            deps = sorted(f"{d}.{f}" for d, f in self.expr_deps(proj.unalias(), root) | rows)
+            self.output_deps[o.name] = deps
+            values = 3 if o.kind == "flag" else len(o.labels or ()) + 1     # NULL is a value too
+            for f in deps:
+                combos[f] = combos.get(f, 1) * values
+                users.setdefault(f, []).append(o.name)
+        self.field_combinations = dict(sorted(combos.items()))
+        for f, n in combos.items():
+            if n > MAX_FIELD_COMBINATIONS:
+                outs = ", ".join(users[f])
+                self.refuse(f"field {f}", f"the outputs {outs} together can take {n:,} combinations of values that "
+                            f"depend on {f}: at most {MAX_FIELD_COMBINATIONS:,} per source field, so that a template "
+                            "cannot spell a value out bit by bit; use fewer or coarser outputs",
+                            f"输出列 {outs} 合计可取 {n:,} 种依赖 {f} 的取值组合：每个源字段最多 "
+                            f"{MAX_FIELD_COMBINATIONS:,} 种，以免模板逐位拼出某个值；请减少输出列或使用更粗的分档")
+
+    def substrings(self, scope: Scope) -> None:
+        """SUBSTRING cuts a value into characters: only of the upload's own columns and literals."""
+        sel = scope.expression
+        if not isinstance(sel, exp.Select):
+            return
+        for node in sel.find_all(exp.Substring):
+            if node.find_ancestor(exp.Select) is not sel:
+                continue
+            touched = any(self.reads_dataset_value(c, scope) for c in node.this.find_all(exp.Column)) \
+                if isinstance(node.this, exp.Expression) else False
+            if isinstance(node.this, exp.Column):
+                touched = touched or self.reads_dataset_value(node.this, scope)
+            if touched:
+                self.refuse("SUBSTRING of a source field", f"SUBSTRING of a catalog field is not accepted "
+                            f"({_short(node)}): it would spell a value out character by character",
+                            f"不接受对数据目录字段使用 SUBSTRING（{_short(node)}）：那样会逐字符拼出某个值")
+
+    def reads_dataset_value(self, col: exp.Column, scope: Scope) -> bool:
+        t = self.trace(col, scope)
+        if t is not None:
+            return t[0] == "dataset"
+        return bool(self.col_deps(col, scope))
+
     # -- the whole check ------------------------------------------------------------------------
     def analyse(self) -> _Analysis:
         self.model()
@@ -1112,6 +1459,9 @@ class _Checker:
 
         for s in scopes:
             self.per_applicant(s)
+            self.identifiers(s)
+            self.tied(s)
+            self.substrings(s)
 
         # The upload's key is joined to health.resident.id_number somewhere.
         u = self.t.upload
@@ -1145,6 +1495,8 @@ class _Checker:
         for name in declared_out:
             if name not in seen:
                 self.refuse(f"output {name}", f"declared output {name} is not in the SELECT", f"已声明的输出列 {name} 不在 SELECT 中")
+        if not self.problems:
+            self.field_budget(root)
         datasets = {name for kind, name in self.views.values() if kind == "dataset"}
         return _Analysis(self.problems, tree if not self.problems else None, datasets, reads)
 
@@ -1201,6 +1553,19 @@ def check_template(template: Template, catalog: Mapping[str, Any] | None = None,
     packaged descriptors. upload_columns: the actual upload's columns (names, or name -> type);
     None checks the template against its own declared upload columns."""
     return _analyse(template, catalog, upload_columns).problems
+
+
+def template_disclosure(template: Template, catalog: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the office sees before approving: for each output, the catalog fields its value can depend
+    on (keys and the upload's own columns aside), and for each field how many combinations of values
+    all outputs together can take for one person (at most MAX_FIELD_COMBINATIONS). Raises
+    TemplateRefused if the template does not pass `check_template`."""
+    checker = _Checker(template, descriptor_catalog() if catalog is None else catalog, None)
+    a = checker.analyse()
+    if a.problems:
+        raise TemplateRefused(a.problems)
+    return {"outputs": dict(checker.output_deps), "fields": dict(checker.field_combinations),
+            "max_field_combinations": MAX_FIELD_COMBINATIONS}
 
 
 def template_reads(template: Template, catalog: Mapping[str, Any] | None = None) -> set[tuple[str, str]]:

@@ -26,8 +26,12 @@ def test_an_approved_scene_carries_its_template_and_digest(client, auth):
     [t] = got["templates"]
     assert t["name"] == "underwriting" and t["digest"] == template_digest(library_template("underwriting"))
     assert {o["kind"] for o in t["outputs"]} >= {"flag", "count_band", "band", "ref"}
-    # the office sees the same when it reviews; another tenant sees nothing
-    assert client.get(f"/api/v1/scenes/{scene['id']}", headers=auth("office1")).json()["templates"][0]["sql"]
+    # the office sees the same when it reviews, with what each output depends on; another tenant
+    # sees nothing
+    office = client.get(f"/api/v1/scenes/{scene['id']}", headers=auth("office1")).json()["templates"][0]
+    assert office["sql"]
+    assert office["disclosure"]["outputs"]["hypertension"] == [f"{CHRONIC}.condition", f"{CHRONIC}.diagnosed_on"]
+    assert office["disclosure"]["fields"][f"{STAY}.admit_date"] == 750
     assert client.get(f"/api/v1/scenes/{scene['id']}", headers=auth("insurer_b")).status_code == 404
 
 
@@ -41,6 +45,22 @@ def test_a_template_that_outputs_a_source_field_is_refused_at_application(client
                     json=application(items=underwriting_items(), templates=[{"definition": bad}]))
     assert r.status_code == 422 and r.json()["code"] == "scene_refused", r.text
     assert any(p["rule"] == "template_refused" for p in r.json()["details"]), r.json()
+
+
+def test_a_template_reading_a_resident_outside_the_upload_is_refused_at_application(client, auth):
+    bad = copy.deepcopy(library_template("underwriting").as_dict())
+    # "diabetes" is really: was one chosen resident (by ID number) born before 1980?
+    bad["sql"] = bad["sql"].replace(
+        "COALESCE(c.diabetes, FALSE) AS diabetes",
+        "EXISTS (SELECT 1 FROM health.resident AS z WHERE z.id_number = '640102198001010011' "
+        "AND z.birth_date < DATE '1980-01-01') AS diabetes")
+    assert "640102198001010011" in bad["sql"]
+    items = underwriting_items() + [{"dataset": RES, "field": "birth_date", "usage": "filter"}]
+    r = client.post("/api/v1/scenes", headers=auth("insurer_a"),
+                    json=application(items=items, templates=[{"definition": bad}]))
+    assert r.status_code == 422 and r.json()["code"] == "scene_refused", r.text
+    messages = [p["message"] for p in r.json()["details"] if p["rule"] == "template_refused"]
+    assert any("direct identifier" in m for m in messages) and any("without tying it" in m for m in messages), messages
 
 
 def test_a_template_reading_a_field_off_the_data_list_is_refused_and_unknown_names_too(client, auth):

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pdao.errors import PdaoError
-from sandbox.sql import upload_view_name, view_name
+from sandbox.sql import DatasetInfo, upload_view_name, view_name
 from sandbox.synth import generate
 from sandbox.templates import (
     EXCLUSION_REASONS,
@@ -420,10 +420,11 @@ def test_derived_values_traced_through_ctes_are_accepted():
     WITH person AS (SELECT a.applicant_ref, r.person_id,
                            CASE WHEN r.district IN ('兴庆区', '金凤区') THEN 'a' ELSE 'b' END AS zone
                     FROM applicants AS a LEFT JOIN health.resident AS r ON r.id_number = a.id_number),
-         zoned AS (SELECT applicant_ref, zone, person_id IS NOT NULL AS found FROM person)
+         zoned AS (SELECT applicant_ref, zone, person_id, person_id IS NOT NULL AS found FROM person)
     SELECT z.applicant_ref, COALESCE(z.zone, 'a') AS x,
            CASE WHEN z.found THEN 1 ELSE 0 END AS f,
-           EXISTS (SELECT 1 FROM health.chronic_condition AS c WHERE c.condition = 'copd') AS g
+           EXISTS (SELECT 1 FROM health.chronic_condition AS c
+                   WHERE c.person_id = z.person_id AND c.condition = 'copd') AS g
     FROM zoned AS z"""
     t = _variant(sql, [Output("applicant_ref", "ref"), Output("x", "band", ("a", "b")), Output("f", "flag"),
                        Output("g", "flag")])
@@ -654,8 +655,9 @@ def test_a_template_that_multiplies_rows_is_withheld_at_run_time(city, applicant
 
 def test_engine_errors_do_not_quote_the_data(city, applicants):
     path, _ = applicants
-    # DuckDB fails on this data (a division by zero); the message is ours, not DuckDB's
-    sql = ("SELECT a.applicant_ref, CASE WHEN r.person_id // (r.person_id - r.person_id) > 0 THEN 'a' ELSE 'b' END AS x" + OK_TAIL)
+    # DuckDB fails on this data (an integer overflow); the message is ours, not DuckDB's
+    sql = ("SELECT a.applicant_ref, CASE WHEN ABS(YEAR(r.birth_date) * 9223372036854775807) > 0 THEN 'a' ELSE 'b' END AS x"
+           + OK_TAIL)
     t = _variant(sql)
     assert check_template(t) == []
     with pytest.raises(PdaoError) as e:
@@ -672,9 +674,18 @@ def test_the_catalog_can_be_given_as_dataset_facts():
     assert check_template(uw, {c: cat[c] for c in (RES, CHR, INP)}) == []
     # DatasetMeta (fields -> FieldMeta) and plain field lists are accepted too
     metas = {c: DatasetMeta.from_fields(c, cat[c].privacy_unit, [
-        type("F", (), {"name": f, "type": cat[c].types[f], "masking": "none", "nullable": True, "domain": None,
-                       "bounds": None})() for f in cat[c].fields]) for c in (RES, CHR, INP)}
+        type("F", (), {"name": f.name, "type": f.type, "masking": "none", "nullable": True, "domain": None,
+                       "bounds": None, "sensitivity": f.sensitivity, "pii_kind": f.pii_kind})()
+        for f in cat[c].fields.values()]) for c in (RES, CHR, INP)}
     assert check_template(uw, metas) == []
+    infos = {c: DatasetInfo(c, tuple(cat[c].fields), cat[c].privacy_unit) for c in (RES, CHR, INP)}
+    assert check_template(uw, infos) == []      # names only: the packaged descriptors' sensitivity
+    # a catalog whose keys are not marked as identifiers cannot tie datasets to the applicant
+    public = {c: DatasetMeta.from_fields(c, cat[c].privacy_unit, [
+        type("F", (), {"name": f.name, "type": f.type, "masking": "none", "nullable": True, "domain": None,
+                       "bounds": None, "sensitivity": "public", "pii_kind": None})()
+        for f in cat[c].fields.values()]) for c in (RES, CHR, INP)}
+    assert any("joined on keys" in p.message for p in check_template(uw, public))
     assert check_template(uw, {c: list(cat[c].fields) for c in (RES, CHR, INP)}) == []
     problems = check_template(uw, {c: cat[c] for c in (RES, INP)})
     assert any(p.construct == f"table {CHR}" and p.dataset == CHR for p in problems)
@@ -739,3 +750,120 @@ def test_per_applicant_joins_groups_and_windows_are_accepted():
            "FROM p JOIN s ON s.applicant_ref = p.applicant_ref")
     t = _variant(sql, [Output("applicant_ref", "ref"), Output("x", "band", ("a", "b")), Output("f", "flag")])
     assert check_template(t) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: reading people outside the upload, and spelling a value out (security review of #6)
+
+PERSON_CTE = """
+WITH person AS (
+  SELECT a.applicant_ref, r.person_id
+  FROM applicants AS a LEFT JOIN health.resident AS r ON r.id_number = a.id_number
+)
+"""
+
+
+@pytest.mark.parametrize("expr, fragment", [
+    # one resident picked by a literal ID number, in a scalar subquery or EXISTS
+    ("CASE WHEN (SELECT MAX(YEAR(z.birth_date)) FROM health.resident AS z WHERE z.id_number = '640102198001010011')"
+     " > 1980 THEN 'a' ELSE 'b' END", "direct identifier"),
+    ("CASE WHEN EXISTS (SELECT 1 FROM health.resident AS z WHERE z.id_number = '640102198001010011' "
+     "AND z.birth_date < DATE '1980-01-01') THEN 'a' ELSE 'b' END", "direct identifier"),
+    # … or by a literal person key
+    ("CASE WHEN EXISTS (SELECT 1 FROM health.chronic_condition AS c WHERE c.person_id = 42) THEN 'a' ELSE 'b' END",
+     "is a key"),
+    # a subquery not tied to the applicant's own row reads the whole population
+    ("CASE WHEN EXISTS (SELECT 1 FROM health.chronic_condition AS c WHERE c.condition = 'copd') THEN 'a' ELSE 'b' END",
+     "without tying it to the outer row"),
+    ("CASE WHEN (SELECT COUNT(*) FROM health.inpatient_stay AS s) > 100 THEN 'a' ELSE 'b' END", "without tying it to the outer row"),
+    # a key compared, computed with, or cut into digits
+    ("CASE WHEN p.person_id < 1000 THEN 'a' ELSE 'b' END", "is a key"),
+    ("CASE WHEN p.person_id + 1 > 1000 THEN 'a' ELSE 'b' END", "is a key"),
+    ("CASE WHEN p.person_id IN (1, 2, 3) THEN 'a' ELSE 'b' END", "is a key"),
+    # a direct identifier used at all (beyond the key join)
+    ("CASE WHEN EXISTS (SELECT 1 FROM health.resident AS z WHERE z.person_id = p.person_id "
+     "AND SUBSTRING(z.phone, 4, 1) = '1') THEN 'a' ELSE 'b' END", "direct identifier"),
+    ("CASE WHEN EXISTS (SELECT 1 FROM health.resident AS z WHERE z.person_id = p.person_id "
+     "AND z.name LIKE '王%') THEN 'a' ELSE 'b' END", "direct identifier"),
+    # digits and bits of a value
+    ("CASE WHEN EXISTS (SELECT 1 FROM health.resident AS z WHERE z.person_id = p.person_id "
+     "AND YEAR(z.birth_date) % 2 = 1) THEN 'a' ELSE 'b' END", "MOD"),
+    ("CASE WHEN EXISTS (SELECT 1 FROM health.inpatient_stay AS s WHERE s.person_id = p.person_id "
+     "AND SUBSTRING(s.main_icd10, 1, 1) = 'I') THEN 'a' ELSE 'b' END", "SUBSTRING of a catalog field"),
+])
+def test_reading_others_or_spelling_a_value_out_is_refused(expr, fragment):
+    sql = PERSON_CTE + f"SELECT p.applicant_ref AS applicant_ref, {expr} AS x FROM person AS p"
+    problems = check_template(_variant(sql))
+    assert any(fragment in p.message for p in problems), (expr, problems)
+    assert all(p.message_zh for p in problems)
+
+
+@pytest.mark.parametrize("sql, fragment", [
+    # a whole-population aggregate joined to every applicant
+    (PERSON_CTE + """, pop AS (SELECT MAX(s.total_cost) AS m FROM health.inpatient_stay AS s)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN pop.m > 1000 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p CROSS JOIN pop""", "must GROUP BY a key"),
+    # grouped by something that is not a key
+    (PERSON_CTE + """, d AS (SELECT s.district, s.person_id, MAX(s.total_cost) AS m
+                              FROM health.inpatient_stay AS s GROUP BY s.district, s.person_id),
+     dd AS (SELECT d.district, MAX(d.m) AS m FROM d GROUP BY d.district)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN dd.m > 1 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN health.resident AS r ON r.person_id = p.person_id
+     LEFT JOIN dd ON dd.district = r.district""", "joined on keys"),
+    # another resident joined on a value, not a key
+    (PERSON_CTE + """SELECT p.applicant_ref AS applicant_ref, CASE WHEN z.birth_date > DATE '1980-01-01' THEN 'a'
+     ELSE 'b' END AS x FROM person AS p LEFT JOIN health.resident AS r ON r.person_id = p.person_id
+     LEFT JOIN health.resident AS z ON z.district = r.district""", "joined on keys"),
+    # a dataset joined on nothing
+    (PERSON_CTE + """SELECT p.applicant_ref AS applicant_ref, CASE WHEN s.total_cost > 1 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN health.inpatient_stay AS s ON TRUE""", "joined on keys"),
+    # a window over a whole dataset
+    (PERSON_CTE + """, ranked AS (SELECT s.person_id, RANK() OVER (ORDER BY s.total_cost) AS rk
+                                   FROM health.inpatient_stay AS s)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN MIN(k.rk) < 10 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN ranked AS k ON k.person_id = p.person_id GROUP BY p.applicant_ref""", "must PARTITION BY a key"),
+])
+def test_every_row_read_belongs_to_the_applicant(sql, fragment):
+    problems = check_template(_variant(sql))
+    assert any(fragment in p.message for p in problems), problems
+
+
+def test_tied_subqueries_and_key_joins_are_accepted():
+    sql = PERSON_CTE + """
+    SELECT p.applicant_ref AS applicant_ref,
+           EXISTS (SELECT 1 FROM health.inpatient_stay AS s WHERE s.person_id = p.person_id AND s.total_cost > 50000) AS big,
+           CASE WHEN (SELECT COUNT(*) FROM health.inpatient_stay AS s WHERE s.person_id = p.person_id) > 2 THEN 'a'
+                ELSE 'b' END AS x
+    FROM person AS p"""
+    t = _variant(sql, [Output("applicant_ref", "ref"), Output("big", "flag"), Output("x", "band", ("a", "b"))])
+    assert check_template(t) == []
+
+
+def _bits(n: int) -> str:
+    flags = ",\n".join(f"(YEAR(z.birth_date) - 2 * FLOOR(YEAR(z.birth_date) / {2 ** (i + 1)}) * {2 ** i}) "
+                       f">= {2 ** i} AS b{i}" for i in range(n))
+    return PERSON_CTE + f"SELECT p.applicant_ref AS applicant_ref, {flags} FROM person AS p " \
+                        "LEFT JOIN health.resident AS z ON z.person_id = p.person_id"
+
+
+def test_outputs_may_say_only_so_much_about_one_field():
+    many = _variant(_bits(7), [Output("applicant_ref", "ref")] + [Output(f"b{i}", "flag") for i in range(7)])
+    problems = check_template(many)
+    p = next(p for p in problems if p.construct == "field health.resident.birth_date")
+    assert "2,187 combinations" in p.message and "b0, b1" in p.message and "1,024" in p.message_zh
+    few = _variant(_bits(6), [Output("applicant_ref", "ref")] + [Output(f"b{i}", "flag") for i in range(6)])
+    assert check_template(few) == []
+
+
+def test_what_each_output_depends_on_is_reported():
+    from sandbox.templates import template_disclosure
+
+    d = template_disclosure(library_template("underwriting"))
+    assert d["outputs"]["hypertension"] == [f"{CHR}.condition", f"{CHR}.diagnosed_on"]
+    assert d["outputs"]["resident_found"] == []
+    assert d["outputs"]["max_inpatient_cost_band"] == [f"{INP}.admit_date", f"{INP}.total_cost"]
+    assert d["fields"][f"{INP}.admit_date"] == 5 * 5 * 5 * 6      # three count bands and the cost band
+    assert d["max_field_combinations"] == 1024
+    c = template_disclosure(library_template("claims"))
+    assert c["outputs"]["stay_match"] == [f"{INP}.admit_date", f"{INP}.discharge_date", f"{INP}.hospital"]
+    assert f"{SET}.total_amount" in c["outputs"]["settlement_match"]
