@@ -10,6 +10,8 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from api import console
+from api.console.errors import internal_error_page, is_console
 from api.errors import error_response, install_error_handlers, internal_error_response
 from api.limits import BodySizeLimit, limits_by_path
 from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes, uploads
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    admin.router,
                    audit_routes.router, alerts.router, uploads.router):
         app.include_router(router, prefix=API_PREFIX)
+    console.install(app)  # /console: pages over the same services, auth, casbin and audit
     # Added before the audit middleware, so it runs inside it: a refused body is audited too.
     app.add_middleware(BodySizeLimit, limit_for=limits_by_path(DEFAULT_BODY_LIMIT, [
         # file uploads: the file itself is checked against max_upload_bytes by the route
@@ -58,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - answered here, so the 500 is audited and carries its request id
-            response = internal_error_response(request)
+            response = internal_error_page(request) if is_console(request) else internal_error_response(request)
         if not await run_in_threadpool(_record, request, response.status_code):
             # Fail closed: an answer that cannot be audited is not given.
             response = error_response(PdaoError(
@@ -104,6 +107,8 @@ def _record(request: Request, status: int) -> bool:
     reason = getattr(state, "reason", None)
     if status >= 400 and not reason:
         reason = f"http_{status}"
+    # A console redirect to the login page answers 303, but it refused the request.
+    decision = getattr(state, "audit_decision", None) or _decision(status)
     try:
         audit.record(
             request.app.state.engine,
@@ -115,7 +120,7 @@ def _record(request: Request, status: int) -> bool:
             action=getattr(state, "action", None) or _route_action(request),
             object=getattr(state, "object", None),
             scene_id=getattr(state, "scene_id", None),
-            decision=_decision(status),
+            decision=decision,
             status=status,
             reason=reason,
             method=request.method[:10],

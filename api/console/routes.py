@@ -1,0 +1,628 @@
+"""The web console's pages: thin, like the API's routes, over the same service functions, behind the
+same authentication and casbin checks (`api/console/auth.py`), audited by the same middleware.
+
+No page decides who may see what by itself: scenes come from `policies.scenes` (get_visible,
+list_visible, to_out), queries and results from `sandbox.queries` / `sandbox.export` (may_see,
+visible_rows, cells_visible through `result_out`), the catalog through `policies.catalog_rules`.
+Cells reach a page only as `result_out(...)["rows"]`, which is None unless `cells_visible`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Form, Query as QueryParam, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from api.console import svg
+from api.console.auth import (
+    PREFIX,
+    SESSION_COOKIE,
+    action,
+    check_csrf,
+    optional_principal,
+    page,
+    scene_action,
+    scene_page,
+)
+from api.console.i18n import LANGS, pick, translator
+from api.console.render import lang_of, redirect, render, safe_next, set_lang, url
+from api.deps import SessionDep, SettingsDep
+from catalog import service as catalog_service
+from catalog.descriptor import Category
+from pdao import audit
+from pdao.alerts import AlertThresholds, collect_alerts
+from pdao.db import utcnow
+from pdao.errors import PdaoError, invalid
+from pdao.identity import service as identity
+from pdao.identity.models import Role
+from policies import scenes
+from policies.catalog_rules import catalog_scope
+from policies.rules import item_verdict
+from policies.schemas import ReviewIn, SceneIn
+from policies.states import today_in_city
+from sandbox.sql import MAX_SQL_CHARS
+from sandbox import export, queries
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+MAX_TIMELINE = 1000
+
+
+def _form_error(e: ValidationError) -> PdaoError:
+    details = [{"loc": [str(p) for p in err.get("loc", ())], "message": err.get("msg", ""), "type": err.get("type", "")}
+               for err in e.errors()]
+    return invalid("invalid_request", "The form is invalid; see the problems below.", "表单内容无效，详见下列问题。",
+                   details=details)
+
+
+# --- session --------------------------------------------------------------------------------------
+
+@router.get("/login", name="console.login_page")
+def login_page(request: Request, session: SessionDep, settings: SettingsDep, next: str | None = None) -> Response:  # noqa: A002
+    request.state.action = "console.login_page"
+    who = optional_principal(request, session, settings)
+    if who is not None:
+        request.state.principal = who
+        return redirect(request, safe_next(next))
+    return render(request, "login.html", next=safe_next(next), error=None)
+
+
+@router.post("/login", name="auth.login")
+def login(request: Request, session: SessionDep, settings: SettingsDep,
+          username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=256)],
+          csrf_token: Annotated[str, Form(max_length=128)] = "", next: Annotated[str, Form(max_length=400)] = "") -> Response:  # noqa: A002
+    """The API's login (identity.service.login), its token kept in an HttpOnly SameSite=Strict cookie."""
+    request.state.action = "auth.login"
+    request.state.attempted_actor = username[:64]
+    check_csrf(request, csrf_token)
+    try:
+        token, principal, expires_at = identity.login(session, settings, username, password)
+    except PdaoError as e:
+        session.commit()   # failed attempts count towards the lock, as on the API
+        request.state.reason = e.code
+        return render(request, "login.html", http_status=e.status, next=safe_next(next), error=e)
+    session.commit()
+    request.state.principal = principal
+    resp = redirect(request, safe_next(next))
+    max_age = max(int((expires_at - datetime.now(UTC)).total_seconds()), 0)
+    resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path=PREFIX, max_age=max_age,
+                    secure=request.url.scheme == "https")
+    return resp
+
+
+@router.post("/logout", name="console.logout")
+def logout(request: Request, principal: action("me", "read")) -> Response:
+    resp = redirect(request, url("/login"))
+    resp.delete_cookie(SESSION_COOKIE, path=PREFIX)
+    return resp
+
+
+@router.get("/lang/{lang}", name="console.language")
+def language(lang: str, request: Request, next: str | None = None) -> Response:  # noqa: A002
+    """Switch the language (a preference cookie only) and go back."""
+    request.state.action = "console.language"
+    if lang not in LANGS:
+        raise invalid("unknown_language", "Languages: zh, en.", "可选语言：zh、en。")
+    resp = redirect(request, safe_next(next))
+    set_lang(request, resp, lang)
+    return resp
+
+
+# --- home --------------------------------------------------------------------------------------------
+
+@router.get("", name="console.home_bare")
+@router.get("/", name="console.home")
+def home(request: Request, principal: page("me", "read"), session: SessionDep, settings: SettingsDep) -> Response:
+    ctx: dict[str, Any] = {"scenes": [], "queries": [], "released": [], "submitted": [], "queue": []}
+    if principal.role is Role.applicant:
+        ctx["scenes"] = [_scene_card(session, settings, s.id, principal) for s in scenes.list_visible(session, principal)]
+        ctx["queries"] = [queries.query_out(q) for q in queries.list_queries(session, principal, None, 20)]
+        ctx["released"] = [queries.result_out(settings, principal, r, with_rows=False, session=session)
+                           for r in export.list_results(session, principal, "released", 50)]
+    elif principal.role is Role.office:
+        ctx["submitted"] = scenes.list_visible(session, principal, "submitted")
+    elif principal.role is Role.reviewer:
+        ctx["queue"] = [queries.result_out(settings, principal, r, with_rows=False, session=session)
+                        for r in export.review_queue(session, principal, 50)]
+    return render(request, "home.html", **ctx)
+
+
+def _scene_card(session, settings, scene_id: int, principal) -> dict[str, Any]:  # noqa: ANN001
+    scene = scenes.get_visible(session, principal, scene_id)
+    out = scenes.to_out(session, settings, scene)
+    return {"scene": out, "expected_error": _expected_error(session, principal, scene_id)}
+
+
+def _expected_error(session, principal, scene_id: int) -> list[dict[str, Any]]:  # noqa: ANN001
+    """The 95% error bounds of the scene's newest answered query (what the next one like it will carry)."""
+    for q in queries.list_queries(session, principal, scene_id, 20):
+        if q.result_id is None:
+            continue
+        r = export.get_result(session, principal, q.result_id)
+        return [{"query_id": q.id, "alias": alias, "function": n.get("function"), "epsilon": n.get("epsilon"),
+                 "error": n.get("error95"), "unit": n.get("error_unit")} for alias, n in (r.noise or {}).items()]
+    return []
+
+
+# --- catalog -------------------------------------------------------------------------------------------
+
+@router.get("/catalog", name="console.catalog")
+def catalog_page(request: Request, principal: page("catalog", "read"), session: SessionDep, settings: SettingsDep,
+                 q: Annotated[str | None, QueryParam(max_length=100)] = None,
+                 department: Annotated[str | None, QueryParam(max_length=64)] = None,
+                 category: Annotated[str | None, QueryParam(max_length=64)] = None,
+                 grade: Annotated[str | None, QueryParam(max_length=2)] = None) -> Response:
+    grade_n = int(grade) if grade and grade.isdigit() and 1 <= int(grade) <= 5 else None
+    category_v = category if category in {c.value for c in Category} else None
+    scope = catalog_scope(principal.role, principal.org_id)
+    everything = catalog_service.list_datasets(session, scope, catalog_service.DatasetFilters(limit=500))
+    shown = catalog_service.list_datasets(session, scope, catalog_service.DatasetFilters(
+        q=q or None, department=department or None, category=category_v, grade=grade_n, limit=500))
+    departments = sorted({(d.source_department.code, d.source_department.name_zh, d.source_department.name_en)
+                          for d in everything.items})
+    by_department: dict[str, list[Any]] = {}
+    for d in shown.items:
+        by_department.setdefault(d.source_department.code, []).append(d)
+    resource_map = _resource_map(request, session, settings, principal, everything.items)
+    return render(request, "catalog.html", datasets=shown.items, by_department=by_department,
+                  departments=departments, categories=[c.value for c in Category], resource_map=resource_map,
+                  f={"q": q or "", "department": department or "", "category": category_v or "",
+                     "grade": grade_n or ""})
+
+
+def _resource_map(request: Request, session, settings, principal, datasets) -> Any:  # noqa: ANN001
+    """Departments → datasets → active scenes → tenants, from what this caller may see."""
+    lang = lang_of(request)
+    t, _ = translator(lang)
+    g = svg.Graph()
+    depts: dict[str, svg.Node] = {}
+    ds_nodes = []
+    for d in datasets:
+        dep = d.source_department
+        depts.setdefault(dep.code, svg.Node(f"dep:{dep.code}", pick(lang, dep.name_zh, dep.name_en), dep.code))
+        ds_nodes.append(svg.Node(f"ds:{d.code}", pick(lang, d.title_zh, d.title_en), f"{d.code} · G{d.grade}",
+                                 href=url(f"/catalog/{d.code}"),
+                                 tone="bad" if d.opening_class == "prohibited" else "n"))
+        g.edges.append((f"dep:{dep.code}", f"ds:{d.code}"))
+    scene_nodes, tenants = [], {}
+    for s in scenes.list_visible(session, principal, "active"):
+        out = scenes.to_out(session, settings, scenes.get_visible(session, principal, s.id))
+        scene_nodes.append(svg.Node(f"sc:{s.id}", f"#{s.id} {s.title}", s.org, href=url(f"/scenes/{s.id}"), tone="ok"))
+        for code in sorted({i.dataset for i in out.effective_items}):
+            g.edges.append((f"ds:{code}", f"sc:{s.id}"))
+        tenants.setdefault(s.org, svg.Node(f"org:{s.org}", s.org, t("catalog.map_tenants"), tone="warn"))
+        g.edges.append((f"sc:{s.id}", f"org:{s.org}"))
+    g.columns = [(t("catalog.map_departments"), list(depts.values())), (t("catalog.map_datasets"), ds_nodes),
+                 (t("catalog.map_scenes"), scene_nodes), (t("catalog.map_tenants"), list(tenants.values()))]
+    return svg.columns_graph(g, t("catalog.map"))
+
+
+@router.get("/catalog/{code}", name="console.dataset")
+def dataset_page(code: str, request: Request, principal: page("catalog", "read"), session: SessionDep) -> Response:
+    request.state.object = f"dataset:{code}"[:200]
+    ds = catalog_service.get_dataset(session, code, catalog_scope(principal.role, principal.org_id))
+    return render(request, "dataset.html", ds=ds)
+
+
+# --- scenes --------------------------------------------------------------------------------------------
+
+@router.get("/scenes", name="console.scenes")
+def scenes_page(request: Request, principal: page("scene", "read"), session: SessionDep,
+                status: Annotated[str | None, QueryParam(max_length=12)] = None) -> Response:
+    return render(request, "scenes.html", scenes=scenes.list_visible(session, principal, status or None),
+                  status=status or "")
+
+
+@router.get("/scenes/new", name="console.scene_new")
+def scene_new(request: Request, principal: page("scene", "create")) -> Response:
+    today = today_in_city(utcnow())
+    return render(request, "scene_new.html", today=today, until=today + timedelta(days=180))
+
+
+def _parse_items(text: str) -> list[dict[str, str]]:
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.replace(",", " ").split()
+        if len(parts) != 2 or "." not in parts[0]:
+            raise invalid("bad_item_line", f"Line {n}: write 'dataset.field usage'.", f"第 {n} 行：应写作“数据集.字段 用途”。")
+        dataset, _, fld = parts[0].rpartition(".")
+        items.append({"dataset": dataset, "field": fld, "usage": parts[1]})
+    return items
+
+
+@router.post("/scenes", name="scenes.create")
+def scene_create(request: Request, principal: action("scene", "create"), session: SessionDep, settings: SettingsDep,
+                 title: Annotated[str, Form(max_length=200)], purpose: Annotated[str, Form(max_length=4000)],
+                 scene_type: Annotated[str, Form(max_length=32)], valid_from: Annotated[str, Form(max_length=10)],
+                 valid_to: Annotated[str, Form(max_length=10)], budget_epsilon: Annotated[str, Form(max_length=20)],
+                 max_query_epsilon: Annotated[str, Form(max_length=20)], items: Annotated[str, Form(max_length=50_000)],
+                 legal_basis: Annotated[str, Form(max_length=4000)] = "",
+                 consent_approach: Annotated[str, Form(max_length=4000)] = "",
+                 emergency_plan: Annotated[str, Form(max_length=8000)] = "",
+                 budget_delta: Annotated[str, Form(max_length=20)] = "1e-6") -> Response:
+    try:
+        body = SceneIn(title=title, purpose=purpose, scene_type=scene_type, legal_basis=legal_basis,
+                       consent_approach=consent_approach, emergency_plan=emergency_plan, valid_from=valid_from,
+                       valid_to=valid_to, budget_epsilon=budget_epsilon, budget_delta=budget_delta or 0,
+                       max_query_epsilon=max_query_epsilon, items=_parse_items(items))
+    except ValidationError as e:
+        raise _form_error(e) from None
+    scene = scenes.create(session, settings, principal, body)
+    session.commit()
+    request.state.scene_id, request.state.object = scene.id, f"scene:{scene.id}"
+    return redirect(request, f"/scenes/{scene.id}")
+
+
+@router.get("/scenes/{scene_id}", name="console.scene")
+def scene_page_(scene_id: int, request: Request, ctx: scene_page("read"), session: SessionDep,
+                settings: SettingsDep) -> Response:
+    return _scene_view(request, ctx, session, settings)
+
+
+def _scene_view(request: Request, ctx, session, settings, preview: dict | None = None, sql: str = "",  # noqa: ANN001
+                mode: str = "dev", epsilon: str = "") -> Response:
+    out = scenes.to_out(session, settings, ctx.scene)
+    facts = scenes.field_facts(session, ((i.dataset, i.field) for i in out.items))
+    verdicts = {i.id: item_verdict(facts.get((i.dataset, i.field)), i.usage, i.dataset, i.field) for i in out.items}
+    effective = {(e.dataset, e.field, e.usage) for e in out.effective_items}
+    p = ctx.principal
+    # list_queries is scoped like the API's (a tenant's own, none for providers)
+    scene_queries = [queries.query_out(q) for q in queries.list_queries(session, p, ctx.scene.id, 50)]
+    return render(request, "scene.html", s=out, verdicts=verdicts, effective=effective, queries=scene_queries,
+                  expected_error=_expected_error(session, p, ctx.scene.id),
+                  may_review=_may(p, "scene", "review") and out.stored_status == "submitted",
+                  may_control=_may(p, "scene", "suspend"), may_submit=_may(p, "scene", "submit")
+                  and out.stored_status in ("draft", "returned"),
+                  may_query=_may(p, "scene", "query") and out.status == "active",
+                  approvals_required=settings.scene_approvals_required, preview=preview, sql=sql, mode=mode,
+                  epsilon=epsilon)
+
+
+def _may(principal, resource: str, act: str) -> bool:  # noqa: ANN001
+    """Whether to show a control: casbin's answer for the role (the action itself is checked again)."""
+    from policies.enforcer import role_may
+
+    return role_may(principal.role.value, resource, act)
+
+
+@router.post("/scenes/{scene_id}/submit", name="scenes.submit")
+def scene_submit(scene_id: int, request: Request, ctx: scene_action("submit"), session: SessionDep,
+                 settings: SettingsDep) -> Response:
+    scenes.submit(session, settings, ctx.principal, ctx.scene)
+    session.commit()
+    return redirect(request, f"/scenes/{scene_id}")
+
+
+@router.post("/scenes/{scene_id}/reviews", name="scenes.review")
+def scene_review(scene_id: int, request: Request, ctx: scene_action("review"), session: SessionDep,
+                 settings: SettingsDep, decision: Annotated[Literal["approve", "reject", "return"], Form()],
+                 comment: Annotated[str, Form(max_length=4000)] = "",
+                 strike: Annotated[list[int], Form(max_length=500)] = []) -> Response:  # noqa: B006 - FastAPI copies it
+    """The office's opinion, item by item: the API's ReviewIn, through scenes.review."""
+    body = ReviewIn(decision=decision, struck_items=strike, comment=comment)
+    request.state.audit_detail = {"decision": body.decision, "struck_items": body.struck_items}
+    scenes.review(session, settings, ctx.principal, ctx.scene, body)
+    session.commit()
+    return redirect(request, f"/scenes/{scene_id}")
+
+
+def _reason(reason: str) -> str:
+    return reason.strip()[:2000]
+
+
+@router.post("/scenes/{scene_id}/suspend", name="scenes.suspend")
+def scene_suspend(scene_id: int, request: Request, ctx: scene_action("suspend"), session: SessionDep,
+                  reason: Annotated[str, Form(max_length=2000)] = "") -> Response:
+    scenes.suspend(session, ctx.principal, ctx.scene, _reason(reason))
+    session.commit()
+    return redirect(request, f"/scenes/{scene_id}")
+
+
+@router.post("/scenes/{scene_id}/resume", name="scenes.resume")
+def scene_resume(scene_id: int, request: Request, ctx: scene_action("resume"), session: SessionDep,
+                 reason: Annotated[str, Form(max_length=2000)] = "") -> Response:
+    scenes.resume(session, ctx.principal, ctx.scene, _reason(reason))
+    session.commit()
+    return redirect(request, f"/scenes/{scene_id}")
+
+
+@router.post("/scenes/{scene_id}/revoke", name="scenes.revoke")
+def scene_revoke(scene_id: int, request: Request, ctx: scene_action("revoke"), session: SessionDep,
+                 reason: Annotated[str, Form(max_length=2000)] = "") -> Response:
+    scenes.revoke(session, ctx.principal, ctx.scene, _reason(reason))
+    session.commit()
+    return redirect(request, f"/scenes/{scene_id}")
+
+
+@router.get("/emergency-stop", name="console.emergency_stop_page")
+def emergency_page(request: Request, principal: page("emergency_stop", "create")) -> Response:
+    return render(request, "emergency.html", done=None)
+
+
+@router.post("/emergency-stop", name="scenes.emergency_stop")
+def emergency_stop(request: Request, principal: action("emergency_stop", "create"), session: SessionDep,
+                   reason: Annotated[str, Form(min_length=1, max_length=2000)],
+                   org: Annotated[str, Form(max_length=64)] = "", dataset: Annotated[str, Form(max_length=128)] = "") -> Response:
+    org_, dataset_ = org.strip() or None, dataset.strip() or None
+    if (org_ is None) == (dataset_ is None):
+        raise invalid("org_or_dataset", "Give an organization or a dataset (one of them).",
+                      "请给出单位或数据集（二者之一）。")
+    request.state.object = f"org:{org_}" if org_ else f"dataset:{dataset_}"
+    stopped, returned = scenes.emergency_stop(session, principal, org_, dataset_, reason)
+    session.commit()
+    request.state.audit_detail = {"suspended": stopped, "returned": returned}
+    return render(request, "emergency.html", done={"suspended": stopped, "returned": returned})
+
+
+# --- queries -----------------------------------------------------------------------------------------
+
+def _epsilon(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise invalid("bad_epsilon", "ε must be a number.", "ε 必须是数字。") from None
+    if not 0 < v <= 100:
+        raise invalid("bad_epsilon", "ε must be above 0 and at most 100.", "ε 须大于 0 且不超过 100。")
+    return v
+
+
+@router.post("/scenes/{scene_id}/queries", name="queries.submit")
+def query_submit(scene_id: int, request: Request, ctx: scene_action("query"), session: SessionDep,
+                 settings: SettingsDep, sql: Annotated[str, Form(min_length=1, max_length=MAX_SQL_CHARS)],
+                 mode: Annotated[Literal["dev", "prod"], Form()],
+                 epsilon: Annotated[str, Form(max_length=20)] = "",
+                 preview: Annotated[str, Form(max_length=10)] = "") -> Response:
+    eps = _epsilon(epsilon)
+    request.state.audit_detail = {"sql": sql, "mode": mode, "epsilon": eps, **({"preview": True} if preview else {})}
+    enforcers = request.app.state.scene_enforcers
+    if preview:
+        out = queries.preview(session, settings, enforcers, ctx.principal, ctx.scene, sql, mode, eps)
+        return _scene_view(request, ctx, session, settings, preview=out, sql=sql, mode=mode, epsilon=epsilon)
+    q = queries.submit(session, settings, enforcers, ctx.principal, ctx.scene, sql, mode, eps)
+    session.commit()
+    request.state.object = f"query:{q.id}"
+    return redirect(request, f"/queries/{q.id}")
+
+
+@router.get("/queries", name="console.queries")
+def queries_page(request: Request, principal: page("query", "read"), session: SessionDep) -> Response:
+    return render(request, "queries.html", queries=[queries.query_out(q)
+                                                    for q in queries.list_queries(session, principal, None, 200)])
+
+
+@router.get("/queries/{query_id}", name="console.query")
+def query_page(query_id: int, request: Request, principal: page("query", "read"), session: SessionDep) -> Response:
+    request.state.object = f"query:{query_id}"
+    q = queries.get_query(session, principal, query_id)
+    request.state.scene_id = q.scene_id
+    return render(request, "query.html", q=queries.query_out(q), may_cancel=_may(principal, "query", "cancel"))
+
+
+@router.post("/queries/{query_id}/cancel", name="queries.cancel")
+def query_cancel(query_id: int, request: Request, principal: action("query", "cancel"), session: SessionDep) -> Response:
+    request.state.object = f"query:{query_id}"
+    queries.cancel(session, principal, queries.get_query(session, principal, query_id))
+    return redirect(request, f"/queries/{query_id}")
+
+
+# --- results and export review ----------------------------------------------------------------------
+
+RESULT_STATUSES = ("dev", "held", "released", "rejected", "superseded")
+
+
+@router.get("/results", name="console.results")
+def results_page(request: Request, principal: page("result", "read"), session: SessionDep, settings: SettingsDep,
+                 status: Annotated[str | None, QueryParam(max_length=12)] = None) -> Response:
+    st = status if status in RESULT_STATUSES else None
+    rows = [queries.result_out(settings, principal, r, with_rows=False, session=session)
+            for r in export.list_results(session, principal, st, 200)]
+    return render(request, "results.html", results=rows, status=st or "", statuses=RESULT_STATUSES)
+
+
+@router.get("/reviews", name="console.review_queue")
+def review_queue(request: Request, principal: page("result", "review"), session: SessionDep,
+                 settings: SettingsDep) -> Response:
+    rows = [queries.result_out(settings, principal, r, with_rows=False, session=session)
+            for r in export.review_queue(session, principal, 200)]
+    return render(request, "reviews.html", results=rows)
+
+
+def _on(request: Request, result_id: int, scene_id: int | None = None) -> None:
+    request.state.object = f"result:{result_id}"
+    if scene_id is not None:
+        request.state.scene_id = scene_id
+
+
+@router.get("/results/{result_id}", name="console.result")
+def result_page(result_id: int, request: Request, principal: page("result", "read"), session: SessionDep,
+                settings: SettingsDep) -> Response:
+    _on(request, result_id)
+    r = export.get_result(session, principal, result_id)
+    _on(request, result_id, r.scene_id)
+    out = queries.result_out(settings, principal, r, session=session)   # rows: None unless cells_visible
+    may_review = (_may(principal, "result", "review") and out["status"] == "held" and not out["synthetic"]
+                  and not out.get("decided_by_me"))
+    may_download = _may(principal, "result", "download") and out["cells_visible"]
+    return render(request, "result.html", r=out, may_review=may_review, may_download=may_download)
+
+
+@router.post("/results/{result_id}/review", name="results.review")
+def result_review(result_id: int, request: Request, principal: action("result", "review"), session: SessionDep,
+                  decision: Annotated[Literal["release", "reject"], Form()],
+                  reason: Annotated[str, Form(min_length=1, max_length=4000)]) -> Response:
+    _on(request, result_id)
+    request.state.audit_detail = {"decision": decision}
+    r = export.review(session, principal, result_id, decision, reason, request.state.request_id)
+    _on(request, result_id, r.scene_id)
+    return redirect(request, f"/results/{result_id}")
+
+
+@router.post("/results/{result_id}/revisions", name="results.revise")
+def result_revise(result_id: int, request: Request, principal: action("result", "review"), session: SessionDep,
+                  settings: SettingsDep, revision: Annotated[Literal["suppress", "round"], Form()],
+                  reason: Annotated[str, Form(min_length=1, max_length=4000)],
+                  columns: Annotated[str, Form(max_length=2000)] = "",
+                  base: Annotated[str, Form(max_length=10)] = "") -> Response:
+    _on(request, result_id)
+    cols = [c.strip() for c in columns.split(",") if c.strip()] or None
+    base_n = None
+    if revision == "round":
+        if not base.strip().isdigit() or not 1 <= int(base) <= 1_000_000:
+            raise invalid("bad_base", "The rounding base is a whole number from 1 to 1,000,000.",
+                          "取整基数须为 1 至 1,000,000 的整数。")
+        base_n = int(base)
+    request.state.audit_detail = {"action": revision, "base": base_n, "columns": cols}
+    new = export.revise(session, settings, principal, result_id, revision, reason,
+                        cells="failing" if revision == "suppress" else None, columns=cols, base=base_n,
+                        request_id=request.state.request_id)
+    _on(request, result_id, new.scene_id)
+    return redirect(request, f"/results/{new.id}")
+
+
+@router.get("/results/{result_id}/download", name="results.download")
+def result_download(result_id: int, request: Request, principal: page("result", "download"), session: SessionDep,
+                    settings: SettingsDep, format: Literal["csv", "parquet", "json"] = "csv") -> Response:  # noqa: A002
+    """The API's download: released (or the tenant's own dev) answers only, stamped and recorded."""
+    _on(request, result_id)
+    f = export.export(session, settings, principal, result_id, format, request.state.request_id)
+    r = f.export
+    request.state.audit_detail = {"export_id": r.export_id, "format": format, "sha256": r.sha256}
+    headers = {"X-Pdao-Result": str(r.result_id), "X-Pdao-Export": r.export_id, "X-Pdao-Fingerprint": r.fingerprint,
+               "X-Pdao-Synthetic": "true" if f.synthetic else "false", "Cache-Control": "no-store",
+               "Content-Disposition": f'attachment; filename="{f.filename}"'}
+    return Response(f.data, media_type=f.media_type, headers=headers)
+
+
+@router.get("/results/{result_id}/lineage", name="console.lineage")
+def lineage_page(result_id: int, request: Request, principal: page("result", "read"), session: SessionDep) -> Response:
+    _on(request, result_id)
+    lin = export.lineage(session, principal, result_id)
+    _on(request, result_id, lin["scene"]["id"])
+    t, tv = translator(lang_of(request))
+    return render(request, "lineage.html", lin=lin, result_id=result_id, graph=_lineage_graph(lin, t, tv))
+
+
+def _lineage_graph(lin: dict[str, Any], t, tv) -> Any:  # noqa: ANN001
+    g = svg.Graph()
+    sources = []
+    for d in lin["datasets"]:
+        key = f"v:{d.get('dataset') or d.get('code')}:{d.get('env')}:{d.get('number') or d.get('version')}"
+        sources.append(svg.Node(key, str(d.get("dataset") or d.get("code") or "?"),
+                                f"{t('lineage.node_version')} {d.get('env', '')} v{d.get('number') or d.get('version') or '?'}",
+                                href=url(f"/catalog/{d.get('dataset') or d.get('code')}")))
+    for u in lin.get("uploads") or []:
+        sources.append(svg.Node(f"u:{u.get('name')}:{u.get('version')}", str(u.get("name")),
+                                f"{t('lineage.node_upload')} v{u.get('version')}", tone="warn"))
+    sc = lin["scene"]
+    scene_node = svg.Node(f"s:{sc['id']}", f"{t('lineage.node_scene')} #{sc['id']} {sc['title']}",
+                          str((sc.get("org") or {}).get("code") or ""), href=url(f"/scenes/{sc['id']}"), tone="ok")
+    q = lin["query"]
+    requester = (q.get("requester") or {}).get("username") or ""
+    query_node = svg.Node(f"q:{q['id']}", f"{t('lineage.node_query')} #{q['id']} ({tv('mode', q['mode'])})",
+                          f"{requester} · ε {q.get('epsilon_spent') or 0:.3g}", href=url(f"/queries/{q['id']}"))
+    results = [svg.Node(f"r:{v['id']}", f"{t('lineage.node_result')} #{v['id']} v{v['version']}",
+                        tv("result_status", v["status"]), href=url(f"/results/{v['id']}"),
+                        tone={"released": "ok", "rejected": "bad", "held": "warn", "superseded": "dim"}.get(v["status"], "n"))
+               for v in lin["versions"]]
+    after = []
+    for i, rv in enumerate(lin["reviews"]):
+        who = (rv.get("reviewer") or {}).get("username") or "?"
+        after.append(svg.Node(f"rv:{i}", f"{t('lineage.node_review')}: {tv('decision', rv['decision'])}", who,
+                              tone="ok" if rv["decision"] == "release" else "bad"))
+        g.edges.append((f"r:{rv['result_id']}", f"rv:{i}"))
+    for e in lin["exports"]:
+        who = (e.get("by") or {}).get("username") or "?"
+        after.append(svg.Node(f"e:{e['export_id']}", f"{t('lineage.node_export')} {e['export_id'][:12]}",
+                              f"{who} · {e['format']}", tone="warn"))
+        g.edges.append((f"r:{e['result_id']}", f"e:{e['export_id']}"))
+    for s in sources:
+        g.edges.append((s.key, query_node.key))
+    g.edges.append((scene_node.key, query_node.key))
+    for v in lin["versions"]:
+        g.edges.append((query_node.key, f"r:{v['id']}") if v.get("parent_id") is None
+                       else (f"r:{v['parent_id']}", f"r:{v['id']}"))
+    g.columns = [(t("lineage.datasets"), sources + [scene_node]), (t("lineage.node_query"), [query_node]),
+                 (t("lineage.node_result"), results), (f"{t('lineage.reviews')} / {t('lineage.exports')}", after)]
+    return svg.columns_graph(g, t("lineage.graph"), box_w=220)
+
+
+# --- audit ---------------------------------------------------------------------------------------------
+
+def _when(text: str | None, field: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        v = datetime.fromisoformat(text)
+    except ValueError:
+        raise invalid("bad_time", f"{field}: use a date or time like 2025-01-31 or 2025-01-31T08:00.",
+                      f"{field}：请使用 2025-01-31 或 2025-01-31T08:00 这样的日期或时间。") from None
+    return v if v.tzinfo else v.replace(tzinfo=UTC)
+
+
+@router.get("/audit", name="audit.events")
+def audit_page(request: Request, principal: page("audit", "read"), session: SessionDep,
+               actor: Annotated[str | None, QueryParam(max_length=64)] = None,
+               org: Annotated[str | None, QueryParam(max_length=64)] = None,
+               scene: Annotated[str | None, QueryParam(max_length=12)] = None,
+               action_: Annotated[str | None, QueryParam(alias="action", max_length=80)] = None,
+               decision: Annotated[str | None, QueryParam(max_length=5)] = None,
+               since: Annotated[str | None, QueryParam(max_length=32)] = None,
+               until: Annotated[str | None, QueryParam(max_length=32)] = None,
+               before_seq: Annotated[int | None, QueryParam(ge=1)] = None) -> Response:
+    """The API's event filter (audit.EventFilter / find_events), newest first, and its timeline."""
+    scene_n = int(scene) if scene and scene.isdigit() else None
+    decision_v = decision if decision in ("allow", "deny", "error") else None
+    base = dict(actor=actor or None, org=org or None, scene=scene_n, action=action_ or None, decision=decision_v,
+                since=_when(since, "since"), until=_when(until, "until"))
+    flt = audit.EventFilter(**base, before_seq=before_seq, newest_first=True, limit=100)
+    request.state.object = "audit_log"
+    request.state.audit_detail = {"filters": {k: (audit.format_at(v) if isinstance(v, datetime) else v)
+                                              for k, v in base.items() if v is not None},
+                                  "order": "desc", "limit": 100, "before_seq": before_seq}
+    events = [audit.event_json(e) for e in audit.find_events(session, flt)]
+    recent = audit.find_events(session, audit.EventFilter(**base, newest_first=True, limit=MAX_TIMELINE))
+    t, _ = translator(lang_of(request))
+    chart = svg.timeline([(e.at, e.decision) for e in recent], t("audit.timeline"), t("audit.legend_allow"),
+                         t("audit.legend_deny"))
+    next_before = events[-1]["seq"] if len(events) == 100 else None
+    f = {"actor": actor or "", "org": org or "", "scene": scene_n or "", "action": action_ or "",
+         "decision": decision_v or "", "since": since or "", "until": until or ""}
+    return render(request, "audit.html", events=events, chart=chart, shown=len(recent), f=f, next_before=next_before)
+
+
+@router.get("/audit/verify", name="audit.verify")
+def audit_verify(request: Request, principal: page("audit", "read"), session: SessionDep) -> Response:
+    request.state.object = "audit_log"
+    report = audit.verify(session)
+    request.state.audit_detail = {"ok": report.ok, "checked": report.checked, "first_bad_seq": report.first_bad_seq,
+                                  "head_seq": report.head_seq, "from_seq": None, "anchor_seq": None}
+    return render(request, "verify.html", report=report)
+
+
+@router.get("/audit/alerts", name="audit.alerts")
+def alerts_page(request: Request, principal: page("audit", "read"), session: SessionDep,
+                days: Annotated[int, QueryParam(ge=1, le=366)] = 7) -> Response:
+    until = utcnow()
+    since = until - timedelta(days=days)
+    alerts = collect_alerts(session, until, since, AlertThresholds())
+    request.state.audit_detail = {"since": since.isoformat(), "until": until.isoformat(), "alerts": len(alerts)}
+    return render(request, "alerts.html", alerts=[a.to_dict() for a in alerts], since=since, until=until, days=days)
+
+
+@router.get("/audit/lineage", name="console.lineage_lookup")
+def lineage_lookup(request: Request, principal: page("result", "read"),
+                   result: Annotated[int, QueryParam(ge=1)]) -> Response:
+    """The auditor's "open the lineage of result N" box."""
+    return redirect(request, f"/results/{result}/lineage")
+
+
+__all__ = ["router"]
