@@ -68,7 +68,7 @@ __all__ = [
     "LEVELS", "OUTPUT_KINDS", "PARAM_TYPES", "KEY_FIELD", "EXCLUSION_REASONS", "LIBRARY_DIR",
     "Param", "Output", "UploadSpec", "Template", "TemplateAnswer", "TemplateRefused",
     "template_from_mapping", "load_template", "library", "library_template", "template_digest",
-    "descriptor_catalog", "check_template", "template_reads", "template_disclosure", "MAX_FIELD_COMBINATIONS", "validate_params", "render",
+    "descriptor_catalog", "check_template", "template_reads", "template_disclosure", "MAX_COMBINATIONS", "validate_params", "render",
     "consent_condition", "run_template",
 ]
 
@@ -92,11 +92,11 @@ MAX_LABELS = 32
 MAX_LABEL_CHARS = 64
 MAX_PARAMS = 16
 MAX_STRING_PARAM_CHARS = 200
-# What all the outputs of one run may say together about one source field of one person: the product
-# of the outputs' value counts (NULL included) over the outputs that depend on the field. 1,024
-# combinations (10 bits) fit the shipped templates (underwriting says 750 about admit_date) and stop a
-# template spelling out a value bit by bit (a phone number needs ~27 bits, a birth date ~15).
-MAX_FIELD_COMBINATIONS = 1024
+# What all the outputs of one run may say together about one person's records in one dataset: the
+# product of the value counts (NULL included) of the outputs that depend on any of its fields. 1,024
+# combinations (10 bits) fit the shipped templates (underwriting says 320 about inpatient stays) and
+# stop a template spelling out a value bit by bit (a phone number needs ~27 bits, a birth date ~15).
+MAX_COMBINATIONS = 1024
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _RESERVED_PREFIXES = ("v_", "u_", "__pdao")   # engine view names and internal columns
 _OUT_ALIAS = "t"                              # the template's answer inside the final projection
@@ -495,9 +495,12 @@ def _catalog_fields(catalog: Mapping[str, Any]) -> dict[str, dict[str, str | Non
 
 def _field_class(sensitivity: Any, pii_kind: Any) -> str:
     """How a template may use a field: `key` (a record or person key: joined, grouped, never a value),
-    `direct` (a direct identifier: name, phone, address, ID number: never used), or `value`."""
+    `direct` (a direct identifier — name, phone, address, ID number — or free text: never used), or
+    `value`."""
     sensitivity = getattr(sensitivity, "value", sensitivity)
     pii_kind = getattr(pii_kind, "value", pii_kind)
+    if sensitivity == "free_text":
+        return "direct"        # notes and complaints quote names, ID numbers and phone numbers
     if sensitivity != "identifier":
         return "value"
     return "key" if pii_kind in (None, "person_key") else "direct"
@@ -507,6 +510,22 @@ def _field_class(sensitivity: Any, pii_kind: Any) -> str:
 def _descriptor_classes() -> dict[str, dict[str, str]]:
     return {code: {name: _field_class(f.sensitivity, f.pii_kind) for name, f in meta.fields.items()}
             for code, meta in _descriptor_catalog()}
+
+
+def _field_nullable(catalog: Mapping[str, Any]) -> dict[str, dict[str, bool]]:
+    """code -> {field: may be NULL}; unknown: True (a key whose non-nullness is not known is not
+    trusted to keep groups apart)."""
+    packaged = {code: {n: bool(f.nullable) for n, f in meta.fields.items()} for code, meta in _descriptor_catalog()}
+    out: dict[str, dict[str, bool]] = {}
+    for code, info in catalog.items():
+        fields = getattr(info, "fields", info)
+        known = packaged.get(code.lower(), {})
+        out[code.lower()] = {}
+        for name in (fields.keys() if isinstance(fields, Mapping) else fields):
+            f = fields[name] if isinstance(fields, Mapping) else None
+            nullable = f.get("nullable") if isinstance(f, Mapping) else getattr(f, "nullable", None)
+            out[code.lower()][name] = bool(nullable) if nullable is not None else known.get(name, True)
+    return out
 
 
 def _field_classes(catalog: Mapping[str, Any]) -> dict[str, dict[str, str]]:
@@ -540,7 +559,7 @@ def _upload_column_names(upload_columns: Iterable[str] | Mapping[str, Any] | Non
 _STRUCTURE = (
     exp.Select, exp.From, exp.Join, exp.Where, exp.Group, exp.Having, exp.Qualify, exp.Order, exp.Ordered,
     exp.Limit, exp.With, exp.CTE, exp.TableAlias, exp.Subquery, exp.Alias, exp.Identifier, exp.Column,
-    exp.Star, exp.Paren, exp.Window, exp.WindowSpec, exp.Filter, exp.Distinct, exp.Placeholder, exp.Literal,
+    exp.Star, exp.Paren, exp.Window, exp.Filter, exp.Distinct, exp.Placeholder, exp.Literal,
     exp.Boolean, exp.Null, exp.DataType, exp.DataTypeParam, exp.Interval, exp.Var, exp.Cast, exp.TryCast,
 )
 _PREDICATES = (
@@ -636,9 +655,12 @@ class _Checker:
         self.scopes: dict[int, Scope] = {}
         self._reads_upload: dict[int, bool] = {}
         self.classes = _field_classes(catalog)
+        self.nullable = _field_nullable(catalog)
+        self.output_values: dict[str, int] = {}            # output -> how many values it can take
         self._deps: dict[tuple[int, str], frozenset[tuple[str, str]]] = {}
         self.output_deps: dict[str, list[str]] = {}       # output -> "dataset.field" it depends on
         self.field_combinations: dict[str, int] = {}      # "dataset.field" -> what all outputs say of it
+        self.dataset_combinations: dict[str, int] = {}    # dataset -> what all outputs say of its records
 
     def refuse(self, construct: str, en: str, zh: str, **kw: Any) -> None:
         if (construct, en) not in self._seen:
@@ -803,6 +825,11 @@ class _Checker:
                     what = odd[0].rstrip("_").upper()
                     self.refuse(f"SELECT {what}", f"{what} is not accepted in a template", f"模板中不接受 {what}")
             elif isinstance(node, exp.Join):
+                side = str(node.args.get("side") or "").upper()
+                if side in ("RIGHT", "FULL"):
+                    self.refuse(f"{side} JOIN", f"{side} JOIN is not accepted: use [LEFT|INNER] JOIN … ON …, with the "
+                                "upload's rows on the left", f"不接受 {side} JOIN：请使用 [LEFT|INNER] JOIN … ON …，"
+                                "并将上传表的行放在左侧")
                 odd = [k for k, v in node.args.items() if v and k not in _JOIN_ARGS]
                 if odd:
                     what = f"JOIN {odd[0].rstrip('_').upper()}"
@@ -954,7 +981,11 @@ class _Checker:
             return self.union([self.value(node.args["true"], scope),
                                self.value(other, scope) if other is not None else _Val(frozenset({None}))], node)
         if isinstance(node, exp.Coalesce):
-            return self.union([self.value(node.this, scope)] + [self.value(e, scope) for e in node.expressions], node)
+            parts = [self.value(node.this, scope)] + [self.value(e, scope) for e in node.expressions]
+            val = self.union(parts, node)
+            if val.values is not None and any(p.values is not None and None not in p.values for p in parts):
+                return _Val(val.values - {None})    # one argument is never NULL, so neither is the result
+            return val
         if isinstance(node, exp.Nullif):
             return self.union([self.value(node.this, scope), _Val(frozenset({None}))], node)
         if isinstance(node, (exp.Max, exp.Min)):
@@ -1056,18 +1087,9 @@ class _Checker:
                     a = parent[a]
                 return a
 
-            conds = [j.args.get("on") for j in sel.args.get("joins") or []]
-            if sel.args.get("where") is not None:
-                conds.append(sel.args["where"].this)
-            for cond in conds:
-                for eq in (cond.flatten() if isinstance(cond, exp.And) else [cond]) if cond is not None else []:
-                    while isinstance(eq, exp.Paren):
-                        eq = eq.this
-                    if isinstance(eq, exp.EQ) and isinstance(eq.this, exp.Column) and isinstance(eq.expression, exp.Column):
-                        a, b = eq.this.table, eq.expression.table
-                        if a in parent and b in parent and a != b and self.is_ref(eq.this, scope) \
-                                and self.is_ref(eq.expression, scope):
-                            parent[find(a)] = find(b)
+            for a, b, key in self.ties(scope):
+                if key == "ref" and a in parent and b in parent:
+                    parent[find(a)] = find(b)
             if len({find(a) for a in dep}) > 1:
                 self.refuse("upload rows joined", f"{', '.join(dep)} all hold rows of the upload: join them on equal "
                             f"row references ({self.t.upload.ref}), so that each row keeps its own applicant",
@@ -1180,6 +1202,88 @@ class _Checker:
         return sel.args.get("group") is not None or any(n.find_ancestor(exp.Window, exp.Select) is sel
                                                          for n in sel.find_all(exp.AggFunc))
 
+    _OUTER = "\0outer"
+
+    def ties(self, scope: Scope) -> list[tuple[str, str, str]]:
+        """The key equalities that really tie two sources of a SELECT: (alias, alias, key), with the
+        outer row as `_OUTER` in a subquery. A WHERE term or an inner join's ON term filters the joined
+        rows, so it ties any two sources; a LEFT JOIN's ON only decides which rows of the table it
+        brings in match, so it ties that table to one on its left and nothing else."""
+        sel = scope.expression
+        own = set(scope.selected_sources)
+
+        def node_of(c: exp.Column) -> str | None:
+            if c.table in own:
+                return c.table
+            return self._OUTER if scope.is_subquery and self.source_of(c, scope) is not None else None
+
+        def pairs(cond: exp.Expression | None) -> Iterable[tuple[str, str, str]]:
+            for eq in (cond.flatten() if isinstance(cond, exp.And) else [cond]) if cond is not None else []:
+                while isinstance(eq, exp.Paren):
+                    eq = eq.this
+                if not (isinstance(eq, exp.EQ) and isinstance(eq.this, exp.Column)
+                        and isinstance(eq.expression, exp.Column)):
+                    continue
+                k = self.key_of(eq.this, scope)
+                a, b = node_of(eq.this), node_of(eq.expression)
+                if k is not None and k == self.key_of(eq.expression, scope) and a and b and a != b:
+                    yield a, b, k
+
+        out = list(pairs(sel.args["where"].this)) if sel.args.get("where") is not None else []
+        from_ = sel.args.get("from_")
+        left = {self._OUTER} | ({from_.this.alias_or_name} if from_ is not None and isinstance(from_.this, exp.Expression)
+                                else set())
+        for j in sel.args.get("joins") or []:
+            name = j.this.alias_or_name
+            for a, b, k in pairs(j.args.get("on")):
+                if str(j.args.get("side") or "").upper() == "LEFT" and not (
+                        (a == name and b in left) or (b == name and a in left)):
+                    continue
+                out.append((a, b, k))
+            left.add(name)
+        return out
+
+    def left_joined(self, scope: Scope, alias: str) -> bool:
+        return any(j.this.alias_or_name == alias and str(j.args.get("side") or "").upper() == "LEFT"
+                   for j in scope.expression.args.get("joins") or [])
+
+    def not_null_in_where(self, col: exp.Column, scope: Scope) -> bool:
+        where = scope.expression.args.get("where")
+        cond = where.this if where is not None else None
+        for t in (cond.flatten() if isinstance(cond, exp.And) else [cond]) if cond is not None else []:
+            while isinstance(t, exp.Paren):
+                t = t.this
+            if isinstance(t, exp.Not) and isinstance(t.this, exp.Is) and isinstance(t.this.expression, exp.Null) \
+                    and isinstance(t.this.this, exp.Column) and t.this.this.table == col.table \
+                    and t.this.this.name == col.name:
+                return True
+        return False
+
+    def never_null(self, col: exp.Column, scope: Scope) -> bool:
+        """A key that can never be NULL here: a non-nullable catalog key read from the FROM table or
+        an inner-joined one (through CTE pass-throughs), or tested IS NOT NULL in the WHERE. Only such
+        a key keeps groups and window partitions to one person or record: NULLs would gather everyone."""
+        for _ in range(64):
+            if self.not_null_in_where(col, scope):
+                return True
+            if col.table not in scope.selected_sources or self.left_joined(scope, col.table):
+                return False
+            src = scope.selected_sources[col.table][1]
+            if isinstance(src, exp.Table):
+                b = self.base(src)
+                return bool(b and b[0] == "dataset" and not self.nullable.get(b[1], {}).get(col.name, True))
+            if not isinstance(src, Scope) or not isinstance(src.expression, exp.Select):
+                return False
+            proj = _projection(src.expression, col.name)
+            inner = proj.unalias() if proj is not None else None
+            if not isinstance(inner, exp.Column):
+                return False
+            col, scope = inner, src
+        return False
+
+    def entity_key(self, k: exp.Expression, scope: Scope) -> bool:
+        return isinstance(k, exp.Column) and (self.key_of(k, scope) or "").startswith("key:") and self.never_null(k, scope)
+
     def tied(self, scope: Scope) -> None:
         """Every row a template reads belongs to one applicant.
 
@@ -1196,7 +1300,7 @@ class _Checker:
         sources = list(scope.selected_sources)
         if not sources:
             return
-        outer = "\0outer"
+        outer = self._OUTER
         parent = {a: a for a in [*sources, outer]}
 
         def find(a: str) -> str:
@@ -1204,28 +1308,17 @@ class _Checker:
                 a = parent[a]
             return a
 
-        def node_of(c: exp.Column) -> str | None:
-            if c.table in scope.selected_sources:
-                return c.table
-            return outer if scope.is_subquery and self.source_of(c, scope) is not None else None
-
-        conds = [j.args.get("on") for j in sel.args.get("joins") or []]
-        if sel.args.get("where") is not None:
-            conds.append(sel.args["where"].this)
-        for cond in conds:
-            for eq in (cond.flatten() if isinstance(cond, exp.And) else [cond]) if cond is not None else []:
-                while isinstance(eq, exp.Paren):
-                    eq = eq.this
-                if not (isinstance(eq, exp.EQ) and isinstance(eq.this, exp.Column)
-                        and isinstance(eq.expression, exp.Column)):
-                    continue
-                ka = self.key_of(eq.this, scope)
-                if ka is None or ka != self.key_of(eq.expression, scope):
-                    continue
-                a, b = node_of(eq.this), node_of(eq.expression)
-                if a is not None and b is not None and a != b:
-                    parent[find(a)] = find(b)
+        for a, b, _ in self.ties(scope):
+            if a in parent and b in parent:
+                parent[find(a)] = find(b)
         if scope.is_subquery:
+            holder = sel.parent
+            if isinstance(holder, exp.Subquery) and not isinstance(holder.parent, exp.In) \
+                    and not (self.aggregated(sel) and sel.args.get("group") is None):
+                self.refuse("scalar subquery", f"a scalar subquery must aggregate without GROUP BY, so that it "
+                            f"answers exactly one row ({_short(holder)}): whether it answers several would depend on "
+                            "the data", f"标量子查询必须是不带 GROUP BY 的聚合，以保证恰好返回一行（{_short(holder)}）："
+                            "否则是否返回多行取决于数据")
             loose = [a for a in sources if find(a) != find(outer)]
             if loose:
                 self.refuse("subquery not tied to the row", f"a subquery inside an expression reads {', '.join(loose)} "
@@ -1249,16 +1342,18 @@ class _Checker:
             return          # grouped and partitioned by the row reference: per_applicant
         if self.aggregated(sel):
             keys = (sel.args["group"].expressions if sel.args.get("group") is not None else [])
-            if not any(isinstance(k, exp.Column) and (self.key_of(k, scope) or "").startswith("key:") for k in keys):
+            if not any(self.entity_key(k, scope) for k in keys):
                 self.refuse("aggregate over a whole dataset", "an aggregate over a dataset must GROUP BY a key "
-                            "(person_id, stay_id, …) and be joined on it: a template never computes over the whole "
-                            "population", "对数据集的聚合必须按关联键（person_id、stay_id 等）GROUP BY 并按其关联："
-                            "模板不能对全体人群计算")
+                            "(person_id, stay_id, …) that is never NULL (from the FROM table or an inner join, or "
+                            "tested IS NOT NULL) and be joined on it: a template never computes over the whole "
+                            "population", "对数据集的聚合必须按不为 NULL 的关联键（person_id、stay_id 等，来自 FROM 表或内连接，"
+                            "或经 IS NOT NULL 判断）GROUP BY 并按其关联：模板不能对全体人群计算")
         for w in sel.find_all(exp.Window):
-            if self.own(w, scope) and not any(isinstance(k, exp.Column) and (self.key_of(k, scope) or "").startswith("key:")
-                                              for k in w.args.get("partition_by") or []):
+            if self.own(w, scope) and not any(self.entity_key(k, scope) for k in w.args.get("partition_by") or []):
                 self.refuse("window over a whole dataset", "a window over a dataset must PARTITION BY a key (person_id, "
-                            "stay_id, …)", "对数据集的窗口函数必须按关联键（person_id、stay_id 等）PARTITION BY")
+                            "stay_id, …) that is never NULL (from the FROM table or an inner join, or tested IS NOT "
+                            "NULL)", "对数据集的窗口函数必须按不为 NULL 的关联键（person_id、stay_id 等，来自 FROM 表或"
+                            "内连接，或经 IS NOT NULL 判断）PARTITION BY")
 
     # -- what each output depends on ------------------------------------------------------------------
     def col_deps(self, col: exp.Column, scope: Scope) -> frozenset[tuple[str, str]]:
@@ -1286,16 +1381,20 @@ class _Checker:
         k = self.key_of(term.this, scope)
         return k is not None and k == self.key_of(term.expression, scope)
 
-    def source_rows(self, scope: Scope, alias: str) -> frozenset[tuple[str, str]]:
+    def source_rows(self, scope: Scope, alias: str, *, all_sources: bool) -> frozenset[tuple[str, str]]:
         src = scope.selected_sources.get(alias, (None, None))[1]
-        return self.row_deps(src) if isinstance(src, Scope) and isinstance(src.expression, exp.Select) else frozenset()
+        if isinstance(src, Scope) and isinstance(src.expression, exp.Select):
+            return self.row_deps(src, all_sources=all_sources)
+        return frozenset()
 
     def row_deps(self, scope: Scope, *, all_sources: bool = False) -> frozenset[tuple[str, str]]:
         """The fields that decide which rows a SELECT holds: its conditions (WHERE, HAVING, QUALIFY,
-        GROUP BY, and ON terms other than key equalities) and the rows of the sources it keeps only
-        when they match (FROM and inner joins). A LEFT-joined source decides only whether its own
-        columns are NULL, which their own dependencies carry; an aggregate or window counts its
-        matches too (`all_sources`)."""
+        GROUP BY, the projections of a DISTINCT, ON terms other than key equalities) and the rows of
+        the sources it keeps only when they match (FROM and inner joins). A LEFT-joined source
+        decides whether its own columns are NULL, which their own dependencies carry, and how many
+        times a row repeats: that matters to whatever counts rows, so an aggregate or a window takes
+        every source's rows, all the way down (`all_sources`). (At the top, a repeated row fails
+        the run's one-row-per-applicant check.)"""
         sel = scope.expression
         key = (id(scope), "\0rows*" if all_sources else "\0rows")
         if key in self._deps:
@@ -1307,6 +1406,8 @@ class _Checker:
                 parts.append(sel.args[k].this)
         if sel.args.get("group") is not None:
             parts += list(sel.args["group"].expressions)
+        if sel.args.get("distinct") is not None:
+            parts += [p.unalias() for p in sel.expressions]     # which duplicates go depends on the values
         kept = []
         from_ = sel.args.get("from_")
         if from_ is not None and isinstance(from_.this, exp.Expression):
@@ -1315,13 +1416,13 @@ class _Checker:
             on = j.args.get("on")
             if on is not None:
                 parts += [t for t in (on.flatten() if isinstance(on, exp.And) else [on]) if not self.is_key_term(t, scope)]
-            if all_sources or (j.side or "").upper() != "LEFT":
+            if all_sources or str(j.args.get("side") or "").upper() != "LEFT":
                 kept.append(j.this.alias_or_name)
         out: set[tuple[str, str]] = set()
         for p in parts:
             out |= self.expr_deps(p, scope)
         for alias in kept:
-            out |= self.source_rows(scope, alias)
+            out |= self.source_rows(scope, alias, all_sources=all_sources)
         self._deps[key] = frozenset(out)
         return self._deps[key]
 
@@ -1343,29 +1444,36 @@ class _Checker:
         return frozenset(out)
 
     def field_budget(self, root: Scope) -> None:
-        """All outputs together say at most MAX_FIELD_COMBINATIONS values about one source field."""
+        """All outputs together take at most MAX_COMBINATIONS values that depend on one dataset: the
+        product of the value counts (NULL included) of the outputs depending on any of its fields.
+        Per dataset, not per field, because a record's fields tell of each other (admit date,
+        discharge date, length of stay)."""
         rows = self.row_deps(root)
-        combos: dict[str, int] = {}
+        per_field: dict[str, int] = {}
+        per_dataset: dict[str, int] = {}
         users: dict[str, list[str]] = {}
         for o in self.t.outputs:
             proj = _projection(root.expression, o.name)
             if proj is None or o.kind == "ref":
                 continue
-            deps = sorted(f"{d}.{f}" for d, f in self.expr_deps(proj.unalias(), root) | rows)
-            self.output_deps[o.name] = deps
-            values = 3 if o.kind == "flag" else len(o.labels or ()) + 1     # NULL is a value too
-            for f in deps:
-                combos[f] = combos.get(f, 1) * values
-                users.setdefault(f, []).append(o.name)
-        self.field_combinations = dict(sorted(combos.items()))
-        for f, n in combos.items():
-            if n > MAX_FIELD_COMBINATIONS:
-                outs = ", ".join(users[f])
-                self.refuse(f"field {f}", f"the outputs {outs} together can take {n:,} combinations of values that "
-                            f"depend on {f}: at most {MAX_FIELD_COMBINATIONS:,} per source field, so that a template "
-                            "cannot spell a value out bit by bit; use fewer or coarser outputs",
-                            f"输出列 {outs} 合计可取 {n:,} 种依赖 {f} 的取值组合：每个源字段最多 "
-                            f"{MAX_FIELD_COMBINATIONS:,} 种，以免模板逐位拼出某个值；请减少输出列或使用更粗的分档")
+            deps = self.expr_deps(proj.unalias(), root) | rows
+            self.output_deps[o.name] = sorted(f"{d}.{f}" for d, f in deps)
+            values = self.output_values.get(o.name) or (3 if o.kind == "flag" else len(o.labels or ()) + 1)
+            for f in self.output_deps[o.name]:
+                per_field[f] = per_field.get(f, 1) * values
+            for d in sorted({d for d, _ in deps}):
+                per_dataset[d] = per_dataset.get(d, 1) * values
+                users.setdefault(d, []).append(o.name)
+        self.field_combinations = dict(sorted(per_field.items()))
+        self.dataset_combinations = dict(sorted(per_dataset.items()))
+        for d, n in per_dataset.items():
+            if n > MAX_COMBINATIONS:
+                outs = ", ".join(users[d])
+                self.refuse(f"dataset {d}", f"the outputs {outs} together can take {n:,} combinations of values that "
+                            f"depend on {d}: at most {MAX_COMBINATIONS:,} per dataset, so that a template cannot "
+                            "spell a value out bit by bit; use fewer or coarser outputs",
+                            f"输出列 {outs} 合计可取 {n:,} 种依赖 {d} 的取值组合：每个数据集最多 "
+                            f"{MAX_COMBINATIONS:,} 种，以免模板逐位拼出某个值；请减少输出列或使用更粗的分档")
 
     def substrings(self, scope: Scope) -> None:
         """SUBSTRING cuts a value into characters: only of the upload's own columns and literals."""
@@ -1502,6 +1610,8 @@ class _Checker:
 
     def output(self, o: Output, val: _Val) -> None:
         c = f"output {o.name}"
+        if val.values is not None:
+            self.output_values[o.name] = len(val.values)
         if o.kind == "ref":
             if val.upload != self.t.upload.ref:
                 got = val.why or "a derived value"
@@ -1557,15 +1667,17 @@ def check_template(template: Template, catalog: Mapping[str, Any] | None = None,
 
 def template_disclosure(template: Template, catalog: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What the office sees before approving: for each output, the catalog fields its value can depend
-    on (keys and the upload's own columns aside), and for each field how many combinations of values
-    all outputs together can take for one person (at most MAX_FIELD_COMBINATIONS). Raises
+    on (keys and the upload's own columns aside) and how many values it can take; for each dataset
+    and each field, how many combinations of values all outputs together can take for one person
+    (per dataset at most MAX_COMBINATIONS). Raises
     TemplateRefused if the template does not pass `check_template`."""
     checker = _Checker(template, descriptor_catalog() if catalog is None else catalog, None)
     a = checker.analyse()
     if a.problems:
         raise TemplateRefused(a.problems)
-    return {"outputs": dict(checker.output_deps), "fields": dict(checker.field_combinations),
-            "max_field_combinations": MAX_FIELD_COMBINATIONS}
+    return {"outputs": dict(checker.output_deps), "output_values": dict(checker.output_values),
+            "datasets": dict(checker.dataset_combinations), "fields": dict(checker.field_combinations),
+            "max_combinations": MAX_COMBINATIONS}
 
 
 def template_reads(template: Template, catalog: Mapping[str, Any] | None = None) -> set[tuple[str, str]]:
@@ -1772,6 +1884,48 @@ class TemplateAnswer:
         }
 
 
+_ALL_PREFIX = "__pdao_all_"          # a dataset's whole snapshot, bound under this name; never named by a template
+_PERSONS_VIEW = "__pdao_persons"
+
+
+def _applicant_views(template: Template, datasets: Iterable[str], catalog: Mapping[str, Any],
+                     as_of: dt.date) -> list[str]:
+    """The statements that make each dataset's view hold only the records of the persons the
+    consented upload rows name: a check on the SQL the checker did not foresee still cannot reach
+    anyone else's rows. Every dataset a template reads is keyed by its privacy unit (person_id)."""
+    up = template.upload
+    res_all = exp.to_identifier(_ALL_PREFIX + view_name(KEY_FIELD[0]), quoted=True)
+    unit = {}
+    for code in datasets:
+        info = catalog.get(code)
+        pu = getattr(info, "privacy_unit", None) or getattr(_descriptor_dict().get(code), "privacy_unit", None)
+        if not pu:
+            raise invalid("template_dataset_unkeyed", f"{code} has no privacy unit: a template reads only datasets "
+                          "keyed by person.", f"{code} 没有隐私单元：分析模板只能读取按人关联的数据集。")
+        unit[code] = pu
+    consented = exp.Select(expressions=[_col(up.key)]).from_(
+        exp.Table(this=exp.to_identifier(upload_view_name(up.name), quoted=True))).where(consent_condition(up, as_of))
+    persons = exp.Select(expressions=[exp.Alias(this=_col(unit[KEY_FIELD[0]], "r"),
+                                                alias=exp.to_identifier("person_id", quoted=True))]) \
+        .from_(exp.Table(this=res_all, alias=exp.TableAlias(this=exp.to_identifier("r", quoted=True)))) \
+        .where(exp.In(this=_col(KEY_FIELD[1], "r"), query=consented.subquery()))
+    out = [exp.Create(kind="VIEW", this=exp.Table(this=exp.to_identifier(_PERSONS_VIEW, quoted=True)),
+                      expression=persons).sql(dialect=DIALECT, identify=True)]
+    for code in sorted(unit):
+        keep = exp.Select(expressions=[_col("person_id")]).from_(
+            exp.Table(this=exp.to_identifier(_PERSONS_VIEW, quoted=True)))
+        view = exp.Select(expressions=[exp.Star()]).from_(
+            exp.Table(this=exp.to_identifier(_ALL_PREFIX + view_name(code), quoted=True))).where(
+            exp.In(this=_col(unit[code]), query=keep.subquery()))
+        out.append(exp.Create(kind="VIEW", this=exp.Table(this=exp.to_identifier(view_name(code), quoted=True)),
+                              expression=view).sql(dialect=DIALECT, identify=True))
+    return out
+
+
+def _descriptor_dict() -> dict[str, Any]:
+    return dict(_descriptor_catalog())
+
+
 def _failed() -> PdaoError:
     return invalid("template_failed", "The template could not be run on this data. The engine's message is not "
                    "shown: it could quote a record.", "分析模板无法在该数据上运行。引擎的错误信息不予显示，因为其中可能引用记录内容。")
@@ -1808,8 +1962,14 @@ def run_template(template: Template, params: Mapping[str, Any] | None, snapshots
 
     up = template.upload
     up_view = upload_view_name(up.name)
-    views = {view_name(c): Path(snapshots[c]) for c in sorted(r.datasets)}
+    datasets = sorted(set(r.datasets) | {KEY_FIELD[0]})
+    absent = [c for c in datasets if c not in snapshots]
+    if absent:
+        raise invalid("template_dataset_missing", f"No snapshot was given for {', '.join(absent)}.",
+                      f"未提供 {', '.join(absent)} 的数据快照。", details={"datasets": absent})
+    views = {_ALL_PREFIX + view_name(c): Path(snapshots[c]) for c in datasets}
     views[up_view] = upload
+    restrict = _applicant_views(template, datasets, descriptor_catalog() if catalog is None else catalog, r.as_of)
     source = exp.Table(this=exp.to_identifier(up_view, quoted=True))
     ref = _col(up.ref)
     stats = exp.Select(expressions=[
@@ -1825,6 +1985,8 @@ def run_template(template: Template, params: Mapping[str, Any] | None, snapshots
         exp.Not(this=exp.Is(this=_col("reason", "e"), expression=exp.Null()))).order_by(_col("ref", "e"))
     try:
         with domain_connection(views, threads=threads, memory_limit=memory_limit) as con:
+            for statement in restrict:
+                con.execute(statement)
             total, non_null, distinct = con.sql(stats.sql(dialect=DIALECT, identify=True)).fetchall()[0]
             if non_null != total or distinct != non_null:
                 raise invalid("template_upload_invalid",

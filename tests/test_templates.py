@@ -14,6 +14,7 @@ import datetime as dt
 from decimal import Decimal
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -674,7 +675,7 @@ def test_the_catalog_can_be_given_as_dataset_facts():
     assert check_template(uw, {c: cat[c] for c in (RES, CHR, INP)}) == []
     # DatasetMeta (fields -> FieldMeta) and plain field lists are accepted too
     metas = {c: DatasetMeta.from_fields(c, cat[c].privacy_unit, [
-        type("F", (), {"name": f.name, "type": f.type, "masking": "none", "nullable": True, "domain": None,
+        type("F", (), {"name": f.name, "type": f.type, "masking": "none", "nullable": f.nullable, "domain": None,
                        "bounds": None, "sensitivity": f.sensitivity, "pii_kind": f.pii_kind})()
         for f in cat[c].fields.values()]) for c in (RES, CHR, INP)}
     assert check_template(uw, metas) == []
@@ -849,7 +850,7 @@ def _bits(n: int) -> str:
 def test_outputs_may_say_only_so_much_about_one_field():
     many = _variant(_bits(7), [Output("applicant_ref", "ref")] + [Output(f"b{i}", "flag") for i in range(7)])
     problems = check_template(many)
-    p = next(p for p in problems if p.construct == "field health.resident.birth_date")
+    p = next(p for p in problems if p.construct == "dataset health.resident")
     assert "2,187 combinations" in p.message and "b0, b1" in p.message and "1,024" in p.message_zh
     few = _variant(_bits(6), [Output("applicant_ref", "ref")] + [Output(f"b{i}", "flag") for i in range(6)])
     assert check_template(few) == []
@@ -862,8 +863,144 @@ def test_what_each_output_depends_on_is_reported():
     assert d["outputs"]["hypertension"] == [f"{CHR}.condition", f"{CHR}.diagnosed_on"]
     assert d["outputs"]["resident_found"] == []
     assert d["outputs"]["max_inpatient_cost_band"] == [f"{INP}.admit_date", f"{INP}.total_cost"]
-    assert d["fields"][f"{INP}.admit_date"] == 5 * 5 * 5 * 6      # three count bands and the cost band
-    assert d["max_field_combinations"] == 1024
+    # three count bands of 4 labels and the cost band of 5 (none of them can be NULL)
+    assert d["datasets"][INP] == d["fields"][f"{INP}.admit_date"] == 4 * 4 * 4 * 5
+    assert d["datasets"][CHR] == 2 ** 4           # COALESCE(…, FALSE): never NULL
+    assert d["output_values"]["stays_1y"] == 4 and d["max_combinations"] == 1024
     c = template_disclosure(library_template("claims"))
     assert c["outputs"]["stay_match"] == [f"{INP}.admit_date", f"{INP}.discharge_date", f"{INP}.hospital"]
     assert f"{SET}.total_amount" in c["outputs"]["settlement_match"]
+
+
+# The second review of the checker (2026-11-28): each of these passed `check_template` and was
+# confirmed end to end with `run_template` before the fix.
+REVIEW2 = {
+    # F1: a key equality inside a LEFT JOIN's ON does not tie the tables on its left
+    "left_join_on_ties_nothing_else": PERSON_CTE + """SELECT p.applicant_ref AS applicant_ref,
+       CASE WHEN COUNT(*) > 100 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p JOIN health.resident AS z ON TRUE
+     LEFT JOIN health.chronic_condition AS c ON c.person_id = p.person_id AND z.person_id = p.person_id
+     GROUP BY p.applicant_ref""",
+    # F1 between applicants
+    "other_applicant_through_left_join": PERSON_CTE + """SELECT p2.applicant_ref AS applicant_ref,
+       CASE WHEN BOOL_OR(z.birth_date < DATE '1950-01-01') THEN 'a' ELSE 'b' END AS x
+     FROM person AS p2 JOIN person AS p1 ON TRUE
+     LEFT JOIN health.chronic_condition AS c ON c.person_id = p2.person_id AND p1.applicant_ref = p2.applicant_ref
+     LEFT JOIN health.resident AS z ON z.person_id = p1.person_id
+     GROUP BY p2.applicant_ref""",
+    # F2: a partition by a key that is NULL on every row is the whole population
+    "partition_by_a_null_key": PERSON_CTE + """, w AS (SELECT z.person_id,
+         ROW_NUMBER() OVER (PARTITION BY c.person_id ORDER BY z.person_id) AS rn
+       FROM health.resident AS z LEFT JOIN health.insurance_settlement AS c
+         ON c.person_id = z.person_id AND c.stay_id IS NULL)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN MIN(w.rn) > 100 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN w ON w.person_id = p.person_id GROUP BY p.applicant_ref""",
+    # F2: grouped by a nullable key (settlements without a stay would form one group)
+    "group_by_a_nullable_key": PERSON_CTE + """, g AS (SELECT st.stay_id, MAX(st.total_amount) AS m
+       FROM health.insurance_settlement AS st GROUP BY st.stay_id),
+     s AS (SELECT i.person_id, i.stay_id FROM health.inpatient_stay AS i)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN MAX(g.m) > 1000 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN s ON s.person_id = p.person_id LEFT JOIN g ON g.stay_id = s.stay_id
+     GROUP BY p.applicant_ref""",
+    # F6: a scalar subquery that can answer several rows fails the run when it does
+    "scalar_subquery_not_aggregated": PERSON_CTE + """SELECT p.applicant_ref AS applicant_ref,
+       CASE WHEN (SELECT s.total_cost > 1000 FROM health.inpatient_stay AS s WHERE s.person_id = p.person_id)
+            THEN 'a' ELSE 'b' END AS x FROM person AS p""",
+    # a frame reaches a neighbouring row
+    "window_frame": PERSON_CTE + """, w AS (SELECT s.person_id, MAX(s.total_cost) OVER (PARTITION BY s.person_id
+         ORDER BY s.admit_date ROWS BETWEEN 1 FOLLOWING AND 1 FOLLOWING) AS nxt FROM health.inpatient_stay AS s)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN MAX(w.nxt) > 1 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN w ON w.person_id = p.person_id GROUP BY p.applicant_ref""",
+    "right_join": PERSON_CTE + """SELECT p.applicant_ref AS applicant_ref, 'a' AS x
+     FROM health.chronic_condition AS c RIGHT JOIN person AS p ON c.person_id = p.person_id""",
+    # F4: free text quotes names, ID numbers and phone numbers
+    "free_text": PERSON_CTE + """SELECT p.applicant_ref AS applicant_ref,
+       CASE WHEN BOOL_OR(s.notes LIKE '%640104198708183524%') THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN health.inpatient_stay AS s ON s.person_id = p.person_id GROUP BY p.applicant_ref""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(REVIEW2))
+def test_second_review_findings_are_refused(case):
+    problems = check_template(_variant(REVIEW2[case]))
+    assert problems, case
+    assert all(p.message_zh for p in problems)
+
+
+def _chains(n: int) -> str:
+    """F3: one bit per chain, carried by how many times a LEFT JOIN repeats a row, counted a level up."""
+    ctes = []
+    outs = []
+    for i in range(n):
+        ctes.append(f"""b{i} AS (SELECT v.person_id FROM health.outpatient_visit AS v
+              JOIN health.resident AS z ON z.person_id = v.person_id
+              WHERE DATE_DIFF('day', DATE '1900-01-01', z.birth_date) >= {2 ** i}),
+            m{i} AS (SELECT p.applicant_ref FROM person AS p LEFT JOIN b{i} ON b{i}.person_id = p.person_id),
+            c{i} AS (SELECT m{i}.applicant_ref, COUNT(*) AS n FROM m{i} GROUP BY m{i}.applicant_ref)""")
+        outs.append(f"c{i}.n > 1 AS b{i}")
+    joins = " ".join(f"LEFT JOIN c{i} ON c{i}.applicant_ref = p.applicant_ref" for i in range(n))
+    return (PERSON_CTE + ", " + ",\n".join(ctes) + f" SELECT p.applicant_ref AS applicant_ref, {', '.join(outs)} "
+            f"FROM person AS p {joins}")
+
+
+def test_row_multiplication_counted_a_level_up_is_a_dependency():
+    outs = [Output("applicant_ref", "ref")] + [Output(f"b{i}", "flag") for i in range(7)]
+    problems = check_template(_variant(_chains(7), outs))
+    assert any(p.construct == "dataset health.resident" for p in problems), problems
+    from sandbox.templates import template_disclosure
+    d = template_disclosure(_variant(_chains(2), outs[:3]))
+    assert d["outputs"]["b0"] == [f"{RES}.birth_date"]
+
+
+def test_distinct_rows_depend_on_the_values_they_keep():
+    sql = PERSON_CTE + """, d AS (SELECT DISTINCT p.applicant_ref, v.icd10 FROM person AS p
+         JOIN health.outpatient_visit AS v ON v.person_id = p.person_id),
+       n AS (SELECT d.applicant_ref, COUNT(*) AS k FROM d GROUP BY d.applicant_ref)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN n.k > 3 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN n ON n.applicant_ref = p.applicant_ref"""
+    from sandbox.templates import template_disclosure
+    assert template_disclosure(_variant(sql))["outputs"]["x"] == ["health.outpatient_visit.icd10"]
+
+
+def test_runs_see_only_the_consented_applicants_records(city, frames, applicants):
+    """Defence in depth: whatever the checker misses, a run's views hold only the records of the
+    persons the consented upload rows name — a population count is the applicants' count."""
+    path, table = applicants
+    sql = PERSON_CTE + """, n AS (SELECT r.person_id, COUNT(*) OVER (PARTITION BY r.person_id) AS k
+                                   FROM health.resident AS r)
+     SELECT p.applicant_ref AS applicant_ref, CASE WHEN n.k = 1 THEN 'a' ELSE 'b' END AS x
+     FROM person AS p LEFT JOIN n ON n.person_id = p.person_id"""
+    assert check_template(_variant(sql)) == []
+    from sandbox import templates as tpl
+    seen = {}
+    real = tpl.domain_connection
+
+    def spy(views, **kw):
+        cm = real(views, **kw)
+
+        class Con:      # counts what the template's view holds just before each statement
+            def __init__(self, con):
+                self.con = con
+
+            def sql(self, q, *a, **kw):
+                try:
+                    seen["resident"] = self.con.sql(f'SELECT COUNT(*) FROM "{view_name(RES)}"').fetchall()[0][0]
+                except duckdb.Error:
+                    pass
+                return self.con.sql(q, *a, **kw)
+
+            def __getattr__(self, name):
+                return getattr(self.con, name)
+
+        class Wrap:
+            def __enter__(self):
+                return Con(cm.__enter__())
+
+            def __exit__(self, *a):
+                return cm.__exit__(*a)
+        return Wrap()
+
+    import unittest.mock as mock
+    with mock.patch.object(tpl, "domain_connection", spy):
+        ans = run_template(_variant(sql), {}, city, path, as_of=RUN_DATE)
+    assert 0 < seen["resident"] <= ans.persons < len(frames[RES])
