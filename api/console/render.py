@@ -31,7 +31,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",   # no-referrer would make the browser send `Origin: null` on our own forms
     "Cache-Control": "no-store",
 }
 

@@ -110,6 +110,7 @@ def timeline(times_and_decisions: Sequence[tuple[datetime, str]], title: str, al
     for t, (_, decision) in zip(times, times_and_decisions, strict=True):
         (allow if decision == "allow" else deny)[bucket(t)] += 1
     start, end = bucket(lo), bucket(hi)
+    start = min(start, end - step * 23)     # at least 24 bars: a lone burst is not one wall of colour
     buckets = []
     b = start
     while b <= end and len(buckets) < 400:

@@ -1,0 +1,216 @@
+"""The console in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright; nothing
+is downloaded): the office approves a scene, the applicant runs a dev and a prod query, the reviewer
+releases the result, the applicant downloads it, and the auditor filters the log, verifies the chain
+and opens the lineage graph. Screenshots land in tests/artifacts/console/ (git-ignored).
+
+Without Chromium (or Playwright) these tests are skipped with the reason; under CI (CI=true) that is
+a failure, like the PostgreSQL half of the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.scene_helpers import BY_DISTRICT, create
+
+CHROMIUM = os.environ.get("PDAO_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts" / "console"
+PASSWORD = "pdao-demo"
+
+
+def _chromium_missing() -> str | None:
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        return f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set PDAO_CHROMIUM)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -c constraints.txt -e '.[test]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    reason = _chromium_missing()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; under CI the console's browser tests must run", pytrace=False)
+        pytest.skip(f"{reason}; the console's browser tests are skipped")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(app, engine, settings) -> Iterator[str]:
+    """The app served by uvicorn on a free port in a thread, with one query worker (as `pdao serve`)."""
+    import uvicorn
+
+    from sandbox.worker import start_in_thread
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           server_header=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    worker, stop = start_in_thread(engine, settings)
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        server.should_exit = True
+        thread.join(timeout=15)
+        worker.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+def _login(browser, base: str, username: str, lang: str = "zh"):  # noqa: ANN001, ANN202
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900}, accept_downloads=True, locale="zh-CN")
+    page = ctx.new_page()
+    page.goto(f"{base}/console/")
+    assert "/console/login" in page.url                         # anonymous: to the login page
+    if lang == "en":
+        page.click("#lang-switch")
+    page.fill("#username", username)
+    page.fill("#password", PASSWORD)
+    page.click("#login-button")
+    page.wait_for_load_state()
+    if page.locator("#whoami").count() == 0:
+        page.screenshot(path=str(ARTIFACTS / f"login-failed-{username}.png"), full_page=True)
+        raise AssertionError(f"login as {username} failed at {page.url}: {page.inner_text('main')[:500]}")
+    assert page.inner_text("#whoami") == username
+    return ctx, page
+
+
+def _wait_status(page, selector: str, wanted: set[str], seconds: float = 60) -> str:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while True:
+        status = page.get_attribute(selector, "data-status")
+        if status in wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+        page.reload()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_walk_office_applicant_reviewer_auditor(browser, live_server, client, auth, loaded, shots):
+    base = live_server
+    scene = create(client, auth("insurer_a"), title="慢病统计（浏览器）")
+    assert client.post(f"/api/v1/scenes/{scene['id']}/submit", headers=auth("insurer_a")).status_code == 200
+    sid = scene["id"]
+
+    # 1. the office: two members approve, item by item, with the rule table's verdict beside each item
+    for n, who in enumerate(("office1", "office2"), 1):
+        ctx, page = _login(browser, base, who)
+        page.goto(f"{base}/console/scenes/{sid}")
+        assert page.locator("table.items tbody tr").count() == len(scene["items"])
+        assert page.locator("td.verdict.ok").count() == len(scene["items"])
+        page.fill("#review-comment", f"第 {n} 位审核：清单合理")
+        page.screenshot(path=str(shots / f"0{n}-office-review-{who}.png"), full_page=True)
+        page.click("#approve")
+        page.wait_for_selector("#scene-status")
+        if n == 2:
+            assert "生效中" in page.inner_text("#scene-status")      # active at the second approval
+            page.screenshot(path=str(shots / "02b-scene-active.png"), full_page=True)
+        ctx.close()
+    assert client.get(f"/api/v1/scenes/{sid}", headers=auth("insurer_a")).json()["status"] == "active"
+
+    # 2. the applicant: a dev query (instant, synthetic) and a prod query (held for review)
+    ctx, page = _login(browser, base, "insurer_a")
+    page.goto(f"{base}/console/scenes/{sid}")
+    assert page.locator("svg.gauge").count() == 1
+    page.fill("#sql", BY_DISTRICT)
+    page.select_option("#mode", "dev")
+    page.click("#run-query")
+    assert _wait_status(page, "#query-status", {"done"}) == "done"
+    page.click("#open-result")
+    page.wait_for_selector("#result-cells")                     # the tenant's own synthetic answer
+    page.screenshot(path=str(shots / "03-applicant-dev-result.png"), full_page=True)
+    page.goto(f"{base}/console/scenes/{sid}")
+    page.fill("#sql", BY_DISTRICT)
+    page.select_option("#mode", "prod")
+    page.fill("#epsilon", "0.5")
+    page.click("#run-query")
+    assert _wait_status(page, "#query-status", {"held", "failed"}) == "held"
+    page.screenshot(path=str(shots / "04-applicant-prod-held.png"), full_page=True)
+    page.click("#open-result")
+    page.wait_for_selector("#cells-hidden")                     # held: no cell for the tenant
+    assert page.locator("#result-cells").count() == 0
+    result_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    ctx.close()
+
+    # 3. the reviewer: the queue, the preview with the report, release with a reason
+    ctx, page = _login(browser, base, "reviewer1")
+    page.goto(f"{base}/console/reviews")
+    page.click(f'tr[data-result="{result_id}"] a.button')
+    page.wait_for_selector("#result-cells")                     # the reviewer's preview
+    assert page.locator("table.checks tbody tr").count() >= 1   # the automatic check report
+    page.fill("#review-reason", "差分隐私聚合，单元格检查通过")
+    page.screenshot(path=str(shots / "05-reviewer-preview.png"), full_page=True)
+    page.click("#release")
+    page.wait_for_selector('#result-status[data-status="released"]')
+    assert page.locator("#result-cells").count() == 0           # decided: no longer shown to them
+    ctx.close()
+
+    # 4. the applicant downloads the released result (stamped, recorded)
+    ctx, page = _login(browser, base, "insurer_a")
+    page.wait_for_selector("#released")
+    assert page.locator(f'#released a[href="/console/results/{result_id}"]').count() == 1
+    page.screenshot(path=str(shots / "06-applicant-home.png"), full_page=True)
+    page.goto(f"{base}/console/results/{result_id}")
+    with page.expect_download() as info:
+        page.click("#download-csv")
+    data = Path(info.value.path()).read_bytes()
+    assert data and info.value.suggested_filename.endswith(".csv")
+    ctx.close()
+
+    # 5. the auditor: filter the log, see the timeline, verify the chain, open the lineage graph
+    ctx, page = _login(browser, base, "auditor1", lang="en")
+    page.goto(f"{base}/console/audit")
+    page.fill("#f-actor", "insurer_a")
+    page.fill("#f-action", "result.*")
+    page.click("#apply-filters")
+    page.wait_for_selector("#timeline svg")
+    actors = page.locator("#events tbody tr td:nth-child(3)").all_inner_texts()
+    assert actors and set(actors) == {"insurer_a"}
+    assert any(a.startswith("result.download") for a in page.locator("#events tbody tr td:nth-child(6)").all_inner_texts())
+    page.screenshot(path=str(shots / "07-auditor-filtered-log.png"), full_page=True)
+    page.click("#verify-link")
+    page.wait_for_selector('#verify-verdict[data-ok="true"]')
+    assert "intact" in page.inner_text("#verify-verdict")
+    page.screenshot(path=str(shots / "08-auditor-chain-verified.png"), full_page=True)
+    page.goto(f"{base}/console/audit")
+    page.fill("#lineage-result", str(result_id))
+    page.click("#open-lineage")
+    page.wait_for_selector("#lineage-graph svg")
+    for node in (f"r:{result_id}", f"s:{sid}", "rv:0"):
+        assert page.locator(f'#lineage-graph [data-node="{node}"]').count() == 1, node
+    assert page.locator('#lineage-graph [data-node^="e:"]').count() == 1      # the download
+    page.screenshot(path=str(shots / "09-auditor-lineage.png"), full_page=True)
+    ctx.close()
