@@ -20,10 +20,44 @@ from fastapi.testclient import TestClient
 
 from pdao.config import Settings
 from pdao.db import make_engine
+from pdao.identity import passwords
 
 PG_ADMIN_URL = os.environ.get("PDAO_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DEMO_PASSWORD = "pdao-demo"
 _counter = itertools.count()
+
+
+PRODUCTION_HASHER = passwords._hasher
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashes() -> Iterator[None]:
+    """Argon2id (the same library, algorithm and code path) at its minimum cost parameters.
+
+    At the production parameters (m=64 MiB, t=3, p=4) a hash or a check costs ~0.35 s here, and
+    the suite logs in thousands of times. A check reads its cost from the stored hash, so the
+    template's demo users and every user a test creates are checked at the same cheap cost, and an
+    unknown username still costs the same as a wrong password (dummy_hash is cheap too).
+    `production_password_hashing` puts the production parameters back for one test.
+    """
+    from pwdlib import PasswordHash
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    cheap = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=8, parallelism=1),))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(passwords, "_hasher", lambda: cheap)
+        passwords.dummy_hash.cache_clear()
+        yield
+    passwords.dummy_hash.cache_clear()
+
+
+@pytest.fixture
+def production_password_hashing(monkeypatch) -> Iterator[None]:
+    """The production Argon2id parameters for this test (hashes made during it are slow to check)."""
+    monkeypatch.setattr(passwords, "_hasher", PRODUCTION_HASHER)
+    passwords.dummy_hash.cache_clear()
+    yield
+    passwords.dummy_hash.cache_clear()
 
 
 def _pg_available() -> str | None:

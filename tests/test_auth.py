@@ -340,12 +340,18 @@ def test_me_without_credentials(client):
     assert r.headers.get("www-authenticate") == "Bearer"
 
 
-def test_parallel_failures_are_all_counted(engine, settings):
+def test_parallel_failures_are_all_counted(engine, settings, production_password_hashing):
     """The lockout cannot be outrun by guessing in parallel: every failure is counted, however
     many arrive at once (an atomic increment, not read-modify-write)."""
     import threading
 
     from pdao.errors import PdaoError
+
+    # a hash at the production cost: each check takes long enough for all eight to overlap
+    with Session(engine) as s:
+        service.set_password(s, "auditor1", DEMO_PASSWORD)
+        s.commit()
+    assert user_row(engine, "auditor1").password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
 
     n = 8
     barrier = threading.Barrier(n)
