@@ -213,4 +213,9 @@ def test_the_walk_office_applicant_reviewer_auditor(browser, live_server, client
         assert page.locator(f'#lineage-graph [data-node="{node}"]').count() == 1, node
     assert page.locator('#lineage-graph [data-node^="e:"]').count() == 1      # the download
     page.screenshot(path=str(shots / "09-auditor-lineage.png"), full_page=True)
+    page.goto(f"{base}/console/catalog")                        # the resource map, drawn on the server
+    assert page.locator(f'#resource-map [data-node="sc:{sid}"]').count() == 1
+    page.screenshot(path=str(shots / "10-catalog-resource-map.png"), full_page=True)
+    page.goto(f"{base}/console/audit/alerts")
+    page.screenshot(path=str(shots / "11-auditor-alerts.png"), full_page=True)
     ctx.close()
