@@ -16,7 +16,7 @@ from sandbox.models import QueryResult
 from tests.console_support import CONSOLE, MISSING_MARK, console_client, csrf_of, post_form
 from tests.conftest import DEMO_PASSWORD
 from tests.scene_helpers import BY_DISTRICT, active_scene, create, today
-from tests.test_audit_requests import count, events, the_one_event
+from tests.test_audit_requests import count, the_one_event
 from tests.test_export_review import BY_DISTRICT_FEES, held_result, review
 from tests.test_queries import work_once
 
@@ -294,7 +294,7 @@ def test_applicant_applies_previews_runs_dev_and_prod_and_reviewer_revises(app, 
     assert "Traceback" not in r.text
     # the home page: budget gauge, queries and statuses
     home = tenant.get(f"{CONSOLE}/").text
-    assert 'class="chart gauge"' in home and f'data-query="' in home
+    assert 'class="chart gauge"' in home and 'data-query="' in home
 
 
 def test_audit_page_filters_charts_verifies_and_shows_a_broken_chain(app, client, auth, engine):
