@@ -42,7 +42,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -97,6 +97,9 @@ MAX_STRING_PARAM_CHARS = 200
 # combinations (10 bits) fit the shipped templates (underwriting says 320 about inpatient stays) and
 # stop a template spelling out a value bit by bit (a phone number needs ~27 bits, a birth date ~15).
 MAX_COMBINATIONS = 1024
+# The pseudo-field of a dataset that stands for which of its rows there are, and how many: what a
+# key, a join on it, or COUNT(*) depends on.
+ROWS = "(rows)"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _RESERVED_PREFIXES = ("v_", "u_", "__pdao")   # engine view names and internal columns
 _OUT_ALIAS = "t"                              # the template's answer inside the final projection
@@ -166,11 +169,18 @@ class UploadSpec:
     consent_ref: str
     valid_from: str
     valid_until: str
+    # How many consented rows may name one ID number in a run. Each row asks the template's question
+    # again about the same person (with the row's own values), so what a run can say about a person
+    # is the per-dataset bound to this power: 1 for underwriting; a few for claims.
+    max_rows_per_person: int = 1
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "columns": list(self.columns), "key": self.key, "ref": self.ref,
-                "consent": {"ref": self.consent_ref, "valid_from": self.valid_from,
-                            "valid_until": self.valid_until}}
+        out = {"name": self.name, "columns": list(self.columns), "key": self.key, "ref": self.ref,
+               "consent": {"ref": self.consent_ref, "valid_from": self.valid_from,
+                           "valid_until": self.valid_until}}
+        if self.max_rows_per_person != 1:     # (absent when 1: the digests approved before it existed stay)
+            out["max_rows_per_person"] = self.max_rows_per_person
+        return out
 
 
 @dataclass(frozen=True)
@@ -335,6 +345,7 @@ def template_from_mapping(data: Any, source: str = "template") -> Template:
         consent_ref=s.name(consent, "ref", f"{source}.upload.consent") if consent else "",
         valid_from=s.name(consent, "valid_from", f"{source}.upload.consent") if consent else "",
         valid_until=s.name(consent, "valid_until", f"{source}.upload.consent") if consent else "",
+        max_rows_per_person=_rows_per_person(s, u, f"{source}.upload") if u else 1,
     )
 
     params: list[Param] = []
@@ -420,6 +431,18 @@ def template_from_mapping(data: Any, source: str = "template") -> Template:
     return Template(name=name, version=version, level=str(level), upload=upload, params=tuple(params), sql=sql,
                     outputs=tuple(outputs), title=(str(title.get("en") or ""), str(title.get("zh") or "")),
                     description=str(d.get("description") or ""))
+
+
+MAX_ROWS_PER_PERSON = 12
+
+
+def _rows_per_person(s: _Shape, u: Mapping[str, Any], where: str) -> int:
+    v = u.get("max_rows_per_person", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_ROWS_PER_PERSON:
+        s.bad(f"{where}.max_rows_per_person", f"must be a whole number from 1 to {MAX_ROWS_PER_PERSON}",
+              f"必须是 1 到 {MAX_ROWS_PER_PERSON} 之间的整数")
+        return 1
+    return v
 
 
 def load_template(path: Path | str) -> Template:
@@ -771,6 +794,17 @@ class _Checker:
             self.views[view] = ("dataset", code)
             short = name.lower()
         elif name.lower() in ctes:
+            # A CTE is visible only below it: in the main query, or in a later CTE. Elsewhere the
+            # engine would read a table of its own by that name.
+            holder = node.find_ancestor(exp.CTE)
+            order = getattr(self, "_cte_order", [])
+            mine = order.index(holder.alias_or_name.lower()) if holder is not None and \
+                holder.alias_or_name.lower() in order else len(order)
+            if name.lower() in order[:mine]:
+                return
+            self.refuse(f"table {name}", f"{name} is used before (or inside) the CTE of that name: a CTE can be read "
+                        "only by the main query and by the CTEs after it", f"{name} 在同名 CTE 定义之前（或其内部）被引用："
+                        "CTE 只能被主查询及其后的 CTE 读取")
             return
         elif name.lower() == self.t.upload.name:
             view = upload_view_name(self.t.upload.name)
@@ -794,6 +828,13 @@ class _Checker:
     def walk(self, tree: exp.Select) -> set[str]:
         """Refuse every node outside the accepted subset; collect placeholders; rename tables."""
         ctes: set[str] = set()
+        for w in tree.find_all(exp.With):
+            if w.parent is not tree:
+                self.refuse("nested WITH", "WITH is accepted only at the top of the template: a nested WITH would let "
+                            "a name mean a CTE in one place and an engine table in another",
+                            "WITH 只能出现在模板最外层：嵌套的 WITH 会使同一名称在一处指 CTE、在另一处指引擎中的表")
+        order = [c.alias_or_name.lower() for c in (tree.args["with_"].expressions if tree.args.get("with_") else [])]
+        self._cte_order = order
         for cte in tree.find_all(exp.CTE):
             alias = cte.alias_or_name.lower()
             if cte.args.get("alias") is not None and cte.args["alias"].args.get("columns"):
@@ -826,6 +867,11 @@ class _Checker:
                     self.refuse(f"SELECT {what}", f"{what} is not accepted in a template", f"模板中不接受 {what}")
             elif isinstance(node, exp.Join):
                 side = str(node.args.get("side") or "").upper()
+                kind = str(node.args.get("kind") or "").upper()
+                if kind not in ("", "INNER", "OUTER", "CROSS"):
+                    self.refuse(f"{kind} JOIN", f"{kind} JOIN is not accepted: use EXISTS / NOT EXISTS tied to the row, "
+                                "or [LEFT|INNER] JOIN … ON …", f"不接受 {kind} JOIN：请使用与该行关联的 EXISTS / NOT EXISTS，"
+                                "或 [LEFT|INNER] JOIN … ON …")
                 if side in ("RIGHT", "FULL"):
                     self.refuse(f"{side} JOIN", f"{side} JOIN is not accepted: use [LEFT|INNER] JOIN … ON …, with the "
                                 "upload's rows on the left", f"不接受 {side} JOIN：请使用 [LEFT|INNER] JOIN … ON …，"
@@ -911,6 +957,12 @@ class _Checker:
         return self.views.get(table.name)
 
     def column_value(self, col: exp.Column, scope: Scope) -> _Val:
+        val = self._column_value(col, scope)
+        if val.values is not None and col.table in scope.selected_sources and self.left_joined(scope, col.table):
+            return _Val(val.values | {None})     # no match: NULL
+        return val
+
+    def _column_value(self, col: exp.Column, scope: Scope) -> _Val:
         src = self.source_of(col, scope)
         if isinstance(src, exp.Table):
             b = self.base(src)
@@ -969,6 +1021,11 @@ class _Checker:
             return _Val(frozenset({None}))
         if isinstance(node, exp.Column):
             return self.column_value(node, scope)
+        if isinstance(node, (exp.Exists, exp.Is)):
+            return _Val(frozenset({True, False}))      # never NULL
+        if isinstance(node, exp.Not):
+            inner = self.value(node.this, scope)
+            return _Val(frozenset({True, False}) if inner.values is not None and None not in inner.values else _BOOL)
         if isinstance(node, _BOOLEAN_VALUED):
             return _Val(_BOOL)
         if isinstance(node, exp.Case):
@@ -1080,16 +1137,7 @@ class _Checker:
         if not dep:
             return
         if len(dep) > 1:
-            parent = {a: a for a in dep}
-
-            def find(a: str) -> str:
-                while parent[a] != a:
-                    a = parent[a]
-                return a
-
-            for a, b, key in self.ties(scope):
-                if key == "ref" and a in parent and b in parent:
-                    parent[find(a)] = find(b)
+            find = self.components(scope, only="ref")
             if len({find(a) for a in dep}) > 1:
                 self.refuse("upload rows joined", f"{', '.join(dep)} all hold rows of the upload: join them on equal "
                             f"row references ({self.t.upload.ref}), so that each row keeps its own applicant",
@@ -1204,20 +1252,28 @@ class _Checker:
 
     _OUTER = "\0outer"
 
-    def ties(self, scope: Scope) -> list[tuple[str, str, str]]:
-        """The key equalities that really tie two sources of a SELECT: (alias, alias, key), with the
-        outer row as `_OUTER` in a subquery. A WHERE term or an inner join's ON term filters the joined
-        rows, so it ties any two sources; a LEFT JOIN's ON only decides which rows of the table it
-        brings in match, so it ties that table to one on its left and nothing else."""
+    def components(self, scope: Scope, only: str | None = None) -> Callable[[str], str]:
+        """Which sources of a SELECT (and, in a subquery, the outer row `_OUTER`) key equalities really
+        tie together: a `find` of a union-find. A WHERE term or an inner join's ON term filters the
+        joined rows, so it ties any two sources. A LEFT JOIN's ON only decides which rows of the table
+        it brings in match: it attaches that table to the left side when its partners there are
+        already one component, and never connects two parts of the left side. `only`: a key kind
+        (`ref`)."""
         sel = scope.expression
         own = set(scope.selected_sources)
+        parent = {a: a for a in [*own, self._OUTER]}
+
+        def find(a: str) -> str:
+            while parent[a] != a:
+                a = parent[a]
+            return a
 
         def node_of(c: exp.Column) -> str | None:
             if c.table in own:
                 return c.table
             return self._OUTER if scope.is_subquery and self.source_of(c, scope) is not None else None
 
-        def pairs(cond: exp.Expression | None) -> Iterable[tuple[str, str, str]]:
+        def pairs(cond: exp.Expression | None) -> Iterable[tuple[str, str]]:
             for eq in (cond.flatten() if isinstance(cond, exp.And) else [cond]) if cond is not None else []:
                 while isinstance(eq, exp.Paren):
                     eq = eq.this
@@ -1226,22 +1282,29 @@ class _Checker:
                     continue
                 k = self.key_of(eq.this, scope)
                 a, b = node_of(eq.this), node_of(eq.expression)
-                if k is not None and k == self.key_of(eq.expression, scope) and a and b and a != b:
-                    yield a, b, k
+                if k is not None and k == self.key_of(eq.expression, scope) and (only is None or k == only) \
+                        and a and b and a != b:
+                    yield a, b
 
-        out = list(pairs(sel.args["where"].this)) if sel.args.get("where") is not None else []
+        joins = sel.args.get("joins") or []
+        is_left = [str(j.args.get("side") or "").upper() == "LEFT" for j in joins]
+        conds = [sel.args["where"].this] if sel.args.get("where") is not None else []
+        conds += [j.args.get("on") for j, left in zip(joins, is_left) if not left]
+        for cond in conds:
+            for a, b in pairs(cond):
+                parent[find(a)] = find(b)
         from_ = sel.args.get("from_")
-        left = {self._OUTER} | ({from_.this.alias_or_name} if from_ is not None and isinstance(from_.this, exp.Expression)
+        seen = {self._OUTER} | ({from_.this.alias_or_name} if from_ is not None and isinstance(from_.this, exp.Expression)
                                 else set())
-        for j in sel.args.get("joins") or []:
+        for j, left in zip(joins, is_left):
             name = j.this.alias_or_name
-            for a, b, k in pairs(j.args.get("on")):
-                if str(j.args.get("side") or "").upper() == "LEFT" and not (
-                        (a == name and b in left) or (b == name and a in left)):
-                    continue
-                out.append((a, b, k))
-            left.add(name)
-        return out
+            if left:
+                partners = {b if a == name else a for a, b in pairs(j.args.get("on")) if name in (a, b)}
+                partners = {x for x in partners if x in seen}
+                if len({find(x) for x in partners}) == 1:
+                    parent[find(name)] = find(next(iter(partners)))
+            seen.add(name)
+        return find
 
     def left_joined(self, scope: Scope, alias: str) -> bool:
         return any(j.this.alias_or_name == alias and str(j.args.get("side") or "").upper() == "LEFT"
@@ -1301,16 +1364,7 @@ class _Checker:
         if not sources:
             return
         outer = self._OUTER
-        parent = {a: a for a in [*sources, outer]}
-
-        def find(a: str) -> str:
-            while parent[a] != a:
-                a = parent[a]
-            return a
-
-        for a, b, _ in self.ties(scope):
-            if a in parent and b in parent:
-                parent[find(a)] = find(b)
+        find = self.components(scope)
         if scope.is_subquery:
             holder = sel.parent
             if isinstance(holder, exp.Subquery) and not isinstance(holder.parent, exp.In) \
@@ -1360,9 +1414,11 @@ class _Checker:
         src = self.source_of(col, scope)
         if isinstance(src, exp.Table):
             b = self.base(src)
-            if b and b[0] == "dataset" and self.field_class(b[1], col.name) == "value":
+            if not b or b[0] != "dataset":
+                return frozenset()
+            if self.field_class(b[1], col.name) == "value":
                 return frozenset({(b[1], col.name)})
-            return frozenset()
+            return frozenset({(b[1], ROWS)})   # a key says which of the dataset's rows there are
         if not isinstance(src, Scope) or not isinstance(src.expression, exp.Select):
             return frozenset()
         key = (id(src), col.name.lower())
@@ -1385,7 +1441,8 @@ class _Checker:
         src = scope.selected_sources.get(alias, (None, None))[1]
         if isinstance(src, Scope) and isinstance(src.expression, exp.Select):
             return self.row_deps(src, all_sources=all_sources)
-        return frozenset()
+        b = self.base(src) if isinstance(src, exp.Table) else None
+        return frozenset({(b[1], ROWS)}) if b and b[0] == "dataset" else frozenset()
 
     def row_deps(self, scope: Scope, *, all_sources: bool = False) -> frozenset[tuple[str, str]]:
         """The fields that decide which rows a SELECT holds: its conditions (WHERE, HAVING, QUALIFY,
@@ -1414,9 +1471,13 @@ class _Checker:
             kept.append(from_.this.alias_or_name)
         for j in sel.args.get("joins") or []:
             on = j.args.get("on")
+            left = str(j.args.get("side") or "").upper() == "LEFT"
             if on is not None:
-                parts += [t for t in (on.flatten() if isinstance(on, exp.And) else [on]) if not self.is_key_term(t, scope)]
-            if all_sources or str(j.args.get("side") or "").upper() != "LEFT":
+                # an inner join's key terms decide which rows pair up; a LEFT JOIN's only which of
+                # the joined table's rows match, which its own columns (and ROWS) carry
+                parts += [t for t in (on.flatten() if isinstance(on, exp.And) else [on])
+                          if not (left and self.is_key_term(t, scope))]
+            if all_sources or not left:
                 kept.append(j.this.alias_or_name)
         out: set[tuple[str, str]] = set()
         for p in parts:
@@ -1994,6 +2055,17 @@ def run_template(template: Template, params: Mapping[str, Any] | None, snapshots
                               f"({total - non_null} empty, {non_null - distinct} repeated).",
                               f"上传数据的行引用 {up.ref} 必须在每一行都存在且唯一（{total - non_null} 行为空，"
                               f"{non_null - distinct} 行重复）。")
+            per_key = exp.Select(expressions=[exp.Max(this=_col("n"))]).from_(
+                exp.Select(expressions=[exp.Alias(this=exp.Count(this=exp.Star()), alias=exp.to_identifier("n"))])
+                .from_(source.copy()).where(consent_condition(up, r.as_of)).group_by(_col(up.key)).subquery("k"))
+            most = con.sql(per_key.sql(dialect=DIALECT, identify=True)).fetchall()[0][0] or 0
+            if most > up.max_rows_per_person:
+                # (the tenant's own ID numbers: refusing says nothing about the city's data)
+                raise invalid("template_upload_invalid",
+                              f"One ID number is named by {most} consented rows; this template answers at most "
+                              f"{up.max_rows_per_person} per person in a run.",
+                              f"同一身份证号对应 {most} 个已授权行；该模板每次运行对每人最多回答 "
+                              f"{up.max_rows_per_person} 行。", details={"max_rows_per_person": up.max_rows_per_person})
             exclusions = con.sql(excl_sql.sql(dialect=DIALECT, identify=True)).to_arrow_table()
             all_refs = con.sql(exp.Select(expressions=[exp.Cast(this=ref.copy(), to=exp.DataType.build("VARCHAR"))])
                                .from_(source.copy()).sql(dialect=DIALECT, identify=True)).to_arrow_table().column(0)

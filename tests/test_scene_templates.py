@@ -30,7 +30,8 @@ def test_an_approved_scene_carries_its_template_and_digest(client, auth):
     # sees nothing
     office = client.get(f"/api/v1/scenes/{scene['id']}", headers=auth("office1")).json()["templates"][0]
     assert office["sql"]
-    assert office["disclosure"]["outputs"]["hypertension"] == [f"{CHRONIC}.condition", f"{CHRONIC}.diagnosed_on"]
+    assert office["disclosure"]["outputs"]["hypertension"] == [f"{CHRONIC}.(rows)", f"{CHRONIC}.condition",
+                                                                f"{CHRONIC}.diagnosed_on"]
     assert office["disclosure"]["datasets"][STAY] == office["disclosure"]["fields"][f"{STAY}.admit_date"] == 320
     assert client.get(f"/api/v1/scenes/{scene['id']}", headers=auth("insurer_b")).status_code == 404
 
