@@ -44,3 +44,12 @@ def post_form(c: TestClient, path: str, data: dict | list | None = None, **kw):
     else:
         body = {**(data or {}), "csrf_token": token}
     return c.post(f"{CONSOLE}{path}", data=body, **kw)
+
+
+def post_file(c: TestClient, path: str, files: dict, data: dict | None = None, token: str | None = "", **kw):
+    """A console multipart form POST (a file and text fields) with this client's CSRF token; `token=None`
+    leaves the token out, any other string replaces it."""
+    body = dict(data or {})
+    if token is not None:
+        body["csrf_token"] = token or csrf_of(c)
+    return c.post(f"{CONSOLE}{path}", data=body, files=files, **kw)

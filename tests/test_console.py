@@ -19,6 +19,7 @@ from tests.scene_helpers import BY_DISTRICT, active_scene, create, today
 from tests.test_audit_requests import count, the_one_event
 from tests.test_export_review import BY_DISTRICT_FEES, held_result, review
 from tests.test_queries import work_once
+from tests.test_template_runs import applicants, health  # noqa: F401 - the `health` fixture
 
 
 def _event_of(engine, r) -> AuditEvent:
@@ -389,12 +390,13 @@ def test_every_page_renders_in_chinese_and_english_with_no_missing_translation(a
     pages = {
         "insurer_a": ["/", "/catalog", "/catalog/health.outpatient_visit", "/scenes", "/scenes/new",
                       f"/scenes/{scene['id']}", "/queries", f"/queries/{res['query_id']}", "/results",
-                      f"/results/{res['id']}", f"/results/{res['id']}/lineage", "/audit"],
-        "office1": ["/", f"/scenes/{scene['id']}", "/emergency-stop", "/audit", "/audit/alerts", "/audit/verify"],
-        "reviewer1": ["/", "/reviews", f"/results/{res['id']}"],
+                      f"/results/{res['id']}", f"/results/{res['id']}/lineage", "/audit", "/uploads", "/trace"],
+        "office1": ["/", f"/scenes/{scene['id']}", "/emergency-stop", "/audit", "/audit/alerts", "/audit/verify",
+                    "/uploads", "/trace"],
+        "reviewer1": ["/", "/reviews", f"/results/{res['id']}", "/uploads"],
         "auditor1": ["/", "/audit", "/audit/verify", "/audit/alerts", f"/results/{res['id']}/lineage", "/results",
-                     "/no-such-page"],
-        "provider1": ["/", "/catalog", "/scenes"],
+                     "/no-such-page", "/uploads", "/trace"],
+        "provider1": ["/", "/catalog", "/scenes", "/uploads"],
         "operator1": ["/", "/results"],
     }
     seen = 0
@@ -417,3 +419,222 @@ def test_every_page_renders_in_chinese_and_english_with_no_missing_translation(a
     r = c.get(f"{CONSOLE}/lang/en", params={"next": f"{CONSOLE}/scenes"})
     assert r.status_code == 303 and r.headers["location"] == f"{CONSOLE}/scenes"
     assert 'lang="en"' in c.get(f"{CONSOLE}/scenes").text
+
+
+# --- uploads, template runs, trace, picked cells ------------------------------------------------------
+
+def test_applicant_uploads_from_the_console_and_every_page_shows_metadata_only(app, client, auth, engine, settings):
+    import json
+
+    from tests.console_support import post_file
+    from tests.test_tenant_uploads import APPLICANTS, IDS, applicant_rows, files_under, to_csv, upload_rows
+
+    tenant = console_client(app, "insurer_a")
+    page = tenant.get(f"{CONSOLE}/uploads").text
+    assert 'id="upload-form"' in page and 'enctype="multipart/form-data"' in page
+    data = to_csv(applicant_rows(30))
+    schema = json.dumps(APPLICANTS, ensure_ascii=False)
+    # CSRF: no token, a forged one, another site: refused before anything is stored, audited by name
+    for token, headers in ((None, {}), ("forged", {}), ("", {"Origin": "https://evil.example"}),
+                           ("", {"Sec-Fetch-Site": "cross-site"})):
+        before = count(engine)
+        r = post_file(tenant, "/uploads", {"file": ("a.csv", data, "text/csv")}, {"schema": schema}, token=token,
+                      headers=headers)
+        assert r.status_code == 403 and "csrf_failed" in r.text, (token, headers, r.status_code)
+        ev = the_one_event(engine, before, r)
+        assert (ev.actor, ev.decision, ev.reason) == ("insurer_a", "deny", "csrf_failed")
+    assert upload_rows(engine) == 0 and files_under(settings) == []
+    # the API's checks and errors, shown in both languages: a bad schema, bad rows
+    bad = {"name": "applicants", "columns": [c for c in APPLICANTS["columns"] if c.get("role") != "join_key"]}
+    for lang, words in (("zh", "声明的表结构无效"), ("en", "The declared schema is invalid")):
+        c = console_client(app, "insurer_a", lang=lang)
+        r = post_file(c, "/uploads", {"file": ("a.csv", data, "text/csv")}, {"schema": json.dumps(bad)})
+        assert r.status_code == 422 and "schema_invalid" in r.text and words in r.text
+        assert "join_key" in r.text and MISSING_MARK not in r.text
+    rows = applicant_rows(5)
+    rows[2]["id_number"] = "110101199001011234"   # not a valid resident ID
+    r = post_file(tenant, "/uploads", {"file": ("a.csv", to_csv(rows), "text/csv")}, {"schema": schema})
+    assert r.status_code == 422 and "upload_invalid" in r.text and "@ 4" in r.text, r.text   # line 4 of the file
+    assert "110101199001011234" not in r.text
+    assert upload_rows(engine) == 0
+    # stored: the API's audit detail, then the list (metadata)
+    before = count(engine)
+    r = post_file(tenant, "/uploads", {"file": ("a.csv", data, "text/csv")}, {"schema": schema, "note": "batch 1"})
+    assert r.status_code == 303, r.text
+    ev = the_one_event(engine, before, r)
+    assert ev.action == "upload.create" and ev.decision == "allow" and ev.path == f"{CONSOLE}/uploads"
+    assert set(ev.detail) == {"upload", "version", "rows", "sha256", "format"} and ev.detail["rows"] == 30
+    page = tenant.get(r.headers["location"]).text
+    api = client.get("/api/v1/uploads", headers=auth("insurer_a")).json()["items"][0]
+    assert 'id="upload-stored"' in page and 'data-upload="company_a/applicants"' in page
+    assert api["sha256"] in page and "batch 1" in page and "关联键" in page   # roles in words
+    # CSV and Parquet, both through the same form: a second version
+    r = post_file(tenant, "/uploads", {"file": ("a.csv", data, "text/csv")}, {"name": "applicants"})   # latest schema
+    assert r.status_code == 303
+    assert 'data-version="2"' in tenant.get(f"{CONSOLE}/uploads").text
+    cells = set(IDS[:30]) | {row["applicant_ref"] for row in applicant_rows(30)}
+    for who, sees in (("insurer_a", True), ("office1", True), ("auditor1", True), ("reviewer1", True),
+                      ("insurer_b", False), ("provider1", False), ("operator1", False)):
+        c = console_client(app, who)
+        page = c.get(f"{CONSOLE}/uploads")
+        assert page.status_code == 200, who
+        assert ('data-upload="company_a/applicants"' in page.text) is sees, who
+        assert not [v for v in cells if v in page.text], who
+        if who != "insurer_a":
+            assert "batch 1" not in page.text, who   # the note is the tenant's own
+        if who not in ("insurer_a", "insurer_b"):
+            assert 'id="upload-form"' not in page.text, who
+            r = post_file(c, "/uploads", {"file": ("a.csv", data, "text/csv")}, {"schema": schema})
+            assert r.status_code == 403 and "role_not_permitted" in r.text, who
+    assert upload_rows(engine) == 2
+
+
+def test_template_scene_review_shows_sql_outputs_and_disclosure_and_the_applicant_runs_it(app, client, auth, engine,
+                                                                                          settings, health):
+    from tests.test_scene_templates import underwriting_items
+    from tests.test_template_runs import upload
+
+    upload(client, auth("insurer_a"), applicants(health[:25]))
+    s = create(client, auth("insurer_a"), scene_type="underwriting", items=underwriting_items(),
+               templates=[{"library": "underwriting"}])
+    client.post(f"/api/v1/scenes/{s['id']}/submit", headers=auth("insurer_a"))
+    office = console_client(app, "office1")
+    page = office.get(f"{CONSOLE}/scenes/{s['id']}").text
+    assert 'id="template-underwriting"' in page and "WITH person AS" in page            # the SQL
+    assert 'data-output="max_inpatient_cost_band"' in page and "health.inpatient_stay.total_cost" in page
+    assert 'data-dataset="health.inpatient_stay"' in page and "1024" in page             # combinations vs the cap
+    assert 'id="run-template-underwriting"' not in page                                 # the office runs nothing
+    en = console_client(app, "office1", lang="en").get(f"{CONSOLE}/scenes/{s['id']}").text
+    assert "Value combinations per person" in en and MISSING_MARK not in en and MISSING_MARK not in page
+    for who in ("office1", "office2"):
+        assert post_form(console_client(app, who), f"/scenes/{s['id']}/reviews",
+                         {"decision": "approve"}).status_code == 303
+    tenant = console_client(app, "insurer_a")
+    page = tenant.get(f"{CONSOLE}/scenes/{s['id']}").text
+    assert 'id="run-template-underwriting"' in page and '<option value="applicants" selected>' in page
+    en = console_client(app, "insurer_a", lang="en").get(f"{CONSOLE}/scenes/{s['id']}").text
+    assert "Run the template" in en and MISSING_MARK not in en
+    run = f"/scenes/{s['id']}/templates/underwriting/runs"
+    # CSRF, bad parameters, wrong role, another tenant: refused, nothing run
+    assert tenant.post(f"{CONSOLE}{run}", data={"upload": "applicants", "mode": "dev"}).status_code == 403
+    r = post_form(tenant, run, {"upload": "applicants", "mode": "dev", "params": "{not json"})
+    assert r.status_code == 422 and "bad_params" in r.text
+    r = post_form(tenant, run, {"upload": "applicants", "mode": "dev", "params": '{"as_of": "1900-01-01"}'})
+    assert r.status_code == 422 and "Traceback" not in r.text
+    auditor = console_client(app, "auditor1")
+    before = count(engine)
+    r = post_form(auditor, run, {"upload": "applicants", "mode": "dev"})
+    assert r.status_code == 403 and "role_not_permitted" in r.text
+    ev = the_one_event(engine, before, r)
+    assert (ev.action, ev.actor, ev.decision) == ("scene.query", "auditor1", "deny")
+    assert post_form(console_client(app, "insurer_b"), run, {"upload": "applicants", "mode": "dev"}).status_code == 404
+    with Session(engine) as ss:
+        assert ss.exec(select(QueryResult)).all() == []
+    # dev: the tenant's at once; prod: held, no cells for the tenant, derived values for the reviewer
+    r = post_form(tenant, run, {"upload": "applicants", "mode": "dev"})
+    assert r.status_code == 303, r.text
+    q = tenant.get(r.headers["location"]).text
+    assert 'data-status="done"' in q
+    r = post_form(tenant, run, {"upload": "applicants", "mode": "prod", "params": "{}"})
+    assert r.status_code == 303, r.text
+    ev = _event_of(engine, r)      # the middleware's (the run writes its own `template.run` too)
+    assert ev.action == "scene.query" and ev.detail == {"template": "underwriting", "upload": "applicants",
+                                                          "mode": "prod", "params": {}}
+    q = tenant.get(r.headers["location"]).text
+    assert 'data-status="held"' in q
+    rid = int(re.search(r'id="open-result" href="/console/results/(\d+)"', q).group(1))
+    page = tenant.get(f"{CONSOLE}/results/{rid}").text
+    assert 'id="result-cells"' not in page and 'id="cells-hidden"' in page
+    assert not [x for x in health[:25] if x in page]
+    reviewer = console_client(app, "reviewer1")
+    page = reviewer.get(f"{CONSOLE}/results/{rid}").text
+    assert 'id="result-cells"' in page and "A00000" in page and not [x for x in health[:25] if x in page]
+    assert 'id="suppress-picked-form"' not in page                    # a rows answer: by class only
+
+
+def test_trace_from_the_console_names_export_result_requester_and_reviewer(app, client, auth, engine, settings,
+                                                                          loaded):
+    from tests.console_support import post_file
+
+    scene = active_scene(client, auth)
+    res = held_result(client, auth, engine, settings, scene["id"])
+    assert review(client, auth("reviewer1"), res["id"]).status_code == 200
+    dl = client.get(f"/api/v1/results/{res['id']}/download", headers=auth("insurer_a"))
+    export_id = dl.headers["X-Pdao-Export"]
+    auditor = console_client(app, "auditor1", lang="en")
+    assert 'id="trace-form"' in auditor.get(f"{CONSOLE}/trace").text
+    # CSRF on the file form
+    for token, headers in ((None, {}), ("forged", {}), ("", {"Origin": "https://evil.example"})):
+        before = count(engine)
+        r = post_file(auditor, "/trace", {"file": ("found.csv", dl.content, "text/csv")}, token=token, headers=headers)
+        assert r.status_code == 403 and "csrf_failed" in r.text
+        assert the_one_event(engine, before, r).reason == "csrf_failed"
+    before = count(engine)
+    r = post_file(auditor, "/trace", {"file": ("found.csv", dl.content, "text/csv")})
+    assert r.status_code == 200 and 'data-matched="true"' in r.text and 'data-match="stamp"' in r.text
+    assert f'<code id="trace-export">{export_id}</code>' in r.text and f"#{res['id']}" in r.text
+    assert re.search(r'id="trace-requester">insurer_a<', r.text) and "reviewer1" in r.text
+    assert MISSING_MARK not in r.text
+    ev = the_one_event(engine, before, r)
+    assert ev.action == "trace.create" and ev.detail == {"matched": True, "match": "stamp", "export_id": export_id,
+                                                         "result_id": res["id"]}
+    assert ev.object == f"result:{res['id']}" and ev.scene_id == scene["id"]
+    # the office too, in Chinese; the cells without their stamp still match by content
+    bare = b"\n".join(ln for ln in dl.content.splitlines() if not ln.startswith(b"#"))
+    r = post_file(console_client(app, "office1"), "/trace", {"file": ("x.csv", bare, "text/csv")})
+    assert r.status_code == 200 and 'data-match="content"' in r.text and "内容指纹" in r.text
+    assert MISSING_MARK not in r.text
+    r = post_file(auditor, "/trace", {"file": ("x.bin", b"\x00\x01PK\x03\x04junk")})
+    assert r.status_code == 422 and "Traceback" not in r.text
+    # the tenant and the reviewer may not trace: a page, audited
+    for who in ("insurer_a", "reviewer1"):
+        c = console_client(app, who)
+        before = count(engine)
+        r = c.get(f"{CONSOLE}/trace")
+        assert r.status_code == 403 and "role_not_permitted" in r.text
+        assert the_one_event(engine, before, r).decision == "deny"
+        assert post_file(c, "/trace", {"file": ("found.csv", dl.content)}).status_code == 403
+
+
+def test_reviewer_picks_failing_cells_to_suppress(app, client, auth, engine, settings, loaded):
+    import json
+
+    from tests.test_export_review import BY_DISTRICT_COUNT
+
+    scene = active_scene(client, auth, release_policy={"auto_release": "dp_aggregates",
+                                                       "thresholds": {"min_cell_count": 1000}})
+    res = held_result(client, auth, engine, settings, scene["id"], sql=BY_DISTRICT_COUNT)
+    rid = res["id"]
+    reviewer = console_client(app, "reviewer1")
+    page = reviewer.get(f"{CONSOLE}/results/{rid}").text
+    assert 'id="suppress-picked-form"' in page and page.count('name="cell"') == 6
+    values = re.findall(r'name="cell" value="([^"]*)"', page)
+    picked = [json.loads(v.replace("&#34;", '"').replace("&quot;", '"')) for v in values[:2]]
+    # only the reviewer who may decide sees the picker; others may not post it
+    for who in ("insurer_a", "auditor1", "office1"):
+        c = console_client(app, who)
+        assert 'name="cell"' not in c.get(f"{CONSOLE}/results/{rid}").text
+        before = count(engine)
+        r = post_form(c, f"/results/{rid}/revisions", [("revision", "suppress"), ("reason", "x"),
+                                                       ("cell", json.dumps(picked[0], ensure_ascii=False))])
+        assert r.status_code == 403 and the_one_event(engine, before, r).reason == "role_not_permitted"
+    # CSRF, malformed and unknown cells: refused, nothing changed
+    r = reviewer.post(f"{CONSOLE}/results/{rid}/revisions",
+                      data={"revision": "suppress", "reason": "x", "cell": json.dumps(picked[0])})
+    assert r.status_code == 403 and "csrf_failed" in r.text
+    for bad in ("not json", json.dumps({"district": "nowhere"}), json.dumps({"hospital": "x"}), "[1]"):
+        r = post_form(reviewer, f"/results/{rid}/revisions", [("revision", "suppress"), ("reason", "x"), ("cell", bad)])
+        assert r.status_code == 422 and "Traceback" not in r.text, (bad, r.status_code)
+    assert client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()["status"] == "held"
+    r = post_form(reviewer, f"/results/{rid}/revisions",
+                  [("revision", "suppress"), ("reason", "the two smallest districts")]
+                  + [("cell", json.dumps(c, ensure_ascii=False)) for c in picked])
+    assert r.status_code == 303, r.text
+    ev = _event_of(engine, r)      # the middleware's (the decision writes `result.suppress` too)
+    assert ev.action == "result.review" and ev.detail["action"] == "suppress"
+    new_id = int(r.headers["location"].rsplit("/", 1)[1])
+    v2 = client.get(f"/api/v1/results/{new_id}", headers=auth("reviewer1")).json()
+    assert v2["parent_id"] == rid and v2["status"] == "held"
+    gone = {c["district"] for c in picked}
+    assert {row["district"] for row in v2["rows"] if row["n"] is None} == gone
+    assert sorted(c["district"] for c in v2["revision"]["cells"]) == sorted(gone)

@@ -36,9 +36,33 @@ def error_page(request: Request, err: PdaoError) -> Response:
         if request.cookies.get(SESSION_COOKIE):
             resp.delete_cookie(SESSION_COOKIE, path=PREFIX)
         return finish(request, resp)
-    details = err.details if isinstance(err.details, list) else None
+    details = _flat_details(err.details)
     return render(request, "error.html", http_status=err.status, err=err, details=details,
                   request_id=getattr(request.state, "request_id", None))
+
+
+def _flat_details(details) -> list | None:  # noqa: ANN001
+    """The problems to list: a list as it is; a refused upload's report ({"problems": [...],
+    "findings": [...]}) item by item, each with where it is (the schema path or the column, and the
+    lines) — what the API's JSON carries, never more."""
+    if isinstance(details, list):
+        return details
+    if not isinstance(details, dict):
+        return None
+    out = []
+    for key in ("problems", "findings"):
+        for item in details.get(key) or []:
+            if not isinstance(item, dict):
+                continue
+            where = item.get("path") or item.get("column") or item.get("check") or ""
+            lines = item.get("lines") or item.get("first_lines")
+            if lines:
+                where = f"{where} @ {', '.join(str(n) for n in lines[:10])}"
+            msg = item.get("message")
+            if msg is None and key == "findings":
+                msg = f"{item.get('kind', '')} × {item.get('count', '')}"
+            out.append({"where": where, "message": msg or "", "message_zh": item.get("message_zh") or msg or ""})
+    return out or None
 
 
 def internal_error_page(request: Request) -> Response:

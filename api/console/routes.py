@@ -18,10 +18,13 @@ from pydantic import ValidationError
 
 from api.console import svg
 from api.console.auth import (
+    CSRF_FIELD,
     PREFIX,
     SESSION_COOKIE,
     action,
     check_csrf,
+    check_origin,
+    check_token,
     optional_principal,
     page,
     scene_action,
@@ -281,7 +284,16 @@ def _scene_view(request: Request, ctx, session, settings, preview: dict | None =
                   and out.stored_status in ("draft", "returned"),
                   may_query=_may(p, "scene", "query") and out.status == "active",
                   approvals_required=settings.scene_approvals_required, preview=preview, sql=sql, mode=mode,
-                  epsilon=epsilon)
+                  epsilon=epsilon, upload_names=_own_upload_names(session, p) if out.templates else [])
+
+
+def _own_upload_names(session, principal) -> list[str]:  # noqa: ANN001
+    """The tenant's own tables (names only), for the template run form: a run reads only its own."""
+    from sandbox.uploads import upload_scope, visible_uploads
+
+    if upload_scope(principal.role, principal.org_id) != principal.org_id:
+        return []
+    return sorted({row.name for row, _code in visible_uploads(session, principal.role, principal.org_id)})
 
 
 def _may(principal, resource: str, act: str) -> bool:  # noqa: ANN001
@@ -452,7 +464,10 @@ def result_page(result_id: int, request: Request, principal: page("result", "rea
     may_review = (_may(principal, "result", "review") and out["status"] == "held" and not out["synthetic"]
                   and not out.get("decided_by_me"))
     may_download = _may(principal, "result", "download") and out["cells_visible"]
-    return render(request, "result.html", r=out, may_review=may_review, may_download=may_download)
+    # the picker: only for the reviewer who may decide, on an aggregate (rows are suppressed by class)
+    failing = _failing_cells(out) if may_review and out["kind"] != "rows" else []
+    return render(request, "result.html", r=out, may_review=may_review, may_download=may_download,
+                  failing=failing)
 
 
 @router.post("/results/{result_id}/review", name="results.review")
@@ -471,9 +486,15 @@ def result_revise(result_id: int, request: Request, principal: action("result", 
                   settings: SettingsDep, revision: Annotated[Literal["suppress", "round"], Form()],
                   reason: Annotated[str, Form(min_length=1, max_length=4000)],
                   columns: Annotated[str, Form(max_length=2000)] = "",
-                  base: Annotated[str, Form(max_length=10)] = "") -> Response:
+                  base: Annotated[str, Form(max_length=10)] = "",
+                  cell: Annotated[list[str], Form(max_length=10_000)] = []) -> Response:  # noqa: B006
+    """The API's revision: suppress every failing cell, or the cells ticked (each a JSON object of the
+    result's key values, as `POST /results/{id}/revisions` takes them), or round columns."""
     _on(request, result_id)
     cols = [c.strip() for c in columns.split(",") if c.strip()] or None
+    cells: list[dict[str, Any]] | str | None = None
+    if revision == "suppress":
+        cells = _picked_cells(cell) if cell else "failing"
     base_n = None
     if revision == "round":
         if not base.strip().isdigit() or not 1 <= int(base) <= 1_000_000:
@@ -482,10 +503,50 @@ def result_revise(result_id: int, request: Request, principal: action("result", 
         base_n = int(base)
     request.state.audit_detail = {"action": revision, "base": base_n, "columns": cols}
     new = export.revise(session, settings, principal, result_id, revision, reason,
-                        cells="failing" if revision == "suppress" else None, columns=cols, base=base_n,
+                        cells=cells, columns=cols, base=base_n,
                         request_id=request.state.request_id)
     _on(request, result_id, new.scene_id)
     return redirect(request, f"/results/{new.id}")
+
+
+def _picked_cells(values: list[str]) -> list[dict[str, Any]]:
+    """The ticked cells: each a JSON object of key values (`export.revise` checks them against the
+    result: exactly its key columns, plain values, present)."""
+    import json
+
+    out = []
+    for v in values:
+        try:
+            c = json.loads(v)
+        except (ValueError, RecursionError):
+            c = None
+        if not isinstance(c, dict):
+            raise invalid("bad_cell", "Each cell names exactly the result's key columns, with plain values.",
+                          "每个单元格须恰好用结果的全部分组键列指定，取值为简单值。")
+        out.append(c)
+    return out
+
+
+def _failing_cells(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cells the checks did not pass, by key values, once each (what "suppress failing" takes),
+    for the reviewer to pick from; from the report `result_out` gives them (reviewers only)."""
+    import json
+
+    seen, cells = set(), []
+    for c in ((out.get("report") or {}).get("checks") or []):
+        if c.get("verdict") in ("fail", "review"):
+            for cell in c.get("cells") or []:
+                if not isinstance(cell, dict):
+                    continue
+                marker = json.dumps(cell, sort_keys=True, ensure_ascii=False, default=str)
+                if marker not in seen:
+                    seen.add(marker)
+                    cells.append({"keys": cell, "value": json.dumps(cell, ensure_ascii=False, default=str),
+                                  "checks": [c.get("name")]})
+                else:
+                    next(x for x in cells if json.dumps(x["keys"], sort_keys=True, ensure_ascii=False,
+                                                         default=str) == marker)["checks"].append(c.get("name"))
+    return cells
 
 
 @router.get("/results/{result_id}/download", name="results.download")
@@ -626,3 +687,148 @@ def lineage_lookup(request: Request, principal: page("result", "read"),
 
 
 __all__ = ["router"]
+
+
+# --- tenant uploads (metadata only) --------------------------------------------------------------------
+
+def _upload_tables(session, principal) -> list[dict[str, Any]]:  # noqa: ANN001
+    """The uploads the caller may see (`sandbox.uploads.visible_uploads`, as `GET /api/v1/uploads`),
+    every version, as the API's `UploadOut` (note and warnings: the tenant's own only). Never a cell."""
+    from api.routes.uploads import _out as upload_out
+    from sandbox.uploads import upload_scope, visible_uploads
+
+    own = upload_scope(principal.role, principal.org_id) == principal.org_id
+    tables: dict[tuple[str, str], dict[str, Any]] = {}
+    for row, code in visible_uploads(session, principal.role, principal.org_id):
+        t = tables.setdefault((code, row.name), {"org": code, "name": row.name, "versions": []})
+        t["versions"].append(upload_out(session, row, code, own))
+    for t in tables.values():
+        t["versions"].sort(key=lambda v: v.version, reverse=True)
+        t["latest"] = t["versions"][0]
+    return list(tables.values())
+
+
+@router.get("/uploads", name="console.uploads")
+def uploads_page(request: Request, principal: page("upload", "read"), session: SessionDep,
+                 stored: Annotated[str | None, QueryParam(max_length=80)] = None) -> Response:
+    request.state.object = "upload"
+    return render(request, "uploads.html", tables=_upload_tables(session, principal),
+                  may_upload=_may(principal, "upload", "create"), stored=stored)
+
+
+@router.post("/uploads", name="uploads.create")
+async def upload_create(request: Request, principal: page("upload", "create"), session: SessionDep,
+                        settings: SettingsDep) -> Response:
+    """`POST /api/v1/uploads` from a form: the same streaming into the domain's staging folder, the
+    same schema, join-target, note and PII checks (`api.routes.uploads._store` → `store_upload`),
+    the same audit detail. The Origin is checked before the body is read, the form's CSRF token
+    (a field of the multipart body) before anything is stored."""
+    import uuid
+
+    from starlette.concurrency import run_in_threadpool
+
+    from api.routes.uploads import _store
+    from api.uploads import receive_file
+    from pdao.errors import too_large
+    from sandbox.uploads import MAX_NOTE
+
+    request.state.object = "upload"
+    check_origin(request)
+    settings.ensure_home()
+    staged = settings.staging_dir / f"upload-{uuid.uuid4().hex}"
+    try:
+        try:
+            received = await receive_file(request, staged, settings.max_tenant_upload_bytes)
+        except PdaoError as e:
+            if e.status == 413:
+                raise too_large(settings.max_tenant_upload_bytes) from None
+            raise
+        check_token(request, received.fields.get(CSRF_FIELD))
+        fields = received.fields
+        schema_text = fields.get("schema") or None
+        name = (fields.get("name") or "").strip() or None
+        note = fields.get("note", "")[:MAX_NOTE]
+        row, _report = await run_in_threadpool(_store, request, session, settings, principal, schema_text, name,
+                                               note, staged)
+    finally:
+        staged.unlink(missing_ok=True)
+    request.state.object = f"upload:{principal.org_code}/{row.name}/v{row.version}"
+    request.state.audit_detail = {"upload": row.name, "version": row.version, "rows": row.row_count,
+                                  "sha256": row.sha256, "format": row.format}
+    return redirect(request, f"/uploads?stored={row.name}%20v{row.version}")
+
+
+# --- analysis templates ----------------------------------------------------------------------------
+
+@router.post("/scenes/{scene_id}/templates/{name}/runs", name="templates.run")
+def template_run(scene_id: int, name: str, request: Request, ctx: scene_action("query"), session: SessionDep,
+                 settings: SettingsDep, upload: Annotated[str, Form(min_length=1, max_length=63)],
+                 mode: Annotated[Literal["dev", "prod"], Form()],
+                 params: Annotated[str, Form(max_length=4000)] = "") -> Response:
+    """`POST /api/v1/scenes/{id}/templates/{name}/runs` from a form: the API's `TemplateRunIn`, then
+    `sandbox.template_runs.run` (which checks the scene, the approved digest, the data list and the
+    upload); the run's query page follows."""
+    import json
+
+    from api.routes.queries import TemplateRunIn
+    from sandbox import template_runs
+
+    try:
+        parsed = json.loads(params) if params.strip() else {}
+    except (ValueError, RecursionError):
+        raise invalid("bad_params", "The parameters are not valid JSON (an object, e.g. {\"as_of\": \"2025-06-30\"}).",
+                      "参数不是有效的 JSON（应为对象，如 {\"as_of\": \"2025-06-30\"}）。") from None
+    try:
+        body = TemplateRunIn(upload=upload.strip(), params=parsed, mode=mode)
+    except ValidationError as e:
+        raise _form_error(e) from None
+    request.state.audit_detail = {"template": name, "upload": body.upload, "mode": body.mode, "params": body.params}
+    q = template_runs.run(session, settings, ctx.principal, ctx.scene, name[:64], body.upload, body.params, body.mode,
+                          request.state.request_id)
+    request.state.object = f"query:{q.id}"
+    return redirect(request, f"/queries/{q.id}")
+
+
+# --- trace a found file ------------------------------------------------------------------------------
+
+@router.get("/trace", name="console.trace_page")
+def trace_page(request: Request, principal: page("trace", "create")) -> Response:
+    return render(request, "trace.html", out=None)
+
+
+@router.post("/trace", name="trace.create")
+async def trace_file(request: Request, principal: page("trace", "create"), session: SessionDep,
+                     settings: SettingsDep) -> Response:
+    """`POST /api/v1/trace` from a form: the file streamed into the domain's staging folder (never
+    the system's temp), then `sandbox.export.trace`, the same audit detail; the match on a page."""
+    import uuid
+
+    from starlette.concurrency import run_in_threadpool
+
+    from api.routes.results import MAX_TRACE_BYTES
+    from api.uploads import receive_file
+
+    check_origin(request)
+    settings.ensure_home()
+    staged = settings.staging_dir / f"trace-{uuid.uuid4().hex}"
+    try:
+        try:
+            received = await receive_file(request, staged, MAX_TRACE_BYTES)
+        except PdaoError as e:
+            if e.status == 413:
+                raise PdaoError(413, "file_too_large", f"A traced file may be at most {MAX_TRACE_BYTES // 1024 // 1024} MB.",
+                                f"待溯源文件不得超过 {MAX_TRACE_BYTES // 1024 // 1024} MB。") from None
+            raise
+        check_token(request, received.fields.get(CSRF_FIELD))
+        data = staged.read_bytes()
+    finally:
+        staged.unlink(missing_ok=True)
+    # the part's file name is not kept by the streaming reader: the format comes from the content
+    # (the name only breaks ties between delimiters, sandbox.fingerprint.read_found)
+    out = await run_in_threadpool(export.trace, session, settings, data, None)
+    request.state.audit_detail = {"matched": out["matched"], "match": out.get("match"),
+                                  "export_id": out.get("export_id"), "result_id": out.get("result_id")}
+    if out.get("result_id"):
+        request.state.object = f"result:{out['result_id']}"
+        request.state.scene_id = out.get("scene_id")
+    return render(request, "trace.html", out=out)
