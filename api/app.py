@@ -11,13 +11,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from api import console
-from api.console.errors import internal_error_page, is_console
+from api.console.errors import error_page, internal_error_page, is_console
 from api.errors import error_response, install_error_handlers, internal_error_response
 from api.limits import BodySizeLimit, limits_by_path
 from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes, uploads
 from pdao import __version__, audit
 from pdao.config import Settings
-from pdao.errors import PdaoError
+from pdao.errors import PdaoError, invalid
 from pdao.db import make_engine
 from policies.enforcer import SceneEnforcers
 
@@ -59,7 +59,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def audit_every_request(request: Request, call_next) -> Response:  # noqa: ANN001
         request.state.request_id = uuid.uuid4().hex  # ours: unique; a client's own id goes in the detail
         try:
-            response = await call_next(request)
+            if _has_nul(request):
+                # PostgreSQL refuses NUL in text: a clear 422 here, not a database error later
+                err = invalid("invalid_characters", "The request's path or query contains a NUL character.",
+                              "请求的路径或查询参数中含有 NUL 字符。")
+                request.state.reason = "invalid_characters"
+                response = error_page(request, err) if is_console(request) else error_response(err)
+            else:
+                response = await call_next(request)
         except Exception:  # noqa: BLE001 - answered here, so the 500 is audited and carries its request id
             response = internal_error_page(request) if is_console(request) else internal_error_response(request)
         if not await run_in_threadpool(_record, request, response.status_code):
@@ -90,6 +97,11 @@ def _detail(request: Request, principal) -> dict | None:  # noqa: ANN001
         out["api_key_id"] = principal.api_key_id
     out.update(getattr(request.state, "audit_detail", None) or {})  # a route's decision facts, never cells
     return out or None
+
+
+def _has_nul(request: Request) -> bool:
+    return "\x00" in request.url.path or b"%00" in request.scope.get("query_string", b"") \
+        or b"\x00" in request.scope.get("query_string", b"")
 
 
 def _decision(status: int) -> str:

@@ -15,6 +15,7 @@ from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
 
 from pdao.config import Settings
+from pdao.db import id_in_range
 from pdao.errors import PdaoError, forbidden, unauthorized
 from pdao.identity.service import Principal, principal_from_api_key, principal_from_token
 from policies.enforcer import role_may
@@ -102,7 +103,8 @@ class SceneAccess:
     def __call__(self, scene_id: int, request: Request, session: SessionDep, settings: SettingsDep,
                  token: Annotated[str | None, Depends(oauth2_scheme)]) -> SceneContext:
         principal = self._authorized.authenticate(request, session, settings, token)
-        request.state.scene_id = scene_id
+        if id_in_range(scene_id):     # (beyond it, the audit row could not hold the id: 404 below)
+            request.state.scene_id = scene_id
         request.state.object = f"scene:{scene_id}"
         scene = get_visible(session, principal, scene_id)
         self._authorized.authorize(principal)

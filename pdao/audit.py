@@ -61,6 +61,7 @@ DECISIONS = ("allow", "deny", "error")
 _STRINGS = {"request_id": 64, "actor": 64, "org": 64, "role": 20, "auth_method": 20, "action": 80,
             "object": 200, "decision": 10, "reason": 500, "method": 10, "path": 400, "client": 64}
 _INTEGERS = ("scene_id", "status")
+_MAX_INT = 2_147_483_647      # INTEGER on PostgreSQL
 _REQUIRED = ("action", "decision")
 _RETRIES = 4
 
@@ -185,9 +186,14 @@ def normalize(fields: Mapping[str, Any]) -> dict[str, Any]:
     for name, limit in _STRINGS.items():
         v = fields.get(name)
         rec[name] = None if v is None else _text(v, limit)
+    out_of_range: dict[str, str] = {}
     for name in _INTEGERS:
         v = fields.get(name)
         rec[name] = None if v is None else int(v)
+        if rec[name] is not None and not -_MAX_INT <= rec[name] <= _MAX_INT:
+            # an id from a URL beyond the column's range: kept as text, so the event is still written
+            out_of_range[name] = str(rec[name])[:40]
+            rec[name] = None
     for name in _REQUIRED:
         if not rec[name]:
             raise ValueError(f"an audit event needs '{name}'")
@@ -196,6 +202,8 @@ def normalize(fields: Mapping[str, Any]) -> dict[str, Any]:
     detail = _plain(fields.get("detail"))
     if detail is not None and not isinstance(detail, dict):
         detail = {"value": detail}
+    if out_of_range:
+        detail = {**(detail or {}), "out_of_range": out_of_range}
     rec["detail"] = detail
     at = fields.get("at")
     if at is not None:

@@ -18,6 +18,15 @@ from sqlmodel import Session, create_engine
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+# The largest id a row can have on both backends (INTEGER on PostgreSQL). An id from a URL beyond it
+# names nothing: lookups answer 404 instead of the database's overflow error.
+MAX_ID = 2_147_483_647
+
+
+def id_in_range(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
+
+
 def utcnow() -> datetime:
     """Aware UTC: SQLModel's datetime columns store and return UTC on SQLite and PostgreSQL alike."""
     return datetime.now(UTC)

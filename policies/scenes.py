@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 
 from catalog.models import Dataset, DatasetField, Organization
 from pdao.config import Settings
-from pdao.db import utcnow
+from pdao.db import id_in_range, utcnow
 from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.identity.models import Role, User
 from pdao.identity.service import Principal
@@ -247,7 +247,7 @@ def may_see(session: Session, principal: Principal, scene: Scene) -> bool:
 
 
 def get_visible(session: Session, principal: Principal, scene_id: int) -> Scene:
-    scene = session.get(Scene, scene_id)
+    scene = session.get(Scene, scene_id) if id_in_range(scene_id) else None
     if scene is None or not may_see(session, principal, scene):
         raise not_found("Scene", "场景")  # another tenant's scene is indistinguishable from none
     return scene

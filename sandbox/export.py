@@ -42,7 +42,7 @@ from sqlmodel import Session, select
 from catalog.models import Dataset, DatasetVersion, Organization
 from pdao import audit
 from pdao.config import Settings
-from pdao.db import utcnow
+from pdao.db import id_in_range, utcnow
 from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.identity.models import Role, User
 from pdao.identity.service import Principal
@@ -240,7 +240,7 @@ def get_result(session: Session, principal: Principal, result_id: int, *, lock: 
     """A result the caller may see (else 404). With `lock`, the row is taken for this transaction
     first: a no-op UPDATE locks it on PostgreSQL and takes SQLite's write lock (which ignores
     FOR UPDATE), so two decisions on one result run one after the other, each seeing the other's."""
-    r = session.get(QueryResult, result_id)
+    r = session.get(QueryResult, result_id) if id_in_range(result_id) else None
     if r is None or not may_see(principal, r.org_id):
         raise not_found("Result", "结果")
     if lock:
@@ -251,7 +251,11 @@ def get_result(session: Session, principal: Principal, result_id: int, *, lock: 
 
 
 def review_queue(session: Session, principal: Principal, limit: int = 100) -> list[QueryResult]:
-    """Held results waiting for this reviewer: not their organization's, not yet decided by them."""
+    """Held results waiting for this reviewer: not their organization's, not yet decided by them.
+    A reviewer inside a company sees none: every other tenant's result is hidden from them (404),
+    and their own company's they may not decide."""
+    if _tenant_scoped(principal):
+        return []
     decided = select(ResultReview.result_id).where(ResultReview.reviewer_id == principal.user_id)
     stmt = (select(QueryResult).where(QueryResult.status == "held", QueryResult.org_id != principal.org_id,
                                       QueryResult.id.not_in(decided)).order_by(QueryResult.id).limit(limit))

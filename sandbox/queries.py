@@ -36,7 +36,7 @@ from sqlmodel import Session, select
 from catalog.models import Dataset, DatasetField, DatasetVersion
 from pdao import audit
 from pdao.config import Settings
-from pdao.db import utcnow
+from pdao.db import id_in_range, utcnow
 from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.identity.models import Role
 from pdao.identity.service import Principal
@@ -415,7 +415,7 @@ def cancel(session: Session, principal: Principal, q: Query) -> Query:
 
 
 def get_query(session: Session, principal: Principal, query_id: int) -> Query:
-    q = session.get(Query, query_id)
+    q = session.get(Query, query_id) if id_in_range(query_id) else None
     if q is None or not export.may_see(principal, q.org_id):
         raise not_found("Query", "查询")
     return q

@@ -151,6 +151,10 @@ def test_reviewer_refusals(client, auth, engine, settings, loaded):
     make_user(engine, settings, "qa_b", _org_of(engine, "insurer_b"), "reviewer")
     assert review(client, login(client, "qa_b"), rid).status_code == 404
     assert client.get(f"/api/v1/results/{rid}", headers=login(client, "qa_b")).status_code == 404
+    # … nor in the review queue (neither does the same company's reviewer: it may decide none of them)
+    assert client.get("/api/v1/reviews/queue", headers=login(client, "qa_b")).json() == []
+    assert client.get("/api/v1/reviews/queue", headers=login(client, "qa_a")).json() == []
+    assert [x["id"] for x in client.get("/api/v1/reviews/queue", headers=auth("reviewer1")).json()] == [rid]
     # a reason is required; bad input changes nothing
     r = client.post(f"/api/v1/results/{rid}/review", headers=auth("reviewer1"), json={"decision": "release"})
     assert r.status_code == 422

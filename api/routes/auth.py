@@ -31,6 +31,13 @@ def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()
                     org=principal.org_code)
 
 
+@router.post("/auth/logout", name="auth.logout", status_code=204)
+def logout(principal: caller("me", "read"), session: SessionDep) -> None:
+    """End every session of the caller: the bearer tokens issued to them so far stop working."""
+    service.logout(session, principal)
+    session.commit()
+
+
 class MeOut(BaseModel):
     username: str
     role: str

@@ -104,6 +104,16 @@ def set_active(session: Session, username: str, active: bool) -> None:
     session.add(user)
 
 
+def logout(session: Session, principal: Principal) -> None:
+    """End every session of the signed-in user: each bearer token issued until now stops working
+    (tokens are signed, not stored, so ending one means ending all issued before). API keys are
+    revoked on their own."""
+    user = session.get(User, principal.user_id)
+    if user is not None:
+        user.tokens_valid_after = utcnow()
+        session.add(user)
+
+
 def _login_failed() -> PdaoError:
     return PdaoError(401, "login_failed", "Wrong username or password.", "用户名或密码错误。",
                      headers={"WWW-Authenticate": "Bearer"})
@@ -155,6 +165,8 @@ def login(session: Session, settings: Settings, username: str, password: str) ->
     """Check a password; answer a bearer token. Failures count towards a temporary lock, for
     unknown usernames too: a wrong name and a wrong password look the same, locked or not."""
     now = utcnow()
+    if "\x00" in username or "\x00" in password:
+        raise _login_failed()       # no name holds NUL (PostgreSQL refuses it in text)
     user = session.exec(select(User).where(User.username == username)).first()
     if user is None:
         throttle = session.get(LoginThrottle, username[:64])

@@ -1,0 +1,51 @@
+"""Hardening found by the console's security review (issue 7), on the API and the console alike:
+ids beyond the database's range answer 404 and are still audited; NUL in a path, query or login name
+is a clear 422; logout ends the session's tokens; a company's own reviewer sees no review queue."""
+
+from __future__ import annotations
+
+import pytest
+from sqlmodel import Session, select
+
+from pdao.audit import AuditEvent
+from tests.conftest import DEMO_PASSWORD
+
+
+def _events(engine, path_part: str) -> list[AuditEvent]:
+    with Session(engine) as s:
+        return [e for e in s.exec(select(AuditEvent)).all() if path_part in (e.path or "")]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/scenes/2147483648", "/api/v1/scenes/99999999999999999999",
+                                  "/api/v1/results/2147483648", "/api/v1/queries/9223372036854775808",
+                                  "/api/v1/results/2147483648/lineage"])
+def test_ids_beyond_the_range_are_404_and_audited(client, auth, engine, path):
+    r = client.get(path, headers=auth("insurer_a"))
+    assert r.status_code in (404, 422), r.text
+    assert r.json()["code"] and r.json()["message_zh"]
+    [e] = _events(engine, path)
+    assert e.decision == "deny" and e.actor == "insurer_a"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/datasets?q=a%00b", "/api/v1/audit/events?actor=a%00b",
+                                  "/api/v1/datasets/a%00b"])
+def test_nul_in_a_path_or_query_is_a_clear_422(client, auth, engine, path):
+    r = client.get(path, headers=auth("auditor1"))
+    assert r.status_code == 422 and r.json()["code"] == "invalid_characters" and r.json()["message_zh"]
+    assert any(e.decision == "deny" for e in _events(engine, path.split("?")[0].split("%00")[0]))
+
+
+def test_nul_in_a_login_name_is_a_failed_login(client):
+    r = client.post("/api/v1/auth/token", data={"username": "office1\x00", "password": "x"})
+    assert r.status_code == 401 and r.json()["code"] == "login_failed"
+
+
+def test_logout_ends_the_tokens_issued_so_far(client):
+    token = client.post("/api/v1/auth/token", data={"username": "insurer_a", "password": DEMO_PASSWORD}).json()
+    h = {"Authorization": f"Bearer {token['access_token']}"}
+    assert client.get("/api/v1/me", headers=h).status_code == 200
+    assert client.post("/api/v1/auth/logout", headers=h).status_code == 204
+    r = client.get("/api/v1/me", headers=h)
+    assert r.status_code == 401 and r.json()["code"] == "invalid_token"
+    again = client.post("/api/v1/auth/token", data={"username": "insurer_a", "password": DEMO_PASSWORD}).json()
+    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {again['access_token']}"}).status_code == 200
