@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.scene_helpers import BY_DISTRICT, create
+from tests.test_template_runs import health  # noqa: F401 - the `health` fixture
 
 CHROMIUM = os.environ.get("PDAO_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts" / "console"
@@ -218,4 +219,85 @@ def test_the_walk_office_applicant_reviewer_auditor(browser, live_server, client
     page.screenshot(path=str(shots / "10-catalog-resource-map.png"), full_page=True)
     page.goto(f"{base}/console/audit/alerts")
     page.screenshot(path=str(shots / "11-auditor-alerts.png"), full_page=True)
+    ctx.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_walk_upload_template_run_and_trace(browser, live_server, client, auth, health, shots, tmp_path):
+    """The underwriting flow in the browser: the applicant uploads its applicants through the file
+    form, the office reads the template's SQL, outputs and disclosure before approving, the
+    applicant runs it (dev, then prod: held), the reviewer releases, and the auditor traces the file."""
+    import json
+
+    from tests.test_scene_templates import underwriting_items
+    from tests.test_template_runs import applicants
+    from tests.test_tenant_uploads import APPLICANTS
+
+    base = live_server
+    # 1. the applicant's upload: a CSV and its declared schema, through the form
+    csv = tmp_path / "applicants.csv"
+    csv.write_bytes(applicants(health[:25]))
+    ctx, page = _login(browser, base, "insurer_a")
+    page.goto(f"{base}/console/uploads")
+    page.set_input_files("#upload-file", str(csv))
+    page.fill("#upload-schema", json.dumps(APPLICANTS, ensure_ascii=False))
+    page.click("#upload-send")
+    page.wait_for_selector("#upload-stored")
+    assert page.locator('[data-upload="company_a/applicants"]').count() == 1
+    assert not [x for x in health[:25] if x in page.content()]
+    page.screenshot(path=str(shots / "12-applicant-upload.png"), full_page=True)
+    ctx.close()
+    scene = create(client, auth("insurer_a"), title="智能核保（浏览器）", scene_type="underwriting",
+                   items=underwriting_items(), templates=[{"library": "underwriting"}])
+    assert client.post(f"/api/v1/scenes/{scene['id']}/submit", headers=auth("insurer_a")).status_code == 200
+    sid = scene["id"]
+
+    # 2. the office: the template's SQL, its outputs' dependencies and the combinations, then approve
+    for who in ("office1", "office2"):
+        ctx, page = _login(browser, base, who)
+        page.goto(f"{base}/console/scenes/{sid}")
+        page.wait_for_selector("#template-underwriting table.disclosure")
+        if who == "office1":
+            page.locator("#template-underwriting").screenshot(path=str(shots / "13-office-template-disclosure.png"))
+        page.click("#approve")
+        page.wait_for_selector("#scene-status")
+        ctx.close()
+
+    # 3. the applicant runs it: dev (its own at once), prod (held)
+    ctx, page = _login(browser, base, "insurer_a")
+    for mode, wanted in (("dev", "done"), ("prod", "held")):
+        page.goto(f"{base}/console/scenes/{sid}")
+        page.select_option("#template-mode-underwriting", mode)
+        page.click("#run-template-underwriting-button")
+        assert _wait_status(page, "#query-status", {wanted, "failed"}) == wanted
+    page.click("#open-result")
+    page.wait_for_selector("#cells-hidden")
+    result_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    page.screenshot(path=str(shots / "14-applicant-template-held.png"), full_page=True)
+    ctx.close()
+
+    # 4. the reviewer releases; the applicant downloads; the auditor traces the file
+    ctx, page = _login(browser, base, "reviewer1")
+    page.goto(f"{base}/console/results/{result_id}")
+    page.wait_for_selector("#result-cells")
+    page.fill("#review-reason", "派生值，仅限已授权申请人")
+    page.click("#release")
+    page.wait_for_selector("#result-status")
+    ctx.close()
+    ctx, page = _login(browser, base, "insurer_a")
+    page.goto(f"{base}/console/results/{result_id}")
+    with page.expect_download() as dl:
+        page.click("#download-csv")
+    found = tmp_path / "found.csv"
+    dl.value.save_as(str(found))
+    ctx.close()
+    ctx, page = _login(browser, base, "auditor1", lang="en")
+    page.goto(f"{base}/console/trace")
+    page.set_input_files("#trace-file", str(found))
+    page.click("#trace-send")
+    page.wait_for_selector("#trace-result")
+    assert page.get_attribute("#trace-result", "data-match") == "stamp"
+    assert page.inner_text("#trace-requester") == "insurer_a"
+    page.screenshot(path=str(shots / "15-auditor-trace.png"), full_page=True)
     ctx.close()
