@@ -53,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ("POST", rf"{API_PREFIX}/datasets/[^/]+/versions", settings.max_upload_bytes + MULTIPART_OVERHEAD),
         ("POST", rf"{API_PREFIX}/trace", 50 * 1024 * 1024 + MULTIPART_OVERHEAD),
         ("POST", rf"{API_PREFIX}/uploads", settings.max_tenant_upload_bytes + MULTIPART_OVERHEAD),
+        # the console's forms for the same two (its other forms keep the default)
+        ("POST", r"/console/trace", 50 * 1024 * 1024 + MULTIPART_OVERHEAD),
+        ("POST", r"/console/uploads", settings.max_tenant_upload_bytes + MULTIPART_OVERHEAD),
     ]))
 
     @app.middleware("http")
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 503, "audit_unavailable", "The audit log cannot be written; the request was not answered.",
                 "审计日志无法写入，请求未予应答。", details={"request_id": request.state.request_id}))
         response.headers["X-Request-ID"] = request.state.request_id
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")   # downloads and errors included
         return response
 
     return app

@@ -305,6 +305,16 @@ def _reviewable(session: Session, principal: Principal, r: QueryResult) -> Query
     return q
 
 
+def may_review(session: Session, principal: Principal, r: QueryResult) -> bool:
+    """Whether `review` would accept a decision of this principal on this result (pages offer the
+    review form only then)."""
+    try:
+        _reviewable(session, principal, r)
+    except PdaoError:
+        return False
+    return True
+
+
 def _audit_decision(session: Session, principal: Principal, action: str, r: QueryResult, reason: str,
                     request_id: str | None, **detail: Any) -> None:
     audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,

@@ -110,10 +110,27 @@ def test_logout_forgets_the_session_and_next_never_leaves_the_console(app):
     r = c.post(f"{CONSOLE}/login", data={"username": "office1", "password": DEMO_PASSWORD, "csrf_token": token,
                                           "next": "https://evil.example/x"})
     assert r.status_code == 303 and r.headers["location"] == f"{CONSOLE}/"
+    assert csrf_of(c) != token              # a CSRF token planted before login is worth nothing after it
     assert c.get(f"{CONSOLE}/lang/en", params={"next": "//evil.example"}).headers["location"] == f"{CONSOLE}/"
+    session_token = c.cookies.get("pdao_session")
     r = post_form(c, "/logout")
     assert r.status_code == 303 and "pdao_session" not in c.cookies
     assert c.get(f"{CONSOLE}/scenes").status_code == 303
+    # the session is over on the server too: the old cookie (and the API token it is) no longer works
+    replay = console_client(app)
+    replay.cookies.set("pdao_session", session_token)
+    assert replay.get(f"{CONSOLE}/scenes").status_code == 303
+    assert c.get("/api/v1/me", headers={"Authorization": f"Bearer {session_token}"}).status_code == 401
+
+
+def test_odd_audit_filters_are_a_clear_page_not_a_crash(app, client, auth, engine):
+    c = console_client(app, "auditor1")
+    for query in ("before_seq=9223372036854775808", "since=9999-12-31T23:59:59-23:00", "scene=999999999999",
+                  "actor=a%00b"):
+        r = c.get(f"{CONSOLE}/audit?{query}")
+        assert r.status_code in (200, 422), (query, r.status_code)
+        assert "Traceback" not in r.text
+    assert c.get(f"{CONSOLE}/scenes/2147483648").status_code == 404
 
 
 # --- the same casbin and tenant rules ----------------------------------------------------------------
@@ -638,3 +655,17 @@ def test_reviewer_picks_failing_cells_to_suppress(app, client, auth, engine, set
     gone = {c["district"] for c in picked}
     assert {row["district"] for row in v2["rows"] if row["n"] is None} == gone
     assert sorted(c["district"] for c in v2["revision"]["cells"]) == sorted(gone)
+
+
+def test_the_review_form_is_offered_only_to_who_may_decide(app, client, auth, engine, settings, loaded):
+    from tests.test_export_review import _org_of, make_user
+
+    scene = active_scene(client, auth)
+    rid = held_result(client, auth, engine, settings, scene["id"])["id"]
+    make_user(engine, settings, "qa_a", _org_of(engine, "insurer_a"), "reviewer")   # insurer_a's own reviewer
+    own = console_client(app, "qa_a")
+    page = own.get(f"{CONSOLE}/results/{rid}")
+    assert page.status_code == 200 and 'name="decision"' not in page.text
+    assert f'data-result="{rid}"' not in own.get(f"{CONSOLE}/reviews").text     # nor in their queue
+    other = console_client(app, "reviewer1")
+    assert 'name="decision"' in other.get(f"{CONSOLE}/results/{rid}").text

@@ -9,6 +9,7 @@ Cells reach a page only as `result_out(...)["rows"]`, which is None unless `cell
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from api.console import svg
 from api.console.auth import (
+    CSRF_COOKIE,
     CSRF_FIELD,
     PREFIX,
     SESSION_COOKIE,
@@ -37,7 +39,7 @@ from catalog import service as catalog_service
 from catalog.descriptor import Category
 from pdao import audit
 from pdao.alerts import AlertThresholds, collect_alerts
-from pdao.db import utcnow
+from pdao.db import MAX_ID, id_in_range, utcnow
 from pdao.errors import PdaoError, invalid
 from pdao.identity import service as identity
 from pdao.identity.models import Role
@@ -93,11 +95,17 @@ def login(request: Request, session: SessionDep, settings: SettingsDep,
     max_age = max(int((expires_at - datetime.now(UTC)).total_seconds()), 0)
     resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path=PREFIX, max_age=max_age,
                     secure=request.url.scheme == "https")
+    # a fresh CSRF token for the new session: one planted before login is worth nothing after it
+    resp.set_cookie(CSRF_COOKIE, secrets.token_urlsafe(32), httponly=True, samesite="strict", path=PREFIX,
+                    secure=request.url.scheme == "https")
     return resp
 
 
 @router.post("/logout", name="console.logout")
-def logout(request: Request, principal: action("me", "read")) -> Response:
+def logout(request: Request, principal: action("me", "read"), session: SessionDep) -> Response:
+    """The API's logout: every token issued to this user so far stops working, not only this cookie."""
+    identity.logout(session, principal)
+    session.commit()
     resp = redirect(request, url("/login"))
     resp.delete_cookie(SESSION_COOKIE, path=PREFIX)
     return resp
@@ -461,8 +469,7 @@ def result_page(result_id: int, request: Request, principal: page("result", "rea
     r = export.get_result(session, principal, result_id)
     _on(request, result_id, r.scene_id)
     out = queries.result_out(settings, principal, r, session=session)   # rows: None unless cells_visible
-    may_review = (_may(principal, "result", "review") and out["status"] == "held" and not out["synthetic"]
-                  and not out.get("decided_by_me"))
+    may_review = _may(principal, "result", "review") and export.may_review(session, principal, r)
     may_download = _may(principal, "result", "download") and out["cells_visible"]
     # the picker: only for the reviewer who may decide, on an aggregate (rows are suppressed by class)
     failing = _failing_cells(out) if may_review and out["kind"] != "rows" else []
@@ -623,7 +630,9 @@ def _when(text: str | None, field: str) -> datetime | None:
         return None
     try:
         v = datetime.fromisoformat(text)
-    except ValueError:
+        v = v if v.tzinfo else v.replace(tzinfo=UTC)
+        v.astimezone(UTC)      # an offset that leaves the calendar (9999-12-31T23:59-23:00) fails here
+    except (ValueError, OverflowError):
         raise invalid("bad_time", f"{field}: use a date or time like 2025-01-31 or 2025-01-31T08:00.",
                       f"{field}：请使用 2025-01-31 或 2025-01-31T08:00 这样的日期或时间。") from None
     return v if v.tzinfo else v.replace(tzinfo=UTC)
@@ -638,9 +647,9 @@ def audit_page(request: Request, principal: page("audit", "read"), session: Sess
                decision: Annotated[str | None, QueryParam(max_length=5)] = None,
                since: Annotated[str | None, QueryParam(max_length=32)] = None,
                until: Annotated[str | None, QueryParam(max_length=32)] = None,
-               before_seq: Annotated[int | None, QueryParam(ge=1)] = None) -> Response:
+               before_seq: Annotated[int | None, QueryParam(ge=1, le=MAX_ID)] = None) -> Response:
     """The API's event filter (audit.EventFilter / find_events), newest first, and its timeline."""
-    scene_n = int(scene) if scene and scene.isdigit() else None
+    scene_n = int(scene) if scene and scene.isdigit() and id_in_range(int(scene)) else None
     decision_v = decision if decision in ("allow", "deny", "error") else None
     base = dict(actor=actor or None, org=org or None, scene=scene_n, action=action_ or None, decision=decision_v,
                 since=_when(since, "since"), until=_when(until, "until"))

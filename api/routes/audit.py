@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, caller
 from pdao import audit
+from pdao.db import MAX_ID
 from pdao.errors import invalid
 
 router = APIRouter(tags=["audit"])
@@ -27,13 +28,13 @@ def list_events(
     _principal: Auditor, session: SessionDep, request: Request,
     actor: str | None = None,
     org: str | None = None,
-    scene: Annotated[int | None, Query(ge=1)] = None,
+    scene: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     action: Annotated[str | None, Query(max_length=80, description="exact, or a prefix ending in * (scene.*)")] = None,
     decision: Literal["allow", "deny", "error"] | None = None,
     since: Annotated[datetime | None, Query(description="at >= since (ISO 8601; UTC if no offset)")] = None,
     until: Annotated[datetime | None, Query(description="at < until")] = None,
-    after_seq: Annotated[int | None, Query(ge=0, description="oldest first: events after this seq")] = None,
-    before_seq: Annotated[int | None, Query(ge=1, description="newest first: events before this seq")] = None,
+    after_seq: Annotated[int | None, Query(ge=0, le=MAX_ID, description="oldest first: events after this seq")] = None,
+    before_seq: Annotated[int | None, Query(ge=1, le=MAX_ID, description="newest first: events before this seq")] = None,
     order: Literal["asc", "desc"] = "asc",
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 100,
 ) -> dict[str, Any]:
