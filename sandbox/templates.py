@@ -1970,8 +1970,10 @@ def _applicant_views(template: Template, datasets: Iterable[str], catalog: Mappi
                                                 alias=exp.to_identifier("person_id", quoted=True))]) \
         .from_(exp.Table(this=res_all, alias=exp.TableAlias(this=exp.to_identifier("r", quoted=True)))) \
         .where(exp.In(this=_col(KEY_FIELD[1], "r"), query=consented.subquery()))
-    out = [exp.Create(kind="VIEW", this=exp.Table(this=exp.to_identifier(_PERSONS_VIEW, quoted=True)),
-                      expression=persons).sql(dialect=DIALECT, identify=True)]
+    # a table, computed once: every dataset's view filters on it
+    out = [exp.Create(kind="TABLE", this=exp.Table(this=exp.to_identifier(_PERSONS_VIEW, quoted=True)),
+                      expression=persons, properties=exp.Properties(expressions=[exp.TemporaryProperty()]))
+           .sql(dialect=DIALECT, identify=True)]
     for code in sorted(unit):
         keep = exp.Select(expressions=[_col("person_id")]).from_(
             exp.Table(this=exp.to_identifier(_PERSONS_VIEW, quoted=True)))
