@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from api import console
 from api.console.errors import error_page, internal_error_page, is_console
-from api.errors import error_response, install_error_handlers, internal_error_response
+from api.errors import error_response, install_error_handlers, internal_error_response, nul_refusal
 from api.limits import BodySizeLimit, limits_by_path
 from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes, uploads
 from pdao import __version__, audit
@@ -70,8 +70,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 response = error_page(request, err) if is_console(request) else error_response(err)
             else:
                 response = await call_next(request)
-        except Exception:  # noqa: BLE001 - answered here, so the 500 is audited and carries its request id
-            response = internal_error_page(request) if is_console(request) else internal_error_response(request)
+        except Exception as exc:  # noqa: BLE001 - answered here, so the 500 is audited and carries its request id
+            nul = nul_refusal(exc)
+            if nul is not None:
+                request.state.reason = nul.code
+                response = error_page(request, nul) if is_console(request) else error_response(nul)
+            else:
+                response = internal_error_page(request) if is_console(request) else internal_error_response(request)
         if not await run_in_threadpool(_record, request, response.status_code):
             # Fail closed: an answer that cannot be audited is not given.
             response = error_response(PdaoError(

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import BodyTooLarge
-from pdao.errors import PdaoError
+from pdao.errors import PdaoError, invalid
 
 log = logging.getLogger("pdao.api")
 
@@ -64,6 +64,14 @@ def install_error_handlers(app: FastAPI) -> None:
         # Normally the audit middleware answers unexpected errors itself (internal_error_response);
         # this is the last resort for anything raised outside it.
         return internal_error_response(request, exc)
+
+
+def nul_refusal(exc: BaseException) -> PdaoError | None:
+    """PostgreSQL refuses NUL in text: a NUL that got as far as the database (a form field, a JSON
+    string) is the caller's bad input, answered 422 like one, not a 500. Nothing was committed."""
+    if "cannot contain NUL (0x00)" in str(getattr(exc, "orig", exc)):
+        return invalid("invalid_characters", "The request contains a NUL character.", "请求中含有 NUL 字符。")
+    return None
 
 
 def internal_error_response(request: Request, exc: BaseException | None = None) -> JSONResponse:

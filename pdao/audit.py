@@ -152,19 +152,24 @@ def export_line(values: Mapping[str, Any] | AuditEvent) -> str:
     return _LINE.encode(event_json(values)) + "\n"
 
 
-def _text(value: Any, limit: int) -> str:
-    s = value if isinstance(value, str) else str(value)
+def _clean(s: str) -> str:
     if not s.isascii():
         s = s.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates: they cannot be hashed
-    return s.replace("\x00", "\ufffd")[:limit]  # PostgreSQL refuses NUL in text
+    return s.replace("\x00", "\ufffd")  # PostgreSQL refuses NUL in text
+
+
+def _text(value: Any, limit: int) -> str:
+    return _clean(value if isinstance(value, str) else str(value))[:limit]
 
 
 def _plain(value: Any) -> Any:
     """`detail` reduced to what JSON round-trips unchanged on both databases."""
-    if value is None or isinstance(value, (bool, str)):
-        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _clean(value)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {_clean(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(v) for v in value]
     if isinstance(value, numbers.Integral):

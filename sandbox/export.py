@@ -733,7 +733,11 @@ def trace(session: Session, settings: Settings, data: bytes, filename: str | Non
         return _traced(session, r, base, "stamp", export_id=stamped.export_id)
     results = []
     if candidates:
-        results = list(session.exec(select(QueryResult).where(QueryResult.content_fp.in_(sorted(candidates)))
+        # only results that left the domain: a found file came from a download, and matching results
+        # never exported would let a tracer confirm a guess of cells they may not see
+        exported = select(ResultExport.result_id).distinct()
+        results = list(session.exec(select(QueryResult).where(QueryResult.content_fp.in_(sorted(candidates)),
+                                                              QueryResult.id.in_(exported))
                                     .order_by(QueryResult.id)).all())
     if len(results) == 1:
         return _traced(session, results[0], base, "content")

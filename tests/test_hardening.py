@@ -49,3 +49,28 @@ def test_logout_ends_the_tokens_issued_so_far(client):
     assert r.status_code == 401 and r.json()["code"] == "invalid_token"
     again = client.post("/api/v1/auth/token", data={"username": "insurer_a", "password": DEMO_PASSWORD}).json()
     assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {again['access_token']}"}).status_code == 200
+
+
+def test_a_lone_surrogate_in_an_audit_detail_is_still_audited(engine):
+    from pdao import audit
+
+    audit.record(engine, actor="insurer_a", action="template.run", decision="deny", reason="x",
+                 detail={"params": {"as_of": "\ud800", "\udc00key": "a\x00b"}})
+    with Session(engine) as s:
+        ev = s.exec(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
+    assert ev.detail["params"] == {"as_of": "?", "?key": "a\ufffdb"}
+    assert audit.verify(engine).ok
+
+
+def test_nul_in_a_json_string_is_a_422_on_both_backends(client, auth, engine):
+    from tests.scene_helpers import application
+
+    before = client.get("/api/v1/scenes", headers=auth("insurer_a")).json()
+    r = client.post("/api/v1/scenes", headers=auth("insurer_a"), json=application(purpose="a\x00b"))
+    # SQLite stores it; PostgreSQL refuses it: a 422, not a 500
+    assert r.status_code == (422 if engine.dialect.name == "postgresql" else 201), r.text
+    if r.status_code == 422:
+        assert r.json()["code"] == "invalid_characters"
+        assert client.get("/api/v1/scenes", headers=auth("insurer_a")).json() == before    # nothing changed
+    r = client.get("/api/v1/uploads/appl%00icants", headers=auth("insurer_a"))
+    assert r.status_code == 422 and r.json()["code"] == "invalid_characters"
