@@ -107,6 +107,7 @@ class _PgCopies:
                     else:
                         name = f"pdao_t_{os.getpid()}_{next(_counter)}"
                         conn.execute(f"CREATE DATABASE {name} TEMPLATE {self.template}")
+                        conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off")
                         self.ready.put(name)
                 except BaseException as e:  # noqa: BLE001 - handed to the test that waits
                     (self.errors.append if job else self.ready.put)(e)
@@ -192,9 +193,11 @@ def empty_url(request, tmp_path):
 
 
 @pytest.fixture
-def database_url(backend, tmp_path) -> Iterator[str]:
-    """A fresh copy of the template for this test."""
+def database_url(request, backend, tmp_path) -> Iterator[str]:
+    """A fresh copy of the template for this test (of the loaded template if the test uses `loaded`)."""
     kind, template = backend
+    if "loaded" in request.fixturenames:
+        kind, template, _home = request.getfixturevalue("loaded_template")
     if kind == "sqlite":
         db = tmp_path / "pdao.db"
         shutil.copyfile(template, db)
@@ -207,8 +210,10 @@ def database_url(backend, tmp_path) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(database_url, tmp_path) -> Settings:
+def settings(request, database_url, tmp_path) -> Settings:
     s = make_settings(tmp_path / "home", database_url)
+    if "loaded" in request.fixturenames:   # the snapshots the loaded template's versions name
+        shutil.copytree(request.getfixturevalue("loaded_template")[2], s.home, symlinks=True)
     s.ensure_home()
     return s
 
@@ -264,9 +269,7 @@ def synth_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
             "dev": generate(root / "dev", scale=3000, seed=7, twin=True)}
 
 
-@pytest.fixture
-def loaded(engine, settings, synth_files):
-    """health.outpatient_visit loaded as a prod version and its dev twin (for queries)."""
+def _load_visits(engine, settings: Settings, synth_files) -> None:
     from sqlmodel import Session
 
     from sandbox.store import load_version
@@ -275,3 +278,54 @@ def loaded(engine, settings, synth_files):
         for env in ("prod", "dev"):
             load_version(s, settings, "health.outpatient_visit", synth_files[env]["health.outpatient_visit"],
                          env=env, source="synth")
+
+
+@pytest.fixture(scope="session")
+def loaded_template(backend, synth_files, tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
+    """(backend, template locator, home): the template with `loaded`'s versions in it, and the home
+    holding their snapshots. Loading costs ~0.3 s a test; the result is the same every time (the
+    same files into the same template), so it is done once per backend and copied like the template:
+    the database by `database_url`, the home by `settings`."""
+    kind, template = backend
+    work = tmp_path_factory.mktemp(f"loaded-{kind}")
+    if kind == "sqlite":
+        db = work / "loaded.db"
+        shutil.copyfile(template, db)
+        url, locator = f"sqlite:///{db}", str(db)
+    else:
+        locator = f"pdao_tpl_loaded_{os.getpid()}"
+        _pg_admin(f"DROP DATABASE IF EXISTS {locator} WITH (FORCE)")
+        _pg_admin(f"CREATE DATABASE {locator} TEMPLATE {template}")
+        url = _pg_url(locator)
+    s = make_settings(work / "home", url)
+    s.ensure_home()
+    eng = make_engine(url)
+    try:
+        _load_visits(eng, s, synth_files)
+    finally:
+        eng.dispose()
+    if kind == "postgresql":
+        _pg_copies[locator] = _PgCopies(locator)
+    yield kind, locator, s.home
+    if kind == "postgresql":
+        _pg_copies.pop(locator).close()
+        _pg_admin(f"DROP DATABASE IF EXISTS {locator} WITH (FORCE)")
+
+
+@pytest.fixture
+def loaded(engine, settings, synth_files):
+    """health.outpatient_visit loaded as a prod version and its dev twin (for queries).
+
+    The test's database and home are copies of `loaded_template`, where _load_visits ran once
+    (see database_url and settings); this checks that they are there."""
+    from sqlmodel import Session, select
+
+    from catalog.models import Dataset, DatasetVersion
+    from sandbox.store import snapshot_path, verify_snapshot
+
+    with Session(engine) as s:
+        versions = s.exec(select(DatasetVersion).join(Dataset, Dataset.id == DatasetVersion.dataset_id)
+                          .where(Dataset.code == "health.outpatient_visit")).all()
+        assert sorted((v.env, v.number) for v in versions) == [("dev", 1), ("prod", 1)], versions
+        assert all(verify_snapshot(settings, v) == "ok" and snapshot_path(settings, v).is_relative_to(settings.home)
+                   for v in versions)
