@@ -58,7 +58,7 @@ def _kill_worker_holding(engine, settings, query_id: int, tmp_path: Path) -> Non
     """Start `pdao worker` stalled on its claimed job, wait for it to claim, then SIGKILL it."""
     log = (tmp_path / "worker.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "pdao", "worker"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env=_worker_env(settings, PDAO_TEST_WORKER_STALL="120", PDAO_QUERY_LEASE_SECONDS="2"))
+                            env=_worker_env(settings, PDAO_TEST_WORKER_STALL="120", PDAO_QUERY_LEASE_SECONDS="1"))
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -69,12 +69,12 @@ def _kill_worker_holding(engine, settings, query_id: int, tmp_path: Path) -> Non
             assert proc.poll() is None, (tmp_path / "worker.log").read_text()
             assert time.monotonic() < deadline, "the worker never claimed the job"
             time.sleep(0.2)
-        time.sleep(1.0)   # let it beat at least once
+        time.sleep(0.7)   # let it beat at least once (every lease/3 s)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         log.close()
-    time.sleep(2.5)       # its lease (2 s) runs out
+    time.sleep(1.5)       # its lease (1 s) runs out
 
 
 def test_a_killed_workers_job_is_retried_and_charged_once(client, auth, engine, settings, loaded, tmp_path):
