@@ -29,6 +29,24 @@ DEMO_PASSWORD = "pdao-demo"
 _counter = itertools.count()
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "default_backend(name): in the default run the case runs on that backend only; on the other "
+                   "backend it is marked slow (`make test-slow` runs it). Say in a comment which tests cover "
+                   "the same path on the other backend.")
+
+
+@pytest.hookimpl(tryfirst=True)   # before -m 'not slow' deselects
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        mark = item.get_closest_marker("default_backend")
+        callspec = getattr(item, "callspec", None)
+        if mark is None or callspec is None or "backend" not in callspec.params:
+            continue
+        if callspec.params["backend"] != mark.args[0]:
+            item.add_marker(pytest.mark.slow)
+
+
 PRODUCTION_HASHER = passwords._hasher
 
 
