@@ -20,6 +20,11 @@ from tests.scene_helpers import DISTRICTS as DISTRICT_DOMAIN
 
 DISTRICTS = set(DISTRICT_DOMAIN)
 
+# The client speaks HTTP only: which database is behind the server changes nothing it sees. By
+# default on SQLite; on PostgreSQL in `make test-slow`. The same server paths on PostgreSQL:
+# tests/test_queries.py, tests/test_export_review.py, tests/test_query_jobs.py.
+pytestmark = pytest.mark.default_backend("sqlite")
+
 
 @pytest.fixture
 def server(app):

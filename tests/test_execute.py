@@ -39,6 +39,13 @@ def visits_table(n_others: int = 300, heavy_visits: int = 1000) -> pa.Table:
     })
 
 
+# The engine reads the snapshot, never the metadata database (which only records the version): the
+# tests on `crafted` run on SQLite by default and on PostgreSQL in `make test-slow`. Loading on
+# PostgreSQL: tests/test_store.py; queries through the API on PostgreSQL: test_two_tenants_pseudonyms_never_match
+# below, tests/test_queries.py, tests/test_export_review.py.
+ENGINE_ONLY = pytest.mark.default_backend("sqlite")
+
+
 @pytest.fixture
 def crafted(engine, settings, tmp_path):
     src = tmp_path / "visits.parquet"
@@ -61,6 +68,7 @@ def exact(ex: execute.Execution) -> list[dict]:
     return execute._fetch(ex, execute.aggregate_sql(ex), None).to_pylist()
 
 
+@ENGINE_ONLY
 def test_a_person_with_1000_visits_counts_at_most_k_times_and_fees_are_clamped(crafted):
     meta, snap = crafted
     ranks = pq.read_table(snap, columns=["person_id", RANK_COLUMN]).to_pylist()
@@ -76,6 +84,7 @@ def test_a_person_with_1000_visits_counts_at_most_k_times_and_fees_are_clamped(c
         assert got["金凤区"]["a0"] == 50 and got["金凤区"]["a1"] == 50 * 1000
 
 
+@ENGINE_ONLY
 def test_the_rows_kept_are_the_same_on_every_load(engine, settings, crafted, tmp_path):
     meta, snap = crafted
     src = tmp_path / "again.parquet"
@@ -88,6 +97,7 @@ def test_the_rows_kept_are_the_same_on_every_load(engine, settings, crafted, tmp
     assert kept[0] == kept[1] and len(kept[0]) == 10
 
 
+@ENGINE_ONLY
 def test_every_public_cell_is_answered_in_domain_order_with_noise_metadata(crafted):
     meta, snap = crafted
     ex = execution(meta, snap, f"SELECT district, COUNT(*) AS n FROM {VISITS} WHERE visit_date >= DATE '2026-01-01' "
@@ -99,6 +109,7 @@ def test_every_public_cell_is_answered_in_domain_order_with_noise_metadata(craft
     assert all(v >= 0 for v in answer.table.column("n").to_pylist())
 
 
+@ENGINE_ONLY
 def test_order_by_and_limit_apply_to_the_noisy_answer(crafted):
     meta, snap = crafted
     ex = execution(meta, snap, f"SELECT district, COUNT(*) AS n FROM {VISITS} GROUP BY district "
@@ -110,6 +121,7 @@ def test_order_by_and_limit_apply_to_the_noisy_answer(crafted):
     assert t[0]["district"] == "兴庆区"
 
 
+@ENGINE_ONLY
 def test_month_cells_come_from_the_date_bounds(crafted):
     meta, snap = crafted
     ex = execution(meta, snap, f"SELECT DATE_TRUNC('month', visit_date) AS m, COUNT(*) AS n FROM {VISITS} "
@@ -119,6 +131,7 @@ def test_month_cells_come_from_the_date_bounds(crafted):
     assert months[0] == dt.date(2015, 1, 1) and months[-1] == dt.date(2026, 12, 1) and len(months) == 144
 
 
+@ENGINE_ONLY
 @pytest.mark.parametrize("sql, code", [
     (f"SELECT icd10, COUNT(*) FROM {VISITS} GROUP BY icd10", "group_key_without_domain"),
     (f"SELECT visit_id, COUNT(*) FROM {VISITS} GROUP BY visit_id", "group_key_without_domain"),
@@ -134,6 +147,7 @@ def test_what_dp_cannot_answer_is_refused_before_reading_data(crafted, sql, code
     assert e.value.code == code and e.value.message_zh
 
 
+@ENGINE_ONLY
 def test_rows_are_masked_with_the_catalog_masking(crafted):
     meta, snap = crafted
     ex = execution(meta, snap, f"SELECT person_id, visit_date, district, fee FROM {VISITS} WHERE person_id = 1 "
@@ -163,6 +177,7 @@ def test_two_tenants_pseudonyms_never_match(client, auth, loaded):
     assert len(seen["insurer_a"]) > 10 and not seen["insurer_a"] & seen["insurer_b"]
 
 
+@ENGINE_ONLY
 def test_engine_noise_equals_the_opendp_context_for_money_by_month(crafted, settings):
     """The engine's plan for COUNT/SUM/AVG of DECIMAL money by month (summed in cents over 144 public
     months, k per person) has the scales OpenDP's own Context reports for the same query."""
@@ -200,6 +215,7 @@ def test_engine_noise_equals_the_opendp_context_for_money_by_month(crafted, sett
     assert [ours["a"]["scales"][0] * 100, ours["a"]["scales"][1]] == pytest.approx(reports[2], rel=1e-12)
 
 
+@ENGINE_ONLY
 @pytest.mark.parametrize("where, expect", [
     ("visit_date BETWEEN DATE '2024-01-15' AND DATE '2024-03-02'", ["2024-01-01", "2024-02-01", "2024-03-01"]),
     ("visit_date >= DATE '2026-11-01' AND district = '兴庆区'", ["2026-11-01", "2026-12-01"]),
@@ -215,6 +231,7 @@ def test_the_querys_own_where_prunes_the_public_cells(crafted, where, expect):
     assert (months if isinstance(expect, list) else len(months)) == expect
 
 
+@ENGINE_ONLY
 def test_a_where_that_rules_out_every_cell_is_refused_and_spends_nothing(crafted):
     meta, snap = crafted
     ex = execution(meta, snap, f"SELECT district, COUNT(*) FROM {VISITS} WHERE district IN ('北京', '上海') "
@@ -226,6 +243,7 @@ def test_a_where_that_rules_out_every_cell_is_refused_and_spends_nothing(crafted
     assert execute.run(one).table.column("district").to_pylist() == ["金凤区"]
 
 
+@ENGINE_ONLY
 def test_a_join_with_an_upload_never_multiplies_a_persons_rows(crafted, tmp_path):
     """A tenant's upload listing person 1 three times still lets person 1 count at most k times:
     the engine binds the upload as one row per join key."""
