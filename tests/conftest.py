@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def first_also_on_postgresql(cases: list) -> list:
+    """Cases for parametrize that repeat one code path with other values (e.g. one role check per
+    role): all run on SQLite, the first on PostgreSQL too; the rest run on PostgreSQL in
+    `make test-slow`."""
+    return [c if i == 0 else pytest.param(*(c if isinstance(c, tuple) else (c,)),
+                                          marks=pytest.mark.default_backend("sqlite"))
+            for i, c in enumerate(cases)]
+
+
 PRODUCTION_HASHER = passwords._hasher
 
 

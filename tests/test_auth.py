@@ -10,7 +10,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from tests.conftest import DEMO_PASSWORD, login
+from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
 from sqlmodel import Session, select
 
 from pdao.audit import AuditEvent
@@ -262,7 +262,7 @@ def test_api_key_lifecycle(client, engine, auth):
     assert_error(client.delete("/api/v1/api-keys/999999", headers=op), 404, "not_found")
 
 
-@pytest.mark.parametrize("username", ["office1", "reviewer1", "auditor1", "operator1"])
+@pytest.mark.parametrize("username", first_also_on_postgresql(["office1", "reviewer1", "auditor1", "operator1"]))
 def test_no_api_keys_for_people_who_decide(client, engine, auth, username):
     """A key acts as its user: an operator holding one for an office member could approve scenes."""
     r = client.post("/api/v1/api-keys", json={"username": username}, headers=auth("operator1"))
@@ -305,7 +305,8 @@ def test_an_expired_api_key_is_refused(client, engine, auth):
     assert_error(client.get("/api/v1/me", headers={"X-API-Key": key["key"]}), 401, "invalid_api_key")
 
 
-@pytest.mark.parametrize("username", ["insurer_a", "provider1", "office1", "auditor1", "reviewer1"])
+@pytest.mark.parametrize("username", first_also_on_postgresql(["insurer_a", "provider1", "office1", "auditor1",
+                                                               "reviewer1"]))
 def test_only_the_operator_issues_revokes_and_lists_keys(client, engine, auth, username):
     headers = auth(username)
     assert_error(client.post("/api/v1/api-keys", json={"username": username}, headers=headers), 403,
@@ -323,11 +324,11 @@ def test_issue_key_for_unknown_user_is_404_and_issues_nothing(client, engine, au
         assert s.exec(select(ApiKey)).all() == []
 
 
-@pytest.mark.parametrize("username,role,org,kind", [
+@pytest.mark.parametrize("username,role,org,kind", first_also_on_postgresql([
     ("provider1", "provider", "ycwjw", "department"), ("office1", "office", "office", "office"),
     ("reviewer1", "reviewer", "office", "office"), ("auditor1", "auditor", "cac", "regulator"),
     ("operator1", "operator", "operator", "operator"), ("insurer_b", "applicant", "company_b", "company"),
-])
+]))
 def test_me(client, username, role, org, kind):
     r = client.get("/api/v1/me", headers=login(client, username))
     assert r.status_code == 200

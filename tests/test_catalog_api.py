@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS
 from pdao.identity import service as identities
-from tests.conftest import DEMO_PASSWORD, login
+from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
 
 OPEN_HEALTH = {"health.resident", "health.chronic_condition", "health.outpatient_visit", "health.inpatient_stay",
                "health.insurance_settlement"}
@@ -69,7 +69,8 @@ def test_an_applicant_sees_the_open_health_datasets_but_not_the_prohibited_one(c
     assert codes(client, auth("insurer_b")) == OPEN_HEALTH
 
 
-@pytest.mark.parametrize("username", ["office1", "auditor1", "operator1", "reviewer1", "provider1"])
+@pytest.mark.parametrize("username", first_also_on_postgresql(["office1", "auditor1", "operator1", "reviewer1",
+                                                               "provider1"]))
 def test_overseers_and_the_owning_provider_see_the_prohibited_dataset(client, auth, username):
     h = auth(username)
     assert codes(client, h) == ALL
@@ -271,7 +272,8 @@ def test_a_provider_of_another_department_cannot_change_it(client, auth, provide
     assert_error(client.post("/api/v1/datasets", json=own, headers=auth("provider1")), 403, "not_your_department")
 
 
-@pytest.mark.parametrize("username", ["insurer_a", "office1", "auditor1", "reviewer1", "operator1"])
+@pytest.mark.parametrize("username", first_also_on_postgresql(["insurer_a", "office1", "auditor1", "reviewer1",
+                                                               "operator1"]))
 def test_only_providers_register(client, auth, username):
     assert_error(client.post("/api/v1/datasets", json=new_descriptor(), headers=auth(username)), 403,
                  "role_not_permitted")
