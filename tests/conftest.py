@@ -34,6 +34,51 @@ def pytest_configure(config) -> None:
         "markers", "default_backend(name): in the default run the case runs on that backend only; on the other "
                    "backend it is marked slow (`make test-slow` runs it). Say in a comment which tests cover "
                    "the same path on the other backend.")
+    config.addinivalue_line(
+        "markers", "ahead(fn, *args): start fn(*args) in a second process when the run starts; the test takes "
+                   "the answer with ahead(fn, *args) (the same call, made in the test's process if not started).")
+
+
+# --- work started ahead: a long, pure computation of a selected test runs in a second process
+# while the other tests run (the machine has more cores than the one a test run uses).
+
+_AHEAD: dict[tuple, object] = {}
+_ahead_pool = None
+
+
+def _ahead_key(fn, args: tuple) -> tuple:
+    return fn.__module__, fn.__qualname__, repr(args)
+
+
+def pytest_collection_finish(session) -> None:
+    global _ahead_pool
+    if session.config.option.collectonly:
+        return
+    jobs = [m.args for item in session.items for m in item.iter_markers("ahead")]
+    if not jobs:
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    _ahead_pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    for fn, *args in jobs:
+        key = _ahead_key(fn, tuple(args))
+        if key not in _AHEAD:
+            _AHEAD[key] = _ahead_pool.submit(fn, *args)
+
+
+def pytest_sessionfinish(session) -> None:
+    if _ahead_pool is not None:   # a run stopped early (-x, Ctrl-C) does not wait for unused work
+        for proc in list((getattr(_ahead_pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        _ahead_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ahead(fn, *args):
+    """fn(*args): the answer of the second process if an `ahead` mark started the same call, else
+    computed here."""
+    future = _AHEAD.pop(_ahead_key(fn, args), None)
+    return fn(*args) if future is None else future.result()
 
 
 @pytest.hookimpl(tryfirst=True)   # before -m 'not slow' deselects
