@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import ahead
 
 HEALTH_CODES = {"health.resident", "health.chronic_condition", "health.outpatient_visit", "health.inpatient_stay",
                 "health.insurance_settlement"}
@@ -26,21 +31,38 @@ def pdao_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pdao", *args]
 
 
-@pytest.fixture
-def demo_home(tmp_path: Path) -> dict[str, str]:
+def demo_env(home: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDAO_")}
-    env.update(PDAO_HOME=str(tmp_path / "home"), PDAO_DEMO_PASSWORD="demo-pass-123")
-    done = subprocess.run(pdao_cmd("demo", "--no-serve", "--scale", "3000"), env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "insurer_a" in done.stdout and "/docs" in done.stdout
-    # a second run finds everything in place and changes nothing
-    again = subprocess.run(pdao_cmd("demo", "--no-serve", "--scale", "3000"), env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0 and "already loaded" in again.stdout, again.stdout + again.stderr
+    env.update(PDAO_HOME=home, PDAO_DEMO_PASSWORD="demo-pass-123")
     return env
 
 
+def first_demo() -> tuple[str, int, str, str]:
+    """`pdao demo --no-serve` into a new home: (home, exit code, stdout, stderr). A process of its own
+    costs ~8 s: the run starts it ahead (conftest `ahead`), while other tests run."""
+    home = tempfile.mkdtemp(prefix="pdao-demo-test-")
+    done = subprocess.run(pdao_cmd("demo", "--no-serve", "--scale", "3000"), env=demo_env(str(Path(home) / "home")),
+                          capture_output=True, text=True, timeout=300)
+    return home, done.returncode, done.stdout, done.stderr
+
+
+@pytest.fixture
+def demo_home() -> Iterator[dict[str, str]]:
+    home, returncode, stdout, stderr = ahead(first_demo)
+    try:
+        env = demo_env(str(Path(home) / "home"))
+        assert returncode == 0, stdout + stderr
+        assert "insurer_a" in stdout and "/docs" in stdout
+        # a second run finds everything in place and changes nothing
+        again = subprocess.run(pdao_cmd("demo", "--no-serve", "--scale", "3000"), env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert again.returncode == 0 and "already loaded" in again.stdout, again.stdout + again.stderr
+        yield env
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.ahead.with_args(first_demo)   # with_args: a lone callable would be decorated
 def test_demo_then_serve_over_real_http(demo_home):
     port = free_port()
     proc = subprocess.Popen(pdao_cmd("serve", "--host", "127.0.0.1", "--port", str(port)), env=demo_home,
