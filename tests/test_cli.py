@@ -13,6 +13,10 @@ from catalog.models import Dataset, DatasetVersion
 from pdao.cli import app
 from pdao.identity.models import ApiKey, User
 
+# `pdao synth` and `pdao data verify` generate, load and hash files; loading on PostgreSQL is
+# tests/test_store.py's, and the command itself on PostgreSQL is run by the other tests here. These
+# two run on SQLite by default and on PostgreSQL in `make test-slow`.
+
 
 @pytest.fixture
 def pdao(settings, monkeypatch):
@@ -43,6 +47,7 @@ def test_catalog_import_reports_file_and_line_and_imports_nothing(pdao, engine, 
     assert "unchanged health.resident" in re.sub(r"\s+", " ", pdao("catalog", "import").output)
 
 
+@pytest.mark.default_backend("sqlite")
 def test_synth_loads_prod_and_dev_twin_deterministically(pdao, engine, settings, tmp_path, monkeypatch):
     out = pdao("synth", "--scale", "2000", "--seed", "5").output
     assert "health.outpatient_visit" in out and " dev " in out
@@ -115,6 +120,7 @@ def test_cli_changes_are_audited(pdao, engine):
     assert all(e.actor.startswith("cli:") for e in events)
 
 
+@pytest.mark.default_backend("sqlite")
 def test_data_verify_finds_an_altered_snapshot(pdao, settings, synth_files):
     pdao("data", "load", "health.chronic_condition", str(synth_files["prod"]["health.chronic_condition"]))
     pdao("data", "load", "health.resident", str(synth_files["prod"]["health.resident"]))

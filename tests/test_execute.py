@@ -159,6 +159,9 @@ def test_rows_are_masked_with_the_catalog_masking(crafted):
     assert all("1" != r["person_id"] for r in t)
 
 
+# By default on SQLite (the pseudonym key comes from the settings and the scene id); masked rows through
+# the API on PostgreSQL: tests/test_queries.py::test_a_held_row_level_answer_hides_its_size_from_the_tenant.
+@pytest.mark.default_backend("sqlite")
 def test_two_tenants_pseudonyms_never_match(client, auth, loaded):
     items = SCENE_ITEMS + [{"dataset": VISITS, "field": "person_id", "usage": "masked_output"},
                            {"dataset": VISITS, "field": "visit_date", "usage": "masked_output"}]

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from pdao.audit import AuditEvent
 from pdao.identity import service as identities
 from sandbox.models import Query, QueryResult, ResultExport
-from tests.conftest import DEMO_PASSWORD, login
+from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_cli import pdao  # noqa: F401 - the `pdao` command fixture
 from tests.test_queries import work_once
@@ -23,6 +23,16 @@ from tests.test_queries import work_once
 BY_DISTRICT_COUNT = f"SELECT district, COUNT(*) AS n FROM {VISITS} GROUP BY district"
 BY_DISTRICT_FEES = (f"SELECT district, COUNT(*) AS n, SUM(fee) AS total FROM {VISITS} "
                     "WHERE visit_date >= DATE '2018-01-01' GROUP BY district")
+
+# The disclosure checks, revisions, the release policy, tracing a file and the sweep are Python and
+# DuckDB over the result files; the database records versions and decisions through the same code
+# as the review flow that runs on both backends (test_a_held_result_is_reviewed_released_downloaded_stamped_and_traced,
+# test_reviewer_refusals, test_two_independent_reviewers_when_the_scene_asks,
+# test_no_path_downloads_an_unreleased_result, test_decisions_on_one_result_run_one_after_the_other,
+# test_trace_names_the_right_tenant_when_two_hold_the_same_cells,
+# test_malformed_revisions_are_refused_clearly_and_change_nothing). The tests marked CHECKS_ONLY run
+# on SQLite by default and on PostgreSQL in `make test-slow`.
+CHECKS_ONLY = pytest.mark.default_backend("sqlite")
 
 
 def held_result(client, auth, engine, settings, scene_id: int, sql: str = BY_DISTRICT_FEES, epsilon: float = 0.5) -> dict:
@@ -199,6 +209,7 @@ def test_two_independent_reviewers_when_the_scene_asks(client, auth, engine, set
     assert client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).status_code == 200
 
 
+@CHECKS_ONLY
 def test_the_release_policy_lets_clean_dp_aggregates_out_at_once(client, auth, engine, settings, loaded):
     scene = active_scene(client, auth, release_policy={"auto_release": "dp_aggregates"})
     res = held_result(client, auth, engine, settings, scene["id"], sql=BY_DISTRICT_COUNT)
@@ -214,6 +225,7 @@ def test_the_release_policy_lets_clean_dp_aggregates_out_at_once(client, auth, e
     assert run.reason == "released" and run.detail["result_id"] == res["id"] and run.seq < ev.seq
 
 
+@CHECKS_ONLY
 def test_a_rows_answer_is_never_released_by_policy(client, auth, engine, settings, loaded):
     items = SCENE_ITEMS + [{"dataset": VISITS, "field": "person_id", "usage": "masked_output"},
                            {"dataset": VISITS, "field": "visit_date", "usage": "masked_output"}]
@@ -225,6 +237,7 @@ def test_a_rows_answer_is_never_released_by_policy(client, auth, engine, setting
     assert {"k_anonymity", "l_diversity", "pii"} <= set(checks)
 
 
+@CHECKS_ONLY
 def test_suppression_makes_a_new_checked_version(client, auth, engine, settings, loaded):
     scene = active_scene(client, auth)
     res = held_result(client, auth, engine, settings, scene["id"])
@@ -258,6 +271,7 @@ def test_suppression_makes_a_new_checked_version(client, auth, engine, settings,
     assert r.status_code in (409, 422)
 
 
+@CHECKS_ONLY
 def test_rounding_makes_a_new_checked_version(client, auth, engine, settings, loaded):
     scene = active_scene(client, auth)
     res = held_result(client, auth, engine, settings, scene["id"])
@@ -291,6 +305,7 @@ def test_no_path_downloads_an_unreleased_result(client, auth, engine, settings, 
     assert {x.status for x in q} == {"held", "rejected"}
 
 
+@CHECKS_ONLY
 def test_trace_survives_a_spreadsheet_and_refuses_garbage_clearly(client, auth, engine, settings, loaded):
     scene = active_scene(client, auth)
     rid = held_result(client, auth, engine, settings, scene["id"])["id"]
@@ -308,6 +323,7 @@ def test_trace_survives_a_spreadsheet_and_refuses_garbage_clearly(client, auth, 
         assert r.status_code in (413, 422) and r.json()["code"] and r.json()["message_zh"], r.text
 
 
+@CHECKS_ONLY
 def test_a_rows_answer_failing_k_anonymity_is_fixed_by_suppressing_its_small_classes(client, auth, engine, settings,
                                                                                       loaded):
     items = SCENE_ITEMS + [{"dataset": VISITS, "field": "person_id", "usage": "masked_output"},
@@ -332,8 +348,9 @@ def test_a_rows_answer_failing_k_anonymity_is_fixed_by_suppressing_its_small_cla
     assert r.status_code == 422 and r.json()["code"] == "suppress_rows_failing_only"
 
 
-@pytest.mark.parametrize("thresholds", [{"min_cell_count": 5}, {"dominance_k": 0.95}, {"p_ratio": 0.05},
-                                        {"k_anonymity": 2}, {"l_diversity": 1}, {"dominance_n": 1}])
+@pytest.mark.parametrize("thresholds", first_also_on_postgresql([{"min_cell_count": 5}, {"dominance_k": 0.95},
+                                                                  {"p_ratio": 0.05}, {"k_anonymity": 2},
+                                                                  {"l_diversity": 1}, {"dominance_n": 1}]))
 def test_a_scene_may_only_make_the_thresholds_stricter(client, auth, thresholds):
     from tests.scene_helpers import application
 
@@ -347,6 +364,7 @@ def test_a_scene_may_only_make_the_thresholds_stricter(client, auth, thresholds)
     assert got["thresholds"]["min_cell_count"] == 20 and got["thresholds"]["dominance_k"] == 0.9
 
 
+@CHECKS_ONLY
 def test_a_stricter_scene_threshold_holds_what_the_default_would_release(client, auth, engine, settings, loaded):
     scene = active_scene(client, auth, release_policy={"auto_release": "dp_aggregates",
                                                        "thresholds": {"min_cell_count": 1000}})
@@ -462,6 +480,7 @@ def test_malformed_revisions_are_refused_clearly_and_change_nothing(client, auth
         assert all(x.version == 1 for x in s.exec(select(QueryResult)).all())
 
 
+@CHECKS_ONLY
 def test_pdao_trace_names_a_stripped_file_and_is_audited(client, auth, engine, settings, loaded, pdao, tmp_path):
     scene = active_scene(client, auth)
     rid = held_result(client, auth, engine, settings, scene["id"])["id"]
@@ -482,6 +501,7 @@ def test_pdao_trace_names_a_stripped_file_and_is_audited(client, auth, engine, s
     assert len(events) == 3 and {e.object for e in events} == {"found.csv", "other.csv"}
 
 
+@CHECKS_ONLY
 def test_orphan_result_files_are_swept_and_referenced_ones_kept(client, auth, engine, settings, loaded):
     import os
     import time

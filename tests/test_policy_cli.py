@@ -15,6 +15,11 @@ from tests.scene_helpers import approve, create
 
 SIGNING_KEY = "test-signing-key-of-at-least-32-bytes"  # as tests/conftest.py make_settings
 
+# The explanation is Python over the scene that the service reads; by default on SQLite, on PostgreSQL
+# in `make test-slow`. The same decisions on PostgreSQL: GET /scenes/{id}/explain in
+# tests/test_scene_matrix.py (the other tenant, every state) and tests/test_scene_processes.py.
+pytestmark = pytest.mark.default_backend("sqlite")
+
 
 @pytest.fixture
 def pdao(settings, monkeypatch):
