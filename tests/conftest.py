@@ -1,9 +1,11 @@
-"""Shared fixtures: every test that touches the metadata database runs on SQLite and on PostgreSQL.
+"""Shared fixtures: every test that touches the metadata database runs on SQLite and on PostgreSQL
+(a case marked `default_backend(...)` on one of them in `make test`, on the other in `make test-slow`).
 
 A migrated template (schema + packaged catalog + demo identities) is built once per backend and
 copied for each test: a file copy on SQLite, `CREATE DATABASE … TEMPLATE` on PostgreSQL.
 Without a PostgreSQL server the PostgreSQL half is skipped with a clear reason, except under CI
-(CI=true), where it fails.
+(CI=true), where it fails. A test that uses `loaded` gets a copy of a second template in which the
+visits were loaded once (`loaded_template`).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def cheap_password_hashes() -> Iterator[None]:
     """Argon2id (the same library, algorithm and code path) at its minimum cost parameters.
 
     At the production parameters (m=64 MiB, t=3, p=4) a hash or a check costs ~0.35 s here, and
-    the suite logs in thousands of times. A check reads its cost from the stored hash, so the
+    nearly every test logs in, several users at a time. A check reads its cost from the stored hash, so the
     template's demo users and every user a test creates are checked at the same cheap cost, and an
     unknown username still costs the same as a wrong password (dummy_hash is cheap too).
     `production_password_hashing` puts the production parameters back for one test.
@@ -155,9 +157,12 @@ def _pg_admin(sql: str) -> None:
 class _PgCopies:
     """Fresh copies of the PostgreSQL template, made ahead of need by one background thread.
 
-    `CREATE DATABASE … TEMPLATE` takes ~0.5 s here (it copies and fsyncs the whole database, system
-    catalogs included), longer than many tests. The thread keeps `depth` copies ready and drops the
-    used ones, so a test still gets a database nobody has touched, just without waiting for it.
+    `CREATE DATABASE … TEMPLATE` takes 0.1-0.6 s here (it copies and fsyncs the whole database,
+    system catalogs included), longer than many tests. The thread keeps `depth` copies ready and drops
+    the used ones, so a test still gets a database nobody has touched, just without waiting for it.
+    The copies commit without waiting for the WAL flush (synchronous_commit = off): what a commit
+    makes visible, and every lock, are the same; only a crash of the server could lose the last
+    commits, and a test's database does not outlive the test.
     """
 
     def __init__(self, template: str, depth: int = 2) -> None:
