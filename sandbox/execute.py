@@ -154,6 +154,10 @@ class Answer:
     # to be stored with the answer nor shown to the tenant (they are not differentially private).
     cell_stats: pa.Table | None = None      # aggregate: one row per cell of the full cell list (see cell_stats_sql)
     persons: int | None = None              # rows: distinct privacy units among exactly the rows returned
+    # rows: one identity per returned row (in table order), the MD5 of the source dataset row's catalog
+    # fields, so two answers can be compared row by row (export review's overlap check) — the same row
+    # of an unchanged record keeps its identity across versions. Exact: kept inside the domain.
+    row_keys: list[str] | None = None
 
 
 def refused(code: str, en: str, zh: str, **details: Any) -> PdaoError:
@@ -470,16 +474,28 @@ def aggregate_sql(execution: Execution) -> str:
     return tree.sql(dialect=DIALECT, identify=True, comments=False)
 
 
-def rows_sql(execution: Execution, unit_alias: str | None = None) -> str:
-    """The checked SELECT with its LIMIT (≤ max_rows). With `unit_alias`, the privacy unit is one
-    more column of the same statement (so it is read from exactly the rows returned): the caller
-    drops it, it never reaches the answer."""
+def row_key_expr(meta: DatasetMeta) -> exp.Expression:
+    """The identity of a dataset row: MD5 of its catalog fields as a JSON list of text (NULL stays
+    null, so no two different rows share the text)."""
+    values = [exp.Cast(this=_col(name), to=exp.DataType.build("VARCHAR")) for name in meta.fields]
+    return exp.Anonymous(this="md5", expressions=[exp.Anonymous(this="to_json", expressions=[exp.Array(expressions=values)])])
+
+
+def rows_sql(execution: Execution, unit_alias: str | None = None, key_alias: str | None = None) -> str:
+    """The checked SELECT with its LIMIT (≤ max_rows). With `unit_alias` (`key_alias`), the privacy
+    unit (the row's identity, `row_key_expr`) is one more column of the same statement, so it is read
+    from exactly the rows returned: the caller drops it, it never reaches the answer."""
     tree = execution.checked.tree.copy()
     asked = execution.checked.limit
     limit = min(asked if asked is not None else execution.max_rows, execution.max_rows)
     tree.set("limit", exp.Limit(expression=exp.Literal.number(limit)))
+    extra = []
     if unit_alias is not None and execution.dataset.privacy_unit:
-        tree.set("expressions", [*tree.expressions, _alias(_col(execution.dataset.privacy_unit), unit_alias)])
+        extra.append(_alias(_col(execution.dataset.privacy_unit), unit_alias))
+    if key_alias is not None:
+        extra.append(_alias(row_key_expr(execution.dataset), key_alias))
+    if extra:
+        tree.set("expressions", [*tree.expressions, *extra])
     return tree.sql(dialect=DIALECT, identify=True, comments=False)
 
 
@@ -792,13 +808,16 @@ def _sort_key(v: Any, descending: bool, nulls_first: bool) -> tuple:
 
 def _run_rows(execution: Execution, on_connection: Any) -> Answer:
     checked, meta = execution.checked, execution.dataset
-    unit_alias = None
-    if execution.disclosure_stats and meta.privacy_unit:   # a name no output has
-        unit_alias = next(a for a in (f"__pdao_unit{i or ''}" for i in itertools.count()) if a not in checked.outputs)
-    table = _fetch(execution, rows_sql(execution, unit_alias), on_connection)
-    persons = None
+    unit_alias = key_alias = None
+    if execution.disclosure_stats:   # names no output has
+        free = (a for a in (f"__pdao_{i}" for i in itertools.count()) if a not in checked.outputs)
+        unit_alias = next(free) if meta.privacy_unit else None
+        key_alias = next(free)
+    table = _fetch(execution, rows_sql(execution, unit_alias, key_alias), on_connection)
+    persons = row_keys = None
     if execution.disclosure_stats:
         persons = table.num_rows if unit_alias is None else len(set(table.column(unit_alias).to_pylist()))
+        row_keys = table.column(key_alias).to_pylist()
     reference = execution.reference_date or dt.date.today()
     columns = {}
     for out in checked.masked:
@@ -813,4 +832,5 @@ def _run_rows(execution: Execution, on_connection: Any) -> Answer:
     if (checked.limit is None or checked.limit > execution.max_rows) and table.num_rows >= execution.max_rows:
         notes.append(f"the answer stops at {execution.max_rows} rows (the most one answer holds)")
     sources = {out.alias: None if out.column.upload else out.column.field for out in checked.masked}
-    return Answer("rows", pa.table(columns), 0.0, {}, 0, notes, output_fields=sources, persons=persons)
+    return Answer("rows", pa.table(columns), 0.0, {}, 0, notes, output_fields=sources, persons=persons,
+                  row_keys=row_keys)

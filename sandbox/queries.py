@@ -24,7 +24,7 @@ import hmac
 import json
 import uuid
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -106,10 +106,19 @@ def dataset_meta(session: Session, dataset: Dataset, row_count: int = 0) -> Data
     return DatasetMeta.from_fields(dataset.code, dataset.privacy_unit, fields, row_count)
 
 
-def pseudonym_key(settings: Settings, scene_id: int) -> bytes:
-    """The scene's pseudonym key: derived from the server secret with HMAC-SHA256 (a PRF), so it is
-    never stored, and two scenes (two tenants) never share one: their pseudonyms never join."""
-    return hmac.new(settings.secret_key.encode(), f"pdao/pseudonym/scene/{scene_id}".encode(), hashlib.sha256).digest()
+def pseudonym_key(settings: Settings, scene_id: int, query_id: int | None = None) -> bytes:
+    """The pseudonym key of one query's answer: derived from the server secret with HMAC-SHA256 (a
+    PRF), so it is never stored. Two answers never share one — their pseudonyms never join — unless
+    the scene approved linkage (`query_id=None`: one key for the whole scene, never shared with
+    another scene or tenant)."""
+    label = f"pdao/pseudonym/scene/{scene_id}" + ("" if query_id is None else f"/query/{query_id}")
+    return hmac.new(settings.secret_key.encode(), label.encode(), hashlib.sha256).digest()
+
+
+def answer_pseudonym_key(settings: Settings, scene: Scene, query_id: int) -> bytes:
+    """Per answer, unless the office approved linkage of the scene's answers (`link_pseudonyms`)."""
+    linked = bool(getattr(scene, "link_pseudonyms", False))
+    return pseudonym_key(settings, scene.id, None if linked else query_id)
 
 
 def _latest_version(session: Session, dataset_id: int, env: str) -> DatasetVersion | None:
@@ -176,9 +185,10 @@ def prepare(session: Session, settings: Settings, enforcers: SceneEnforcers, pri
             raise invalid("epsilon_above_query_cap",
                           f"ε={epsilon:g} is above the scene's per-query cap of {scene.max_query_epsilon:g}.",
                           f"ε={epsilon:g} 超过场景单次查询上限 {scene.max_query_epsilon:g}。")
+    # no pseudonym key yet: an answer's key needs its query (`answer_pseudonym_key`)
     execution = Execution(checked, meta, snapshot_path(settings, version), epsilon=epsilon,
-                          max_contributions=scene.max_contributions, pseudonym_key=pseudonym_key(settings, scene.id),
-                          reference_date=_today(), uploads=_upload_files(settings, upload))
+                          max_contributions=scene.max_contributions, reference_date=_today(),
+                          uploads=_upload_files(settings, upload))
     return Prepared(checked, version, execution, upload)
 
 
@@ -216,7 +226,8 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
     if mode == "dev":
         q.started_at, q.attempts = utcnow(), 1
         session.commit()
-        run_and_store(session, settings, q, execution=p.execution)
+        run_and_store(session, settings, q, execution=replace(
+            p.execution, pseudonym_key=answer_pseudonym_key(settings, scene, q.id)))
     return q
 
 
@@ -241,7 +252,7 @@ def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcer
     checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()], uploads=columns)
     authorize_uses(session, enforcers, scene, scenes.tenant_code(session, scene), checked)
     return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
-                     max_contributions=q.max_contributions, pseudonym_key=pseudonym_key(settings, scene.id),
+                     max_contributions=q.max_contributions, pseudonym_key=answer_pseudonym_key(settings, scene, q.id),
                      reference_date=_today(), disclosure_stats=q.mode == "prod", uploads=_upload_files(settings, upload))
 
 
