@@ -80,6 +80,20 @@ def _joined_upload(session: Session, scene: Scene, checked: CheckedQuery) -> Ten
     return u
 
 
+def upload_schema(upload: TenantUpload) -> dict[str, str]:
+    """An upload version's columns and their declared types: what the checker types literals by."""
+    return {c["name"]: c["type"] for c in upload.columns}
+
+
+def tenant_upload_schemas(session: Session, org_id: int) -> dict[str, dict[str, str]]:
+    """name -> the schema of its newest version: the uploads a query of the tenant may join."""
+    newest: dict[str, TenantUpload] = {}
+    for u in session.exec(select(TenantUpload).where(TenantUpload.org_id == org_id)).all():
+        if u.name not in newest or u.version > newest[u.name].version:
+            newest[u.name] = u
+    return {name: upload_schema(u) for name, u in sorted(newest.items())}
+
+
 def _upload_files(settings: Settings, upload: TenantUpload | None) -> dict[str, Path]:
     return {} if upload is None else {upload.name: uploads.upload_path(settings, upload)}
 
@@ -165,7 +179,7 @@ def prepare(session: Session, settings: Settings, enforcers: SceneEnforcers, pri
     datasets = {ds.code: ds for ds in session.exec(select(Dataset).where(Dataset.code.in_(codes))).all()}
     metas = {code: dataset_meta(session, ds) for code, ds in datasets.items()}
     checked = check_query(sql, grants, [m.info() for m in metas.values()],
-                          uploads=uploads.tenant_upload_columns(session, scene.org_id))
+                          uploads=tenant_upload_schemas(session, scene.org_id))
 
     authorize_uses(session, enforcers, scene, org, checked)
     upload = _joined_upload(session, scene, checked)
@@ -248,8 +262,8 @@ def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcer
                        f"查询执行前场景状态已变为 {status}。", details={"status": status})
     meta = dataset_meta(session, ds, version.row_count)
     upload = export.pinned_upload(session, q)
-    columns = {} if upload is None else {upload.name: [c["name"] for c in upload.columns]}
-    checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()], uploads=columns)
+    schemas = {} if upload is None else {upload.name: upload_schema(upload)}
+    checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()], uploads=schemas)
     authorize_uses(session, enforcers, scene, scenes.tenant_code(session, scene), checked)
     return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
                      max_contributions=q.max_contributions, pseudonym_key=answer_pseudonym_key(settings, scene, q.id),

@@ -57,6 +57,12 @@ UPLOAD_ALIAS = "u"    # the upload's table alias in the regenerated SQL
 
 # (dataset code, field) -> the usages the scene's effective data list grants for it.
 Grants = Mapping[tuple[str, str], Iterable[str]]
+# upload name -> its columns and their declared types (sandbox.uploads TYPES), of the version joined
+UploadSchemas = Mapping[str, Mapping[str, str]]
+
+# A column's type -> the kind of literal it may be compared with (catalog and upload types alike).
+_LITERAL_KIND = {"string": "string", "integer": "number", "float": "number", "decimal": "number",
+                 "date": "date", "timestamp": "date", "boolean": "boolean"}
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,7 @@ class _Table:
     qualifiers: set[str]      # how a column may name this table (lower case)
     alias: str                # our alias in the regenerated SQL
     view: str
+    types: Mapping[str, str] = dc_field(default_factory=dict)   # upload column -> its declared type
 
 
 @dataclass
@@ -359,11 +366,11 @@ class _Item:
 
 class _Checker:
     def __init__(self, grants: Grants, datasets: Iterable[DatasetInfo] | Mapping[str, DatasetInfo],
-                 uploads: Mapping[str, Sequence[str]] | None) -> None:
+                 uploads: UploadSchemas | None) -> None:
         infos = datasets.values() if isinstance(datasets, Mapping) else datasets
         self.datasets = {d.code.lower(): d for d in infos}
         self.grants = {(d, f): {str(u) for u in us} for (d, f), us in grants.items()}
-        self.uploads = {name.lower(): (name, list(cols)) for name, cols in (uploads or {}).items()}
+        self.uploads = {name.lower(): (name, dict(cols)) for name, cols in (uploads or {}).items()}
         self.problems: list[Problem] = []
         self._seen: set[tuple] = set()
         self.uses: set[tuple[str, str, str]] = set()
@@ -481,7 +488,8 @@ class _Checker:
             return None
         uname, cols = up
         quals = {alias} if alias else {uname.lower()}
-        return _Table("upload", uname, {c.lower(): c for c in cols}, quals, UPLOAD_ALIAS, upload_view_name(uname))
+        return _Table("upload", uname, {c.lower(): c for c in cols}, quals, UPLOAD_ALIAS, upload_view_name(uname),
+                      types=dict(cols))
 
     def from_node(self, t: _Table) -> exp.Table:
         return exp.Table(this=_ident(t.view), alias=exp.TableAlias(this=_ident(t.alias)))
@@ -658,19 +666,27 @@ class _Checker:
         return self.column_node(ref), ref
 
     def field_type(self, ref: ColumnRef) -> str | None:
+        """A dataset field's catalog type, or an upload column's declared type (None: unknown)."""
         if ref.upload:
-            return None   # the tenant's own columns: no catalog type (and no one else's data)
+            table = self.upload if self.upload is not None and self.upload.name == ref.table else None
+            return table.types.get(ref.field) if table is not None else None
         info = self.datasets.get(ref.table.lower())
         return (info.types or {}).get(ref.field) if info is not None else None
 
     def typed_literal(self, ref: ColumnRef, node: exp.Expression, where: str) -> exp.Expression | None:
-        """A literal compared with `ref`, of the field's own type (a date may be written as
-        'YYYY-MM-DD'); anything else is refused before the engine could cast the column."""
+        """A literal compared with `ref`, of the column's own type (a date may be written as
+        'YYYY-MM-DD'); anything else is refused before the engine could cast the column. A column
+        of unknown type is never compared: the engine would pick a cast, and whether that cast
+        fails on some row would depend on the data (an oracle on a failing prod run)."""
         node = _unparen(node)
         lit = self.literal(node, where)
+        if lit is None:
+            return None
         ftype = self.field_type(ref)
-        if lit is None or ftype is None:
-            return lit
+        if ftype not in _LITERAL_KIND:
+            self.refuse(f"literal for {ref}", f"{ref} has no known type to compare a literal with",
+                        f"{ref} 没有已知类型，不能与常量比较")
+            return None
         if type(lit) is exp.Literal and lit.is_string:
             kind = "string"
         elif type(lit) in (exp.Literal, exp.Neg):
@@ -679,8 +695,7 @@ class _Checker:
             kind = "boolean"
         else:
             kind = "date"
-        want = {"string": "string", "integer": "number", "float": "number", "decimal": "number",
-                "date": "date", "timestamp": "date", "boolean": "boolean"}.get(ftype)
+        want = _LITERAL_KIND[ftype]
         if want == "date" and kind == "string":   # '2024-01-01' for a date field: read as a date
             try:
                 value = dt.date.fromisoformat(lit.this) if ftype == "date" else dt.datetime.fromisoformat(lit.this)
@@ -1127,12 +1142,12 @@ def parse_statement(sql: str) -> exp.Select:
 
 
 def check_query(sql: str, grants: Grants, datasets: Iterable[DatasetInfo] | Mapping[str, DatasetInfo],
-                uploads: Mapping[str, Sequence[str]] | None = None) -> CheckedQuery:
+                uploads: UploadSchemas | None = None) -> CheckedQuery:
     """Parse `sql`, check it against the scene's data list, and regenerate it; or raise QueryRefused.
 
     grants: (dataset code, field) -> usages the scene's effective items grant;
     datasets: the scene's datasets (code, fields, privacy unit);
-    uploads: the tenant's own uploads that may be joined, name -> columns.
+    uploads: the tenant's own uploads that may be joined, name -> {column: declared type}.
     """
     statement = parse_statement(sql)
     try:

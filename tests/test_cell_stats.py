@@ -293,7 +293,7 @@ def test_a_join_with_an_upload_bounds_and_counts_persons_once(snap, tmp_path):
     pq.write_table(pa.table({"pid": pa.array([1, 1, 1, 2, 3, 4], pa.int64())}), upload)
     ex = execution(meta, path, f"SELECT district, SUM(fee) AS s FROM {CODE} JOIN applicants ON person_id = applicants.pid "
                                "GROUP BY district", uploads={"applicants": upload},
-                   upload_columns={"applicants": ["pid"]}, max_contributions=5)
+                   upload_columns={"applicants": {"pid": "integer"}}, max_contributions=5)
     stats = execute.run(ex).cell_stats
     ref = reference(rows, 5, lambda r: (r["district"],), lambda r: r["person_id"] in (1, 2, 3, 4))
     assert_matches(stats, ref, ["district"], {"s": "fee"})

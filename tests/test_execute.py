@@ -255,7 +255,7 @@ def test_a_join_with_an_upload_never_multiplies_a_persons_rows(crafted, tmp_path
     pq.write_table(pa.table({"pid": pa.array([1, 1, 1, 2, 3], pa.int64()), "tag": ["a", "b", "c", "d", "e"]}), upload)
     grants = {(VISITS, f): ALL_USES + ("join_key",) for f in meta.fields}
     checked = check_query(f"SELECT district, COUNT(*) AS n FROM {VISITS} JOIN applicants ON person_id = applicants.pid "
-                          "GROUP BY district", grants, [meta.info()], {"applicants": ["pid", "tag"]})
+                          "GROUP BY district", grants, [meta.info()], {"applicants": {"pid": "integer", "tag": "string"}})
     ex = execute.Execution(checked, meta, snap, uploads={"applicants": upload}, epsilon=1.0, max_contributions=10)
     got = {r["k0"]: r["a0"] for r in exact(ex)}
     # person 1: 10 kept rows in 兴庆区 (not 30); persons 2 (兴庆区) and 3 (金凤区): one visit each

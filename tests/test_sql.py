@@ -38,7 +38,7 @@ from sandbox.store import DUCK_TYPES
 
 OV, RES, INP = "health.outpatient_visit", "health.resident", "health.inpatient_stay"
 UPLOAD = "my_customers"
-UPLOADS = {UPLOAD: ["pid", "segment", "premium", "district"]}
+UPLOADS = {UPLOAD: {"pid": "string", "segment": "string", "premium": "decimal", "district": "string"}}
 
 
 def _descriptors():
@@ -51,8 +51,9 @@ def _descriptors():
 
 
 DESCRIPTORS = _descriptors()
-DATASETS = [DatasetInfo(d.code, [f.name for f in d.fields], d.privacy_unit) for d in DESCRIPTORS.values()
-            if d.opening_class != "prohibited"]   # the scene's datasets: a prohibited one is never in a scene
+# the scene's datasets (a prohibited one is never in a scene), with their catalog types as the engine gives them
+DATASETS = [DatasetInfo(d.code, [f.name for f in d.fields], d.privacy_unit, {f.name: f.type.value for f in d.fields})
+            for d in DESCRIPTORS.values() if d.opening_class != "prohibited"]
 
 # An insurer's scene, as the rule table would let it be approved (docs/scenes.md).
 A, G, F, J, M = "aggregate", "group_by", "filter", "join_key", "masked_output"
@@ -585,8 +586,7 @@ def test_mutated_queries_are_refused_cleanly_or_fully_granted() -> None:
 # ---------------------------------------------------------------------------------------------
 # Literals of the field's own type (with catalog types given, as the engine's callers do)
 
-TYPED = [DatasetInfo(d.code, [f.name for f in d.fields], d.privacy_unit, {f.name: f.type.value for f in d.fields})
-         for d in DESCRIPTORS.values() if d.opening_class != "prohibited"]
+TYPED = DATASETS
 
 
 def typed(sql: str) -> CheckedQuery:
@@ -611,6 +611,36 @@ def test_a_literal_of_another_type_is_refused_before_the_engine_could_cast_the_c
         typed(f"SELECT COUNT(*) FROM {OV} WHERE visit_date >= DATE '2020-01-01' AND {where}")
     assert construct in [d["construct"] for d in info.value.details], info.value.details
     assert all(d["message_zh"] for d in info.value.details)
+
+
+# The review's critical finding: `d.district = '兴庆区' OR u.tag = 1` on a text upload column made the
+# engine cast the upload's column only where the dataset condition was false, so a failing prod query
+# said which value a person held. Upload columns are typed from their declared schema.
+@pytest.mark.parametrize("where, construct", [
+    ("d.district = '兴庆区' OR u.segment = 1", "number literal for upload my_customers.segment"),
+    ("u.segment IN ('gold', 2)", "number literal for upload my_customers.segment"),
+    ("u.premium > 'high'", "string literal for upload my_customers.premium"),
+    ("u.premium = DATE '2024-01-01'", "date literal for upload my_customers.premium"),
+    ("u.segment BETWEEN 1 AND 2", "number literal for upload my_customers.segment"),
+])
+def test_an_upload_column_is_compared_only_with_a_literal_of_its_declared_type(where, construct):
+    with pytest.raises(QueryRefused) as info:
+        typed(f"SELECT COUNT(*) FROM {OV} d JOIN {UPLOAD} u ON d.person_id = u.pid WHERE {where}")
+    assert construct in [d["construct"] for d in info.value.details], info.value.details
+
+
+def test_a_column_of_unknown_type_is_never_compared_with_a_literal():
+    untyped = [DatasetInfo(d.code, d.fields, d.privacy_unit) for d in DATASETS]
+    with pytest.raises(QueryRefused) as info:
+        check_query(f"SELECT COUNT(*) FROM {OV} WHERE district = '兴庆区'", GRANTS, untyped, UPLOADS)
+    assert [d["construct"] for d in info.value.details] == [f"literal for {OV}.district"]
+    with pytest.raises(QueryRefused) as info:   # an upload column missing from its schema's types
+        check_query(f"SELECT COUNT(*) FROM {OV} d JOIN {UPLOAD} u ON d.person_id = u.pid WHERE u.segment = 'x'",
+                    GRANTS, DATASETS, {UPLOAD: {"pid": "string", "segment": "no such type"}})
+    assert [d["construct"] for d in info.value.details] == [f"literal for upload {UPLOAD}.segment"]
+    q = typed(f"SELECT COUNT(*) FROM {OV} d JOIN {UPLOAD} u ON d.person_id = u.pid "
+              "WHERE u.segment = 'gold' AND u.premium >= 100.5")
+    assert "\"u\".\"segment\" = 'gold'" in q.sql and "\"u\".\"premium\" >= 100.5" in q.sql
 
 
 def test_literals_of_the_fields_type_pass_and_dates_may_be_written_as_text():
