@@ -22,6 +22,14 @@ class Settings:
     scene_max_validity_days: int = 366
     query_lease_seconds: int = 60      # a running query's lease; a worker renews it while it runs
     query_max_attempts: int = 3        # a query whose worker died is retried this often, then failed
+    query_time_limit_seconds: float = 600.0     # a prod run is stopped after this (then held, like any failure)
+    dev_query_time_limit_seconds: float = 60.0  # a dev run (synthetic twin) is stopped after this
+    query_rate_per_minute: int = 60    # queries one tenant (organization) may submit per minute
+    query_jobs_per_tenant: int = 1     # of one tenant's queued queries, this many run at once
+    dev_wait_seconds: float = 10.0     # a dev submission waits this long for its answer before answering 202
+    # A prod run's outcome becomes visible at the end of its timing class: the run's duration rounded
+    # up to base × 2^n seconds (sandbox/outcomes.py). 0 turns the padding off (tests only).
+    prod_timing_base_seconds: float = 1.0
     secret_key_override: str | None = field(default=None, repr=False)
     fingerprint_key_override: str | None = field(default=None, repr=False)
 
@@ -43,6 +51,12 @@ class Settings:
             scene_max_validity_days=int(env.get("PDAO_SCENE_MAX_VALIDITY_DAYS", "366")),
             query_lease_seconds=int(env.get("PDAO_QUERY_LEASE_SECONDS", "60")),
             query_max_attempts=int(env.get("PDAO_QUERY_MAX_ATTEMPTS", "3")),
+            query_time_limit_seconds=float(env.get("PDAO_QUERY_TIME_LIMIT_SECONDS", "600")),
+            dev_query_time_limit_seconds=float(env.get("PDAO_DEV_QUERY_TIME_LIMIT_SECONDS", "60")),
+            query_rate_per_minute=int(env.get("PDAO_QUERY_RATE_PER_MINUTE", "60")),
+            query_jobs_per_tenant=int(env.get("PDAO_QUERY_JOBS_PER_TENANT", "1")),
+            dev_wait_seconds=float(env.get("PDAO_DEV_WAIT_SECONDS", "10")),
+            prod_timing_base_seconds=float(env.get("PDAO_PROD_TIMING_BASE_SECONDS", "1")),
         )
 
     @property

@@ -65,6 +65,12 @@ from sandbox.sql import DATASET_ALIAS, DIALECT, Aggregate, CheckedQuery, Dataset
 from sandbox.store import RANK_COLUMN
 
 MAX_CELLS = 100_000          # group cells of one aggregate answer (the product of the key domains)
+# The work an aggregate answer costs, per group cell and aggregate, in units of about one COUNT's noise
+# (~6 µs here; bench: a median's exponential mechanism is ~30 of them per cell, whatever its rows).
+# A query above MAX_COST is refused before any data is read: 8 medians over 43,830 days took two
+# minutes of CPU before this limit (issue 13).
+COST_PER_CELL = {"count": 1, "count_distinct": 1, "sum": 4, "avg": 5, "median": 30, "quantile": 30}
+MAX_COST = 500_000
 MAX_ROWS = 10_000            # rows of one row-level answer
 MAX_PROBE_DAYS = 100_000     # pruning by WHERE evaluates at most this many days of a date range
 DEFAULT_MAX_CONTRIBUTIONS = 10
@@ -133,6 +139,7 @@ class Execution:
     reference_date: dt.date | None = None                     # rows: for age bands
     max_rows: int = MAX_ROWS
     max_cells: int = MAX_CELLS
+    max_cost: int = MAX_COST
     threads: int = 2
     memory_limit: str = "1GB"
     # Also compute the exact statistics export review's disclosure checks need (`Answer.cell_stats`,
@@ -277,6 +284,24 @@ def _period_of(d: dt.date, unit: str) -> dt.date:
     return dt.date(d.year, d.month - (d.month - 1) % months, 1)
 
 
+def query_cost(checked: CheckedQuery, n_cells: int) -> int:
+    """The work an aggregate answer costs (`COST_PER_CELL`): public facts only."""
+    return n_cells * sum(COST_PER_CELL[a.function] for a in checked.aggregates)
+
+
+def answer_columns(checked: CheckedQuery) -> list[str]:
+    """The answer's column names, in order, from the plan alone (what a tenant may see of an answer
+    still held: the same whether the run succeeded or failed)."""
+    if checked.kind == "rows":
+        return [out.alias for out in checked.masked]
+    names = [k.alias for k in checked.group_keys if k.alias is not None]
+    for agg in checked.aggregates:
+        names.append(agg.alias)
+        if agg.function == "avg":
+            names.append(f"{agg.alias}_error95")
+    return names
+
+
 def group_cells(execution: Execution) -> tuple[list[list[Any]], int]:
     """Each group key's cells (its public domain, less what the query's WHERE rules out), and the
     number of cells of their product (1 without GROUP BY)."""
@@ -288,6 +313,15 @@ def group_cells(execution: Execution) -> tuple[list[list[Any]], int]:
     if n == 0:
         raise refused("no_cells", "the query's WHERE rules out every value of its group keys' public domains: "
                       "there is nothing to answer", "查询的 WHERE 条件排除了分组键公开取值域中的全部取值，没有可回答的分组")
+    cost = query_cost(execution.checked, n)
+    if n <= execution.max_cells and cost > execution.max_cost:
+        raise refused("query_too_costly",
+                      f"the query costs {cost:,} units of work ({n:,} cells × its aggregates; a median or quantile "
+                      f"counts {COST_PER_CELL['median']}); at most {execution.max_cost:,} are answered (fewer cells "
+                      "or fewer medians)",
+                      f"该查询的计算量为 {cost:,} 个单位（{n:,} 个单元格 × 聚合，中位数或分位数每个按 "
+                      f"{COST_PER_CELL['median']} 计），上限为 {execution.max_cost:,}（请减少单元格或中位数）",
+                      cost=cost, max_cost=execution.max_cost, cells=n)
     if n > execution.max_cells:
         raise refused("too_many_groups",
                       f"the group keys make {n:,} cells; at most {execution.max_cells:,} are answered "
@@ -375,6 +409,27 @@ def describe_noise(plan: privacy.NoisePlan, meta: DatasetMeta) -> dict[str, dict
         if a.function == "avg":
             out[a.alias]["error95_column"] = f"{a.alias}_error95"
     return out
+
+
+@dataclass(frozen=True)
+class PlannedAnswer:
+    """What the plan alone (public facts) says of an answer: all a tenant sees of a prod answer
+    before it is released, so a run that failed inside the domain can show exactly the same."""
+    columns: list[str]
+    noise: dict[str, dict[str, Any]]
+    epsilon_spent: float
+    row_count: int            # aggregate: the cells answered (after LIMIT); rows: 0 (not shown)
+
+
+def planned_answer(execution: Execution) -> PlannedAnswer:
+    checked = execution.checked
+    columns = answer_columns(checked)
+    if checked.kind == "rows":
+        return PlannedAnswer(columns, {}, 0.0, 0)
+    _, n = group_cells(execution)
+    plan = noise_plan(execution, n)
+    cells = n if checked.limit is None else min(n, checked.limit)
+    return PlannedAnswer(columns, describe_noise(plan, execution.dataset), plan.spent, cells)
 
 
 def preview(execution: Execution) -> dict[str, Any]:

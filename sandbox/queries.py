@@ -9,11 +9,13 @@ The order of a submission (each step refuses with a clear JSON error and changes
    checked query relies on is decided again through casbin — the one authorization path;
 3. the dataset version is pinned: the latest `prod` version, or for `mode=dev` the synthetic twin;
 4. an aggregate's noise is planned from public facts (422 if it cannot be given DP);
-5. prod: ε is reserved in the ledger in the same transaction that queues the job (429 when the
-   budget cannot pay). The worker charges it when the result is stored, or refunds it when the job
-   fails or is cancelled; a job whose worker died is retried under the same reservation, so nothing
-   is charged twice. dev: the query runs at once on the twin, spends nothing, and the result is
-   marked synthetic.
+5. the query is queued as a job; a prod query's ε is reserved in the ledger in the same
+   transaction (429 when the budget cannot pay; 429 `rate_limited` past the tenant's rate). A
+   worker (`sandbox.worker`) runs prod jobs; a dev job is run by its own request at once when the
+   tenant has no other dev job running (`sandbox.worker.answer_dev`), on the twin, spending
+   nothing, its result marked synthetic. Every run has a time limit. What the tenant can observe of
+   a prod run follows `sandbox.outcomes`: a run that fails while reading the data is held and
+   charged like any other, and its outcome shows at the end of its timing class.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import Session, select
 
 from catalog.models import Dataset, DatasetField, DatasetVersion
@@ -44,8 +48,8 @@ from policies import scenes, states
 from policies.enforcer import SceneEnforcers
 from policies.models import Scene, SceneItem
 from policies.rules import item_verdict
-from sandbox import export, ledger, uploads
-from sandbox.execute import Answer, DatasetMeta, Execution, preview as plan_preview
+from sandbox import export, ledger, outcomes, uploads
+from sandbox.execute import Answer, DatasetMeta, Execution, PlannedAnswer, answer_columns, preview as plan_preview
 from sandbox.models import Query, QueryResult
 from sandbox.sql import CheckedQuery, check_query
 from sandbox.store import snapshot_path
@@ -219,17 +223,34 @@ def preview(session: Session, settings: Settings, enforcers: SceneEnforcers, pri
     return out
 
 
+def check_rate(session: Session, settings: Settings, org_id: int) -> None:
+    """A tenant (organization) submits at most `query_rate_per_minute` queries a minute, dev and prod
+    together: 429 `rate_limited` beyond that, nothing written."""
+    since = utcnow() - dt.timedelta(seconds=60)
+    recent = session.exec(select(func.count()).select_from(Query).where(Query.org_id == org_id,
+                                                                        Query.created_at >= since)).one()
+    if recent >= settings.query_rate_per_minute:
+        raise PdaoError(429, "rate_limited",
+                        f"Your organization sent {recent} queries in the last minute; at most "
+                        f"{settings.query_rate_per_minute} are accepted. Try again in a minute.",
+                        f"贵单位最近一分钟已提交 {recent} 条查询，上限为 {settings.query_rate_per_minute} 条，请一分钟后重试。",
+                        details={"limit_per_minute": settings.query_rate_per_minute}, headers={"Retry-After": "60"})
+
+
 def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, principal: Principal, scene: Scene,
            sql: str, mode: str, epsilon: float | None) -> Query:
-    """Queue a prod query (ε reserved in the same transaction; the caller commits), or run a dev query
-    at once on the twin (committed here)."""
+    """Check, authorize, plan and queue a query; a prod query's ε is reserved in the same
+    transaction (the caller commits). Dev and prod queries are jobs alike: a worker, or the request
+    itself for a dev query (`sandbox.worker.answer_dev`), runs them with a time limit."""
+    check_rate(session, settings, scene.org_id)
     p = prepare(session, settings, enforcers, principal, scene, sql, mode, epsilon)
     if p.checked.kind == "aggregate":
-        plan_preview(p.execution)   # refuse a query DP cannot answer before anything is written
+        plan_preview(p.execution)   # refuse a query DP cannot answer, or too costly, before anything is written
     q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode=mode, kind=p.checked.kind,
               sql_text=sql, checked_sql=p.checked.sql, dataset=p.checked.dataset, version_id=p.version.id,
-              epsilon=float(p.execution.epsilon or 0.0) if p.checked.kind == "aggregate" and mode == "prod" else 0.0,
-              max_contributions=scene.max_contributions, status="queued" if mode == "prod" else "running",
+              # the ε the noise is calibrated to; only a prod query's is reserved and charged
+              epsilon=float(p.execution.epsilon or 0.0) if p.checked.kind == "aggregate" else 0.0,
+              max_contributions=scene.max_contributions, status="queued",
               uses=[list(u) for u in sorted(p.checked.uses)], policy_version=scene.policy_version,
               upload=None if p.upload is None else f"{p.upload.name}@v{p.upload.version}")
     session.add(q)
@@ -237,16 +258,26 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
     if mode == "prod" and q.epsilon > 0:
         entry = ledger.reserve(session, scene.id, q.epsilon, query_ref=f"query:{q.id}")
         q.budget_entry_id = entry.id
-    if mode == "dev":
-        q.started_at, q.attempts = utcnow(), 1
-        session.commit()
-        run_and_store(session, settings, q, execution=replace(
-            p.execution, pseudonym_key=answer_pseudonym_key(settings, scene, q.id)))
     return q
 
 
 # ---------------------------------------------------------------------------------------------
-# Running and storing (the worker, and dev queries inline)
+# Running and storing (a worker, or the request of a dev query)
+
+
+def query_plan(session: Session, settings: Settings, q: Query) -> Execution:
+    """A job's execution: its SQL checked again against the scene's effective list as it is now, on
+    the version (and upload version) pinned at submission. No authorization here: `execution_for`."""
+    scene = session.get(Scene, q.scene_id)
+    version = session.get(DatasetVersion, q.version_id)
+    ds = session.get(Dataset, version.dataset_id)
+    meta = dataset_meta(session, ds, version.row_count)
+    upload = export.pinned_upload(session, q)
+    schemas = {} if upload is None else {upload.name: upload_schema(upload)}
+    checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()], uploads=schemas)
+    return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
+                     max_contributions=q.max_contributions, pseudonym_key=answer_pseudonym_key(settings, scene, q.id),
+                     reference_date=_today(), disclosure_stats=q.mode == "prod", uploads=_upload_files(settings, upload))
 
 
 def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcers, q: Query) -> Execution:
@@ -254,20 +285,13 @@ def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcer
     scene as it is now (a scene suspended or an item struck since refuses the job), on the version
     pinned at submission."""
     scene = session.get(Scene, q.scene_id)
-    version = session.get(DatasetVersion, q.version_id)
-    ds = session.get(Dataset, version.dataset_id)
     status = states.effective_status(scene.status, scene.valid_from, scene.valid_to, utcnow())
     if status != "active":
         raise conflict("scene_not_active", f"The scene became {status} before the query ran.",
                        f"查询执行前场景状态已变为 {status}。", details={"status": status})
-    meta = dataset_meta(session, ds, version.row_count)
-    upload = export.pinned_upload(session, q)
-    schemas = {} if upload is None else {upload.name: upload_schema(upload)}
-    checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()], uploads=schemas)
-    authorize_uses(session, enforcers, scene, scenes.tenant_code(session, scene), checked)
-    return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
-                     max_contributions=q.max_contributions, pseudonym_key=answer_pseudonym_key(settings, scene, q.id),
-                     reference_date=_today(), disclosure_stats=q.mode == "prod", uploads=_upload_files(settings, upload))
+    execution = query_plan(session, settings, q)
+    authorize_uses(session, enforcers, scene, scenes.tenant_code(session, scene), execution.checked)
+    return execution
 
 
 def _json_safe(v: Any) -> Any:
@@ -296,57 +320,70 @@ def result_row(q: Query, answer: Answer, path: str, digest: str) -> QueryResult:
                        storage_path=path, sha256=digest)
 
 
-def run_and_store(session: Session, settings: Settings, q: Query, *, execution: Execution | None = None,
-                  enforcers: SceneEnforcers | None = None, on_connection: Any = None,
-                  worker: str | None = None) -> Query:
-    """Run a query that is `running` and record the outcome in one transaction: the result and the
-    charge (done/held), or the failure and the refund. With `worker`, only while this worker still
-    holds the job (a job whose lease was taken over is left to its new worker)."""
-    from sandbox.execute import run
+def run_and_store(session: Session, settings: Settings, q: Query, *, enforcers: SceneEnforcers,
+                  on_connection: Any = None, worker: str | None = None,
+                  stop_reason: Callable[[], str | None] | None = None, started: float | None = None) -> Query:
+    """Run a claimed job (`running`) and end it in one transaction, the rules of `sandbox.outcomes`:
 
+    - refused before reading any data (the scene or its list changed since submission): `failed`,
+      told, refunded;
+    - answered: the result and the charge (`done` dev / `held` or `released` prod, after export
+      review's checks); a prod outcome becomes visible at the end of its timing class;
+    - failed while reading the data: dev `failed` (synthetic: told); prod stored `held` with a
+      failed `run` check and charged — the tenant sees what any held answer shows;
+    - stopped by a cancel: `cancelled`, a prod run charged (it read the data).
+
+    `stop_reason()` says why the engine was interrupted ("cancelled", "time_limit"). With `worker`,
+    only while this worker still holds the job (one whose lease was taken over is left alone)."""
+    from sandbox.execute import planned_answer, run
+
+    started = time.monotonic() if started is None else started
     try:
-        if execution is None:
-            assert enforcers is not None, "a queued query is authorized again: give the enforcers"
-            execution = execution_for(session, settings, enforcers, q)
-        answer = run(execution, on_connection=on_connection)
-    except PdaoError as e:
-        return finish_failed(session, q, e.code, e.message, e.message_zh, worker=worker)
-    except Exception as e:  # noqa: BLE001 - a job never takes the worker down; no internals leak
-        import duckdb
-        if isinstance(e, duckdb.InterruptException):
-            return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
-                                 status="cancelled")
-        return finish_failed(session, q, "query_failed", "The query failed inside the sandbox.", "查询在沙箱内执行失败。",
-                             worker=worker)
-    try:
-        path, digest = write_answer(settings, answer, q)
-    except OSError:
-        return finish_failed(session, q, "result_not_stored", "The answer could not be stored; nothing was charged.",
-                             "结果无法保存，未扣除隐私预算。", worker=worker)
-    result = result_row(q, answer, path, digest)
-    final = "done" if q.mode == "dev" else "held"
+        execution = execution_for(session, settings, enforcers, q)
+    except PdaoError as e:   # before any data is read: depends on the scene, not the data
+        return finish_failed(session, q, e.code, e.message, e.message_zh, worker=worker, refund=True)
+    result: QueryResult | None = None
     releasable = False
+    failure: str | None = None
     try:
+        answer = run(execution, on_connection=on_connection)
+        path, digest = write_answer(settings, answer, q)
+        result = result_row(q, answer, path, digest)
         result.content_fp = export.content_fp(settings, answer.table)
         if q.mode == "prod":   # export review starts here: checked inside the domain, released or held
-            scene = session.get(Scene, q.scene_id)
-            assessment = export.assess(execution, answer, scene, q)
+            assessment = export.assess(execution, answer, session.get(Scene, q.scene_id), q)
             result.report = assessment.report
             if assessment.stats is not None:
                 result.stats_path = export.write_stats(settings, assessment.stats, path)
             releasable = assessment.releasable
-            if releasable:
-                final = "released"
-    except Exception:  # noqa: BLE001 - nothing is stored or charged; no internals leak
+    except Exception as e:  # noqa: BLE001 - a job never takes its runner down; no internals leak
+        session.rollback()
+        if result is not None:
+            _remove_files(settings, result)
+        reason = stop_reason() if stop_reason is not None else None
+        if reason == "cancelled":
+            return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
+                                 status="cancelled", refund=False)
+        failure, en, zh = _failure_of(e, reason, q.mode)
+        if q.mode == "dev":   # synthetic data: its failures may be told
+            return finish_failed(session, q, failure, en, zh, worker=worker, refund=False)
+        try:
+            planned = planned_answer(execution)
+        except PdaoError:   # the plan was made at submission; a fallback that shows nothing new
+            planned = PlannedAnswer(answer_columns(execution.checked), {}, q.epsilon, 0)
+        result = outcomes.held_failure(settings, q, planned, failure, kind=q.kind)
+        releasable = False
+    if q.mode == "prod" and not outcomes.wait_for_class_end(
+            started, settings.prod_timing_base_seconds, stop=lambda: stop_reason is not None and stop_reason() == "cancelled"):
         _remove_files(settings, result)
-        return finish_failed(session, q, "result_not_checked",
-                             "The answer could not be checked for export; nothing was charged.",
-                             "结果无法完成出域检查，未扣除隐私预算。", worker=worker)
+        return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
+                             status="cancelled", refund=False)
+    final = "done" if q.mode == "dev" else ("released" if releasable else "held")
     try:
         session.add(result)
         session.flush()
         # Only while this worker still holds the job and nobody asked to cancel it: a cancel that
-        # was acknowledged is never followed by a charge.
+        # was acknowledged is never followed by a result.
         owned = session.exec(update(Query).where(*_held_by(q, worker), Query.cancel_requested == False).values(  # noqa: E712
             status=final, result_id=result.id, progress=1.0, finished_at=utcnow(), epsilon_spent=result.epsilon_spent,
             lease_until=None).execution_options(synchronize_session=False)).rowcount
@@ -355,8 +392,9 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
         if q.budget_entry_id is not None:
             ledger.charge(session, q.budget_entry_id)
         if q.mode == "prod":   # the worker's decisions, in the chain with the change (the log's lock last)
-            _audit_run(session, q, worker, "allow", final, result_id=result.id, epsilon_spent=result.epsilon_spent,
-                       verdict=(result.report or {}).get("verdict"))
+            _audit_run(session, q, worker, "error" if failure else "allow", final, result_id=result.id,
+                       epsilon_spent=result.epsilon_spent, verdict=(result.report or {}).get("verdict"),
+                       **({"error": failure} if failure else {}))
             if releasable:
                 export.record_auto_release(session, result, q)
         session.commit()
@@ -364,13 +402,29 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, execution: 
         session.rollback()
         _remove_files(settings, result)
         return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
-                             status="cancelled")   # a no-op unless it is still ours and cancel was asked
+                             status="cancelled", refund=False)   # a no-op unless it is still ours and cancel was asked
     except BaseException:
         session.rollback()
         _remove_files(settings, result)
         raise
     session.refresh(q)
     return q
+
+
+def _failure_of(e: Exception, reason: str | None, mode: str) -> tuple[str, str, str]:
+    """(code, message, message_zh) of a run that failed while reading the data."""
+    import duckdb
+
+    if reason == "time_limit":
+        return ("time_limit", "The query ran longer than its time limit and was stopped.",
+                "查询运行超过时间上限，已被终止。")
+    if isinstance(e, PdaoError):
+        return e.code, e.message, e.message_zh
+    if isinstance(e, duckdb.InterruptException):
+        return "interrupted", "The query was interrupted.", "查询被中断。"
+    if isinstance(e, OSError):
+        return "result_not_stored", "The answer could not be stored.", "结果无法保存。"
+    return "query_failed", "The query failed inside the sandbox.", "查询在沙箱内执行失败。"
 
 
 class _LostLease(Exception):
@@ -380,7 +434,7 @@ class _LostLease(Exception):
 def _audit_run(session: Session, q: Query, worker: str | None, decision: str, outcome: str, **detail: Any) -> None:
     audit.append(session, actor="system", role=None, auth_method="worker", action="query.run",
                  object=f"query:{q.id}", scene_id=q.scene_id, decision=decision, reason=outcome,
-                 detail={"worker": worker, "epsilon": q.epsilon, **detail})
+                 detail={"worker": worker, "mode": q.mode, "epsilon": q.epsilon, **detail})
 
 
 def _remove_files(settings: Settings, result: QueryResult) -> None:
@@ -397,24 +451,28 @@ def _held_by(q: Query, worker: str | None) -> list[Any]:
 
 
 def finish_failed(session: Session, q: Query, code: str, message: str, message_zh: str, *, worker: str | None = None,
-                  status: str = "failed") -> Query:
-    """Fail (or cancel) a running job and refund its reservation, in one transaction."""
+                  status: str = "failed", refund: bool) -> Query:
+    """End a running job without a result, in one transaction: `failed` (told) or `cancelled`. Its
+    reservation is refunded when the run never read the data (`refund`), else charged
+    (`sandbox.outcomes`)."""
     session.rollback()
     done = session.exec(update(Query).where(*_held_by(q, worker)).values(
         status=status, error_code=code, error_message=message, error_message_zh=message_zh, finished_at=utcnow(),
         lease_until=None).execution_options(synchronize_session=False)).rowcount
     if done == 1 and q.budget_entry_id is not None:
-        ledger.refund(session, q.budget_entry_id)
-    if done == 1 and q.mode == "prod":
-        _audit_run(session, q, worker, "allow" if status == "cancelled" else "error", status, error=code)
+        (ledger.refund if refund else ledger.charge)(session, q.budget_entry_id)
+    if done == 1:
+        _audit_run(session, q, worker, "allow" if status == "cancelled" else "error", status, error=code,
+                   refunded=refund and q.budget_entry_id is not None)
     session.commit()
     session.refresh(q)
     return q
 
 
 def cancel(session: Session, principal: Principal, q: Query) -> Query:
-    """A queued job is cancelled at once (and refunded); a running one is asked to stop (its
-    worker interrupts the engine, then cancels and refunds). Finished jobs answer 409."""
+    """A queued job is cancelled at once (and refunded: nothing was read); a running one is asked to
+    stop (its worker interrupts the engine and cancels it; a prod run is charged, `sandbox.outcomes`).
+    Finished jobs answer 409."""
     if principal.role is not Role.applicant or q.org_id != principal.org_id:
         raise forbidden("not_your_query", "Only the query's own organization may cancel it.", "只有查询所属单位可以取消该查询。")
     done = session.exec(update(Query).where(Query.id == q.id, Query.status == "queued").values(
@@ -423,6 +481,10 @@ def cancel(session: Session, principal: Principal, q: Query) -> Query:
     if done == 1:
         if q.budget_entry_id is not None:
             ledger.refund(session, q.budget_entry_id)
+        audit.append(session, actor=principal.username, org=principal.org_code, role=principal.role.value,
+                     auth_method=principal.auth_method, action="query.cancel", object=f"query:{q.id}",
+                     scene_id=q.scene_id, decision="allow", reason="cancelled_while_queued",
+                     detail={"mode": q.mode, "refunded": q.budget_entry_id is not None})
     else:
         asked = session.exec(update(Query).where(Query.id == q.id, Query.status == "running")
                              .values(cancel_requested=True).execution_options(synchronize_session=False)).rowcount
@@ -467,12 +529,17 @@ def rows_of(table: pa.Table) -> list[dict[str, Any]]:
     return [{k: _json_safe(v) for k, v in row.items()} for row in table.to_pylist()]
 
 
-def query_out(q: Query) -> dict[str, Any]:
+def query_out(q: Query, principal: Principal) -> dict[str, Any]:
+    """A query as `principal` may see it. Of a prod run, its tenant sees neither the progress nor the
+    attempts while it runs (timing and worker deaths can follow the data: `sandbox.outcomes`)."""
+    told = export.is_staff(principal) or q.mode == "dev"
+    running = q.status in ("queued", "running")
     return {"query_id": q.id, "id": q.id, "scene_id": q.scene_id, "mode": q.mode, "synthetic": q.mode == "dev",
-            "kind": q.kind, "status": q.status, "progress": round(q.progress, 4), "sql": q.sql_text,
+            "kind": q.kind, "status": q.status,
+            "progress": round(q.progress, 4) if told or not running else None, "sql": q.sql_text,
             "checked_sql": q.checked_sql, "dataset": q.dataset, "version_id": q.version_id,
             "epsilon": q.epsilon, "epsilon_spent": q.epsilon_spent, "max_contributions": q.max_contributions,
-            "attempts": q.attempts, "cancel_requested": q.cancel_requested, "result_id": q.result_id,
+            "attempts": q.attempts if told else None, "cancel_requested": q.cancel_requested, "result_id": q.result_id,
             "error": None if q.error_code is None else {"code": q.error_code, "message": q.error_message,
                                                         "message_zh": q.error_message_zh},
             "created_at": q.created_at, "started_at": q.started_at, "finished_at": q.finished_at}
@@ -509,7 +576,9 @@ def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with
     hash_shown = visible or staff
     out: dict[str, Any] = {
         "id": r.id, "query_id": r.query_id, "scene_id": r.scene_id, "kind": r.kind, "synthetic": r.synthetic,
-        "status": r.status, "columns": r.columns, "row_count": r.row_count if size_shown else None, "noise": r.noise,
+        "status": r.status, "row_count": r.row_count if size_shown else None, "noise": r.noise,
+        # until released, its tenant sees the planned column names only (a failed run shows the same)
+        "columns": r.columns if visible or staff or r.synthetic else outcomes.planned_columns(r),
         "epsilon_spent": r.epsilon_spent, "notes": r.notes if size_shown else [],
         # the ε the noise was calibrated to (a dev answer is calibrated alike but charges nothing)
         "epsilon": sum(float(n.get("epsilon", 0.0)) for n in (r.noise or {}).values()),

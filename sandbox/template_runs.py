@@ -13,6 +13,7 @@ a template reads the upload once and the datasets' per-person facts, seconds at 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from pdao.identity.models import Role
 from pdao.identity.service import Principal
 from policies import states
 from policies.models import Scene, SceneTemplate
-from sandbox import disclosure, export, templates, uploads
+from sandbox import disclosure, export, outcomes, templates, uploads
+from sandbox.execute import PlannedAnswer
 from sandbox.models import Query, QueryResult
 from sandbox.queries import effective_grants
 from sandbox.store import snapshot_path
@@ -95,21 +97,27 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
     env = "dev" if mode == "dev" else "prod"
     versions = _versions(session, {d for d, _ in reads}, env)
     staged = settings.staging_dir / f"template-{uuid.uuid4().hex}.parquet"
+    started = time.monotonic()
     try:
         _as_template_reads_it(settings, template, upload, staged)
         answer = templates.run_template(template, params, {c: snapshot_path(settings, v) for c, v in versions.items()},
                                         staged, as_of=as_of)
-    except PdaoError as e:
-        if e.code not in DATA_DEPENDENT_FAILURES:
+    except Exception as e:  # noqa: BLE001 - sorted below; nothing of the engine's text leaks
+        told = isinstance(e, PdaoError) and e.code in TOLD_REFUSALS
+        if mode != "prod" or told:   # the twin is synthetic, and the tenant's own upload is the tenant's
+            if isinstance(e, PdaoError):
+                raise PdaoError(e.status if told else 422, e.code, e.message, e.message_zh, details=e.details) from None
             raise
-        if mode != "prod":   # the twin is synthetic: its failures may be told
-            raise PdaoError(422, e.code, e.message, e.message_zh) from None
-        # Whether a prod run fails can depend on the data: answered like any run (held), so the
-        # tenant learns nothing before a reviewer looked; the reviewer sees the failure.
-        return _store_failure(session, settings, principal, scene, row, template, upload, versions, params, e,
+        # Whether a prod run fails can depend on the data: answered like any run (held, after its
+        # timing class), so the tenant learns nothing before a reviewer looked (sandbox.outcomes).
+        outcomes.wait_for_class_end(started, settings.prod_timing_base_seconds)
+        code = e.code if isinstance(e, PdaoError) else "template_failed"
+        return _store_failure(session, settings, principal, scene, row, template, upload, versions, params, code,
                               request_id)
     finally:
         staged.unlink(missing_ok=True)
+    if mode == "prod":
+        outcomes.wait_for_class_end(started, settings.prod_timing_base_seconds)
 
     first = versions[sorted(versions)[0]]
     q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode=mode, kind=TEMPLATE_KIND,
@@ -165,7 +173,9 @@ ROLE_OF_SPEC = {"key": "join_key", "ref": "row_ref", "consent_ref": "consent_ref
                "valid_from": "consent_valid_from", "valid_until": "consent_valid_until"}
 
 
-DATA_DEPENDENT_FAILURES = ("template_failed", "template_output_mismatch")
+# Refusals of a prod run that are told at once: they are about the tenant's own upload (or a missing
+# snapshot), never about the city's data. Anything else that stops a prod run is held (sandbox.outcomes).
+TOLD_REFUSALS = ("template_upload_invalid", "template_dataset_missing")
 
 
 def _as_template_reads_it(settings: Settings, template: templates.Template, upload: Any, staged: Path) -> None:
@@ -191,13 +201,7 @@ def _as_template_reads_it(settings: Settings, template: templates.Template, uplo
 
 def _store_failure(session: Session, settings: Settings, principal: Principal, scene: Scene, row: SceneTemplate,
                    template: templates.Template, upload: Any, versions: dict[str, DatasetVersion],
-                   params: dict[str, Any] | None, error: PdaoError, request_id: str | None) -> Query:
-    import pyarrow as pa
-
-    empty = pa.table({o.name: pa.array([], pa.string()) for o in template.outputs})
-    failed = disclosure.Check("run", "fail", f"The run did not complete inside the domain ({error.code}); "
-                              "nothing can be released. Reject it.",
-                              f"运行未能在域内完成（{error.code}），没有可放行的内容，请驳回。")
+                   params: dict[str, Any] | None, code: str, request_id: str | None) -> Query:
     first = versions[sorted(versions)[0]]
     q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode="prod", kind=TEMPLATE_KIND,
               sql_text=f"-- template {template.name} v{template.version}\n{template.sql}", checked_sql="",
@@ -206,15 +210,10 @@ def _store_failure(session: Session, settings: Settings, principal: Principal, s
               policy_version=scene.policy_version, status="running", attempts=1, started_at=utcnow())
     session.add(q)
     session.flush()
-    path, digest = export.store_table(settings, q.scene_id, f"q{q.id}-{uuid.uuid4().hex[:12]}.parquet", empty)
-    report = {**disclosure.report([failed]), "columns": {"quasi_identifiers": [], "sensitive": []},
-              "template": {"template": template.name, "version": template.version, "digest": row.digest,
-                           "failed": error.code}}
-    result = QueryResult(query_id=q.id, scene_id=scene.id, org_id=scene.org_id, synthetic=False, kind="rows",
-                         status="held", columns=[{"name": f.name, "type": str(f.type)} for f in empty.schema],
-                         row_count=0, noise={}, epsilon_spent=0.0, notes=[], storage_path=path, sha256=digest,
-                         report=report, content_fp=None)
-    return _commit(session, settings, principal, q, result, "held", request_id, "error", error.code,
+    planned = PlannedAnswer([o.name for o in template.outputs], {}, 0.0, 0)
+    result = outcomes.held_failure(settings, q, planned, code, kind="rows", report_extra={
+        "template": {"template": template.name, "version": template.version, "digest": row.digest, "failed": code}})
+    return _commit(session, settings, principal, q, result, "held", request_id, "error", code,
                    {"template": template.name, "digest": row.digest, "upload": q.upload, "mode": "prod"})
 
 

@@ -1,15 +1,21 @@
-"""The query worker: claims queued prod queries from the metadata database and runs them.
+"""The query worker: claims queued queries (prod, and dev ones their request did not take) from the
+metadata database and runs them.
 
 `pdao serve` runs one in a background thread; `pdao worker` runs more, in as many processes as
-wanted. Claiming is safe with any number of workers: PostgreSQL hands each candidate row to one
-claimant (`FOR UPDATE SKIP LOCKED`), and the claim itself is a conditional UPDATE
-(`… WHERE status = 'queued'`) that only one worker can win on either backend.
+wanted; the request of a dev query runs its own job when it may (`answer_dev`). Claiming is safe
+with any number of runners: PostgreSQL hands each candidate row to one claimant (`FOR UPDATE SKIP
+LOCKED`), and the claim itself is a conditional UPDATE (`… WHERE status = 'queued'`) that only one
+runner can win on either backend. A tenant has at most `query_jobs_per_tenant` jobs of a mode
+running, and the organization that started a job least recently goes first.
 
-A claimed job holds a lease that its worker renews every few seconds (with the engine's progress).
-A worker that dies stops renewing; any worker then finds the lease expired and puts the job back
-in the queue (or, after `query_max_attempts`, fails it and refunds its ε). The ε reserved at
-submission stays reserved across retries and is charged once, in the transaction that stores
-the result — and only by the worker that still holds the job (`sandbox.queries.run_and_store`).
+A claimed job holds a lease that its runner renews every few seconds (with the engine's progress),
+and a time limit (`query_time_limit_seconds`, `dev_query_time_limit_seconds`) after which the
+heartbeat interrupts the engine. A runner that dies stops renewing; any worker then finds the lease
+expired and puts the job back in the queue (or, after `query_max_attempts`, ends it: a prod run
+held and charged like any run that failed reading the data, `sandbox.outcomes`), each move in the
+audit chain. The ε reserved at submission stays reserved across retries and is charged once, in the
+transaction that ends the job — and only by the runner that still holds it
+(`sandbox.queries.run_and_store`).
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, func, update
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
+from pdao import audit
 from pdao.config import Settings
 from pdao.db import utcnow
+from pdao.errors import PdaoError
 from policies.enforcer import SceneEnforcers
-from sandbox import ledger
+from sandbox import ledger, outcomes, queries
+from sandbox.execute import PlannedAnswer, planned_answer
 from sandbox.models import Query
-from sandbox.queries import run_and_store
+from sandbox.queries import finish_failed, query_plan, run_and_store
 
 log = logging.getLogger("pdao.worker")
 HEARTBEAT_SECONDS = 2.0
@@ -42,46 +52,90 @@ def worker_name() -> str:
 
 
 def requeue_expired(session: Session, settings: Settings) -> int:
-    """Jobs whose worker stopped renewing the lease: back to the queue, or failed (and refunded)
-    after `query_max_attempts`. Each move is a conditional UPDATE on the expired lease, so two
-    workers doing this at once move each job once."""
+    """Jobs whose runner stopped renewing the lease: back to the queue, or ended after
+    `query_max_attempts` — a prod run as a held failure, charged (a run that keeps killing its worker
+    may do so because of the data: `sandbox.outcomes`), a dev run failed. Each move is a conditional
+    UPDATE on the expired lease, so two workers doing this at once move each job once, and each is
+    in the audit chain with the change."""
     now = utcnow()
     moved = 0
-    expired = session.exec(select(Query).where(Query.status == "running", Query.mode == "prod",
-                                               Query.lease_until < now)).all()
+    expired = session.exec(select(Query).where(Query.status == "running", Query.lease_until < now)).all()
     for q in expired:
         if q.attempts >= settings.query_max_attempts:
-            done = session.exec(update(Query).where(Query.id == q.id, Query.status == "running", Query.lease_until < now)
-                                .values(status="failed", error_code="worker_lost",
-                                        error_message=f"The query's worker stopped {q.attempts} times; it was not run.",
-                                        error_message_zh=f"执行该查询的工作进程已中断 {q.attempts} 次，查询未执行。",
-                                        finished_at=now, lease_until=None)
-                                .execution_options(synchronize_session=False)).rowcount
-            if done == 1 and q.budget_entry_id is not None:
-                ledger.refund(session, q.budget_entry_id)
-        else:
-            done = session.exec(update(Query).where(Query.id == q.id, Query.status == "running", Query.lease_until < now)
-                                .values(status="queued", worker=None, lease_until=None, progress=0.0)
-                                .execution_options(synchronize_session=False)).rowcount
+            moved += _end_lost(session, settings, q, now)
+            continue
+        done = session.exec(update(Query).where(Query.id == q.id, Query.status == "running", Query.lease_until < now)
+                            .values(status="queued", worker=None, lease_until=None, progress=0.0)
+                            .execution_options(synchronize_session=False)).rowcount
+        if done == 1:
+            audit.append(session, actor="system", auth_method="worker", action="query.requeue",
+                         object=f"query:{q.id}", scene_id=q.scene_id, decision="allow", reason="lease_expired",
+                         detail={"worker": q.worker, "attempts": q.attempts, "mode": q.mode})
         moved += done
         session.commit()
-    # A dev query runs inside its request, without a lease: one still "running" an hour on lost
-    # its process. Failed (it reserved nothing).
-    stale = now - timedelta(seconds=max(3600, settings.query_lease_seconds))
-    moved += session.exec(update(Query).where(Query.status == "running", Query.mode == "dev", Query.started_at < stale)
-                          .values(status="failed", error_code="worker_lost",
-                                  error_message="The process running this dev query stopped.",
-                                  error_message_zh="执行该开发模式查询的进程已中断。", finished_at=now)
-                          .execution_options(synchronize_session=False)).rowcount
-    session.commit()
     return moved
 
 
-def claim(session: Session, settings: Settings, worker: str) -> Query | None:
-    """Take the oldest queued prod query for this worker, or None."""
-    stmt = select(Query.id).where(Query.status == "queued", Query.mode == "prod").order_by(Query.id).limit(1)
+def _end_lost(session: Session, settings: Settings, q: Query, now: Any) -> int:
+    held = None
+    if q.mode == "prod":
+        held = outcomes.held_failure(settings, q, _planned(session, settings, q), "worker_lost", kind=q.kind)
+        session.add(held)
+        session.flush()
+        values: dict[str, Any] = {"status": "held", "result_id": held.id, "epsilon_spent": held.epsilon_spent}
+    else:
+        values = {"status": "failed", "error_code": "worker_lost",
+                  "error_message": f"The query's runner stopped {q.attempts} times; it was not answered.",
+                  "error_message_zh": f"执行该查询的进程已中断 {q.attempts} 次，查询未完成。"}
+    done = session.exec(update(Query).where(Query.id == q.id, Query.status == "running", Query.lease_until < now)
+                        .values(finished_at=now, lease_until=None, progress=1.0, **values)
+                        .execution_options(synchronize_session=False)).rowcount
+    if done != 1:
+        session.rollback()
+        if held is not None:
+            (settings.results_dir / held.storage_path).unlink(missing_ok=True)
+        return 0
+    if q.budget_entry_id is not None:
+        ledger.charge(session, q.budget_entry_id)
+    audit.append(session, actor="system", auth_method="worker", action="query.run", object=f"query:{q.id}",
+                 scene_id=q.scene_id, decision="error", reason=values["status"],
+                 detail={"worker": q.worker, "attempts": q.attempts, "mode": q.mode, "error": "worker_lost",
+                         "lease_expired": True, **({"result_id": held.id} if held is not None else {})})
+    session.commit()
+    return 1
+
+
+def _planned(session: Session, settings: Settings, q: Query) -> PlannedAnswer:
+    """What the plan says a tenant sees of the job's answer (the same as for any held answer)."""
+    try:
+        execution = query_plan(session, settings, q)
+        return planned_answer(execution)
+    except PdaoError:   # the scene changed since: a plan without the data's help, nothing new shown
+        return PlannedAnswer([], {}, q.epsilon, 0)
+
+
+def _running(mode: Any) -> Any:
+    other = aliased(Query)
+    return (select(func.count()).select_from(other)
+            .where(other.org_id == Query.org_id, other.mode == mode, other.status == "running").scalar_subquery())
+
+
+def claim(session: Session, settings: Settings, worker: str, *, query_id: int | None = None,
+          mode: str | None = None) -> Query | None:
+    """Take a queued job for this runner, or None: the oldest of the organization that started a
+    job least recently (so one tenant's long queue does not hold the others back), among those with
+    fewer than `query_jobs_per_tenant` jobs of that mode running. `query_id`: that job only."""
+    last_start = aliased(Query)
+    recency = (select(func.max(last_start.started_at)).where(last_start.org_id == Query.org_id)
+               .scalar_subquery())
+    stmt = select(Query.id).where(Query.status == "queued", _running(Query.mode) < settings.query_jobs_per_tenant)
+    if query_id is not None:
+        stmt = stmt.where(Query.id == query_id)
+    if mode is not None:
+        stmt = stmt.where(Query.mode == mode)
+    stmt = stmt.order_by(recency.asc().nulls_first(), Query.id).limit(1)
     if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
+        stmt = stmt.with_for_update(skip_locked=True, of=Query)
     for _ in range(5):
         qid = session.exec(stmt).first()
         if qid is None:
@@ -99,16 +153,24 @@ def claim(session: Session, settings: Settings, worker: str) -> Query | None:
 
 
 class _Heartbeat(threading.Thread):
-    """Renews the lease, records the engine's progress, and interrupts the engine on cancel."""
+    """Renews the lease, records the engine's progress, and interrupts the engine on cancel or when
+    the run passes its time limit (`reason` says which)."""
 
-    def __init__(self, engine: Engine, settings: Settings, query_id: int, worker: str) -> None:
+    def __init__(self, engine: Engine, settings: Settings, query_id: int, worker: str, *,
+                 time_limit: float = float("inf")) -> None:
         super().__init__(daemon=True, name=f"pdao-heartbeat-{query_id}")
         self.engine, self.settings, self.query_id, self.worker = engine, settings, query_id, worker
+        self.time_limit = time_limit
+        self.started = time.monotonic()
         self.con: Any = None
+        self.reason: str | None = None
         self.stop = threading.Event()
 
+    def attach(self, con: Any) -> None:
+        self.con = con
+
     def run(self) -> None:
-        every = min(HEARTBEAT_SECONDS, self.settings.query_lease_seconds / 3)   # several beats per lease
+        every = min(HEARTBEAT_SECONDS, self.settings.query_lease_seconds / 3, max(self.time_limit / 4, 0.05))
         while not self.stop.wait(every):
             try:
                 self.beat()
@@ -131,8 +193,34 @@ class _Heartbeat(threading.Thread):
                    .values(**values).execution_options(synchronize_session=False))
             s.commit()
             cancel = s.exec(select(Query.cancel_requested).where(Query.id == self.query_id)).first()
-        if cancel and self.con is not None:
+        if cancel and self.reason is None:
+            self.reason = "cancelled"
+        elif self.reason is None and time.monotonic() - self.started > self.time_limit:
+            self.reason = "time_limit"
+        if self.reason is not None and self.con is not None:
             self.con.interrupt()
+
+
+def time_limit(settings: Settings, q: Query) -> float:
+    return settings.query_time_limit_seconds if q.mode == "prod" else settings.dev_query_time_limit_seconds
+
+
+def run_claimed(engine: Engine, settings: Settings, enforcers: SceneEnforcers, session: Session, q: Query,
+                worker: str) -> Query:
+    """Run a job this runner claimed, with its heartbeat (lease, progress, cancel, time limit)."""
+    beat = _Heartbeat(engine, settings, q.id, worker, time_limit=time_limit(settings, q))
+    beat.start()
+    try:
+        stall = float(os.environ.get("PDAO_TEST_WORKER_STALL", "0") or 0)
+        if stall and q.mode == "prod":   # tests only: hold the claimed job, as a worker stuck or about to be killed
+            time.sleep(stall)
+        if session.exec(select(Query.cancel_requested).where(Query.id == q.id)).first():   # nothing read yet
+            return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
+                                 status="cancelled", refund=True)
+        return run_and_store(session, settings, q, enforcers=enforcers, on_connection=beat.attach, worker=worker,
+                             stop_reason=lambda: beat.reason, started=beat.started)
+    finally:
+        beat.stop.set()
 
 
 def run_one(engine: Engine, settings: Settings, enforcers: SceneEnforcers, worker: str) -> bool:
@@ -142,26 +230,43 @@ def run_one(engine: Engine, settings: Settings, enforcers: SceneEnforcers, worke
         q = claim(session, settings, worker)
         if q is None:
             return False
-        stall = float(os.environ.get("PDAO_TEST_WORKER_STALL", "0") or 0)
-        beat = _Heartbeat(engine, settings, q.id, worker)
-
-        def on_connection(con: Any) -> None:
-            beat.con = con
-
-        beat.start()
-        try:
-            if stall:   # tests only: hold the claimed job, as a worker stuck or about to be killed would
-                time.sleep(stall)
-            if session.exec(select(Query.cancel_requested).where(Query.id == q.id)).first():
-                from sandbox.queries import finish_failed
-                finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
-                              status="cancelled")
-            else:
-                run_and_store(session, settings, q, enforcers=enforcers, on_connection=on_connection, worker=worker)
-        finally:
-            beat.stop.set()
+        q = run_claimed(engine, settings, enforcers, session, q, worker)
         log.info("query %s: %s", q.id, q.status)
         return True
+
+
+def submit_query(session: Session, engine: Engine, settings: Settings, enforcers: SceneEnforcers, principal: Any,
+                 scene: Any, sql: str, mode: str, epsilon: float | None) -> Query:
+    """Submit a query (`sandbox.queries.submit`) and commit it; a dev query is then answered by this
+    request when it may (`answer_dev`). The query as it stands when the request answers."""
+    q = queries.submit(session, settings, enforcers, principal, scene, sql, mode, epsilon)
+    session.commit()
+    if q.mode == "dev":
+        answer_dev(engine, settings, enforcers, q.id)
+        session.refresh(q)
+    return q
+
+
+def answer_dev(engine: Engine, settings: Settings, enforcers: SceneEnforcers, query_id: int,
+               wait_seconds: float | None = None) -> None:
+    """A dev query, from its own request: claim it and run it now if the tenant has no other dev job
+    running (else wait for that, or for a worker that took it), for at most `dev_wait_seconds`; then
+    the request answers with whatever state the job is in (the client polls)."""
+    deadline = time.monotonic() + (settings.dev_wait_seconds if wait_seconds is None else wait_seconds)
+    name = f"{worker_name()}:request"
+    pause = 0.02
+    with Session(engine, expire_on_commit=False) as session:
+        while True:
+            q = claim(session, settings, name, query_id=query_id, mode="dev")
+            if q is not None:
+                run_claimed(engine, settings, enforcers, session, q, name)
+                return
+            status = session.exec(select(Query.status).where(Query.id == query_id)).first()
+            session.rollback()
+            if status not in ("queued", "running") or time.monotonic() >= deadline:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
 
 def work(engine: Engine, settings: Settings, *, stop: threading.Event | None = None, poll_seconds: float = 1.0,
@@ -190,4 +295,5 @@ def start_in_thread(engine: Engine, settings: Settings) -> tuple[threading.Threa
     return t, stop
 
 
-__all__ = ["claim", "requeue_expired", "run_one", "work", "start_in_thread", "worker_name"]
+__all__ = ["answer_dev", "claim", "requeue_expired", "run_claimed", "run_one", "work", "start_in_thread",
+           "worker_name"]

@@ -49,7 +49,7 @@ from policies.rules import item_verdict
 from policies.schemas import ReviewIn, SceneIn
 from policies.states import today_in_city
 from sandbox.sql import MAX_SQL_CHARS
-from sandbox import export, queries
+from sandbox import export, queries, worker
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -130,7 +130,7 @@ def home(request: Request, principal: page("me", "read"), session: SessionDep, s
     ctx: dict[str, Any] = {"scenes": [], "queries": [], "released": [], "submitted": [], "queue": []}
     if principal.role is Role.applicant:
         ctx["scenes"] = [_scene_card(session, settings, s.id, principal) for s in scenes.list_visible(session, principal)]
-        ctx["queries"] = [queries.query_out(q) for q in queries.list_queries(session, principal, None, 20)]
+        ctx["queries"] = [queries.query_out(q, principal) for q in queries.list_queries(session, principal, None, 20)]
         ctx["released"] = [queries.result_out(settings, principal, r, with_rows=False, session=session)
                            for r in export.list_results(session, principal, "released", 50)]
     elif principal.role is Role.office:
@@ -284,7 +284,7 @@ def _scene_view(request: Request, ctx, session, settings, preview: dict | None =
     effective = {(e.dataset, e.field, e.usage) for e in out.effective_items}
     p = ctx.principal
     # list_queries is scoped like the API's (a tenant's own, none for providers)
-    scene_queries = [queries.query_out(q) for q in queries.list_queries(session, p, ctx.scene.id, 50)]
+    scene_queries = [queries.query_out(q, p) for q in queries.list_queries(session, p, ctx.scene.id, 50)]
     return render(request, "scene.html", s=out, verdicts=verdicts, effective=effective, queries=scene_queries,
                   expected_error=_expected_error(session, p, ctx.scene.id),
                   may_review=_may(p, "scene", "review") and out.stored_status == "submitted",
@@ -407,15 +407,15 @@ def query_submit(scene_id: int, request: Request, ctx: scene_action("query"), se
     if preview:
         out = queries.preview(session, settings, enforcers, ctx.principal, ctx.scene, sql, mode, eps)
         return _scene_view(request, ctx, session, settings, preview=out, sql=sql, mode=mode, epsilon=epsilon)
-    q = queries.submit(session, settings, enforcers, ctx.principal, ctx.scene, sql, mode, eps)
-    session.commit()
+    q = worker.submit_query(session, request.app.state.engine, settings, enforcers, ctx.principal, ctx.scene, sql,
+                            mode, eps)
     request.state.object = f"query:{q.id}"
     return redirect(request, f"/queries/{q.id}")
 
 
 @router.get("/queries", name="console.queries")
 def queries_page(request: Request, principal: page("query", "read"), session: SessionDep) -> Response:
-    return render(request, "queries.html", queries=[queries.query_out(q)
+    return render(request, "queries.html", queries=[queries.query_out(q, principal)
                                                     for q in queries.list_queries(session, principal, None, 200)])
 
 
@@ -424,7 +424,7 @@ def query_page(query_id: int, request: Request, principal: page("query", "read")
     request.state.object = f"query:{query_id}"
     q = queries.get_query(session, principal, query_id)
     request.state.scene_id = q.scene_id
-    return render(request, "query.html", q=queries.query_out(q), may_cancel=_may(principal, "query", "cancel"))
+    return render(request, "query.html", q=queries.query_out(q, principal), may_cancel=_may(principal, "query", "cancel"))
 
 
 @router.post("/queries/{query_id}/cancel", name="queries.cancel")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query as QueryParam, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, caller, scene_access
-from sandbox import queries, template_runs
+from sandbox import queries, template_runs, worker
 from sandbox.sql import MAX_SQL_CHARS
 
 router = APIRouter(tags=["queries"])
@@ -29,14 +29,14 @@ def _note(request: Request, body: QueryIn) -> None:
 @router.post("/scenes/{scene_id}/queries", name="queries.submit", status_code=status.HTTP_202_ACCEPTED)
 def submit_query(body: QueryIn, ctx: scene_access("query"), session: SessionDep, settings: SettingsDep,
                  request: Request) -> dict[str, Any]:
-    """Check, authorize and queue a query (prod: its ε is reserved now), or answer a dev query at
-    once on the synthetic twin. Poll `GET /queries/{id}`."""
+    """Check, authorize and queue a query (prod: its ε is reserved now); a dev query is answered by
+    this request on the synthetic twin when it may (else it waits in the queue). Poll
+    `GET /queries/{id}` until its status is final."""
     _note(request, body)
-    q = queries.submit(session, settings, request.app.state.scene_enforcers, ctx.principal, ctx.scene,
-                       body.sql, body.mode, body.epsilon)
-    session.commit()
+    q = worker.submit_query(session, request.app.state.engine, settings, request.app.state.scene_enforcers,
+                            ctx.principal, ctx.scene, body.sql, body.mode, body.epsilon)
     request.state.object = f"query:{q.id}"
-    return queries.query_out(q)
+    return queries.query_out(q, ctx.principal)
 
 
 @router.post("/scenes/{scene_id}/queries/preview", name="queries.preview")
@@ -51,27 +51,27 @@ def preview_query(body: QueryIn, ctx: scene_access("query"), session: SessionDep
 @router.get("/scenes/{scene_id}/queries", name="queries.list_scene")
 def list_scene_queries(ctx: scene_access("read"), session: SessionDep,
                        limit: Annotated[int, QueryParam(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
-    return [queries.query_out(q) for q in queries.list_queries(session, ctx.principal, ctx.scene.id, limit)]
+    return [queries.query_out(q, ctx.principal) for q in queries.list_queries(session, ctx.principal, ctx.scene.id, limit)]
 
 
 @router.get("/queries", name="queries.list")
 def list_queries(principal: caller("query", "read"), session: SessionDep,
                  limit: Annotated[int, QueryParam(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
-    return [queries.query_out(q) for q in queries.list_queries(session, principal, None, limit)]
+    return [queries.query_out(q, principal) for q in queries.list_queries(session, principal, None, limit)]
 
 
 @router.get("/queries/{query_id}", name="queries.read")
 def get_query(query_id: int, principal: caller("query", "read"), session: SessionDep, request: Request) -> dict[str, Any]:
     """Status (queued, running, held, done, released, rejected, failed, cancelled), progress, result id."""
     request.state.object = f"query:{query_id}"
-    return queries.query_out(queries.get_query(session, principal, query_id))
+    return queries.query_out(queries.get_query(session, principal, query_id), principal)
 
 
 @router.post("/queries/{query_id}/cancel", name="queries.cancel")
 def cancel_query(query_id: int, principal: caller("query", "cancel"), session: SessionDep,
                  request: Request) -> dict[str, Any]:
     request.state.object = f"query:{query_id}"
-    return queries.query_out(queries.cancel(session, principal, queries.get_query(session, principal, query_id)))
+    return queries.query_out(queries.cancel(session, principal, queries.get_query(session, principal, query_id)), principal)
 
 
 class TemplateRunIn(BaseModel):
@@ -90,4 +90,4 @@ def run_template(name: str, body: TemplateRunIn, ctx: scene_access("query"), ses
     q = template_runs.run(session, settings, ctx.principal, ctx.scene, name, body.upload, body.params, body.mode,
                           request.state.request_id)
     request.state.object = f"query:{q.id}"
-    return queries.query_out(q)
+    return queries.query_out(q, ctx.principal)

@@ -1,0 +1,105 @@
+"""What a tenant can observe about a prod run, decided in one place (rule 6 of the house).
+
+A prod run reads the real data, so whatever its tenant can see of it — its status, an error, when it
+ended, its size, a refund — either does not depend on the data or is paid for in ε.
+`docs/threat-model.md` lists every signal with the test that holds it; these are the rules that
+make the code true to it, shared by queries (`sandbox.queries`, `sandbox.worker`) and template runs
+(`sandbox.template_runs`):
+
+- **A run that fails after the data was touched is not told.** It is stored `held`, like any answer,
+  with a failed `run` check that only reviewers and auditors read, and its ε is charged like any
+  run's: a failure, a time limit, a lost worker, a cast the engine could not make all look like a
+  held answer to the tenant until a reviewer decides (and a failed run is never released).
+  Refusals before any data is read — the scene suspended, an item struck since submission — depend
+  on the scene only: they are told (`failed`) and refunded.
+- **Cancelling** a queued job refunds it (nothing was read); cancelling a running one stops it and
+  charges it (whether it had already finished would depend on how long the data took).
+- **Timing**: a prod run's outcome becomes visible at the end of its *timing class*, its duration
+  rounded up to `base × 2ⁿ` seconds (`PDAO_PROD_TIMING_BASE_SECONDS`), so its time says which
+  class it fell in, never the exact time the data took. Progress is not shown while it runs.
+- **Shape**: until a result is released, its tenant sees the planned column names (the same for a
+  failed run), never its size, hash or cells.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from pdao.config import Settings
+from sandbox import disclosure, export
+from sandbox.execute import PlannedAnswer
+from sandbox.models import Query, QueryResult
+
+RUN_CHECK = "run"            # the check a failed run's report fails (never releasable, not even by override)
+
+# Codes of refusals that happen before a run reads any data (told to the tenant, refunded).
+BEFORE_DATA = frozenset({"scene_not_active", "not_permitted", "query_refused", "upload_join_mismatch",
+                         "no_version", "not_found"})
+
+
+def timing_class_end(elapsed: float, base: float) -> float:
+    """The end of the timing class a run of `elapsed` seconds falls in: the smallest `base × 2ⁿ`
+    (n ≥ 0) not below it. `base` 0 (or less) turns the classes off."""
+    if base <= 0:
+        return elapsed
+    end = base
+    while end < elapsed:
+        end *= 2
+    return end
+
+
+def wait_for_class_end(started: float, base: float, *, stop: Callable[[], bool] | None = None,
+                       step: float = 0.1) -> bool:
+    """Sleep until the timing class of a run started at `started` (time.monotonic) ends. False when
+    `stop()` became true first (a cancel asked meanwhile)."""
+    end = started + timing_class_end(time.monotonic() - started, base)
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return True
+        if stop is not None and stop():
+            return False
+        time.sleep(min(step, left))
+
+
+def failed_run_check(code: str) -> disclosure.Check:
+    return disclosure.Check(
+        RUN_CHECK, "fail",
+        f"The run did not complete inside the domain ({code}); nothing can be released. Reject it.",
+        f"运行未能在域内完成（{code}），没有可放行的内容，请驳回。")
+
+
+def is_failed_run(report: dict[str, Any] | None) -> bool:
+    return any(c.get("name") == RUN_CHECK and c.get("verdict") == "fail" for c in (report or {}).get("checks", []))
+
+
+def held_failure(settings: Settings, q: Query, planned: PlannedAnswer, code: str, *, kind: str,
+                 report_extra: dict[str, Any] | None = None) -> QueryResult:
+    """The result of a prod run that failed inside the domain: an empty answer with what the plan
+    says a tenant sees of any held answer (columns, noise, ε, number of cells), held, its report a
+    failed `run` check. The caller adds it (and charges the run) in the transaction that ends the job."""
+    empty = pa.table({name: pa.array([], pa.string()) for name in planned.columns})
+    path, digest = export.store_table(settings, q.scene_id, f"q{q.id}-failed-{uuid.uuid4().hex[:12]}.parquet", empty)
+    report = {**disclosure.report([failed_run_check(code)]), "failed": code,
+              "columns": {"keys": [], "values": [], "sums": []} if kind == "aggregate"
+              else {"quasi_identifiers": [], "sensitive": []}, **(report_extra or {})}
+    return QueryResult(query_id=q.id, scene_id=q.scene_id, org_id=q.org_id, synthetic=False, kind=kind,
+                       status="held", columns=[{"name": name, "type": None} for name in planned.columns],
+                       row_count=planned.row_count, noise=planned.noise, notes=[],
+                       epsilon_spent=planned.epsilon_spent, storage_path=path, sha256=digest, report=report,
+                       content_fp=None)
+
+
+def planned_columns(r: QueryResult) -> list[dict[str, Any]]:
+    """The columns a tenant sees of an answer not yet released: names only (their types can follow
+    the data, e.g. a column with no value at all)."""
+    return [{"name": c["name"], "type": None} for c in r.columns]
+
+
+__all__ = ["BEFORE_DATA", "RUN_CHECK", "failed_run_check", "held_failure", "is_failed_run", "planned_columns",
+           "timing_class_end", "wait_for_class_end"]
