@@ -1,0 +1,255 @@
+"""What a tenant can observe about a prod run (rule 6; sandbox/outcomes.py, docs/threat-model.md).
+
+The review's critical finding, run as it was described: a prod query whose failure depended on the
+data (a literal compared with a text column of the tenant's upload) told the tenant, for free, the
+value a person held. Here: the probe is refused before anything runs; a prod run that fails while
+reading the data shows its tenant exactly what a successful one shows and is charged the same; its
+outcome appears at the end of a timing class; dev queries are jobs with a rate, a time limit and a
+cost limit."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import duckdb
+import pytest
+from sqlmodel import Session, select
+
+from policies.enforcer import SceneEnforcers
+from sandbox import ledger, outcomes
+from sandbox.models import Query
+from sandbox.worker import claim, run_one, worker_name
+from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene, budget
+from tests.test_upload_joins import ITEMS as JOIN_ITEMS, RESIDENTS, residents, upload_applicants  # noqa: F401
+
+# What differs between two runs of the same query whatever happens: who they are and when.
+RUN_IDENTITY = {"id", "query_id", "result_id", "created_at", "started_at", "finished_at", "decided_at"}
+
+
+def work_once(engine, settings) -> bool:
+    return run_one(engine, settings, SceneEnforcers(engine), worker_name())
+
+
+def tenant_view(client, auth, query_id: int) -> tuple[dict, dict]:
+    q = client.get(f"/api/v1/queries/{query_id}", headers=auth("insurer_a")).json()
+    r = client.get(f"/api/v1/results/{q['result_id']}", headers=auth("insurer_a")).json()
+    return ({k: v for k, v in q.items() if k not in RUN_IDENTITY}, {k: v for k, v in r.items() if k not in RUN_IDENTITY})
+
+
+def test_the_reviews_failing_query_probe_is_refused_before_anything_runs(client, auth, engine, residents):  # noqa: F811
+    """`d.district = '兴庆区' OR u.tag = 1` on a text upload column: DuckDB would cast the column only
+    where the dataset condition is false, failing exactly when the target's value is not the guess."""
+    upload_applicants(client, auth("insurer_a"), residents[:20])
+    scene = active_scene(client, auth, items=JOIN_ITEMS + [{"dataset": RESIDENTS, "field": "district", "usage": "filter"}])
+    probe = (f"SELECT COUNT(*) AS n FROM {RESIDENTS} d JOIN applicants u ON d.id_number = u.id_number "
+             "WHERE d.district = '兴庆区' OR u.note = 1")
+    for mode in ("prod", "dev"):
+        r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                        json={"sql": probe, "mode": mode, "epsilon": 0.01})
+        assert r.status_code == 422 and r.json()["code"] == "query_refused", r.text
+        assert "upload applicants.note" in r.text and r.json()["message_zh"]
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    with Session(engine) as s:
+        assert s.exec(select(Query)).all() == []
+    ok = probe.replace("u.note = 1", "u.note = '1'")   # the column's own type: accepted, and total
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": ok, "mode": "dev", "epsilon": 0.01})
+    assert r.status_code == 202 and r.json()["status"] == "done", r.text
+
+
+def test_a_prod_run_that_fails_reading_the_data_shows_its_tenant_what_any_held_run_shows(
+        client, auth, engine, settings, loaded, monkeypatch):
+    import sandbox.execute
+
+    scene = active_scene(client, auth)
+    ids = []
+    for _ in range(2):
+        r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                        json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.3})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    assert work_once(engine, settings)                 # the first runs as usual
+
+    real = sandbox.execute.domain_connection
+
+    def failing_on_a_row(*args, **kwargs):   # as a cast failing on some row of the data would
+        raise duckdb.ConversionException("Could not convert string '兴庆区' to INT32")
+
+    monkeypatch.setattr(sandbox.execute, "domain_connection", failing_on_a_row)
+    assert work_once(engine, settings)                 # the second fails inside the domain
+    monkeypatch.setattr(sandbox.execute, "domain_connection", real)
+
+    ok, failed = tenant_view(client, auth, ids[0]), tenant_view(client, auth, ids[1])
+    assert ok == failed and ok[0]["status"] == "held" and ok[1]["status"] == "held"
+    assert "兴庆区" not in str(failed) and ok[1]["row_count"] == 6 and ok[1]["noise"]
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == pytest.approx(0.6)     # both charged
+    with Session(engine) as s:
+        assert [e.state for e in ledger.entries(s, scene["id"])] == ["charged", "charged"]
+    # staff see why, and nobody can release a run that failed
+    rid = client.get(f"/api/v1/queries/{ids[1]}", headers=auth("insurer_a")).json()["result_id"]
+    staff = client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()
+    assert outcomes.is_failed_run(staff["report"]) and staff["report"]["failed"] == "query_failed"
+
+
+def test_a_refusal_before_the_data_is_read_is_told_and_refunded(client, auth, engine, settings, loaded):
+    """A scene suspended between submission and run: the job is refused on the scene alone."""
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.3}).json()
+    assert client.post(f"/api/v1/scenes/{scene['id']}/suspend", headers=auth("office1"),
+                       json={"reason": "check"}).status_code == 200
+    assert work_once(engine, settings)
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "failed" and got["error"]["code"] == "scene_not_active" and got["result_id"] is None
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+
+
+def test_timing_classes():
+    assert [outcomes.timing_class_end(t, 1.0) for t in (0.0, 0.3, 1.0, 1.01, 3.9, 4.1)] == [1, 1, 1, 2, 4, 8]
+    assert outcomes.timing_class_end(0.3, 0.0) == 0.3
+    started = time.monotonic()
+    assert outcomes.wait_for_class_end(started, 0.2) and time.monotonic() - started >= 0.2
+    assert not outcomes.wait_for_class_end(time.monotonic(), 5.0, stop=lambda: True)
+
+
+def test_a_prod_outcome_shows_at_the_end_of_its_timing_class_whether_it_failed_or_not(
+        client, auth, engine, settings, loaded, monkeypatch):
+    import sandbox.execute
+
+    timed = dataclasses.replace(settings, prod_timing_base_seconds=1.0)
+    scene = active_scene(client, auth)
+    spans = []
+    for broken in (False, True):
+        q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                        json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.2}).json()
+        if broken:
+            monkeypatch.setattr(sandbox.execute, "domain_connection", lambda *a, **k: 1 / 0)
+        assert work_once(engine, timed)
+        got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+        assert got["status"] == "held" and got["attempts"] is None
+        with Session(engine) as s:
+            job = s.get(Query, q["id"])
+            spans.append((job.finished_at - job.started_at).total_seconds())
+    assert all(1.0 <= span < 1.9 for span in spans), spans   # both in the first class (the run itself: ms)
+
+
+class _SlowConnection:
+    """A DuckDB connection whose statements run until interrupted (a query slower than its limit)."""
+
+    def __init__(self, con) -> None:
+        self._con, self._stop = con, False
+
+    def sql(self, *args, **kwargs):
+        deadline = time.monotonic() + 20
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+
+    def interrupt(self) -> None:
+        self._stop = True
+
+    def query_progress(self) -> float:
+        return -1
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+@pytest.fixture
+def slow_engine(monkeypatch):
+    from contextlib import contextmanager
+
+    import sandbox.execute
+
+    real = sandbox.execute.domain_connection
+
+    @contextmanager
+    def slow(*args, **kwargs):
+        with real(*args, **kwargs) as con:
+            yield _SlowConnection(con)
+
+    monkeypatch.setattr(sandbox.execute, "domain_connection", slow)
+
+
+def test_a_run_past_its_time_limit_is_stopped_dev_told_prod_held(client, app, auth, engine, settings, loaded,
+                                                                slow_engine):
+    limited = dataclasses.replace(settings, dev_query_time_limit_seconds=0.3, query_time_limit_seconds=0.3)
+    app.state.settings = limited
+    scene = active_scene(client, auth)
+    started = time.monotonic()
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "dev"})
+    assert r.status_code == 202 and time.monotonic() - started < 10
+    assert r.json()["status"] == "failed" and r.json()["error"]["code"] == "time_limit", r.json()
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.2}).json()
+    assert work_once(engine, limited)
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "held" and got["error"] is None
+    staff = client.get(f"/api/v1/results/{got['result_id']}", headers=auth("auditor1")).json()
+    assert staff["report"]["failed"] == "time_limit"
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == pytest.approx(0.2)
+
+
+def test_dev_queries_are_rate_limited_per_tenant_and_nothing_is_written_past_the_rate(client, app, auth, engine,
+                                                                                       settings, loaded):
+    app.state.settings = dataclasses.replace(settings, query_rate_per_minute=3)
+    scene = active_scene(client, auth)
+    scene_b = active_scene(client, auth, applicant="insurer_b")
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    for _ in range(3):
+        assert client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "dev"}).status_code == 202
+    r = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.2})
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited" and r.headers["retry-after"] == "60"
+    assert r.json()["message_zh"] and budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    with Session(engine) as s:
+        assert len(s.exec(select(Query)).all()) == 3
+    # another tenant's rate is its own
+    r = client.post(f"/api/v1/scenes/{scene_b['id']}/queries", headers=auth("insurer_b"),
+                    json={"sql": BY_DISTRICT, "mode": "dev"})
+    assert r.status_code == 202 and r.json()["status"] == "done"
+
+
+def test_a_tenants_second_dev_query_waits_for_its_first_and_a_worker_answers_it(client, app, auth, engine, settings,
+                                                                               loaded):
+    app.state.settings = dataclasses.replace(settings, dev_wait_seconds=0.3)
+    scene = active_scene(client, auth)
+    scene_b = active_scene(client, auth, applicant="insurer_b")
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    first = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "dev"}).json()
+    with Session(engine) as s:   # as if the first were still running: put it back and take it
+        s.get(Query, first["id"]).status = "queued"
+        s.commit()
+        assert claim(s, settings, "busy", mode="dev").id == first["id"]
+    r = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "dev"})
+    assert r.status_code == 202 and r.json()["status"] == "queued" and r.json()["result_id"] is None
+    # the other tenant is not held back by insurer_a's running job
+    r_b = client.post(f"/api/v1/scenes/{scene_b['id']}/queries", headers=auth("insurer_b"),
+                      json={"sql": BY_DISTRICT, "mode": "dev"})
+    assert r_b.json()["status"] == "done"
+    with Session(engine) as s:   # the first finishes
+        s.get(Query, first["id"]).status = "done"
+        s.commit()
+    assert work_once(engine, settings)
+    got = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "done" and got["result_id"]
+
+
+def test_a_query_above_the_cost_limit_is_refused_before_anything_runs(client, auth, engine, loaded):
+    """The review's CPU exhaustion: eight medians over every day × district, in dev, at no ε."""
+    items = SCENE_ITEMS + [{"dataset": VISITS, "field": "visit_date", "usage": "group_by"}]
+    scene = active_scene(client, auth, items=items)
+    medians = ", ".join(f"MEDIAN(fee) AS m{i}" for i in range(8))
+    sql = f"SELECT visit_date, district, {medians} FROM {VISITS} GROUP BY visit_date, district"
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    for path, mode in ((url, "dev"), (url + "/preview", "dev"), (url, "prod")):
+        started = time.monotonic()
+        r = client.post(path, headers=auth("insurer_a"), json={"sql": sql, "mode": mode, "epsilon": 0.5})
+        assert r.status_code == 422 and r.json()["code"] == "query_too_costly", r.text
+        assert r.json()["details"]["max_cost"] == 500_000 and time.monotonic() - started < 5
+    with Session(engine) as s:
+        assert s.exec(select(Query)).all() == []
+    one = f"SELECT visit_date, MEDIAN(fee) AS m FROM {VISITS} GROUP BY visit_date"   # 4,383 days: within the limit
+    r = client.post(url, headers=auth("insurer_a"), json={"sql": one, "mode": "dev"})
+    assert r.status_code == 202 and r.json()["status"] == "done", r.text
