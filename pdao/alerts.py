@@ -12,11 +12,11 @@ tested without a database:
   near-identical populations — the same dataset and join, the WHERE the same apart from literal
   values or one condition more or less — once aliases, the order of select items and conditions
   and the spelling of a condition are set aside (`sql_shape` reads the checked, regenerated SQL);
-  row-level and aggregate answers alike, aggregates when they share a statistic; another GROUP BY
-  of one unchanged population is exploration and does not link (`near_identical`). The classic
-  differencing attack asks the same question with and without one person's condition, or the same
-  DP query again and again to average the noise away. Template runs are left out. Rests on query
-  ids.
+  row-level and aggregate answers alike; one unchanged population links only the same question
+  asked again, so another GROUP BY of it is exploration (`near_identical`). The classic
+  differencing attack asks about a population with and without one person's condition, or the
+  same DP query again and again to average the noise away. Template runs are left out. Rests on
+  query ids.
 - `download_off_hours` (`off_hours_downloads`): results downloaded outside office hours
   (default 08:00–20:00, Monday to Friday, Asia/Shanghai; public holidays are not modelled), one
   alert per actor and off-hours stretch. Downloads of synthetic (dev twin) answers are left out.
@@ -538,13 +538,9 @@ def _within_one_condition(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return sum(((ca - cb) + (cb - ca)).values()) <= 1
 
 
-def _comparable(a: SqlShape, b: SqlShape) -> bool:
-    """Whether the answers over two *different* near-identical populations difference: a row-level
-    answer (its rows, their number) against anything; two aggregates when they share a statistic,
-    whatever the grouping (the cells of any grouping add up to the same total)."""
-    if a.kind == "aggregate" and b.kind == "aggregate":
-        return not set(a.measures).isdisjoint(b.measures)
-    return True
+def _same_question(a: SqlShape, b: SqlShape) -> bool:
+    """The same kind, the same grouping and a statistic (or row output) in common."""
+    return a.kind == b.kind and a.grouping == b.grouping and not set(a.measures).isdisjoint(b.measures)
 
 
 def near_identical(a: SqlShape, b: SqlShape) -> bool:
@@ -552,16 +548,15 @@ def near_identical(a: SqlShape, b: SqlShape) -> bool:
 
     Near-identical populations: the same source (dataset, join), and WHERE conjuncts that differ at
     most by literal values and by one condition more or less. Then:
-    - the same population (the same WHERE, literals too): the same question asked again — the same
-      kind and grouping and a statistic in common (averaging the noise away). Another GROUP BY, or
-      rows beside aggregates, of one unchanged population is exploration: nothing to difference;
-    - a different population: any row-level answer against any answer, or two aggregates with a
-      statistic in common (`_comparable`)."""
+    - another population (a literal or a condition changed): always — a row-level answer's rows
+      (and their number) or an aggregate's cells, whatever is selected or grouped, set against any
+      answer about the other population give the difference;
+    - the same population (the same WHERE, literals too): only the same question again (averaging
+      the noise away). Another GROUP BY, another statistic, or rows beside aggregates of one
+      unchanged population is exploration: nothing to subtract."""
     if a.source != b.source or not _within_one_condition(a.conjuncts, b.conjuncts):
         return False
-    if a.population == b.population:
-        return a.kind == b.kind and a.grouping == b.grouping and not set(a.measures).isdisjoint(b.measures)
-    return _comparable(a, b)
+    return a.population != b.population or _same_question(a, b)
 
 
 def differencing_suspects(queries: Iterable[QueryRecord], t: AlertThresholds = AlertThresholds()) -> list[Alert]:
@@ -597,21 +592,21 @@ def differencing_suspects(queries: Iterable[QueryRecord], t: AlertThresholds = A
                             "window_seconds": int(t.near_identical_window.total_seconds())},
                     message=(f"{org or '?'} sent {n} prod queries through scene {scene_id} within {window_en} "
                              "about near-identical populations (the same dataset and join; the WHERE the same "
-                             "apart from literal values or one condition, after aliases and order are set "
-                             "aside), row-level and aggregate answers alike — aggregates when they share a "
-                             "statistic; other GROUP BYs of one unchanged population do not count: a possible "
-                             "differencing or averaging attack."),
+                             "apart from literal values or one condition, aliases and order set aside), "
+                             "row-level and aggregate answers alike; one unchanged population counts only for "
+                             "the same question asked again, not for another GROUP BY: a possible differencing "
+                             "or averaging attack."),
                     message_zh=(f"{org or '?'} 在 {window_zh} 内通过场景 {scene_id} 提交了 {n} 条针对近似相同人群的"
                                 "生产查询（同一数据集与关联；忽略别名和顺序后，WHERE 除字面值或一个条件外相同），"
-                                "逐行结果与聚合结果一并计入——聚合查询须有相同的统计量；对同一人群仅更换 GROUP BY "
-                                "的探索不计入。可能是差分攻击或平均去噪攻击。")))
+                                "逐行结果与聚合结果一并计入；同一人群不变时，只有重复提出的相同问题才计入，"
+                                "更换 GROUP BY 的探索不计入。可能是差分攻击或平均去噪攻击。")))
     return alerts
 
 
 def _near_identical_clusters(members: list[tuple[QueryRecord, SqlShape]]) -> list[list[tuple[QueryRecord, SqlShape]]]:
     """Connected components of the `near_identical` relation, found through buckets rather than
     pairwise: queries with equal (source, conjunct multiset) form a bucket, and a bucket meets the
-    buckets whose multiset is its own minus one conjunct (always other populations)."""
+    buckets whose multiset is its own minus one conjunct (always another population)."""
     parent = list(range(len(members)))
 
     def find(i: int) -> int:
@@ -630,51 +625,20 @@ def _near_identical_clusters(members: list[tuple[QueryRecord, SqlShape]]) -> lis
     buckets: dict[tuple[str, tuple[str, ...]], list[int]] = defaultdict(list)
     for i, s in enumerate(shape):
         buckets[(s.source, s.conjuncts)].append(i)
-
-    def by_measure(indices: Iterable[int]) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = defaultdict(list)
-        for i in indices:
-            if shape[i].kind == "aggregate":
-                for m in set(shape[i].measures):
-                    out[m].append(i)
-        return out
-
-    def link_other_populations(xs: list[int], ys: list[int]) -> None:
-        """Every comparable pair of xs × ys, each x of another population than each y."""
-        for a, b in ((xs, ys), (ys, xs)):
-            rows = [i for i in b if shape[i].kind == "rows"]
-            if rows and a:
-                join(rows + a)
-        mx, my = by_measure(xs), by_measure(ys)
-        for m in mx.keys() & my.keys():
-            join(mx[m] + my[m])
-
     for bucket in buckets.values():
-        # the same population: the same kind, grouping and a statistic in common
-        same: dict[tuple[str, str, tuple[str, ...], str], list[int]] = defaultdict(list)
-        for i in bucket:
+        if len({shape[i].population for i in bucket}) > 1:
+            join(bucket)   # each member has a partner about another population
+            continue
+        same: dict[tuple[str, tuple[str, ...], str], list[int]] = defaultdict(list)
+        for i in bucket:   # one population: the same question again
             for m in set(shape[i].measures):
-                same[(shape[i].population, shape[i].kind, shape[i].grouping, m)].append(i)
+                same[(shape[i].kind, shape[i].grouping, m)].append(i)
         for indices in same.values():
             join(indices)
-        # other populations within the bucket: each member has a comparable partner of another
-        # population, if any, so whole sets join
-        rows_populations = {shape[i].population for i in bucket if shape[i].kind == "rows"}
-        if len(rows_populations) > 1:
-            join(bucket)
-        elif rows_populations:
-            (p,) = rows_populations
-            others = [i for i in bucket if shape[i].population != p]
-            if others:
-                join([i for i in bucket if shape[i].kind == "rows"] + others)
-        for indices in by_measure(bucket).values():
-            if len({shape[i].population for i in indices}) > 1:
-                join(indices)
     for (source, conjuncts), bucket in buckets.items():
-        smaller = {conjuncts[:k] + conjuncts[k + 1:] for k in range(len(conjuncts))}
-        for c in smaller:
-            if (source, c) in buckets:
-                link_other_populations(bucket, buckets[(source, c)])
+        for fewer in {conjuncts[:k] + conjuncts[k + 1:] for k in range(len(conjuncts))}:
+            if (source, fewer) in buckets:   # one condition less: another population, always linked
+                join(bucket + buckets[(source, fewer)])
     clusters: dict[int, list[tuple[QueryRecord, SqlShape]]] = defaultdict(list)
     for i, m in enumerate(members):
         clusters[find(i)].append(m)

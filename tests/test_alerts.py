@@ -142,6 +142,10 @@ BASE = (f"SELECT district, COUNT(*) AS n FROM {VISITS} "
     BASE.replace("fee > 100", "NOT (fee <= 100)"),                                   # NOT pushed inwards
     BASE + " ORDER BY n DESC LIMIT 3",                                               # ORDER BY and LIMIT: presentation
     BASE.replace("GROUP BY district", "GROUP BY 1"),                                 # GROUP BY position
+    # another population (a literal changed), another question: still set against each other
+    BASE.replace("100", "250").replace("COUNT(*)", "SUM(fee)"),                      # another statistic
+    BASE.replace("100", "250").replace("district", "hospital"),                      # another GROUP BY
+    f"SELECT person_id FROM {VISITS} WHERE visit_date >= DATE '2018-01-02' AND fee > 100",   # its rows
 ])
 def test_near_identical_pairs(other):
     a, b = sql_shape(BASE), sql_shape(other)
@@ -156,6 +160,7 @@ def test_near_identical_pairs(other):
     BASE.replace("fee > 100", "hospital = 'H1'"),                                        # one condition swapped
     BASE.replace("WHERE visit_date >= DATE '2018-01-01' AND fee > 100 ", ""),            # both dropped
     BASE.replace("fee > 100", "fee < 100"),                                              # a bound from the other side
+    f"SELECT person_id FROM {VISITS} WHERE visit_date >= DATE '2018-01-01' AND fee > 100",   # the same rows, listed
 ])
 def test_not_near_identical_pairs(other):
     a, b = sql_shape(BASE), sql_shape(other)
@@ -258,17 +263,19 @@ def test_rows_and_aggregates_about_near_identical_populations_link():
             [("COUNT(*) AS n", "2024-03-04", "", ""),
              ("district, SUM(fee)", "2024-03-05", " AND fee < 900", " GROUP BY district")]]
     assert [s.kind for s in rows + aggs] == ["rows"] * 3 + ["aggregate"] * 2
-    # another population: rows against rows (their number differences), rows against aggregates
-    assert all(near_identical(a, b) for a in rows + aggs for b in rows if a is not b)
-    # two aggregates of other populations: only when they share a statistic
-    assert not near_identical(aggs[0], aggs[1])
-    assert near_identical(aggs[0], sql_shape(checked(day.format(out="district, COUNT(*)", d="2024-03-09", more="")
-                                                    + " GROUP BY district")))
+    # another population: rows against rows (their number differences), rows against aggregates,
+    # aggregates against aggregates whatever they select or group by
+    assert all(near_identical(a, b) for a in rows + aggs for b in rows + aggs if a is not b)
     # the same population, another question: exploration, nothing to difference
     same = day.format(out="person_id", d="2024-03-01", more="")
-    agg_same = same.replace("SELECT person_id", "SELECT COUNT(*)")
-    assert not near_identical(sql_shape(checked(same)), sql_shape(checked(agg_same)))
-    assert near_identical(sql_shape(checked(agg_same)), sql_shape(checked(agg_same + " LIMIT 5")))
+    count_same, sum_same = (same.replace("SELECT person_id", f"SELECT {s}") for s in ("COUNT(*)", "SUM(fee)"))
+    assert sql_shape(checked(same)).population == sql_shape(checked(count_same)).population
+    assert not near_identical(sql_shape(checked(same)), sql_shape(checked(count_same)))
+    assert not near_identical(sql_shape(checked(count_same)), sql_shape(checked(sum_same)))
+    assert not near_identical(sql_shape(checked(same)), sql_shape(checked(same.replace("person_id", "department"))))
+    # … but the same question again is (averaging), ORDER BY or LIMIT aside
+    assert near_identical(sql_shape(checked(count_same)), sql_shape(checked(count_same + " LIMIT 5")))
+    assert near_identical(sql_shape(checked(same)), sql_shape(checked(same + " LIMIT 5")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +305,7 @@ def test_five_near_identical_prod_queries_in_a_day_are_a_suspect():
     assert a.detail["kinds"] == {"aggregate": 5} and a.detail["distinct_populations"] == 5
     # the message says what is compared, and what is not
     assert "GROUP BY" in a.message and "GROUP BY" in a.message_zh and "row-level and aggregate" in a.message
+    assert "逐行结果与聚合结果" in a.message_zh
 
 
 def test_the_reviews_probes_are_a_suspect_whatever_their_aliases():
