@@ -8,10 +8,15 @@ tested without a database:
 - `budget_nearly_spent` (`budgets_nearly_spent`): a usable scene that has spent at least a share
   of its privacy budget (default 90%, ε or δ). Rests on the scene's prod query ids.
 - `differencing` (`differencing_suspects`): one organization sent at least N near-identical prod
-  queries through one scene within a window (default 5 in 24 hours). Near-identical: the same
-  query apart from literal values, or apart from one WHERE condition more or less — the classic
-  differencing attack asks the same aggregate with and without one person's condition, or the
-  same DP query again and again to average the noise away. Rests on query ids.
+  queries through one scene within a window (default 5 in 24 hours). Near-identical: about
+  near-identical populations — the same dataset and join, the WHERE the same apart from literal
+  values or one condition more or less — once aliases, the order of select items and conditions
+  and the spelling of a condition are set aside (`sql_shape` reads the checked, regenerated SQL);
+  row-level and aggregate answers alike; one unchanged population links only the same question
+  asked again, so another GROUP BY of it is exploration (`near_identical`). The classic
+  differencing attack asks about a population with and without one person's condition, or the
+  same DP query again and again to average the noise away. Template runs are left out. Rests on
+  query ids.
 - `download_off_hours` (`off_hours_downloads`): results downloaded outside office hours
   (default 08:00–20:00, Monday to Friday, Asia/Shanghai; public holidays are not modelled), one
   alert per actor and off-hours stretch. Downloads of synthetic (dev twin) answers are left out.
@@ -27,6 +32,7 @@ ledger, prod queries) and hands plain records to the pure functions.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -109,10 +115,12 @@ class QueryRecord:
     id: int
     org: str | None
     scene_id: int
-    sql: str
+    sql: str                          # as the tenant sent it (read only when there is no checked SQL)
     created_at: datetime
     mode: str = "prod"
     requester: str | None = None
+    checked_sql: str = ""             # regenerated from the checked tree (Query.checked_sql)
+    kind: str | None = None           # aggregate | rows | template (Query.kind)
 
 
 @dataclass(frozen=True)
@@ -266,74 +274,300 @@ def budgets_nearly_spent(scenes: Iterable[SceneRecord], t: AlertThresholds = Ale
 
 # ---------------------------------------------------------------------------------------------
 # differencing
+#
+# The shape is read from the checked, regenerated SQL (`Query.checked_sql`: catalog view names,
+# the fixed table aliases `d`/`u`, quoted identifiers, re-rendered literals) and normalized
+# further, so that nothing a tenant may vary freely between two probes — output and table aliases,
+# the order of select items and of conditions, the spelling of a condition, ORDER BY, LIMIT —
+# makes two questions about one population look different.
+
+DATASET_ALIAS, UPLOAD_ALIAS = "d", "u"   # sandbox/sql.py's fixed table aliases (kept literal, as above)
+_DATASET_VIEW, _UPLOAD_VIEW = "v_", "u_"  # sandbox/sql.py view_name / upload_view_name prefixes
+_FLIPPED: dict[type[exp.Expression], type[exp.Expression]] = {
+    exp.EQ: exp.EQ, exp.NEQ: exp.NEQ, exp.LT: exp.GT, exp.LTE: exp.GTE, exp.GT: exp.LT, exp.GTE: exp.LTE}
+_NEGATED: dict[type[exp.Expression], type[exp.Expression]] = {
+    exp.EQ: exp.NEQ, exp.NEQ: exp.EQ, exp.LT: exp.GTE, exp.LTE: exp.GT, exp.GT: exp.LTE, exp.GTE: exp.LT}
+_SYMBOL = {exp.EQ: "=", exp.NEQ: "<>", exp.LT: "<", exp.LTE: "<=", exp.GT: ">", exp.GTE: ">="}
+# Literals blanked, `x > ?` and `x >= ?` ask the same question: a bound from below
+_BOUND = {exp.EQ: "=", exp.NEQ: "<>", exp.LT: "<=", exp.LTE: "<=", exp.GT: ">=", exp.GTE: ">="}
 
 
 @dataclass(frozen=True)
 class SqlShape:
-    """A query without its literals: the frame (everything but the top-level WHERE) and the WHERE
-    conjuncts, each a skeleton in which every literal is a placeholder `?`."""
-    frame: str
-    conjuncts: tuple[str, ...]   # sorted (a multiset)
+    """A query without its literals, aliases and order: every text below is a skeleton in which
+    each literal is a placeholder `?` (an IN-list one placeholder).
+
+    source: FROM the dataset [JOIN the upload ON key = key], tables under canonical aliases;
+    kind: aggregate | rows (decided as the checker does: GROUP BY or an aggregate function);
+    grouping: the distinct group keys, sorted (aggregates; empty for rows);
+    measures: what is asked of each group or row, output aliases dropped, sorted (a multiset): the
+      aggregates (`count(*)`, `sum(d.fee)`), or a rows query's outputs;
+    conjuncts: the top-level WHERE conditions, each normalized (AND/OR operands sorted, comparisons
+      with the column first, NOT pushed inwards, `=` as a one-value IN, BETWEEN as two bounds),
+      sorted (a multiset);
+    population: a digest of the source and the WHERE *with* its literals — equal exactly when two
+      queries ask about the same rows. Compared, never shown (it rests on the literals)."""
+    source: str
+    kind: str
+    grouping: tuple[str, ...]
+    measures: tuple[str, ...]
+    conjuncts: tuple[str, ...]
+    population: str = field(default="", repr=False)
+
+    def render(self) -> str:
+        """The skeleton as one SELECT (metadata: placeholders, never a literal)."""
+        parts = [f"select {', '.join(self.grouping + self.measures)}", self.source]
+        if self.conjuncts:
+            parts.append("where " + " and ".join(self.conjuncts))
+        if self.grouping:
+            parts.append("group by " + ", ".join(self.grouping))
+        return " ".join(parts)
 
 
-def _skeleton(node: exp.Expression) -> str:
-    def blank(n: exp.Expression) -> exp.Expression:
-        if isinstance(n, exp.In) and n.expressions and all(isinstance(x, exp.Literal) for x in n.expressions):
-            # `x IN (1, 2, 3)` and `x IN (1, 2)` are the same question about different values
-            return exp.In(this=n.this.transform(blank), expressions=[exp.Placeholder()])
-        if isinstance(n, (exp.Literal, exp.Boolean)) or (isinstance(n, exp.Neg) and isinstance(n.this, exp.Literal)):
+def _is_literal(node: exp.Expression) -> bool:
+    if isinstance(node, (exp.Literal, exp.Boolean, exp.Placeholder)):
+        return True
+    if isinstance(node, exp.Neg):
+        return _is_literal(node.this)
+    if isinstance(node, exp.Cast):   # DATE '2020-01-01', CAST('…' AS DATE)
+        return _is_literal(node.this)
+    return False
+
+
+def _unparen(node: exp.Expression) -> exp.Expression:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    return node
+
+
+class _Renderer:
+    """Canonical text of the parts of one query: columns under the canonical table aliases,
+    identifiers unquoted and lower case, literals blanked (`blank`) or kept (for the population
+    digest only). `canon` rewrites a part once (a copy); the other methods read rewritten parts."""
+
+    def __init__(self, qualifiers: dict[str, str], default_alias: str | None, blank: bool) -> None:
+        self.qualifiers = qualifiers          # written qualifier (lower case) -> canonical alias
+        self.default_alias = default_alias    # for unqualified columns when the query reads one table
+        self.blank = blank
+
+    def _canon(self, node: exp.Expression) -> exp.Expression:
+        if self.blank and _is_literal(node):
             return exp.Placeholder()
-        return n
-    return node.transform(blank).sql(dialect=SQL_DIALECT, comments=False).lower()
+        if isinstance(node, exp.In) and self.blank and node.expressions \
+                and all(_is_literal(_unparen(x)) for x in node.expressions):
+            # `x IN (1, 2, 3)` and `x IN (1)` are the same question about different values
+            return exp.In(this=node.this.transform(self._canon), expressions=[exp.Placeholder()])
+        if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
+            parts = [node.args.get(k) for k in ("catalog", "db", "table")]
+            written = ".".join(p.name for p in parts if p is not None).lower()
+            alias = self.qualifiers.get(written, written) if written else self.default_alias
+            return exp.column(node.this.name.lower(), table=alias) if alias else exp.column(node.this.name.lower())
+        if isinstance(node, exp.Identifier):
+            return exp.to_identifier(node.name.lower())
+        return node
+
+    def canon(self, node: exp.Expression) -> exp.Expression:
+        return node.transform(self._canon)
+
+    def text(self, node: exp.Expression) -> str:
+        out = _unparen(node).sql(dialect=SQL_DIALECT, comments=False)
+        return out.lower() if self.blank else out
+
+    def values(self, nodes: Sequence[exp.Expression]) -> str:
+        if self.blank and all(_is_literal(_unparen(n)) for n in nodes):
+            return "(?)"
+        return "(" + ", ".join(sorted({self.text(n) for n in nodes})) + ")"
+
+    # -- conditions: ("and" | "or", children) or ("atom", text) ---------------------------------
+    def condition(self, node: exp.Expression, negate: bool = False) -> tuple[Any, ...]:
+        node = _unparen(node)
+        kind = type(node)
+        if kind is exp.Not:
+            return self.condition(node.this, not negate)
+        if kind in (exp.And, exp.Or):
+            op = "and" if (kind is exp.And) != negate else "or"   # De Morgan under NOT
+            children: list[tuple[Any, ...]] = []
+            for side in (node.this, node.expression):
+                child = self.condition(side, negate)
+                children.extend(child[1] if child[0] == op else [child])
+            return (op, tuple(sorted(children, key=self.render)))
+        if kind is exp.Between and not node.args.get("symmetric"):
+            x = node.this
+            return self.condition(exp.and_(exp.GTE(this=x.copy(), expression=node.args["low"].copy()),
+                                           exp.LTE(this=x.copy(), expression=node.args["high"].copy())), negate)
+        if kind in _FLIPPED:
+            return ("atom", self.comparison(node, negate))
+        if kind is exp.In and node.expressions and not any(node.args.get(k) for k in ("query", "unnest", "field")):
+            values = self.values(node.expressions)
+            return ("atom", f"{self.text(node.this)} {'not in' if negate else 'in'} {values}")
+        if kind is exp.Is and isinstance(node.expression, exp.Null):
+            return ("atom", f"{self.text(node.this)} is {'not ' if negate else ''}null")
+        text = self.text(node)
+        return ("atom", f"not ({text})" if negate else text)
+
+    def comparison(self, node: exp.Expression, negate: bool) -> str:
+        op = type(node)
+        left, right = _unparen(node.this), _unparen(node.expression)
+        left_text, right_text = self.text(left), self.text(right)
+        # the column first: `5 < x` is `x > 5`
+        if (_is_literal(left), left_text) > (_is_literal(right), right_text):
+            left, right, left_text, right_text, op = right, left, right_text, left_text, _FLIPPED[op]
+        if negate:
+            op = _NEGATED[op]
+        if op in (exp.EQ, exp.NEQ) and _is_literal(right):   # `x = 5` is `x IN (5)`
+            return f"{left_text} {'in' if op is exp.EQ else 'not in'} {self.values([right])}"
+        return f"{left_text} {(_BOUND if self.blank else _SYMBOL)[op]} {right_text}"
+
+    def render(self, cond: tuple[Any, ...], top: bool = True) -> str:
+        if cond[0] == "atom":
+            return cond[1]
+        joined = f" {cond[0]} ".join(self.render(c, top=False) for c in cond[1])
+        return joined if top else f"({joined})"
+
+    def conjuncts(self, where: exp.Expression) -> list[str]:
+        cond = self.condition(where)
+        parts = cond[1] if cond[0] == "and" else [cond]
+        return sorted(self.render(c) for c in parts)
 
 
-def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
-    node = node.unnest()
-    if isinstance(node, exp.And):
-        return _conjuncts(node.this) + _conjuncts(node.expression)
-    return [node]
+def _tables(select: exp.Select) -> tuple[list[tuple[str, str, exp.Join | None]], dict[str, str]] | None:
+    """The tables read, as (canonical name, canonical alias, join) — the FROM table first under
+    `d`, joined tables under `u`, `u2`, … — and every qualifier a column may use for each."""
+    frm = select.args.get("from_")
+    if frm is None:
+        return None
+    tables: list[tuple[str, str, exp.Join | None]] = []
+    qualifiers: dict[str, str] = {}
+    for i, (node, join) in enumerate([(frm.this, None)] + [(j.this, j) for j in select.args.get("joins") or []]):
+        alias = DATASET_ALIAS if i == 0 else UPLOAD_ALIAS + (str(i) if i > 1 else "")
+        if not isinstance(node, exp.Table) or not isinstance(node.this, exp.Identifier):
+            return None
+        name = node.this.name.lower()
+        db = node.args.get("db")
+        written = name
+        canonical = name if i == 0 or name.startswith(_UPLOAD_VIEW) else _UPLOAD_VIEW + name
+        if isinstance(db, exp.Identifier):   # the tenant's text: `health.outpatient_visit`, named as its view
+            written = f"{db.name.lower()}.{name}"
+            canonical = _DATASET_VIEW + written.replace(".", "_")
+        table_alias = node.args.get("alias")
+        if isinstance(table_alias, exp.TableAlias) and table_alias.name:
+            qualifiers[table_alias.name.lower()] = alias
+        else:
+            for q in {written, name, canonical}:
+                qualifiers[q] = alias
+        tables.append((canonical, alias, join))
+    return tables, qualifiers
+
+
+def _group_keys(select: exp.Select, items: list[exp.Expression],
+                aliased: dict[str, exp.Expression]) -> list[exp.Expression]:
+    """GROUP BY's keys, positions (`GROUP BY 1`) and output aliases resolved to their expressions."""
+    group = select.args.get("group")
+    keys: list[exp.Expression] = []
+    for key in (group.expressions if group is not None else []):
+        key = _unparen(key)
+        if isinstance(key, exp.Literal) and not key.is_string and key.this.isdigit() \
+                and 1 <= int(key.this) <= len(items):
+            key = items[int(key.this) - 1]
+        elif isinstance(key, exp.Column) and not key.table and key.name.lower() in aliased \
+                and not aliased[key.name.lower()].find(exp.AggFunc):
+            key = aliased[key.name.lower()]
+        keys.append(key)
+    return keys
+
+
+def _source(tables: list[tuple[str, str, exp.Join | None]], r: _Renderer) -> str:
+    """FROM and JOINs: canonical names and aliases, each ON condition normalized."""
+    parts = []
+    for name, alias, join in tables:
+        if join is None:
+            parts.append(f"from {name} {alias}")
+            continue
+        how = " ".join(str(join.args[k]).lower() for k in ("method", "side", "kind") if join.args.get(k))
+        on = join.args.get("on")
+        parts.append(f"{how + ' ' if how else ''}join {name} {alias}"
+                     + (f" on {r.render(r.condition(r.canon(on)))}" if on is not None else ""))
+    return " ".join(parts)
 
 
 def sql_shape(sql: str) -> SqlShape | None:
-    """The shape of one query (DuckDB dialect), or None unless the text parses as exactly one
-    SELECT (or set operation of SELECTs)."""
+    """The shape of one query (DuckDB dialect): the checked SQL, or a tenant's text; None unless it
+    parses as exactly one SELECT FROM a table."""
     try:
         statements = [s for s in sqlglot.parse(sql, dialect=SQL_DIALECT) if s is not None]
-    except Exception:  # noqa: BLE001 - sqlglot raises several kinds; an unreadable query is skipped
+        if len(statements) != 1 or not isinstance(statements[0], exp.Select):
+            return None
+        select = statements[0]
+        read = _tables(select)
+        if read is None:
+            return None
+        tables, qualifiers = read
+        default_alias = DATASET_ALIAS if len(tables) == 1 else None
+        blank = _Renderer(qualifiers, default_alias, blank=True)
+        exact = _Renderer(qualifiers, default_alias, blank=False)
+
+        items, aliased = [], {}
+        for item in select.expressions:
+            if isinstance(item, exp.Alias):   # an output alias says nothing about the question
+                aliased[item.alias.lower()] = item.this
+                item = item.this
+            items.append(_unparen(item))
+        aggregate = select.args.get("group") is not None or any(i.find(exp.AggFunc) for i in items)
+        if aggregate:
+            keys = _group_keys(select, items, aliased) + [i for i in items if not i.find(exp.AggFunc)]
+            grouping = sorted({blank.text(blank.canon(k)) for k in keys})
+            measures = sorted(blank.text(blank.canon(i)) for i in items if i.find(exp.AggFunc))
+        else:
+            grouping, measures = [], sorted(blank.text(blank.canon(i)) for i in items)
+
+        where = select.args.get("where")
+        where_node = where.this if isinstance(where, exp.Where) else None
+        conjuncts = blank.conjuncts(blank.canon(where_node)) if where_node is not None else []
+        exact_where = exact.conjuncts(exact.canon(where_node)) if where_node is not None else []
+        population = hashlib.sha256("\x1f".join([_source(tables, exact), "where", *exact_where])
+                                    .encode("utf-8", "surrogatepass")).hexdigest()
+        return SqlShape(source=_source(tables, blank), kind="aggregate" if aggregate else "rows",
+                        grouping=tuple(grouping), measures=tuple(measures), conjuncts=tuple(conjuncts),
+                        population=population)
+    except Exception:  # noqa: BLE001 - sqlglot raises several kinds, deep nesting RecursionError: skipped
         return None
-    if len(statements) != 1 or not isinstance(statements[0], exp.Query):
-        return None
-    tree = statements[0].copy()
-    where = tree.args.get("where")
-    conjuncts: list[str] = []
-    try:
-        if isinstance(where, exp.Where):
-            conjuncts = sorted(_skeleton(c) for c in _conjuncts(where.this))
-            tree.set("where", None)
-        frame = _skeleton(tree)
-    except Exception:  # noqa: BLE001
-        return None
-    return SqlShape(frame, tuple(conjuncts))
+
+
+def _within_one_condition(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    ca, cb = Counter(a), Counter(b)
+    return sum(((ca - cb) + (cb - ca)).values()) <= 1
+
+
+def _same_question(a: SqlShape, b: SqlShape) -> bool:
+    """The same kind, the same grouping and a statistic (or row output) in common."""
+    return a.kind == b.kind and a.grouping == b.grouping and not set(a.measures).isdisjoint(b.measures)
 
 
 def near_identical(a: SqlShape, b: SqlShape) -> bool:
-    """The same frame, and WHERE conjuncts that differ at most by literal values and by one
-    condition more or less."""
-    if a.frame != b.frame:
+    """Two queries about near-identical populations whose answers can be set against each other.
+
+    Near-identical populations: the same source (dataset, join), and WHERE conjuncts that differ at
+    most by literal values and by one condition more or less. Then:
+    - another population (a literal or a condition changed): always — a row-level answer's rows
+      (and their number) or an aggregate's cells, whatever is selected or grouped, set against any
+      answer about the other population give the difference;
+    - the same population (the same WHERE, literals too): only the same question again (averaging
+      the noise away). Another GROUP BY, another statistic, or rows beside aggregates of one
+      unchanged population is exploration: nothing to subtract."""
+    if a.source != b.source or not _within_one_condition(a.conjuncts, b.conjuncts):
         return False
-    ca, cb = Counter(a.conjuncts), Counter(b.conjuncts)
-    return sum(((ca - cb) + (cb - ca)).values()) <= 1
+    return a.population != b.population or _same_question(a, b)
 
 
 def differencing_suspects(queries: Iterable[QueryRecord], t: AlertThresholds = AlertThresholds()) -> list[Alert]:
     """One alert per (org, scene) and cluster: at least `t.near_identical` prod queries, linked by
-    `near_identical` (transitively), within `t.near_identical_window`. Dev queries (synthetic twin)
-    and SQL that does not parse are left out."""
+    `near_identical` (transitively), within `t.near_identical_window`. Dev queries (synthetic twin),
+    template runs and SQL that does not parse are left out."""
     groups: dict[tuple[str | None, int], list[tuple[QueryRecord, SqlShape]]] = defaultdict(list)
     for q in queries:
-        if q.mode != "prod":
+        if q.mode != "prod" or q.kind == "template":
             continue
-        shape = sql_shape(q.sql)
+        shape = sql_shape(q.checked_sql or q.sql)   # the tenant's text only when nothing was checked
         if shape is not None:
             groups[(q.org, q.scene_id)].append((q, shape))
     alerts = []
@@ -345,31 +579,34 @@ def differencing_suspects(queries: Iterable[QueryRecord], t: AlertThresholds = A
             for start, end in _episodes(times, t.near_identical_window, t.near_identical):
                 part = cluster[start:end + 1]
                 n = len(part)
-                shapes = Counter(s for _, s in part)
-                skeleton = _render_shape(shapes.most_common(1)[0][0])
+                skeletons = Counter(s.render() for _, s in part)
                 requesters = sorted({q.requester for q, _ in part if q.requester})
                 alerts.append(Alert(
                     kind="differencing", severity=_severity(n, t.near_identical),
                     actor=requesters[0] if len(requesters) == 1 else None, org=org, scene_id=scene_id,
                     first_at=times[start], last_at=times[end], count=n, query_ids=tuple(q.id for q, _ in part),
-                    detail={"skeleton": skeleton, "distinct_shapes": len(shapes), "requesters": requesters,
-                            "threshold": t.near_identical,
+                    detail={"skeleton": skeletons.most_common(1)[0][0], "distinct_shapes": len(skeletons),
+                            "kinds": dict(sorted(Counter(s.kind for _, s in part).items())),
+                            "distinct_populations": len({s.population for _, s in part}),
+                            "requesters": requesters, "threshold": t.near_identical,
                             "window_seconds": int(t.near_identical_window.total_seconds())},
-                    message=(f"{org or '?'} sent {n} near-identical prod queries through scene {scene_id} within "
-                             f"{window_en} (the same query, apart from literal values or one WHERE condition): "
-                             "a possible differencing or averaging attack."),
-                    message_zh=(f"{org or '?'} 在 {window_zh} 内通过场景 {scene_id} 提交了 {n} 条近似相同的生产查询"
-                                "（除字面值或一个 WHERE 条件外完全相同），可能是差分攻击或平均去噪攻击。")))
+                    message=(f"{org or '?'} sent {n} prod queries through scene {scene_id} within {window_en} "
+                             "about near-identical populations (the same dataset and join; the WHERE the same "
+                             "apart from literal values or one condition, aliases and order set aside), "
+                             "row-level and aggregate answers alike; one unchanged population counts only for "
+                             "the same question asked again, not for another GROUP BY: a possible differencing "
+                             "or averaging attack."),
+                    message_zh=(f"{org or '?'} 在 {window_zh} 内通过场景 {scene_id} 提交了 {n} 条针对近似相同人群的"
+                                "生产查询（同一数据集与关联；忽略别名和顺序后，WHERE 除字面值或一个条件外相同），"
+                                "逐行结果与聚合结果一并计入；同一人群不变时，只有重复提出的相同问题才计入，"
+                                "更换 GROUP BY 的探索不计入。可能是差分攻击或平均去噪攻击。")))
     return alerts
-
-
-def _render_shape(shape: SqlShape) -> str:
-    return shape.frame + (" where " + " and ".join(shape.conjuncts) if shape.conjuncts else "")
 
 
 def _near_identical_clusters(members: list[tuple[QueryRecord, SqlShape]]) -> list[list[tuple[QueryRecord, SqlShape]]]:
     """Connected components of the `near_identical` relation, found through buckets rather than
-    pairwise: equal (frame, conjunct multiset), and a multiset equal to another minus one conjunct."""
+    pairwise: queries with equal (source, conjunct multiset) form a bucket, and a bucket meets the
+    buckets whose multiset is its own minus one conjunct (always another population)."""
     parent = list(range(len(members)))
 
     def find(i: int) -> int:
@@ -378,21 +615,30 @@ def _near_identical_clusters(members: list[tuple[QueryRecord, SqlShape]]) -> lis
             i = parent[i]
         return i
 
-    def union(i: int, j: int) -> None:
-        parent[find(i)] = find(j)
+    def join(indices: Iterable[int]) -> None:
+        it = iter(indices)
+        first = next(it, None)
+        for j in it:
+            parent[find(j)] = find(first)
 
-    full: dict[tuple[str, tuple[str, ...]], int] = {}
-    for i, (_, s) in enumerate(members):
-        key = (s.frame, s.conjuncts)
-        if key in full:
-            union(i, full[key])
-        else:
-            full[key] = i
-    for i, (_, s) in enumerate(members):
-        for k in range(len(s.conjuncts)):
-            smaller = (s.frame, s.conjuncts[:k] + s.conjuncts[k + 1:])
-            if smaller in full:
-                union(i, full[smaller])
+    shape = [s for _, s in members]
+    buckets: dict[tuple[str, tuple[str, ...]], list[int]] = defaultdict(list)
+    for i, s in enumerate(shape):
+        buckets[(s.source, s.conjuncts)].append(i)
+    for bucket in buckets.values():
+        if len({shape[i].population for i in bucket}) > 1:
+            join(bucket)   # each member has a partner about another population
+            continue
+        same: dict[tuple[str, tuple[str, ...], str], list[int]] = defaultdict(list)
+        for i in bucket:   # one population: the same question again
+            for m in set(shape[i].measures):
+                same[(shape[i].kind, shape[i].grouping, m)].append(i)
+        for indices in same.values():
+            join(indices)
+    for (source, conjuncts), bucket in buckets.items():
+        for fewer in {conjuncts[:k] + conjuncts[k + 1:] for k in range(len(conjuncts))}:
+            if (source, fewer) in buckets:   # one condition less: another population, always linked
+                join(bucket + buckets[(source, fewer)])
     clusters: dict[int, list[tuple[QueryRecord, SqlShape]]] = defaultdict(list)
     for i, m in enumerate(members):
         clusters[find(i)].append(m)
@@ -488,7 +734,7 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
       name) or `result.download` (the resource.action the audit middleware records), marked
       synthetic when their `result:<id>` object is a dev-twin answer;
     - budgets: usable scenes whose last ledger movement (or last update) falls in the window;
-    - differencing: prod queries created in the window.
+    - differencing: prod queries created in the window (their checked SQL), template runs left out.
     """
     from sqlalchemy import func, or_
     from sqlmodel import select
@@ -553,9 +799,10 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
 
     users = dict(session.exec(select(User.id, User.username)).all())
     queries = [QueryRecord(id=q.id, org=orgs.get(q.org_id), scene_id=q.scene_id, sql=q.sql_text,
-                           created_at=q.created_at, mode=q.mode, requester=users.get(q.requester_id))
-               for q in session.exec(select(Query).where(Query.mode == "prod", Query.created_at >= since,
-                                                         Query.created_at <= now)).all()]
+                           created_at=q.created_at, mode=q.mode, requester=users.get(q.requester_id),
+                           checked_sql=q.checked_sql or "", kind=q.kind)
+               for q in session.exec(select(Query).where(Query.mode == "prod", Query.kind != "template",
+                                                         Query.created_at >= since, Query.created_at <= now)).all()]
     return decide_alerts(events, scenes, queries, t)
 
 

@@ -3,7 +3,9 @@ off-hours downloads) on hand-made records, then `GET /audit/alerts` on both back
 
 from __future__ import annotations
 
+import functools
 import json
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -16,7 +18,8 @@ from pdao.alerts import (
     off_hours_stretch, sql_shape,
 )
 from pdao.audit import AuditEvent
-from tests.scene_helpers import BY_DISTRICT, VISITS, active_scene
+from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene
+from tests.test_upload_joins import residents  # noqa: F401 - a fixture: the residents loaded (prod and dev)
 
 T0 = datetime(2024, 5, 6, 2, 0, tzinfo=UTC)            # Monday 10:00 in Yinchuan (UTC+8)
 CST = timezone(timedelta(hours=8))
@@ -130,6 +133,19 @@ BASE = (f"SELECT district, COUNT(*) AS n FROM {VISITS} "
                  "WHERE (fee > 7) AND visit_date >= DATE '2020-02-02'"),             # reordered, parenthesized
     BASE.lower().replace("select", "SELECT   ").replace("\n", " "),                 # case and spacing
     BASE.replace("fee > 100", "fee > -3.5"),                                         # a negative number
+    BASE.replace("COUNT(*) AS n", "COUNT(*) AS person_4711"),                        # another output alias
+    BASE.replace("SELECT district, COUNT(*) AS n", "SELECT COUNT(*), district"),     # select items reordered
+    BASE.replace("COUNT(*) AS n", "COUNT(*) AS n, SUM(fee) AS s"),                   # a statistic more
+    BASE.replace(f"FROM {VISITS} ", f"FROM {VISITS} AS zq ").replace("fee >", "zq.fee >"),   # a table alias
+    BASE.replace("fee > 100", "100 < fee"),                                          # the literal first
+    BASE.replace("fee > 100", "fee >= 101"),                                         # the same bound, other strictness
+    BASE.replace("fee > 100", "NOT (fee <= 100)"),                                   # NOT pushed inwards
+    BASE + " ORDER BY n DESC LIMIT 3",                                               # ORDER BY and LIMIT: presentation
+    BASE.replace("GROUP BY district", "GROUP BY 1"),                                 # GROUP BY position
+    # another population (a literal changed), another question: still set against each other
+    BASE.replace("100", "250").replace("COUNT(*)", "SUM(fee)"),                      # another statistic
+    BASE.replace("100", "250").replace("district", "hospital"),                      # another GROUP BY
+    f"SELECT person_id FROM {VISITS} WHERE visit_date >= DATE '2018-01-02' AND fee > 100",   # its rows
 ])
 def test_near_identical_pairs(other):
     a, b = sql_shape(BASE), sql_shape(other)
@@ -143,31 +159,133 @@ def test_near_identical_pairs(other):
     BASE.replace("AND fee > 100", "AND fee > 100 AND person_id <> 1 AND sex = 'F'"),   # two conditions more
     BASE.replace("fee > 100", "hospital = 'H1'"),                                        # one condition swapped
     BASE.replace("WHERE visit_date >= DATE '2018-01-01' AND fee > 100 ", ""),            # both dropped
+    BASE.replace("fee > 100", "fee < 100"),                                              # a bound from the other side
+    f"SELECT person_id FROM {VISITS} WHERE visit_date >= DATE '2018-01-01' AND fee > 100",   # the same rows, listed
 ])
 def test_not_near_identical_pairs(other):
     a, b = sql_shape(BASE), sql_shape(other)
     assert a is not None and b is not None and not near_identical(a, b)
 
 
+@pytest.mark.parametrize("a, b", [
+    ("fee < 5", "5 > fee"),
+    ("fee <= 5", "5 >= fee"),
+    ("fee > 5 AND hospital = 'H1'", "hospital = 'H1' AND fee > 5"),
+    ("(district = 'a' OR hospital = 'b') AND fee > 5", "fee > 5 AND (hospital = 'b' OR district = 'a')"),
+    ("NOT (district = 'a' OR hospital = 'b')", "district <> 'a' AND hospital <> 'b'"),
+    ("NOT (district = 'a' AND fee < 5)", "fee >= 5 OR district <> 'a'"),
+    ("NOT NOT fee < 5", "fee < 5"),
+    ("district = 'a'", "district IN ('a')"),
+    ("NOT district IN ('a', 'b')", "district NOT IN ('b', 'a')"),
+    ("district <> 'a'", "NOT (district = 'a')"),
+    ("fee BETWEEN 1 AND 2", "fee >= 1 AND fee <= 2"),
+    ("NOT fee BETWEEN 1 AND 2", "fee < 1 OR fee > 2"),
+    ("hospital IS NOT NULL", "NOT (hospital IS NULL)"),
+    ("visit_date = DATE '2020-01-01'", "CAST('2020-01-01' AS DATE) = visit_date"),
+])
+def test_one_condition_in_another_spelling_is_the_same_population(a, b):
+    """Not only the same skeleton: the same population, literals and all (the digest agrees)."""
+    sa, sb = (sql_shape(f"SELECT COUNT(*) FROM {VISITS} WHERE {w}") for w in (a, b))
+    assert sa == sb and sa.population == sb.population
+
+
 def test_in_lists_of_any_length_are_the_same_question():
     a = sql_shape(f"SELECT COUNT(*) FROM {VISITS} WHERE district IN ('兴庆区', '金凤区', '西夏区')")
     b = sql_shape(f"SELECT COUNT(*) FROM {VISITS} WHERE district IN ('兴庆区')")
-    assert near_identical(a, b)
-    assert "兴庆区" not in a.frame + " ".join(a.conjuncts)
+    c = sql_shape(f"SELECT COUNT(*) FROM {VISITS} WHERE district = '金凤区'")
+    assert near_identical(a, b) and near_identical(a, c) and a.conjuncts == c.conjuncts == ("d.district in (?)",)
+    assert a.population != b.population != c.population
+    assert "兴庆区" not in a.render() + repr(a)
 
 
-@pytest.mark.parametrize("sql", ["SELEC x FROM", "", "   ", "SELECT 1; SELECT 2", "SELECT (", ";;", "\x00"])
-def test_sql_that_does_not_parse_as_one_statement_has_no_shape(sql):
+@pytest.mark.parametrize("sql", ["SELEC x FROM", "", "   ", "SELECT 1; SELECT 2", "SELECT (", ";;", "\x00", "SELECT 1",
+                                 "SELECT * FROM (SELECT 1)", "SELECT 1 UNION SELECT 2", "DELETE FROM t",
+                                 f"SELECT COUNT(*) FROM {VISITS} WHERE " + "(" * 5000 + "fee > 1" + ")" * 5000])
+def test_sql_that_is_not_one_select_from_a_table_has_no_shape(sql):
     assert sql_shape(sql) is None
+
+
+# The checked SQL, as sandbox/sql.py regenerates it for a scene over the packaged catalog
+@functools.cache
+def _dataset_info(code: str):
+    from catalog.descriptor import PACKAGED_DESCRIPTORS, parse_descriptor_text
+    from sandbox.sql import DatasetInfo
+
+    desc, problems = parse_descriptor_text((PACKAGED_DESCRIPTORS / f"{code}.yaml").read_text(encoding="utf-8"),
+                                           f"{code}.yaml")
+    assert desc is not None, problems
+    return DatasetInfo(desc.code, [f.name for f in desc.fields], desc.privacy_unit,
+                       {f.name: str(getattr(f.type, "value", f.type)) for f in desc.fields})
+
+
+RESIDENTS = "health.resident"
+APPLICANTS_COLUMNS = ["applicant_ref", "id_number", "consent_ref", "consent_signed_on", "consent_valid_until", "note"]
+
+
+def checked(sql: str, code: str = VISITS) -> str:
+    from sandbox.sql import check_query
+
+    info = _dataset_info(code)
+    grants = {(code, f): ("aggregate", "group_by", "filter", "masked_output", "join_key") for f in info.fields}
+    return check_query(sql, grants, [info], {"applicants": APPLICANTS_COLUMNS}).sql
+
+
+ALIASES = ["r", "u", "x1", "res", "d", "zz", "q7", "base", "p", "t"]   # probe 1: the dataset as `u`, the upload as `d`
+
+
+def probe(i: int, aliases=True) -> str:
+    """The review's probe: one literal changed each time, random output and table aliases (and
+    the OR's operands, `=` or IN, in either order)."""
+    t, a = (ALIASES[i % len(ALIASES)], ALIASES[(i + 3) % len(ALIASES)]) if aliases else ("r", "a")
+    who = f"{a}.applicant_ref = 'A{i:05d}'" if i % 2 else f"{a}.applicant_ref IN ('A{i:05d}')"
+    where = f"{t}.district = '兴庆区' OR {who}" if i % 3 else f"{who} OR '兴庆区' = {t}.district"
+    return (f"SELECT COUNT(*) AS {'n' if not aliases else f'n_{i}_{t}'} FROM {RESIDENTS} {t} "
+            f"JOIN applicants {a} ON {t}.id_number = {a}.id_number WHERE {where}")
+
+
+def test_the_reviews_probes_with_random_aliases_have_one_skeleton():
+    texts = [probe(i) for i in range(8)]
+    shapes = [sql_shape(checked(s, RESIDENTS)) for s in texts]
+    assert len({s.render() for s in shapes}) == 1 and len({s.population for s in shapes}) == 8
+    assert all(near_identical(a, b) for a in shapes for b in shapes)
+    assert shapes[0].render() == ("select count(*) from v_health_resident d join u_applicants u on "
+                                  "d.id_number = u.id_number where d.district in (?) or u.applicant_ref in (?)")
+    # the tenant's own text has the same shape (the fallback when there is no checked SQL)
+    assert [sql_shape(s).render() for s in texts] == [s.render() for s in shapes]
+
+
+def test_rows_and_aggregates_about_near_identical_populations_link():
+    day = "SELECT {out} FROM " + VISITS + " WHERE visit_date = DATE '{d}' AND icd10_chapter = 'F'{more}"
+    rows = [sql_shape(checked(day.format(out=out, d=d, more=""))) for out, d in
+            [("person_id, visit_date", "2024-03-01"), ("visit_date AS v, person_id AS p", "2024-03-02"),
+             ("department", "2024-03-03")]]
+    aggs = [sql_shape(checked(day.format(out=out, d=d, more=more) + group)) for out, d, more, group in
+            [("COUNT(*) AS n", "2024-03-04", "", ""),
+             ("district, SUM(fee)", "2024-03-05", " AND fee < 900", " GROUP BY district")]]
+    assert [s.kind for s in rows + aggs] == ["rows"] * 3 + ["aggregate"] * 2
+    # another population: rows against rows (their number differences), rows against aggregates,
+    # aggregates against aggregates whatever they select or group by
+    assert all(near_identical(a, b) for a in rows + aggs for b in rows + aggs if a is not b)
+    # the same population, another question: exploration, nothing to difference
+    same = day.format(out="person_id", d="2024-03-01", more="")
+    count_same, sum_same = (same.replace("SELECT person_id", f"SELECT {s}") for s in ("COUNT(*)", "SUM(fee)"))
+    assert sql_shape(checked(same)).population == sql_shape(checked(count_same)).population
+    assert not near_identical(sql_shape(checked(same)), sql_shape(checked(count_same)))
+    assert not near_identical(sql_shape(checked(count_same)), sql_shape(checked(sum_same)))
+    assert not near_identical(sql_shape(checked(same)), sql_shape(checked(same.replace("person_id", "department"))))
+    # … but the same question again is (averaging), ORDER BY or LIMIT aside
+    assert near_identical(sql_shape(checked(count_same)), sql_shape(checked(count_same + " LIMIT 5")))
+    assert near_identical(sql_shape(checked(same)), sql_shape(checked(same + " LIMIT 5")))
 
 
 # ---------------------------------------------------------------------------------------------
 # differencing: the detector
 
 
-def q(i, sql, at=None, org="company_a", scene_id=7, mode="prod", requester="insurer_a") -> QueryRecord:
+def q(i, sql, at=None, org="company_a", scene_id=7, mode="prod", requester="insurer_a", checked_sql="",
+      kind=None) -> QueryRecord:
     return QueryRecord(id=i, org=org, scene_id=scene_id, sql=sql, created_at=at or T0 + timedelta(minutes=i),
-                       mode=mode, requester=requester)
+                       mode=mode, requester=requester, checked_sql=checked_sql, kind=kind)
 
 
 def with_person(pid: int) -> str:
@@ -184,6 +302,58 @@ def test_five_near_identical_prod_queries_in_a_day_are_a_suspect():
     text = json.dumps(a.to_dict(), ensure_ascii=False)
     assert "4002" not in text and "2018-01-01" not in text and "100" not in a.detail["skeleton"]
     assert "?" in a.detail["skeleton"] and "差分" in a.message_zh and "differencing" in a.message
+    assert a.detail["kinds"] == {"aggregate": 5} and a.detail["distinct_populations"] == 5
+    # the message says what is compared, and what is not
+    assert "GROUP BY" in a.message and "GROUP BY" in a.message_zh and "row-level and aggregate" in a.message
+    assert "逐行结果与聚合结果" in a.message_zh
+
+
+def test_the_reviews_probes_are_a_suspect_whatever_their_aliases():
+    """The review: 'giving each probe random output and table aliases kept the differencing alert
+    silent'. On the checked SQL, as collect_alerts reads it, and on the text alone."""
+    probes = [q(i, probe(i), checked_sql=checked(probe(i), RESIDENTS), kind="aggregate") for i in range(6)]
+    [a] = differencing_suspects(probes)
+    assert a.query_ids == tuple(range(6)) and a.detail["distinct_shapes"] == 1
+    text = json.dumps(a.to_dict(), ensure_ascii=False)
+    assert "兴庆区" not in text and "A0000" not in text and "n_1_" not in text and "zz" not in a.detail["skeleton"]
+    [b] = differencing_suspects([q(i, probe(i)) for i in range(6)])
+    assert b.query_ids == a.query_ids and b.detail["skeleton"] == a.detail["skeleton"]
+
+
+def test_exploration_with_other_group_bys_of_one_population_is_not_a_suspect():
+    where = " WHERE visit_date >= DATE '2023-01-01' AND icd10_chapter = 'I'"
+    keys = ["district", "hospital", "department", "DATE_TRUNC('month', visit_date)", "DATE_TRUNC('year', visit_date)"]
+    explore = [f"SELECT {k} AS k, COUNT(*) AS n, AVG(fee) AS mean FROM {VISITS}{where} GROUP BY 1" for k in keys]
+    explore += [f"SELECT COUNT(*) AS n FROM {VISITS}{where}", f"SELECT department, visit_date FROM {VISITS}{where}"]
+    records = [q(i, s, checked_sql=checked(s)) for i, s in enumerate(explore)]
+    assert differencing_suspects(records) == []
+    # the same questions, each about a changed population (one literal): a suspect
+    moved = [q(i, s.replace("2023-01-01", f"2023-01-{i + 1:02d}"), checked_sql=checked(s.replace("2023-01-01",
+             f"2023-01-{i + 1:02d}"))) for i, s in enumerate(explore)]
+    [a] = differencing_suspects(moved)
+    assert a.count == 7 and a.detail["kinds"] == {"aggregate": 6, "rows": 1} and a.detail["distinct_populations"] == 7
+
+
+def test_rows_and_aggregates_about_one_population_are_one_suspect():
+    """The review: two row-level queries a day apart give an exact count by difference; rows and
+    aggregates of one population, spelled differently each time, are one cluster."""
+    sqls = [f"SELECT person_id, visit_date FROM {VISITS} WHERE visit_date = DATE '2024-03-01' AND icd10_chapter = 'F'",
+            f"SELECT v.visit_date AS day, v.person_id AS who FROM {VISITS} AS v "
+            "WHERE v.icd10_chapter IN ('F') AND DATE '2024-03-02' = v.visit_date",
+            f"SELECT COUNT(*) AS n FROM {VISITS} x WHERE x.icd10_chapter = 'F' AND x.visit_date = '2024-03-03'",
+            f"SELECT SUM(fee) AS s, COUNT(*) AS c FROM {VISITS} WHERE NOT (icd10_chapter <> 'F') "
+            "AND visit_date = '2024-03-04' AND 500 > fee",
+            f"SELECT district, COUNT(*) FROM {VISITS} WHERE visit_date = DATE '2024-03-05' AND icd10_chapter = 'F' "
+            "AND fee < 800 GROUP BY district"]
+    [a] = differencing_suspects([q(i, s, checked_sql=checked(s)) for i, s in enumerate(sqls)])
+    assert a.count == 5 and a.detail["kinds"] == {"aggregate": 3, "rows": 2}
+    assert "2024-03" not in json.dumps(a.to_dict(), ensure_ascii=False)
+
+
+def test_template_runs_are_left_out():
+    queries = [q(i, with_person(i), kind="template") for i in range(6)]
+    assert differencing_suspects(queries) == []
+    assert len(differencing_suspects([q(i, with_person(i), kind="aggregate") for i in range(6)])) == 1
 
 
 def test_four_or_spread_out_or_dev_queries_are_not_a_suspect():
@@ -221,6 +391,49 @@ def test_many_requesters_leave_the_actor_open():
     queries = [q(i, with_person(i), requester=f"user{i % 2}") for i in range(10)]
     [a] = differencing_suspects(queries)
     assert a.actor is None and a.detail["requesters"] == ["user0", "user1"] and a.severity == "high"
+
+
+def _random_query(rng) -> str:
+    conds = ["fee > {v}", "{v} > fee", "district = 'd{v}'", "hospital IN ('h{v}', 'h9')", "visit_date >= DATE '2020-01-0{v}'",
+             "NOT (department = 'x{v}')", "icd10_chapter = 'A' OR district = 'd{v}'"]
+    where = [rng.choice(conds).format(v=rng.randint(1, 3)) for _ in range(rng.randint(0, 3))]
+    if rng.random() < 0.3:
+        out = rng.choice(["person_id", "visit_date", "person_id, department"])
+        group = ""
+    else:
+        key = rng.choice(["", "district", "hospital"])
+        stats = rng.sample(["COUNT(*)", "SUM(fee)", "AVG(fee)"], rng.randint(1, 2))
+        out = ", ".join(([key] if key else []) + stats)
+        group = f" GROUP BY {key}" if key else ""
+    table = rng.choice([VISITS, VISITS, "health.inpatient_stay"])
+    return f"SELECT {out} FROM {table}" + (" WHERE " + " AND ".join(f"({w})" for w in where) if where else "") + group
+
+
+def test_the_clusters_are_the_transitive_closure_of_near_identical():
+    """The bucketed clustering links exactly what pairwise near_identical, taken transitively, links."""
+    import random
+
+    rng = random.Random(13)
+    for _ in range(25):
+        sqls = [_random_query(rng) for _ in range(rng.randint(2, 60))]
+        records = [q(i, s, at=T0) for i, s in enumerate(sqls)]
+        shapes = [sql_shape(s) for s in sqls]
+        parent = list(range(len(sqls)))
+
+        def find(i):
+            while parent[i] != i:
+                i = parent[i]
+            return i
+        for i in range(len(sqls)):
+            for j in range(i):
+                if near_identical(shapes[i], shapes[j]):
+                    parent[find(i)] = find(j)
+        expected = defaultdict(set)
+        for i in range(len(sqls)):
+            expected[find(i)].add(i)
+        found = differencing_suspects(records, AlertThresholds(near_identical=1))
+        assert sorted(sorted(a.query_ids) for a in found) == sorted(sorted(c) for c in expected.values())
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,3 +598,67 @@ def test_differencing_and_budget_from_real_prod_queries(client, auth, engine, lo
     with Session(engine) as s:
         downloads = [e for e in s.exec(select(AuditEvent)).all() if is_download(e.action)]
     assert [(e.decision, e.object) for e in downloads] == [("allow", f"result:{rid}")]
+
+
+def differencing_of(client, auth, scene_id):
+    return [a for a in alerts_of(client, auth)["alerts"] if a["kind"] == "differencing" and a["scene_id"] == scene_id]
+
+
+def test_the_reviews_probes_through_http_raise_the_alert(client, auth, residents):
+    """The review's attack as it was run: prod COUNTs over the tenant's own upload joined to the
+    residents, one literal changed each time, random output and table aliases, the OR's operands
+    and `=`/IN varied. The alert names every probe and no literal."""
+    from tests.test_upload_joins import ITEMS, upload_applicants
+
+    upload_applicants(client, auth("insurer_a"), residents[:40])
+    scene = active_scene(client, auth, items=ITEMS + [{"dataset": RESIDENTS, "field": "district", "usage": "filter"}])
+    ids = []
+    for i in range(6):
+        r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                        json={"sql": probe(i), "mode": "prod", "epsilon": 0.1})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    [d] = differencing_of(client, auth, scene["id"])
+    assert d["query_ids"] == ids and d["actor"] == "insurer_a" and d["detail"]["distinct_shapes"] == 1
+    assert d["detail"]["distinct_populations"] == 6 and d["detail"]["kinds"] == {"aggregate": 6}
+    assert "u.applicant_ref in (?)" in d["detail"]["skeleton"]
+    text = json.dumps(d, ensure_ascii=False)
+    assert "兴庆区" not in text and "A0000" not in text and "n_3_" not in text
+
+
+def test_rows_and_aggregates_of_one_population_through_http_raise_the_alert(client, auth, loaded):
+    """Row-level and aggregate prod queries about one population a day apart each time, spelled
+    differently (aliases, order, `5 > a` for `a < 5`, NOT, IN): one alert. Another scene's
+    exploration of one unchanged population with other GROUP BYs (and a look at its rows): none."""
+    items = SCENE_ITEMS + [{"dataset": VISITS, "field": f, "usage": u} for f, u in
+                           [("district", "filter"), ("fee", "filter"), ("person_id", "masked_output"),
+                            ("visit_date", "masked_output"), ("visit_date", "group_by"), ("department", "group_by")]]
+    scene = active_scene(client, auth, items=items)
+    sqls = [f"SELECT person_id, visit_date FROM {VISITS} WHERE visit_date = DATE '2024-03-01' AND district = '兴庆区'",
+            f"SELECT v.visit_date AS day, v.person_id AS who FROM {VISITS} AS v "
+            "WHERE v.district IN ('兴庆区') AND DATE '2024-03-02' = v.visit_date",
+            f"SELECT COUNT(*) AS n FROM {VISITS} x WHERE x.district = '兴庆区' AND x.visit_date = '2024-03-03'",
+            f"SELECT SUM(fee) AS s, COUNT(*) AS c FROM {VISITS} WHERE NOT (district <> '兴庆区') "
+            "AND visit_date = '2024-03-04' AND 500 > fee",
+            f"SELECT district, COUNT(*) FROM {VISITS} WHERE visit_date = DATE '2024-03-05' AND district = '兴庆区' "
+            "AND fee < 800 GROUP BY district"]
+    ids = []
+    for sql in sqls:
+        body = {"sql": sql, "mode": "prod"} | ({"epsilon": 0.2} if "COUNT" in sql else {})
+        r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"), json=body)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    [d] = differencing_of(client, auth, scene["id"])
+    assert d["query_ids"] == ids and d["count"] == 5 and d["detail"]["kinds"] == {"aggregate": 3, "rows": 2}
+    assert "2024-03" not in json.dumps(d, ensure_ascii=False) and "兴庆区" not in json.dumps(d, ensure_ascii=False)
+
+    other = active_scene(client, auth, items=items)
+    where = " WHERE visit_date >= DATE '2023-01-01' AND district = '兴庆区'"
+    explore = [f"SELECT {k} AS k, COUNT(*) AS n FROM {VISITS}{where} GROUP BY 1"
+               for k in ("district", "department", "DATE_TRUNC('month', visit_date)", "DATE_TRUNC('year', visit_date)")]
+    explore += [f"SELECT COUNT(*) AS n FROM {VISITS}{where}", f"SELECT person_id, visit_date FROM {VISITS}{where}"]
+    for sql in explore:
+        body = {"sql": sql, "mode": "prod"} | ({"epsilon": 0.2} if "COUNT" in sql else {})
+        r = client.post(f"/api/v1/scenes/{other['id']}/queries", headers=auth("insurer_a"), json=body)
+        assert r.status_code == 202, r.text
+    assert differencing_of(client, auth, other["id"]) == []
