@@ -219,7 +219,8 @@ def _dataset_info(code: str):
 
 
 RESIDENTS = "health.resident"
-APPLICANTS_COLUMNS = ["applicant_ref", "id_number", "consent_ref", "consent_signed_on", "consent_valid_until", "note"]
+APPLICANTS_COLUMNS = {"applicant_ref": "string", "id_number": "string", "consent_ref": "string",
+                      "consent_signed_on": "date", "consent_valid_until": "date", "note": "string"}
 
 
 def checked(sql: str, code: str = VISITS) -> str:
