@@ -117,6 +117,41 @@ def test_a_success_resets_the_failure_count(client, engine):
     assert user_row(engine, "office2").failed_logins == 0
 
 
+def test_the_right_password_as_the_fifth_attempt_gets_in(client, engine):
+    """The fifth attempt locks the account when it starts; when its password is right it lifts
+    that lock again: four failures and a success are not a lockout."""
+    for i in range(4):
+        assert_error(client.post(TOKEN_URL, data={"username": "office2", "password": f"nope-{i}"}), 401,
+                     "login_failed")
+    login(client, "office2")
+    row = user_row(engine, "office2")
+    assert (row.failed_logins, row.locked_until) == (0, None)
+
+
+def test_a_success_does_not_lift_a_lock_that_parallel_guesses_set(client, engine, monkeypatch):
+    """While the owner's right password is being checked, guesses reach the limit and lock the
+    account: the owner gets in (their attempt was taken before the lock), the lock stays."""
+    from pdao.identity import passwords
+
+    real = passwords.verify_password
+    during: list[int] = []
+
+    def verify(password: str, password_hash: str) -> bool:
+        if password == DEMO_PASSWORD and not during:   # the owner's check: guesses arrive meanwhile
+            during.extend(client.post(TOKEN_URL, data={"username": "insurer_b", "password": f"nope-{i}"}).status_code
+                          for i in range(5))
+        return real(password, password_hash)
+
+    monkeypatch.setattr(passwords, "verify_password", verify)
+    r = client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD})
+    assert r.status_code == 200, r.text
+    assert during == [401, 401, 401, 401, 429]   # the owner's attempt was the first of five
+    row = user_row(engine, "insurer_b")
+    assert row.locked_until is not None and row.locked_until > datetime.now(UTC) and row.failed_logins == 0
+    assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD}), 429,
+                 "login_locked")
+
+
 # --- bearer tokens -------------------------------------------------------------------------------
 
 def test_an_expired_token_is_refused(client, engine):

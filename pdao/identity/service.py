@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import case, literal, null, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
@@ -127,86 +127,78 @@ def _locked(until: datetime) -> PdaoError:
                      f"登录失败次数过多，请于 {until.isoformat(timespec='seconds')}（UTC）后重试。")
 
 
-# The lockout counts an attempt when it starts, not when its password check has failed: one
-# conditional UPDATE takes a place below the limit, atomically, before the slow hash (rowcount 0:
-# locked, or the limit's worth of attempts already taken — refused without hashing). A success
-# gives the count back (to 0); a failure keeps its place and, at the limit, locks the account and
-# starts the count again for after the lock. So N guesses in parallel cost N attempts and at most
-# `login_max_failures` passwords are checked per lock window. Unknown usernames go through the
-# same steps in `login_throttle`, so a wrong name and a wrong password stay indistinguishable.
+# The lockout counts an attempt when it starts, not when its password check has failed. One
+# conditional UPDATE, before the slow hash, takes the attempt while the account is not locked and
+# below the limit; the attempt that reaches the limit locks the account in that same statement
+# (and the count starts again for after the lock). rowcount 0 = locked: 429 without hashing. A
+# failed check keeps its attempt; a success gives the count back (0) and lifts the lock only if its
+# own attempt set it. So N guesses in parallel cost N attempts, at most `login_max_failures`
+# passwords are checked per lock window, and an attempt that never finishes (a crash) cannot
+# leave the account stuck: at worst it locked it for one window. Unknown usernames go through the
+# same statement on `login_throttle`, so a wrong name and a wrong password stay indistinguishable.
 
-def _open(column, now: datetime):  # noqa: ANN001, ANN202 - a SQL condition
-    return or_(column.is_(None), column <= now)
+def _take_attempt(count, locked_until, settings: Settings, now: datetime) -> tuple[list, dict]:  # noqa: ANN001
+    """(WHERE, SET) of the one statement that takes an attempt: on an open account below the
+    limit, count + 1 — or, at the limit, count 0 and locked for `login_lock_minutes` from now.
+    (Every SET expression reads the row as it was before the statement.)"""
+    limit = settings.login_max_failures
+    reaches = count + 1 >= limit
+    lock_end = literal(now + timedelta(minutes=settings.login_lock_minutes), locked_until.type)
+    where = [or_(locked_until.is_(None), locked_until <= now), count < limit]
+    values = {count: case((reaches, 0), else_=count + 1),
+              locked_until: case((reaches, lock_end), else_=null())}
+    return where, values
 
 
-def _lock_ends(session: Session, settings: Settings, locked_until: datetime | None, now: datetime) -> datetime:
-    """When a refused attempt may try again: the lock's end, or — while the limit's worth of
-    attempts are still being checked and no lock is set yet — a full lock window from now."""
-    session.rollback()
+def _refused_until(locked_until: datetime | None, settings: Settings, now: datetime) -> datetime:
+    """When an attempt refused as locked may try again."""
     if locked_until is not None and locked_until > now:
         return locked_until
-    return now + timedelta(minutes=settings.login_lock_minutes)
+    return now + timedelta(minutes=settings.login_lock_minutes)  # (not reached: a refusal means locked)
 
 
-def _reserve_attempt(session: Session, settings: Settings, user_id: int, now: datetime) -> datetime | None:
-    """Count an attempt on a real account before its password is checked, committed at once.
-    None when it may go on; else the instant the lock ends."""
+def _reserve_attempt(session: Session, settings: Settings, user_id: int, now: datetime) -> tuple[bool, datetime | None]:
+    """Take an attempt on a real account before its password is checked, committed at once.
+    (taken, lock): `lock` is the lock this attempt set by reaching the limit, or — when not
+    taken — the instant the lock ends."""
     session.rollback()  # end the read transaction: a write must start from a fresh snapshot (SQLite WAL)
-    taken = session.execute(
-        update(User).where(User.id == user_id, _open(User.locked_until, now),
-                           User.failed_logins < settings.login_max_failures)
-        .values(failed_logins=User.failed_logins + 1).execution_options(synchronize_session=False)).rowcount
-    if taken:
-        session.commit()
-        return None
+    where, values = _take_attempt(User.failed_logins, User.locked_until, settings, now)
+    taken = session.execute(update(User).where(User.id == user_id, *where).values(values)
+                            .execution_options(synchronize_session=False)).rowcount
     until = session.exec(select(User.locked_until).where(User.id == user_id)).first()
-    return _lock_ends(session, settings, until, now)
-
-
-def _count_failure(session: Session, settings: Settings, user_id: int) -> None:
-    """A failed check keeps the place its attempt took; the one that finds the limit reached locks
-    the account (and the count starts again for after the lock). Committed at once, so it
-    survives the error that follows."""
-    session.rollback()
-    session.execute(update(User).where(User.id == user_id, User.failed_logins >= settings.login_max_failures)
-                    .values(failed_logins=0, locked_until=utcnow() + timedelta(minutes=settings.login_lock_minutes))
-                    .execution_options(synchronize_session=False))
     session.commit()
+    if not taken:
+        return False, _refused_until(until, settings, now)
+    return True, until if until is not None and until > now else None
 
 
 def _reserve_unknown_attempt(session: Session, settings: Settings, username: str, now: datetime) -> datetime | None:
-    """`_reserve_attempt` for a username that does not exist (see LoginThrottle)."""
+    """`_reserve_attempt` for a username that does not exist (see LoginThrottle): None when taken,
+    else the instant the lock ends."""
     session.rollback()
     key = username[:64]
+    where, values = _take_attempt(LoginThrottle.failures, LoginThrottle.locked_until, settings, now)
     for _ in range(2):  # insert the first time; a racing insert makes us update instead
-        taken = session.execute(
-            update(LoginThrottle).where(LoginThrottle.username == key, _open(LoginThrottle.locked_until, now),
-                                        LoginThrottle.failures < settings.login_max_failures)
-            .values(failures=LoginThrottle.failures + 1).execution_options(synchronize_session=False)).rowcount
+        taken = session.execute(update(LoginThrottle).where(LoginThrottle.username == key, *where).values(values)
+                                .execution_options(synchronize_session=False)).rowcount
         if taken:
             session.commit()
             return None
         row = session.exec(select(LoginThrottle.username, LoginThrottle.locked_until)
                            .where(LoginThrottle.username == key)).first()
         if row is not None:
-            return _lock_ends(session, settings, row[1], now)
+            session.rollback()
+            return _refused_until(row[1], settings, now)
+        first = LoginThrottle(username=key, failures=1)
+        if settings.login_max_failures <= 1:
+            first.failures, first.locked_until = 0, now + timedelta(minutes=settings.login_lock_minutes)
         try:
-            session.add(LoginThrottle(username=key, failures=1))
+            session.add(first)
             session.commit()
             return None
         except IntegrityError:
             session.rollback()
-    return _lock_ends(session, settings, None, now)
-
-
-def _count_unknown_failure(session: Session, settings: Settings, username: str) -> None:
-    """`_count_failure` for a username that does not exist."""
-    session.rollback()
-    session.execute(update(LoginThrottle).where(LoginThrottle.username == username[:64],
-                                                LoginThrottle.failures >= settings.login_max_failures)
-                    .values(failures=0, locked_until=utcnow() + timedelta(minutes=settings.login_lock_minutes))
-                    .execution_options(synchronize_session=False))
-    session.commit()
+    return _refused_until(None, settings, now)
 
 
 def login(session: Session, settings: Settings, username: str, password: str) -> tuple[str, Principal, datetime]:
@@ -222,21 +214,23 @@ def login(session: Session, settings: Settings, username: str, password: str) ->
         if until is not None:
             raise _locked(until)
         passwords.verify_password(password, passwords.dummy_hash())
-        _count_unknown_failure(session, settings, username)
-        raise _login_failed()
+        raise _login_failed()       # the attempt stays counted
     user_id, password_hash = user.id, user.password_hash
-    until = _reserve_attempt(session, settings, user_id, now)
-    if until is not None:
-        raise _locked(until)       # refused before any hashing
+    taken, lock = _reserve_attempt(session, settings, user_id, now)
+    if not taken:
+        raise _locked(lock)         # refused before any hashing
     if not passwords.verify_password(password, password_hash):
-        _count_failure(session, settings, user_id)
-        raise _login_failed()
+        raise _login_failed()       # the attempt stays counted
     user = session.get(User, user_id)
-    if user is None or not user.is_active:   # the attempt stays counted: a refused login
+    if user is None or not user.is_active:
         raise PdaoError(401, "user_disabled", "This account is disabled.", "该账号已停用。",
                         headers={"WWW-Authenticate": "Bearer"})
-    # The count goes back to 0; a lock that a parallel failure set meanwhile still holds.
-    session.execute(update(User).where(User.id == user_id).values(failed_logins=0, last_login_at=now)
+    # The count goes back to 0. The lock this attempt set (it was the limit's) is lifted; a lock
+    # another attempt set is not: that one stays until it ends.
+    lift = case((User.locked_until == literal(lock, User.locked_until.type), null()), else_=User.locked_until) \
+        if lock is not None else User.locked_until
+    session.execute(update(User).where(User.id == user_id)
+                    .values(failed_logins=0, locked_until=lift, last_login_at=now)
                     .execution_options(synchronize_session=False))
     token, claims = tokens.issue_token(user.id, settings.secret_key, timedelta(minutes=settings.token_ttl_minutes))
     org = session.get(Organization, user.org_id)
