@@ -128,6 +128,32 @@ def test_the_right_password_as_the_fifth_attempt_gets_in(client, engine):
     assert (row.failed_logins, row.locked_until) == (0, None)
 
 
+def test_a_lowered_limit_locks_a_count_already_beyond_it(settings, engine):
+    """An account whose count is past a newly lowered limit locks at its next attempt; it is never
+    left refusing logins without a lock that ends."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with Session(engine) as s:
+        row = s.exec(select(User).where(User.username == "office2")).one()
+        row.failed_logins = 4
+        s.add(row)
+        s.commit()
+    app = create_app(dataclasses.replace(settings, login_max_failures=3))
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            assert_error(c.post(TOKEN_URL, data={"username": "office2", "password": "nope-nope"}), 401, "login_failed")
+            assert_error(c.post(TOKEN_URL, data={"username": "office2", "password": DEMO_PASSWORD}), 429,
+                         "login_locked")
+    finally:
+        app.state.engine.dispose()
+    row = user_row(engine, "office2")
+    assert row.failed_logins == 0 and row.locked_until > datetime.now(UTC)
+
+
 def test_a_success_does_not_lift_a_lock_that_parallel_guesses_set(client, engine, monkeypatch):
     """While the owner's right password is being checked, guesses reach the limit and lock the
     account: the owner gets in (their attempt was taken before the lock), the lock stays."""

@@ -128,8 +128,8 @@ def _locked(until: datetime) -> PdaoError:
 
 
 # The lockout counts an attempt when it starts, not when its password check has failed. One
-# conditional UPDATE, before the slow hash, takes the attempt while the account is not locked and
-# below the limit; the attempt that reaches the limit locks the account in that same statement
+# conditional UPDATE, before the slow hash, takes the attempt while the account is not locked;
+# the attempt that reaches the limit locks the account in that same statement
 # (and the count starts again for after the lock). rowcount 0 = locked: 429 without hashing. A
 # failed check keeps its attempt; a success gives the count back (0) and lifts the lock only if its
 # own attempt set it. So N guesses in parallel cost N attempts, at most `login_max_failures`
@@ -138,13 +138,13 @@ def _locked(until: datetime) -> PdaoError:
 # same statement on `login_throttle`, so a wrong name and a wrong password stay indistinguishable.
 
 def _take_attempt(count, locked_until, settings: Settings, now: datetime) -> tuple[list, dict]:  # noqa: ANN001
-    """(WHERE, SET) of the one statement that takes an attempt: on an open account below the
-    limit, count + 1 — or, at the limit, count 0 and locked for `login_lock_minutes` from now.
-    (Every SET expression reads the row as it was before the statement.)"""
-    limit = settings.login_max_failures
-    reaches = count + 1 >= limit
+    """(WHERE, SET) of the one statement that takes an attempt: on an account that is not locked,
+    count + 1 — or, when that reaches the limit, count 0 and locked for `login_lock_minutes` from
+    now. (Every SET expression reads the row as it was before the statement. A count already
+    beyond the limit, after the setting was lowered, locks at the next attempt too.)"""
+    reaches = count + 1 >= settings.login_max_failures
     lock_end = literal(now + timedelta(minutes=settings.login_lock_minutes), locked_until.type)
-    where = [or_(locked_until.is_(None), locked_until <= now), count < limit]
+    where = [or_(locked_until.is_(None), locked_until <= now)]
     values = {count: case((reaches, 0), else_=count + 1),
               locked_until: case((reaches, lock_end), else_=null())}
     return where, values
