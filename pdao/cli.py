@@ -315,8 +315,9 @@ def users_issue_key(username: str,
                     label: str = "",
                     days: Annotated[int, typer.Option(min=1, max=3650, help="the key's life from its claim")] = 365,
                     ) -> None:
-    """Grant a user an API key for their scripts. No key is made here: the user claims it, signed
-    in with their own password, and only they ever see it."""
+    """Grant a user an API key; the user claims it (no key is made or shown here).
+
+    The owner claims the key signed in with their own password, and only they ever see it."""
     from pdao.db import session_scope
     from pdao.identity.service import claim_window, grant_api_key, principal_for
 
@@ -338,7 +339,8 @@ def users_issue_key(username: str,
 
 @users_app.command("revoke-key")
 def users_revoke_key(key_id: int,
-                     by: Annotated[str, typer.Option(help="the operator revoking it (named in the audit log)")]) -> None:
+                     by: Annotated[str, typer.Option(help="the operator revoking it (named in the audit log)")],
+                     ) -> None:
     """Revoke an API key or a pending grant."""
     from pdao.db import session_scope
     from pdao.identity.service import principal_for, revoke_api_key
