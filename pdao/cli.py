@@ -310,40 +310,46 @@ def users_enable(username: str) -> None:
 
 
 @users_app.command("issue-key")
-def users_issue_key(username: str, label: str = "", days: Annotated[int, typer.Option(min=1, max=3650)] = 365,
-                    by: Annotated[str | None, typer.Option(help="the operator issuing it")] = None) -> None:
-    """Issue an API key for a user's scripts (shown once; send it as X-API-Key)."""
+def users_issue_key(username: str,
+                    by: Annotated[str, typer.Option(help="the operator granting it (named in the audit log)")],
+                    label: str = "",
+                    days: Annotated[int, typer.Option(min=1, max=3650, help="the key's life from its claim")] = 365,
+                    ) -> None:
+    """Grant a user an API key; the user claims it (no key is made or shown here).
+
+    The owner claims the key signed in with their own password, and only they ever see it."""
     from pdao.db import session_scope
-    from pdao.identity.models import Role
-    from pdao.identity.service import get_user, issue_api_key
+    from pdao.identity.service import claim_window, grant_api_key, principal_for
 
-    engine = _engine(_settings())
+    settings = _settings()
+    engine = _engine(settings)
 
-    def go() -> tuple[str, int]:
+    def go() -> tuple[int, str]:
         with session_scope(engine) as session:
-            issuer = None
-            if by is not None:
-                op = get_user(session, by)
-                if op.role != Role.operator:
-                    raise PdaoError(403, "not_operator", "Only an operator issues API keys.", "只有运营方可以签发 API 密钥。")
-                issuer = op.id
-            key, row = issue_api_key(session, username, issuer, label, days)
-            return key, row.id
+            row = grant_api_key(session, principal_for(session, by, "cli"), username, label, days,
+                                claim_window(settings))
+            return row.id, row.claim_by.isoformat(timespec="seconds")
 
-    key, key_id = _run(go, engine, "users.issue_key", f"user:{username}")
-    typer.echo(f"API key #{key_id} for {username} (shown once):\n{key}")
+    key_id, claim_by = _run(go, engine, "users.issue_key", f"user:{username}")
+    typer.echo(f"granted API key #{key_id} to {username} (pending: no key exists until {username} claims it)\n"
+               f"{username} claims it before {claim_by}, signed in with their own password:\n"
+               f"  POST /api/v1/api-keys/{key_id}/claim   (bearer token from POST /api/v1/auth/token)\n"
+               f"  or in Python: Client.login(URL, \"{username}\", PASSWORD).claim_api_key({key_id})")
 
 
 @users_app.command("revoke-key")
-def users_revoke_key(key_id: int) -> None:
+def users_revoke_key(key_id: int,
+                     by: Annotated[str, typer.Option(help="the operator revoking it (named in the audit log)")],
+                     ) -> None:
+    """Revoke an API key or a pending grant."""
     from pdao.db import session_scope
-    from pdao.identity.service import revoke_api_key
+    from pdao.identity.service import principal_for, revoke_api_key
 
     engine = _engine(_settings())
 
     def go() -> None:
         with session_scope(engine) as session:
-            revoke_api_key(session, key_id)
+            revoke_api_key(session, principal_for(session, by, "cli"), key_id)
 
     _run(go, engine, "users.revoke_key", f"api_key:{key_id}")
     typer.echo(f"revoked API key #{key_id}")

@@ -245,6 +245,23 @@ class Client:
         """The caller: username, role, organization."""
         return self._request("GET", "/me")
 
+    # -- API keys -----------------------------------------------------------------------------
+
+    def claim_api_key(self, grant_id: int) -> str:
+        """Claim an API key an operator granted you and return it (shown this once: keep it safe,
+        send it as `Client(url, api_key=...)`). Needs a client from `Client.login` as the key's
+        owner, not one holding an API key."""
+        return self._request("POST", f"/api-keys/{int(grant_id)}/claim")["key"]
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        """Your API keys' metadata (an operator: everyone's): status pending, active, expired,
+        lapsed or revoked; never a key."""
+        return self._request("GET", "/api-keys")
+
+    def revoke_api_key(self, key_id: int) -> dict[str, Any]:
+        """Revoke one of your API keys (or a pending grant); it stops working at once."""
+        return self._request("DELETE", f"/api-keys/{int(key_id)}")
+
     # -- scenes -------------------------------------------------------------------------------
 
     def scene(self, scene: int) -> dict[str, Any]:

@@ -133,13 +133,24 @@ def test_logins_before_the_table_were_audited_too(client, engine):
     assert all(token not in str(v) for v in ev.model_dump().values())
 
 
-def test_api_key_use_is_audited_as_api_key(client, engine, auth):
-    key = client.post("/api/v1/api-keys", json={"username": "insurer_b"}, headers=auth("operator1")).json()
+def test_api_key_grant_claim_and_use_are_audited_under_their_real_actors(client, engine, auth):
+    """The operator's grant is the operator's; the claim and every use of the key are the owner's."""
+    r = client.post("/api/v1/api-keys", json={"username": "insurer_b"}, headers=auth("operator1"))
     ev = events(engine)[-1]
-    assert (ev.action, ev.object, ev.decision, ev.status) == ("api_key.issue", "user:insurer_b", "allow", 201)
-    assert key["key"] not in str(ev.model_dump())
+    assert (ev.action, ev.object, ev.decision, ev.status, ev.actor) == ("api_key.issue", "user:insurer_b", "allow",
+                                                                        201, "operator1")
+    owner = auth("insurer_b")
     before = count(engine)
-    r = client.get("/api/v1/datasets", headers={"X-API-Key": key["key"]})
+    c = client.post(r.json()["claim_path"], headers=owner)
+    key = c.json()["key"]
+    evs = events(engine)[before:]
+    # the claim's request event and, committed with the key, its decision event
+    assert [(e.action, e.actor, e.auth_method, e.request_id) for e in evs] == [
+        ("api_key.claimed", "insurer_b", "token", c.headers["x-request-id"]),
+        ("api_key.claim", "insurer_b", "token", c.headers["x-request-id"])]
+    assert all(key not in str(e.model_dump()) for e in events(engine))
+    before = count(engine)
+    r = client.get("/api/v1/datasets", headers={"X-API-Key": key})
     ev = the_one_event(engine, before, r)
     assert (ev.actor, ev.org, ev.auth_method, ev.decision) == ("insurer_b", "company_b", "api_key", "allow")
 

@@ -1,5 +1,7 @@
-"""Authentication through the real HTTP API: password login, lockout, bearer tokens (expiry,
-tampering, revocation by disable and by password change) and operator-issued API keys.
+"""Authentication through the real HTTP API: password login, lockout (counted before the check, so
+parallel guesses cannot outrun it), bearer tokens (expiry, tampering, revocation by disable and by
+password change) and API keys (granted by an operator, claimed by their owner; the grant/claim
+attack itself is in tests/test_api_keys.py).
 
 Every test runs on SQLite and on PostgreSQL (see conftest)."""
 
@@ -11,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
+from tests.test_api_keys import granted_key
 from sqlmodel import Session, select
 
 from pdao.audit import AuditEvent
@@ -112,6 +115,67 @@ def test_a_success_resets_the_failure_count(client, engine):
     assert user_row(engine, "office2").failed_logins == 3
     login(client, "office2")
     assert user_row(engine, "office2").failed_logins == 0
+
+
+def test_the_right_password_as_the_fifth_attempt_gets_in(client, engine):
+    """The fifth attempt locks the account when it starts; when its password is right it lifts
+    that lock again: four failures and a success are not a lockout."""
+    for i in range(4):
+        assert_error(client.post(TOKEN_URL, data={"username": "office2", "password": f"nope-{i}"}), 401,
+                     "login_failed")
+    login(client, "office2")
+    row = user_row(engine, "office2")
+    assert (row.failed_logins, row.locked_until) == (0, None)
+
+
+def test_a_lowered_limit_locks_a_count_already_beyond_it(settings, engine):
+    """An account whose count is past a newly lowered limit locks at its next attempt; it is never
+    left refusing logins without a lock that ends."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with Session(engine) as s:
+        row = s.exec(select(User).where(User.username == "office2")).one()
+        row.failed_logins = 4
+        s.add(row)
+        s.commit()
+    app = create_app(dataclasses.replace(settings, login_max_failures=3))
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            assert_error(c.post(TOKEN_URL, data={"username": "office2", "password": "nope-nope"}), 401, "login_failed")
+            assert_error(c.post(TOKEN_URL, data={"username": "office2", "password": DEMO_PASSWORD}), 429,
+                         "login_locked")
+    finally:
+        app.state.engine.dispose()
+    row = user_row(engine, "office2")
+    assert row.failed_logins == 0 and row.locked_until > datetime.now(UTC)
+
+
+def test_a_success_does_not_lift_a_lock_that_parallel_guesses_set(client, engine, monkeypatch):
+    """While the owner's right password is being checked, guesses reach the limit and lock the
+    account: the owner gets in (their attempt was taken before the lock), the lock stays."""
+    from pdao.identity import passwords
+
+    real = passwords.verify_password
+    during: list[int] = []
+
+    def verify(password: str, password_hash: str) -> bool:
+        if password == DEMO_PASSWORD and not during:   # the owner's check: guesses arrive meanwhile
+            during.extend(client.post(TOKEN_URL, data={"username": "insurer_b", "password": f"nope-{i}"}).status_code
+                          for i in range(5))
+        return real(password, password_hash)
+
+    monkeypatch.setattr(passwords, "verify_password", verify)
+    r = client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD})
+    assert r.status_code == 200, r.text
+    assert during == [401, 401, 401, 401, 429]   # the owner's attempt was the first of five
+    row = user_row(engine, "insurer_b")
+    assert row.locked_until is not None and row.locked_until > datetime.now(UTC) and row.failed_logins == 0
+    assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD}), 429,
+                 "login_locked")
 
 
 # --- bearer tokens -------------------------------------------------------------------------------
@@ -222,19 +286,25 @@ def test_a_token_without_the_precise_issue_time_is_refused(client, engine):
     assert_error(client.get("/api/v1/me", headers=bearer(legacy)), 401, "invalid_token")
 
 
-# --- API keys ------------------------------------------------------------------------------------
+# --- API keys (granted by an operator, claimed by their owner: tests/test_api_keys.py) ------------
 
 def test_api_key_lifecycle(client, engine, auth):
     op = auth("operator1")
     r = client.post("/api/v1/api-keys", json={"username": "insurer_a", "label": "underwriting batch"}, headers=op)
     assert r.status_code == 201, r.text
-    issued = r.json()
-    key, key_id = issued["key"], issued["id"]
-    assert key.startswith("pdao_") and issued["username"] == "insurer_a" and issued["revoked_at"] is None
+    granted = r.json()
+    assert "key" not in granted and granted["status"] == "pending" and granted["prefix"] is None
+    key_id = granted["id"]
+    r = client.post(granted["claim_path"], headers=auth("insurer_a"))
+    assert r.status_code == 200, r.text
+    claimed = r.json()
+    key = claimed["key"]
+    assert key.startswith("pdao_") and claimed["id"] == key_id and claimed["username"] == "insurer_a"
+    assert claimed["status"] == "active" and claimed["granted_by"] == "operator1" and claimed["revoked_at"] is None
     # shown once: the list shows the prefix only, and the database holds only a digest
     listed = client.get("/api/v1/api-keys", headers=op)
     assert listed.status_code == 200 and key not in listed.text
-    assert [k["prefix"] for k in listed.json() if k["id"] == key_id] == [issued["prefix"]]
+    assert [k["prefix"] for k in listed.json() if k["id"] == key_id] == [claimed["prefix"]]
     with Session(engine) as s:
         row = s.get(ApiKey, key_id)
         assert row.key_sha256 == tokens.api_key_digest(key) and key not in row.model_dump_json()
@@ -255,7 +325,7 @@ def test_api_key_lifecycle(client, engine, auth):
 
     r = client.delete(f"/api/v1/api-keys/{key_id}", headers=op)
     assert r.status_code == 200, r.text
-    assert r.json()["revoked_at"] is not None
+    assert r.json()["revoked_at"] is not None and r.json()["status"] == "revoked"
     assert_error(client.get("/api/v1/datasets", headers={"X-API-Key": key}), 401, "invalid_api_key")
     ev = last_event(engine, "/api/v1/datasets")
     assert ev.decision == "deny" and ev.reason == "invalid_api_key"
@@ -264,7 +334,7 @@ def test_api_key_lifecycle(client, engine, auth):
 
 @pytest.mark.parametrize("username", first_also_on_postgresql(["office1", "reviewer1", "auditor1", "operator1"]))
 def test_no_api_keys_for_people_who_decide(client, engine, auth, username):
-    """A key acts as its user: an operator holding one for an office member could approve scenes."""
+    """A key acts as its user: a key for an office member would let a script approve scenes."""
     r = client.post("/api/v1/api-keys", json={"username": username}, headers=auth("operator1"))
     assert_error(r, 422, "api_key_role")
     with Session(engine) as s:
@@ -272,17 +342,17 @@ def test_no_api_keys_for_people_who_decide(client, engine, auth, username):
 
 
 def test_api_key_use_names_the_key_in_the_audit(client, engine, auth):
-    issued = client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=auth("operator1")).json()
-    r = client.get("/api/v1/me", headers={"X-API-Key": issued["key"]})
+    key, key_id = granted_key(client, auth, "insurer_a")
+    r = client.get("/api/v1/me", headers={"X-API-Key": key})
     assert r.status_code == 200
     with Session(engine) as s:
-        ev = s.exec(select(AuditEvent).where(AuditEvent.request_id == r.headers["x-request-id"])).one()
-    assert (ev.actor, ev.auth_method, ev.detail) == ("insurer_a", "api_key", {"api_key_id": issued["id"]})
+        ev = s.exec(select(AuditEvent).where(AuditEvent.request_id == r.headers["x-request-id"],
+                                             AuditEvent.path.is_not(None))).one()
+    assert (ev.actor, ev.auth_method, ev.detail) == ("insurer_a", "api_key", {"api_key_id": key_id})
 
 
 def test_api_key_refusals(client, engine, auth):
-    op = auth("operator1")
-    key = client.post("/api/v1/api-keys", json={"username": "insurer_b"}, headers=op).json()["key"]
+    key, _ = granted_key(client, auth, "insurer_b")
     assert client.get("/api/v1/me", headers={"X-API-Key": key}).status_code == 200
     for bad in ("", "pdao_", "pdao_short_x", key[:-1] + ("A" if key[-1] != "A" else "B"), "Bearer " + key,
                 "pdao_000000000000_" + "x" * 43):
@@ -296,25 +366,37 @@ def test_api_key_refusals(client, engine, auth):
 
 
 def test_an_expired_api_key_is_refused(client, engine, auth):
-    key = client.post("/api/v1/api-keys", json={"username": "provider1"}, headers=auth("operator1")).json()
+    key, key_id = granted_key(client, auth, "provider1")
+    assert client.get("/api/v1/me", headers={"X-API-Key": key}).status_code == 200
     with Session(engine) as s:
-        row = s.get(ApiKey, key["id"])
+        row = s.get(ApiKey, key_id)
         row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
         s.add(row)
         s.commit()
-    assert_error(client.get("/api/v1/me", headers={"X-API-Key": key["key"]}), 401, "invalid_api_key")
+    assert_error(client.get("/api/v1/me", headers={"X-API-Key": key}), 401, "invalid_api_key")
 
 
-@pytest.mark.parametrize("username", first_also_on_postgresql(["insurer_a", "provider1", "office1", "auditor1",
-                                                               "reviewer1"]))
-def test_only_the_operator_issues_revokes_and_lists_keys(client, engine, auth, username):
+@pytest.mark.parametrize("username", first_also_on_postgresql(["office1", "auditor1", "reviewer1"]))
+def test_people_who_decide_neither_grant_claim_list_nor_revoke_keys(client, engine, auth, username):
+    headers = auth(username)
+    assert_error(client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=headers), 403,
+                 "role_not_permitted")
+    assert_error(client.get("/api/v1/api-keys", headers=headers), 403, "role_not_permitted")
+    assert_error(client.post("/api/v1/api-keys/1/claim", headers=headers), 403, "role_not_permitted")
+    assert_error(client.delete("/api/v1/api-keys/1", headers=headers), 403, "role_not_permitted")
+    with Session(engine) as s:
+        assert s.exec(select(ApiKey)).all() == []  # nothing was granted
+
+
+@pytest.mark.parametrize("username", first_also_on_postgresql(["insurer_a", "provider1"]))
+def test_only_the_operator_grants_keys(client, engine, auth, username):
+    """Key holders claim, list and revoke their own (tests/test_api_keys.py) but never grant one."""
     headers = auth(username)
     assert_error(client.post("/api/v1/api-keys", json={"username": username}, headers=headers), 403,
                  "role_not_permitted")
-    assert_error(client.get("/api/v1/api-keys", headers=headers), 403, "role_not_permitted")
-    assert_error(client.delete("/api/v1/api-keys/1", headers=headers), 403, "role_not_permitted")
+    assert client.get("/api/v1/api-keys", headers=headers).json() == []
     with Session(engine) as s:
-        assert s.exec(select(ApiKey)).all() == []  # nothing was issued
+        assert s.exec(select(ApiKey)).all() == []
 
 
 def test_issue_key_for_unknown_user_is_404_and_issues_nothing(client, engine, auth):
@@ -341,40 +423,112 @@ def test_me_without_credentials(client):
     assert r.headers.get("www-authenticate") == "Bearer"
 
 
-def test_parallel_failures_are_all_counted(engine, settings, production_password_hashing):
-    """The lockout cannot be outrun by guessing in parallel: every failure is counted, however
-    many arrive at once (an atomic increment, not read-modify-write)."""
+class _CountingChecks:
+    """passwords.verify_password, counting the checks made against each hash."""
+
+    def __init__(self, monkeypatch) -> None:
+        import threading
+
+        from pdao.identity import passwords
+
+        self.by_hash: dict[str, int] = {}
+        self._lock = threading.Lock()
+        real = passwords.verify_password
+
+        def verify(password: str, password_hash: str) -> bool:
+            with self._lock:
+                self.by_hash[password_hash] = self.by_hash.get(password_hash, 0) + 1
+            return real(password, password_hash)
+
+        monkeypatch.setattr(passwords, "verify_password", verify)
+
+
+def _parallel_logins(client, username: str, n: int) -> list[int]:
+    """n wrong-password logins for one username through HTTP, all released at once."""
     import threading
 
-    from pdao.errors import PdaoError
-
-    # a hash at the production cost: each check takes long enough for all eight to overlap
-    with Session(engine) as s:
-        service.set_password(s, "auditor1", DEMO_PASSWORD)
-        s.commit()
-    assert user_row(engine, "auditor1").password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
-
-    n = 8
     barrier = threading.Barrier(n)
-    outcomes: list[str] = []
+    answers: list[tuple[int, str]] = []
 
     def attempt(i: int) -> None:
-        with Session(engine) as s:
-            barrier.wait()
-            try:
-                service.login(s, settings, "auditor1", f"guess-{i}")
-            except PdaoError as e:
-                outcomes.append(e.code)
+        barrier.wait()
+        r = client.post(TOKEN_URL, data={"username": username, "password": f"guess-{i}"})
+        answers.append((r.status_code, r.json().get("code")))
 
     threads = [threading.Thread(target=attempt, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(outcomes) == n and set(outcomes) <= {"login_failed", "login_locked"}
+    assert len(answers) == n
+    assert set(answers) <= {(401, "login_failed"), (429, "login_locked")}, answers
+    return [status for status, _ in answers]
+
+
+def test_forty_parallel_guesses_get_at_most_five_password_checks(client, engine, settings, monkeypatch,
+                                                                  production_password_hashing):
+    """Issue 13, finding 4: 40 parallel logins gave 39 real password checks in one lock window
+    (the lock was read before the slow hash and counted after it). Each attempt now takes its place
+    before the check, atomically: at most the policy's 5 checks, the other 35 are 429 unhashed."""
+    # a hash at the production cost: each check takes long enough for all attempts to overlap
+    with Session(engine) as s:
+        service.set_password(s, "auditor1", DEMO_PASSWORD)
+        s.commit()
+    password_hash = user_row(engine, "auditor1").password_hash
+    assert password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    checks = _CountingChecks(monkeypatch)
+
+    statuses = _parallel_logins(client, "auditor1", 40)
+    assert settings.login_max_failures == 5
+    assert 1 <= checks.by_hash.get(password_hash, 0) <= 5, checks.by_hash
+    assert statuses.count(401) == checks.by_hash[password_hash]   # every check was a counted failure
+    assert statuses.count(429) == 40 - statuses.count(401)
     row = user_row(engine, "auditor1")
-    # 8 failures: locked at the 5th; the rest either counted again or refused as locked
     assert row.locked_until is not None and row.locked_until > datetime.now(UTC)
-    with Session(engine) as s, pytest.raises(PdaoError) as e:
-        service.login(s, settings, "auditor1", DEMO_PASSWORD)
-    assert e.value.code == "login_locked"
+    # the right password is refused while locked, without a check
+    assert_error(client.post(TOKEN_URL, data={"username": "auditor1", "password": DEMO_PASSWORD}), 429,
+                 "login_locked")
+    assert checks.by_hash[password_hash] <= 5
+    with Session(engine) as s:
+        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "auth.login", AuditEvent.actor == "auditor1",
+                                                  AuditEvent.reason == "login_locked")).all()
+    assert len(refused) == statuses.count(429) + 1   # every refused attempt is audited
+
+
+def test_forty_parallel_guesses_at_an_unknown_name_count_the_same(client, engine, monkeypatch):
+    """A made-up username takes the same path (login_throttle): at most 5 checks against the
+    dummy hash, the rest 429, so the answers do not tell which names exist."""
+    from pdao.identity import passwords
+    from pdao.identity.models import LoginThrottle
+
+    dummy = passwords.dummy_hash()
+    checks = _CountingChecks(monkeypatch)
+    statuses = _parallel_logins(client, "no_such_person", 40)
+    assert 1 <= checks.by_hash.get(dummy, 0) <= 5, checks.by_hash
+    assert statuses.count(401) == checks.by_hash[dummy] and statuses.count(429) == 40 - statuses.count(401)
+    with Session(engine) as s:
+        throttle = s.get(LoginThrottle, "no_such_person")
+    assert throttle.locked_until is not None and throttle.locked_until > datetime.now(UTC)
+
+
+def test_a_lock_ends_and_the_count_starts_again(client, engine):
+    """After the lock window the account takes 5 more attempts, not one: the count restarted."""
+    for name in ("insurer_b", "no_such_person"):
+        for i in range(5):
+            assert_error(client.post(TOKEN_URL, data={"username": name, "password": f"nope-{i}"}), 401,
+                         "login_failed")
+        assert_error(client.post(TOKEN_URL, data={"username": name, "password": "nope"}), 429, "login_locked")
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    with Session(engine) as s:
+        from pdao.identity.models import LoginThrottle
+
+        row = s.exec(select(User).where(User.username == "insurer_b")).one()
+        row.locked_until = past
+        throttle = s.get(LoginThrottle, "no_such_person")
+        throttle.locked_until = past
+        s.add_all([row, throttle])
+        s.commit()
+    for name in ("insurer_b", "no_such_person"):
+        answers = [client.post(TOKEN_URL, data={"username": name, "password": f"again-{i}"}).status_code
+                   for i in range(6)]
+        assert answers == [401] * 5 + [429], (name, answers)

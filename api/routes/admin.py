@@ -1,4 +1,4 @@
-"""The operator's endpoints: users and API keys for scripts."""
+"""Users (the operator) and API keys: an operator grants one, its owner claims it (pdao/identity/service.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Request, status
 from pydantic import BaseModel, Field
-from sqlmodel import select
 
-from api.deps import SessionDep, caller
+from api.deps import SessionDep, SettingsDep, caller
+from pdao.db import utcnow
 from pdao.identity import service
 from pdao.identity.models import ApiKey, User
 
@@ -34,48 +34,84 @@ def list_users(_principal: caller("user", "read"), session: SessionDep) -> list[
 class ApiKeyIn(BaseModel):
     username: str = Field(max_length=64)
     label: str = Field(default="", max_length=200)
-    valid_days: Annotated[int, Field(ge=1, le=3650)] = 365
+    valid_days: Annotated[int, Field(ge=1, le=3650)] = 365   # the key's life, counted from its claim
 
 
 class ApiKeyOut(BaseModel):
+    """A key's metadata, never the key: `status` pending (granted, waiting for its owner), active,
+    expired, lapsed (not claimed in time) or revoked; `prefix` names the key once it is claimed."""
+
     id: int
-    username: str
-    prefix: str
+    username: str            # the owner
+    status: str
+    prefix: str | None
     label: str
+    granted_by: str | None
     created_at: datetime
+    claim_by: datetime | None
+    claimed_at: datetime | None
+    valid_days: int | None
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
 
 
-class ApiKeyIssued(ApiKeyOut):
-    key: str  # shown once
+class ApiKeyGranted(ApiKeyOut):
+    claim_path: str          # where the owner, signed in with their password, claims the key
 
 
-def _key_out(row: ApiKey, username: str) -> dict:
-    return dict(id=row.id, username=username, prefix=row.prefix, label=row.label, created_at=row.created_at,
-                expires_at=row.expires_at, revoked_at=row.revoked_at, last_used_at=row.last_used_at)
+class ApiKeyClaimed(ApiKeyOut):
+    key: str  # shown once, to its owner
 
 
-@router.post("/api-keys", name="api_keys.issue", response_model=ApiKeyIssued, status_code=status.HTTP_201_CREATED)
-def issue_api_key(body: ApiKeyIn, principal: caller("api_key", "issue"), session: SessionDep,
-                  request: Request) -> ApiKeyIssued:
+def _key_out(row: ApiKey, owner: str, grantor: str | None) -> dict:
+    return dict(id=row.id, username=owner, status=service.key_status(row, utcnow()), prefix=row.prefix,
+                label=row.label, granted_by=grantor, created_at=row.created_at, claim_by=row.claim_by,
+                claimed_at=row.claimed_at, valid_days=row.valid_days, expires_at=row.expires_at,
+                revoked_at=row.revoked_at, last_used_at=row.last_used_at)
+
+
+def _names(session: SessionDep, row: ApiKey) -> tuple[str, str | None]:
+    owner = session.get(User, row.user_id)
+    grantor = session.get(User, row.issued_by) if row.issued_by is not None else None
+    return owner.username, grantor.username if grantor else None
+
+
+@router.post("/api-keys", name="api_keys.grant", response_model=ApiKeyGranted, status_code=status.HTTP_201_CREATED)
+def grant_api_key(body: ApiKeyIn, principal: caller("api_key", "issue"), session: SessionDep, settings: SettingsDep,
+                  request: Request) -> ApiKeyGranted:
+    """An operator grants a user an API key. No key exists yet: the owner claims it, signed in
+    with their own password, at `claim_path` (before `claim_by`)."""
     request.state.object = f"user:{body.username}"
-    key, row = service.issue_api_key(session, body.username, principal.user_id, body.label, body.valid_days)
+    row = service.grant_api_key(session, principal, body.username, body.label, body.valid_days,
+                                service.claim_window(settings), request.state.request_id)
     session.commit()
-    return ApiKeyIssued(key=key, **_key_out(row, body.username))
+    return ApiKeyGranted(claim_path=request.url_for("api_keys.claim", key_id=row.id).path,
+                         **_key_out(row, *_names(session, row)))
+
+
+@router.post("/api-keys/{key_id}/claim", name="api_keys.claim", response_model=ApiKeyClaimed)
+def claim_api_key(key_id: int, principal: caller("api_key", "claim"), session: SessionDep,
+                  request: Request) -> ApiKeyClaimed:
+    """The owner claims a granted key (bearer token from their own password login, not an API
+    key): the key is made now and answered this once."""
+    request.state.object = f"api_key:{key_id}"
+    key, row = service.claim_api_key(session, principal, key_id, request.state.request_id)
+    session.commit()
+    return ApiKeyClaimed(key=key, **_key_out(row, *_names(session, row)))
 
 
 @router.get("/api-keys", name="api_keys.list", response_model=list[ApiKeyOut])
-def list_api_keys(_principal: caller("api_key", "read"), session: SessionDep) -> list[ApiKeyOut]:
-    rows = session.exec(select(ApiKey, User.username).join(User, ApiKey.user_id == User.id).order_by(ApiKey.id)).all()
-    return [ApiKeyOut(**_key_out(k, name)) for k, name in rows]
+def list_api_keys(principal: caller("api_key", "read"), session: SessionDep) -> list[ApiKeyOut]:
+    """The operator: every key's metadata; an applicant or provider: their own, pending and claimed."""
+    return [ApiKeyOut(**_key_out(k, owner, grantor)) for k, owner, grantor in service.list_api_keys(session, principal)]
 
 
 @router.delete("/api-keys/{key_id}", name="api_keys.revoke", response_model=ApiKeyOut)
-def revoke_api_key(key_id: int, _principal: caller("api_key", "revoke"), session: SessionDep,
+def revoke_api_key(key_id: int, principal: caller("api_key", "revoke"), session: SessionDep,
                    request: Request) -> ApiKeyOut:
+    """Revoke a key or a pending grant: the operator any, an owner their own."""
     request.state.object = f"api_key:{key_id}"
-    row = service.revoke_api_key(session, key_id)
+    row = service.revoke_api_key(session, principal, key_id, request.state.request_id)
     session.commit()
-    return ApiKeyOut(**_key_out(row, session.get(User, row.user_id).username))
+    return ApiKeyOut(**_key_out(row, *_names(session, row)))

@@ -1,4 +1,4 @@
-"""Users, their organization and role, and the API keys an operator issues for scripts."""
+"""Users, their organization and role, and the API keys an operator grants and their owners claim."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ class User(SQLModel, table=True):
     role: str = Field(max_length=20)
     password_hash: str = Field(max_length=300)
     is_active: bool = True
+    # Login attempts since the last success or lock, counted when an attempt starts (before the
+    # password is checked), so parallel guesses cannot outrun the limit.
     failed_logins: int = 0
     locked_until: datetime | None = None
     # Tokens issued before this instant are refused (password change, disable).
@@ -51,17 +53,26 @@ class User(SQLModel, table=True):
 
 
 class ApiKey(SQLModel, table=True):
+    """An API key for a user's scripts. An operator grants it (a pending row: no secret exists
+    yet); the owner claims it signed in with their own password, and only then is the key made,
+    shown to the owner once and kept here as a digest. So no one but the owner ever holds it."""
+
     __tablename__ = "api_key"
 
     id: int | None = Field(default=None, primary_key=True)
-    user_id: int = Field(foreign_key="app_user.id", index=True)
-    prefix: str = Field(index=True, unique=True, max_length=16)
-    key_sha256: str = Field(max_length=64)  # the key itself is shown once and never stored
+    user_id: int = Field(foreign_key="app_user.id", index=True)  # the owner
+    # None while pending; set by the claim
+    prefix: str | None = Field(default=None, index=True, unique=True, max_length=16)
+    key_sha256: str | None = Field(default=None, max_length=64)  # the key itself is shown once and never stored
     label: str = Field(default="", max_length=200)
-    issued_by: int | None = Field(default=None, foreign_key="app_user.id")
+    issued_by: int | None = Field(default=None, foreign_key="app_user.id")  # the operator who granted it
     created_at: datetime = Field(default_factory=utcnow)
-    expires_at: datetime | None = None
+    valid_days: int | None = None        # the key's life, counted from the claim (None: no end)
+    claim_by: datetime | None = None     # an unclaimed grant lapses at this instant
+    claimed_at: datetime | None = None
+    expires_at: datetime | None = None   # set by the claim: claimed_at + valid_days
     revoked_at: datetime | None = None
+    revoked_by: int | None = Field(default=None, foreign_key="app_user.id")
     last_used_at: datetime | None = None
 
 
@@ -72,5 +83,5 @@ class LoginThrottle(SQLModel, table=True):
     __tablename__ = "login_throttle"
 
     username: str = Field(primary_key=True, max_length=64)
-    failures: int = 0
+    failures: int = 0  # attempts since the last lock, counted like User.failed_logins
     locked_until: datetime | None = None
