@@ -18,6 +18,7 @@ class Settings:
     max_tenant_upload_bytes: int = 200 * 1024**2  # a tenant's own table (POST /uploads)
     login_max_failures: int = 5
     login_lock_minutes: int = 15
+    api_key_claim_days: int = 7        # an API key grant waits this long for its owner to claim it
     scene_approvals_required: int = 2  # distinct office approvers per scene
     scene_max_validity_days: int = 366
     query_lease_seconds: int = 60      # a running query's lease; a worker renews it while it runs
@@ -51,6 +52,7 @@ class Settings:
             scene_max_validity_days=int(env.get("PDAO_SCENE_MAX_VALIDITY_DAYS", "366")),
             query_lease_seconds=int(env.get("PDAO_QUERY_LEASE_SECONDS", "60")),
             query_max_attempts=int(env.get("PDAO_QUERY_MAX_ATTEMPTS", "3")),
+            api_key_claim_days=int(env.get("PDAO_API_KEY_CLAIM_DAYS", "7")),
             query_time_limit_seconds=float(env.get("PDAO_QUERY_TIME_LIMIT_SECONDS", "600")),
             dev_query_time_limit_seconds=float(env.get("PDAO_DEV_QUERY_TIME_LIMIT_SECONDS", "60")),
             query_rate_per_minute=int(env.get("PDAO_QUERY_RATE_PER_MINUTE", "60")),

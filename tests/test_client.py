@@ -79,10 +79,13 @@ def test_login_gives_a_bearer_client_and_bad_passwords_raise(server, client, aut
     with Client(server) as anonymous, pytest.raises(PdaoClientError) as e:
         anonymous.me()
     assert e.value.status == 401 and e.value.code == "not_authenticated" and e.value.request_id
-    # an API key an operator issued works as well
+    # an API key works as well: an operator grants it, its owner claims it
     r = client.post("/api/v1/api-keys", headers=auth("operator1"), json={"username": "insurer_a", "label": "script"})
     assert r.status_code == 201, r.text
-    with Client(server, api_key=r.json()["key"]) as keyed:
+    with Client.login(server, "insurer_a", DEMO_PASSWORD) as owner:
+        key = owner.claim_api_key(r.json()["id"])
+        assert [(k["id"], k["status"]) for k in owner.api_keys()] == [(r.json()["id"], "active")]
+    with Client(server, api_key=key) as keyed:
         assert keyed.me()["username"] == "insurer_a" and keyed.me()["auth_method"] == "api_key"
     with Client(server, api_key="pdao_not-a-key") as keyed, pytest.raises(PdaoClientError) as e:
         keyed.me()

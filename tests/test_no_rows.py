@@ -138,7 +138,8 @@ def test_no_response_and_no_audit_row_contains_a_cell_value(app, client, engine,
     for q in probes:
         keep(client.get("/api/v1/datasets", params={"q": q[:100]}, headers=tokens["insurer_a"]), 200)
 
-    key = keep(client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=tokens["operator1"]), 201).json()
+    grant = keep(client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=tokens["operator1"]), 201).json()
+    key = keep(client.post(grant["claim_path"], headers=tokens["insurer_a"]), 200).json()  # its owner claims it
 
     # queries through a scene: dev answers (aggregate and masked rows), a prod answer held for review
     ov = "health.outpatient_visit"

@@ -276,12 +276,12 @@ def principal_from_api_key(session: Session, key: str) -> Principal:
 # to the audit chain in the transaction that makes them, naming who really did it.
 
 API_KEY_ROLES = frozenset({Role.applicant, Role.provider})
-DEFAULT_CLAIM_DAYS = 7  # an unclaimed grant lapses after this many days (PDAO_API_KEY_CLAIM_DAYS)
+DEFAULT_CLAIM_DAYS = 7  # an unclaimed grant lapses after this many days (Settings.api_key_claim_days)
 
 
 def claim_window(settings: Settings) -> timedelta:
-    """How long a grant waits for its owner (`Settings.api_key_claim_days`, default 7 days)."""
-    return timedelta(days=getattr(settings, "api_key_claim_days", DEFAULT_CLAIM_DAYS))
+    """How long a grant waits for its owner (`PDAO_API_KEY_CLAIM_DAYS`, default 7 days)."""
+    return timedelta(days=settings.api_key_claim_days)
 
 
 def key_status(row: ApiKey, now: datetime) -> str:
