@@ -306,3 +306,50 @@ def test_auto_release_is_decided_on_noisy_counts_not_exact_statistics(client, au
     # the noisy counts that held it are the ones a reviewer sees (and, once released, the tenant)
     low = {c["department"] for c in checks_of(held)["noisy_counts"]["cells"]}
     assert low and all(row["n"] < MINIMUM for row in held["rows"] if row["department"] in low)
+
+
+def test_two_close_row_answers_released_at_once_are_checked_one_after_the_other(client, auth, engine, settings,
+                                                                                 loaded, synth_files, monkeypatch):
+    """Two reviewers release the two held answers one day apart at the same moment: each result row
+    is its own, so the scene's row is taken too, and the second release sees the first."""
+    import threading
+
+    from pdao.errors import PdaoError
+    from pdao.identity import service as identities
+
+    second_reviewer(engine, settings)
+    day = one_visit_day(synth_files)
+    scene = active_scene(client, auth, items=ROWS_ITEMS)
+    sql = f"SELECT department, person_id FROM {VISITS} WHERE icd10_chapter = 'V' AND visit_date < DATE '{{}}'"
+    ids = [held_result(client, auth, engine, settings, scene["id"], sql=sql.format(d.isoformat()))["id"]
+           for d in (day, day + dt.timedelta(days=1))]
+    barrier = threading.Barrier(2, timeout=1.5)
+    real = export._reviewable
+
+    def slow(*a, **kw):   # both pass the per-result checks together if nothing else serialised them
+        out = real(*a, **kw)
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return out
+
+    monkeypatch.setattr(export, "_reviewable", slow)
+    outcomes = {}
+
+    def release(who: str, rid: int) -> None:
+        with Session(engine) as s:
+            p = identities.principal_for(s, who)
+            try:
+                outcomes[rid] = export.review(s, p, rid, "release", f"release by {who}", settings=settings).status
+            except PdaoError as e:
+                outcomes[rid] = e.code
+
+    threads = [threading.Thread(target=release, args=a) for a in (("reviewer1", ids[0]), ("reviewer2", ids[1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcomes.values()) == ["release_needs_override", "released"], outcomes
+    with Session(engine) as s:
+        assert sorted(s.get(QueryResult, i).status for i in ids) == ["held", "released"]
