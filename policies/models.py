@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Column, Integer, String, UniqueConstraint, false
 from sqlalchemy.ext.mutable import MutableDict
 from sqlmodel import Field, SQLModel
 
@@ -35,6 +35,9 @@ class Scene(SQLModel, table=True):
     delta_spent: float = 0.0
     release_policy: dict[str, Any] = Field(default_factory=dict,
                                            sa_column=Column(MutableDict.as_mutable(JSON), nullable=False))
+    # Pseudonyms of one key for all the scene's answers (they join), approved by the office; else
+    # each answer has its own key and no two answers' pseudonyms match.
+    link_pseudonyms: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     status: str = Field(max_length=12, index=True)  # stored states; active/expired are derived from dates
     round: int = 0           # submission round: reviews count within the current round
     policy_version: int = 0  # bumped whenever the scene's casbin policies change (cache key)

@@ -274,7 +274,7 @@ def list_visible(session: Session, principal: Principal, status: str | None = No
 # --- the application ----------------------------------------------------------------------------
 
 _SCALARS = ("title", "purpose", "scene_type", "legal_basis", "consent_approach", "emergency_plan", "valid_from",
-            "valid_to", "budget_epsilon", "budget_delta", "max_query_epsilon", "max_contributions")
+            "valid_to", "budget_epsilon", "budget_delta", "max_query_epsilon", "max_contributions", "link_pseudonyms")
 
 
 def _replace_items(session: Session, scene: Scene, items: list[ItemIn]) -> None:
@@ -587,6 +587,7 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
                       epsilon_spent=scene.epsilon_spent, epsilon_left=max(scene.budget_epsilon - scene.epsilon_spent, 0),
                       delta_spent=scene.delta_spent, delta_left=max(scene.budget_delta - scene.delta_spent, 0)),
         release_policy=ReleasePolicy(**scene.release_policy),
+        link_pseudonyms=scene.link_pseudonyms,
         items=[ItemOut(id=i.id, dataset=i.dataset, field=i.field, usage=i.usage, struck=i.struck,
                        struck_reason=i.struck_reason) for i in items],
         effective_items=[EffectiveItem(dataset=i.dataset, field=i.field, usage=i.usage)

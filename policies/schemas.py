@@ -28,12 +28,15 @@ class DisclosureThresholds(BaseModel):
     p_ratio: float = Field(default=0.1, ge=0.1, le=0.5)            # p% rule
     k_anonymity: int = Field(default=5, ge=5, le=1000)             # rows: persons per quasi-identifier class
     l_diversity: int = Field(default=2, ge=2, le=100)              # rows: distinct sensitive values per class
+    # rows: by how many rows two of the scene's row answers must differ, if at all (None: min_cell_count)
+    min_difference: int | None = Field(default=None, ge=10, le=100_000)
 
 
 class ReleasePolicy(BaseModel):
-    """What may leave without a person: `dp_aggregates` lets differentially private aggregates whose
-    disclosure checks all pass go out automatically; everything else waits for reviewers
-    (`reviewers_required` independent ones: 2 is OpenSAFELY's practice)."""
+    """What may leave without a person: `dp_aggregates` lets differentially private aggregates go
+    out automatically when their budget, PII and noisy-count checks pass (nothing exact decides
+    it); everything else, row answers always, waits for reviewers (`reviewers_required` independent
+    ones: 2 is OpenSAFELY's practice; a result with a failing check needs two reviewers' overrides)."""
 
     model_config = ConfigDict(extra="forbid")
     auto_release: Literal["none", "dp_aggregates"] = "none"
@@ -96,6 +99,9 @@ class SceneIn(BaseModel):
     max_query_epsilon: float = Field(gt=0)
     max_contributions: int = Field(default=10, ge=1, le=1000)  # rows per person in an aggregate
     release_policy: ReleasePolicy = ReleasePolicy()
+    # one pseudonym key for all the scene's answers, so they join on a person (the office approves
+    # it; the row checks then run over the union); by default each answer has its own
+    link_pseudonyms: bool = False
     items: list[ItemIn] = Field(min_length=1, max_length=500)
     templates: list[TemplateIn] = Field(default_factory=list, max_length=10)
 
@@ -117,6 +123,7 @@ class ScenePatch(BaseModel):
     max_query_epsilon: float | None = Field(default=None, gt=0)
     max_contributions: int | None = Field(default=None, ge=1, le=1000)
     release_policy: ReleasePolicy | None = None
+    link_pseudonyms: bool | None = None
     items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=500)
     templates: list[TemplateIn] | None = Field(default=None, max_length=10)
 
@@ -206,6 +213,7 @@ class SceneOut(BaseModel):
     round: int
     budget: Budget
     release_policy: ReleasePolicy
+    link_pseudonyms: bool = False   # the scene's answers share one pseudonym key (they join on a person)
     items: list[ItemOut]
     templates: list[TemplateOut] = []
     effective_items: list[EffectiveItem]  # what the scene may do now (empty unless active)

@@ -5,7 +5,7 @@ Pure functions: no I/O, no database, no clock. Every check returns a ``Check`` �
 cells, as dicts of their *key* values: public domain values, fine to show), ``counts`` (how many
 cells or classes the check flags) and ``columns`` (which output columns it concerns). A check never
 carries a statistic of the data — no count, total or value of a cell — only thresholds, cells and
-how many cells. ``report()`` bundles checks into ``{"verdict", "checks", "summary", "summary_zh"}``.
+how many cells (one exception, for staff: ``differencing`` says by how many rows answers differ). ``report()`` bundles checks into ``{"verdict", "checks", "summary", "summary_zh"}``.
 
 Thresholds (``Thresholds``) default to ACRO's (cell count 10, (n, k) = (2, 0.9), p = 10%, zeros
 disclosive) plus k-anonymity 5 and l-diversity 2 for row outputs; a scene may only make them
@@ -79,14 +79,50 @@ has at least ``l_diversity`` distinct non-null values (a class whose sensitive v
 tells nothing and passes). ``min_persons``: the answer's persons, when known, reach
 ``min_cell_count``. ACRO has no row-level checks; these follow the usual definitions.
 
+``linked_rows``: when a scene links its pseudonyms, each row of a new answer carries, per field, what
+the scene's released row answers say about the same person (joined on the person's pseudonym), so
+k-anonymity and l-diversity are judged on what a recipient of all of them can put together.
+
+Row answers against each other (``differencing_check``)
+-------------------------------------------------------
+Row answers are counting queries in disguise: two answers whose rows differ by one give that row
+away. Every row of a prod row answer has an identity (the MD5 of its source record, kept inside the
+domain), so a new answer is compared with the scene's other row answers:
+
+* **pairwise**: the multiset symmetric difference of row identities with each earlier answer is 0
+  (the same rows) or at least ``minimum`` rows;
+* **regions**: the earlier answers split the rows into regions (rows held by exactly the same
+  answers). The new answer may only cut a region into parts of 0 or at least ``minimum`` rows, and
+  the rows that no earlier answer holds must be 0 or at least ``minimum``. This is what catches
+  ``C − A − B`` (three answers, each pair far apart). Pairwise closeness implies a small region when
+  the earlier answers themselves respect the rule, so released answers kept to it never differ by
+  fewer than ``minimum`` rows, in whatever order they were released.
+
+A subset is judged like any other pair (its difference is what it gives away). The answer's own
+size is its difference with "no answer" (its rows that no earlier answer holds); ``min_persons``
+already holds a lone answer to the minimum. This check's ``cells`` name the earlier results
+(``result_id``) and regions (``results``, ``this_answer``) that are too close, with the size of the
+difference (``difference``, ``rows``): exact counts, for export reviewers, the office and auditors
+only, like every report. It is the one check that carries a count of the data.
+
 ``pii_check`` runs the project's Presidio recognizers (``sandbox.pii.find_pii_batch``) over every
 string cell; ``budget_check`` looks at the ε ledger. ``suppress`` and ``round_values`` are the
 reviewer's remedies, pure as well.
+
+Automatic release (``auto_releasable``)
+---------------------------------------
+The checks above run on exact statistics, so "released at once" versus "held" must not depend on
+them: it would tell the tenant a free, un-noised bit (is any cell below 10 people?). A DP aggregate
+leaves without a person only on public facts and its own noisy answer: ``budget`` (the ledger),
+``pii`` (an aggregate's keys come from public domains) and ``noisy_counts`` (every noisy COUNT at
+least ``min_cell_count``: post-processing of the DP release, paid for by its ε). The exact-statistic
+checks stay in the report for reviewers and auditors, who may still revise or recall.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, time
@@ -110,7 +146,13 @@ __all__ = [
     "rows_checks",
     "pii_check",
     "budget_check",
+    "noisy_count_check",
+    "linked_rows",
+    "differencing_check",
     "report",
+    "failing_checks",
+    "failed_run",
+    "AUTO_RELEASE_CHECKS",
     "auto_releasable",
     "suppress",
     "round_values",
@@ -660,6 +702,110 @@ def rows_checks(table: pa.Table, quasi_identifiers: list[str], sensitive: list[s
     return checks
 
 
+LINKED = "linked:"   # prefix of the columns `linked_rows` adds: "linked:visit_date"
+
+
+def linked_rows(table: pa.Table, pseudonym: str, released: Sequence[tuple[pa.Table, str, Mapping[str, str]]]
+                ) -> tuple[pa.Table, list[str]]:
+    """``table`` (a new row answer) with one more column per field the ``released`` answers show:
+    ``linked:<field>``, the distinct values (as text, sorted, ``" | "``-separated) those answers hold
+    for the row's person, joined on the pseudonym column; null when they hold nothing for them.
+
+    ``released``: per answer, its table, its person-pseudonym column and ``{column: field}`` of the
+    columns to carry over (its quasi-identifiers and sensitive columns). Answers, and rows of an
+    answer, whose pseudonyms never match add nothing: a scene whose answers are keyed apart gets
+    ``table`` back with empty columns. Answers the new columns' names, in order."""
+    by_person: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    fields: list[str] = []
+    for other, other_pseudonym, carried in released:
+        if other_pseudonym not in other.column_names:
+            continue
+        people = other[other_pseudonym].to_pylist()
+        for column, field_name in carried.items():
+            if column not in other.column_names:
+                continue
+            if field_name not in fields:
+                fields.append(field_name)
+            for person, value in zip(people, other[column].to_pylist()):
+                if person is not None and value is not None:
+                    by_person[str(person)][field_name].add(str(_json_value(value)))
+    people = [None if v is None else str(v) for v in table[pseudonym].to_pylist()]
+    out, names = table, []
+    for field_name in fields:
+        values = []
+        for person in people:
+            held = by_person.get(person, {}).get(field_name) if person is not None else None
+            values.append(" | ".join(sorted(held)) if held else None)
+        name = LINKED + field_name
+        out = out.append_column(name, pa.array(values, pa.string()))
+        names.append(name)
+    return out, names
+
+
+def _copies(counts: Counter) -> Iterable[tuple[str, int]]:
+    """Each (identity, j) for j = 1..count: the j-th copy of a row that occurs several times."""
+    for key, n in counts.items():
+        for j in range(1, n + 1):
+            yield key, j
+
+
+def differencing_check(keys: Sequence[str], earlier: Mapping[int, Sequence[str]], minimum: int, *,
+                       unknown: Sequence[int] = (), against: str = "held or released") -> Check:
+    """Whether a new row answer (``keys``: one identity per row) can be differenced against the
+    scene's ``earlier`` row answers (result id -> their identities): fails when it differs from one
+    of them by fewer than ``minimum`` rows but more than none, or cuts the regions they form into a
+    part of fewer than ``minimum`` rows (see the module's docstring). ``unknown``: earlier answers
+    whose identities are not known (never compared): review. ``against``: which answers these are,
+    for the reason ("held or released", "released")."""
+    new = Counter(keys)
+    olds = {rid: Counter(k) for rid, k in sorted(earlier.items())}
+    close = []
+    for rid, old in olds.items():
+        d = sum((new - old).values()) + sum((old - new).values())
+        if 0 < d < minimum:
+            close.append({"result_id": rid, "difference": d})
+    # which earlier answers hold each copy of each row, then the region sizes, split by the new answer
+    holders: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for rid, old in olds.items():
+        for copy in _copies(old):
+            holders[copy].append(rid)
+    pieces: Counter = Counter()
+    for copy, rids in holders.items():
+        pieces[(tuple(rids), copy[1] <= new.get(copy[0], 0))] += 1
+    for copy in _copies(new):
+        if copy not in holders:
+            pieces[((), True)] += 1
+    small = []
+    for (rids, inside), n in sorted(pieces.items()):
+        cut = not rids or (rids, not inside) in pieces   # the new answer drew this boundary
+        if cut and n < minimum:
+            small.append({"results": list(rids), "this_answer": inside, "rows": n})
+    compared = len(olds)
+    named = sorted({c["result_id"] for c in close} | {r for c in small for r in c["results"]})
+    if close or small:
+        ids = ", ".join(f"#{r}" for r in named) or "none"
+        return Check(
+            "differencing", "fail",
+            f"Compared with the scene's {compared} other {against} row {'answer' if compared == 1 else 'answers'}, "
+            f"this answer can be differenced: some rows are told apart by fewer than {minimum} rows "
+            f"(results {ids}). Reject it, or one of them, or widen the answer.",
+            f"与场景中其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
+            f"该结果可被差分：部分行的差异少于 {minimum} 行（结果 {ids}）。请拒绝该结果或其中之一，或扩大结果范围。",
+            (close + small)[:200], len(close) + len(small))
+    if unknown:
+        ids = ", ".join(f"#{r}" for r in unknown)
+        return Check("differencing", "review",
+                     f"Results {ids} hold rows whose identities were not kept: they could not be compared with "
+                     f"this answer; compare them by hand.",
+                     f"结果 {ids} 未保存行标识，无法与该结果比较；请人工比较。",
+                     [{"result_id": r} for r in unknown], len(unknown))
+    return Check("differencing", "pass",
+                 f"Compared with the scene's {compared} other {against} row "
+                 f"{'answer' if compared == 1 else 'answers'}: no rows are told apart by fewer than {minimum} rows.",
+                 f"与场景中其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
+                 f"没有少于 {minimum} 行的差异。")
+
+
 # ---------------------------------------------------------------------------------------------
 # PII in string cells
 
@@ -730,6 +876,32 @@ def budget_check(epsilon_spent: float, epsilon_reserved: float, scene_spent: flo
                  f"（预算 ε = {scene_budget:g}）。")
 
 
+def noisy_count_check(table: pa.Table, count_columns: Sequence[str], keys: Sequence[str], minimum: int) -> Check:
+    """Every noisy COUNT of a DP answer (``table``, as released) at least ``minimum``: decided on the
+    answer itself (post-processing of the DP release), never on an exact statistic. Below it: review,
+    naming the cells by the key columns ``table`` shows."""
+    counts = [c for c in count_columns if c in table.column_names]
+    if not counts:
+        return Check("noisy_counts", "pass", "The answer has no COUNT column.", "结果中没有计数列。")
+    shown = [k for k in keys if k in table.column_names]
+    cols = {k: table[k].to_pylist() for k in shown}
+    low: list[int] = []
+    low_cols: list[str] = []
+    for c in counts:
+        bad = [i for i, v in enumerate(table[c].to_pylist()) if v is None or v < minimum]
+        if bad:
+            low_cols.append(c)
+            low += [i for i in bad if i not in low]
+    if low:
+        return Check("noisy_counts", "review",
+                     f"{_cells_verb(len(low), 'has', 'have')} a noisy count below {minimum} in {_cols_en(low_cols)}: "
+                     f"not released without a person.",
+                     f"{len(low)} 个单元格在 {_cols_zh(low_cols)} 上的加噪计数低于 {minimum}：须经人工审核。",
+                     _key_dicts(shown, cols, sorted(low)), len(low), low_cols)
+    return Check("noisy_counts", "pass", f"Every noisy count is at least {minimum}.",
+                 f"每个加噪计数都不低于 {minimum}。", columns=counts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -758,11 +930,29 @@ def report(checks: list[Check]) -> dict[str, Any]:
     return {"verdict": verdict, "checks": [c.as_dict() for c in checks], "summary": en, "summary_zh": zh}
 
 
+def failing_checks(report: Mapping[str, Any] | None) -> list[str]:
+    """The names of a report's checks that answered ``fail``."""
+    return [c.get("name") for c in (report or {}).get("checks") or [] if c.get("verdict") == "fail"]
+
+
+def failed_run(report: Mapping[str, Any] | None) -> bool:
+    """A report stored for a prod run that failed inside the domain (its ``run`` check failed):
+    there is nothing to release."""
+    return "run" in failing_checks(report)
+
+
+#: the checks that decide automatic release: none rests on an exact statistic of the data
+AUTO_RELEASE_CHECKS = ("budget", "pii", "noisy_counts")
+
+
 def auto_releasable(report: Mapping[str, Any], kind: str, dp: bool) -> bool:
-    """Whether an answer may leave without a reviewer: only a DP aggregate whose every check passed."""
-    checks = report.get("checks") or []
-    return (kind == "aggregate" and dp and report.get("verdict") == "pass" and bool(checks)
-            and all(c.get("verdict") == "pass" for c in checks))
+    """Whether an answer may leave without a reviewer: only a DP aggregate whose budget, PII and
+    noisy-count checks passed. The exact-statistic checks (cell count, dominance, …) are for the
+    reviewers and auditors and do not decide it: "released at once" would otherwise tell the tenant
+    an un-noised bit about the data."""
+    verdicts = {c.get("name"): c.get("verdict") for c in report.get("checks") or []}
+    return (kind == "aggregate" and dp
+            and all(verdicts.get(name) == "pass" for name in AUTO_RELEASE_CHECKS))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,14 +6,19 @@ The life of a prod result:
 1. **Checked.** When the worker stores an answer, `assess` runs the disclosure checks
    (`sandbox.disclosure`) on the per-cell statistics the engine computed inside the domain (never
    shown: they stay beside the result in the result store), on the output itself (PII, and for row
-   outputs k-anonymity and l-diversity over the quasi-identifiers) and on the budget. The report is
-   stored with the result.
+   outputs k-anonymity and l-diversity over the quasi-identifiers — joined on pseudonyms with the
+   scene's released row answers when the scene links them), on the budget, and for row outputs
+   against the scene's other row answers (`differencing`: the row identities stay beside the
+   result, like the statistics). The report is stored with the result.
 2. **Released or held.** The scene's release policy decides what may go out without a person
-   (`auto_release: dp_aggregates` — a DP aggregate whose every check passes); everything else is
-   held in the reviewers' queue.
+   (`auto_release: dp_aggregates` — a DP aggregate whose budget, PII and noisy-count checks pass:
+   nothing exact decides it); everything else, every row answer included, is held in the
+   reviewers' queue.
 3. **Reviewed.** `review` releases or rejects with a reason. A reviewer never reviews a result of
    their own organization nor one they asked for, each reviewer decides once, and a scene may need
-   two independent releases. `revise` (suppression, rounding) makes a new, checked version.
+   two independent releases. A result with a failing check is released only by two reviewers'
+   overrides; a failed run never. A row answer is checked again at release against the scene's
+   released row answers. `revise` (suppression, rounding) makes a new, checked version.
 4. **Downloaded.** Only released results (and a tenant's own synthetic dev answers). Each file
    carries an export id and a keyed fingerprint (`sandbox.fingerprint`); the export is recorded
    with the hash of the bytes sent, in the same transaction as its audit event.
@@ -30,12 +35,12 @@ import datetime as dt
 import hashlib
 import hmac
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import func, update
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -47,6 +52,7 @@ from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.identity.models import Role, User
 from pdao.identity.service import Principal
 from policies.models import Scene, SceneReview
+from policies.scenes import lock as lock_scene
 from policies.schemas import ReleasePolicy
 from sandbox import disclosure, fingerprint
 from sandbox.execute import Answer, Execution
@@ -54,6 +60,9 @@ from sandbox.models import Query, QueryResult, ResultExport, ResultReview
 from sandbox.upload_models import TenantUpload
 
 VALUE_FUNCTIONS = ("sum", "avg", "median", "quantile")
+COUNT_FUNCTIONS = ("count", "count_distinct")
+ROW_KEY = "__row_key"          # the column of a row answer's identities file (beside the result)
+OVERRIDES_REQUIRED = 2         # distinct reviewers whose overrides release a result with a failing check
 FORMATS = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet",
            "json": "application/json"}
 
@@ -73,6 +82,12 @@ def release_policy(scene: Scene) -> ReleasePolicy:
     return ReleasePolicy(**(scene.release_policy or {}))
 
 
+def min_difference(scene: Scene) -> int:
+    """By how many rows two of a scene's row answers must differ, if at all (`differencing`)."""
+    t = release_policy(scene).thresholds
+    return t.min_difference if t.min_difference is not None else t.min_cell_count
+
+
 def thresholds(scene: Scene) -> disclosure.Thresholds:
     t = release_policy(scene).thresholds
     return disclosure.Thresholds(min_cell_count=t.min_cell_count, dominance_n=t.dominance_n,
@@ -87,7 +102,9 @@ def thresholds(scene: Scene) -> disclosure.Thresholds:
 @dataclass
 class Assessment:
     report: dict[str, Any]
-    stats: pa.Table | None          # per-cell statistics (aggregates), kept inside the domain
+    # kept inside the domain, beside the result: per-cell statistics (aggregates), or one identity
+    # per row aligned with the stored table (rows, `ROW_KEY`)
+    stats: pa.Table | None
     releasable: bool                # by the scene's policy, without a person
 
 
@@ -105,29 +122,132 @@ def _fields_by_sensitivity(execution: Execution, output_fields: dict[str, str | 
             if f is not None and f in fields and fields[f].sensitivity == sensitivity]
 
 
-def assess(execution: Execution, answer: Answer, scene: Scene, q: Query) -> Assessment:
-    """The disclosure report of an answer, and whether the scene lets it out without a person.
-    Pure: the engine already computed what the checks need. (A reviewer's revision is checked
-    again by `_recheck`, from the stored statistics.)"""
+def assess(session: Session, settings: Settings, execution: Execution, answer: Answer, scene: Scene,
+           q: Query) -> Assessment:
+    """The disclosure report of an answer, and whether the scene lets it out without a person. The
+    engine already computed the statistics the checks need; a row answer is also compared with the
+    scene's other row answers in the result store (`differencing`, and the linked k-anonymity when
+    the scene links pseudonyms). (A reviewer's revision is checked again by `_recheck`.)"""
     t = thresholds(scene)
     checks: list[Any] = []
     stats = answer.cell_stats
+    columns = _columns_of(execution, answer)
     if answer.kind == "aggregate":
         if stats is not None:
             checks += disclosure.aggregate_checks(stats, _stat_keys(execution), _value_aliases(execution), t, dp=True)
         checks.append(disclosure.budget_check(answer.epsilon_spent, q.epsilon, scene.epsilon_spent,
                                               scene.budget_epsilon))
+        counts = [a.alias for a in execution.checked.aggregates if a.function in COUNT_FUNCTIONS]
+        checks.append(disclosure.noisy_count_check(answer.table, counts, columns["keys"], t.min_cell_count))
     else:
-        output_fields = answer.output_fields or {}
-        checks += disclosure.rows_checks(answer.table, _fields_by_sensitivity(execution, output_fields, "quasi_identifier"),
-                                         _fields_by_sensitivity(execution, output_fields, "sensitive"), t,
-                                         persons=answer.persons)
+        checks += linked_rows_checks(session, settings, scene, q.id, answer.table, columns, persons=answer.persons)
+        checks.append(differencing(session, settings, scene, q.id, answer.row_keys, ("held", "released")))
+        stats = row_keys_table(answer.row_keys) if answer.row_keys is not None else None
     checks.append(disclosure.pii_check(answer.table))
     report = disclosure.report(checks)
-    report["columns"] = _columns_of(execution, answer)
+    report["columns"] = columns
     releasable = (release_policy(scene).auto_release == "dp_aggregates"
                   and disclosure.auto_releasable(report, answer.kind, dp=answer.kind == "aggregate"))
     return Assessment(report, stats, releasable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row answers against each other
+
+
+def row_keys_table(keys: list[str]) -> pa.Table:
+    """A row answer's identities as stored beside it: one per row, in the stored table's order."""
+    return pa.table({ROW_KEY: pa.array(keys, pa.string())})
+
+
+def stored_row_keys(settings: Settings, r: QueryResult) -> list[str] | None:
+    """The identities stored beside a row result (None when none were kept: a result from before
+    they were, or whose file is gone)."""
+    if r.kind != "rows" or not r.stats_path:
+        return None
+    try:
+        table = pq.read_table(settings.results_dir / r.stats_path)
+    except OSError:
+        return None
+    return table[ROW_KEY].to_pylist() if ROW_KEY in table.column_names else None
+
+
+def scene_row_answers(session: Session, scene_id: int, other_than_query: int,
+                      statuses: tuple[str, ...]) -> list[QueryResult]:
+    """The scene's current prod row answers of other queries in these statuses (a superseded,
+    rejected or dev version is never one of them). Template runs are not: their rows are values
+    derived per consented applicant of the tenant's own upload, not rows of a dataset."""
+    found = session.exec(select(QueryResult).where(
+        QueryResult.scene_id == scene_id, QueryResult.kind == "rows", QueryResult.synthetic == False,  # noqa: E712
+        QueryResult.status.in_(statuses), QueryResult.query_id != other_than_query).order_by(QueryResult.id)).all()
+    return [r for r in found if "template" not in (r.report or {})]
+
+
+def differencing(session: Session, settings: Settings, scene: Scene, query_id: int, keys: list[str] | None,
+                 statuses: tuple[str, ...]) -> disclosure.Check:
+    """The `differencing` check of a row answer (its identities `keys`) against the scene's other
+    row answers in `statuses`."""
+    if keys is None:
+        return disclosure.Check("differencing", "review",
+                                "This answer's row identities were not kept: it cannot be compared with the scene's "
+                                "other row answers; compare it by hand.",
+                                "该结果未保存行标识，无法与场景中其他行级结果比较；请人工比较。")
+    earlier: dict[int, list[str]] = {}
+    unknown: list[int] = []
+    for r in scene_row_answers(session, scene.id, query_id, statuses):
+        theirs = stored_row_keys(settings, r)
+        if theirs is None:
+            unknown.append(r.id)
+        else:
+            earlier[r.id] = theirs
+    return disclosure.differencing_check(keys, earlier, min_difference(scene), unknown=unknown,
+                                         against="released" if statuses == ("released",) else "held or released")
+
+
+def linked_table(session: Session, settings: Settings, scene: Scene, query_id: int, table: pa.Table,
+                 columns: dict[str, Any]) -> tuple[pa.Table, list[str], list[str], list[int]]:
+    """When the scene links pseudonyms: `table` joined on the person's pseudonym with what the
+    scene's released row answers show of the same person (`disclosure.linked_rows`), the added
+    quasi-identifier and sensitive columns, and which results were joined. Else `table` as is."""
+    pseudonyms = columns.get("person_pseudonyms") or []
+    if not scene.link_pseudonyms or not pseudonyms:
+        return table, [], [], []
+    released, kinds, joined = [], {}, []
+    for r in scene_row_answers(session, scene.id, query_id, ("released",)):
+        cols = (r.report or {}).get("columns") or {}
+        theirs = cols.get("person_pseudonyms") or []
+        if not theirs:
+            continue
+        fields = cols.get("fields") or {}
+        carried = {}
+        for kind in ("sensitive", "quasi_identifiers"):   # a field both ways counts as a quasi-identifier
+            for c in cols.get(kind) or []:
+                carried[c] = fields.get(c, c)
+                kinds[fields.get(c, c)] = kind
+        if carried:
+            released.append((pq.read_table(settings.results_dir / r.storage_path), theirs[0], carried))
+            joined.append(r.id)
+    if not released:
+        return table, [], [], []
+    out, names = disclosure.linked_rows(table, pseudonyms[0], released)
+    linked_qis = [n for n in names if kinds[n.removeprefix(disclosure.LINKED)] == "quasi_identifiers"]
+    linked_sens = [n for n in names if kinds[n.removeprefix(disclosure.LINKED)] == "sensitive"]
+    return out, linked_qis, linked_sens, joined
+
+
+def linked_rows_checks(session: Session, settings: Settings, scene: Scene, query_id: int, table: pa.Table,
+                       columns: dict[str, Any], *, persons: int | None) -> list[disclosure.Check]:
+    """k-anonymity, l-diversity (and min_persons when `persons` is known) of a row answer — over its
+    union with the scene's released row answers, joined on pseudonyms, when the scene links them."""
+    joined, qis, sens, with_ids = linked_table(session, settings, scene, query_id, table, columns)
+    checks = disclosure.rows_checks(joined, list(columns.get("quasi_identifiers", [])) + qis,
+                                    list(columns.get("sensitive", [])) + sens, thresholds(scene), persons=persons)
+    if not with_ids:
+        return checks
+    ids = ", ".join(f"#{i}" for i in with_ids)
+    return [replace(c, reason=f"{c.reason} Joined on pseudonyms with the scene's released row answers {ids}.",
+                    reason_zh=f"{c.reason_zh}（已按假名与场景中已放行的行级结果 {ids} 关联。）")
+            if c.name in ("k_anonymity", "l_diversity") else c for c in checks]
 
 
 def _columns_of(execution: Execution, answer: Answer) -> dict[str, list[str]]:
@@ -142,8 +262,15 @@ def _columns_of(execution: Execution, answer: Answer) -> dict[str, list[str]]:
                 values.append(f"{a.alias}_error95")
         return {"keys": _stat_keys(execution), "values": values, "sums": _value_aliases(execution)}
     output_fields = answer.output_fields or {}
+    fields = execution.dataset.fields
+    unit = execution.dataset.privacy_unit
+    # a person's pseudonym: how the scene's answers join when it links pseudonyms
+    pseudonyms = [alias for alias, f in output_fields.items()
+                  if f is not None and f == unit and f in fields and fields[f].masking == "pseudonym"]
     return {"quasi_identifiers": _fields_by_sensitivity(execution, output_fields, "quasi_identifier"),
-            "sensitive": _fields_by_sensitivity(execution, output_fields, "sensitive")}
+            "sensitive": _fields_by_sensitivity(execution, output_fields, "sensitive"),
+            "person_pseudonyms": pseudonyms,
+            "fields": {alias: f for alias, f in output_fields.items() if f is not None}}
 
 
 def _drop_cells(stats: pa.Table, keys: list[str], cells: list[dict[str, Any]]) -> pa.Table:
@@ -323,34 +450,117 @@ def _audit_decision(session: Session, principal: Principal, action: str, r: Quer
                  detail={"query_id": r.query_id, "version": r.version, **detail})
 
 
+def release_rule(session: Session, r: QueryResult, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What releasing this result takes now (for staff: the API's lineage, the console's result
+    page): the failing checks, whether each release must be an override, how many releases and
+    overrides it has and needs, and whether it can be released at all (a failed run never)."""
+    scene = session.get(Scene, r.scene_id)
+    failing = disclosure.failing_checks(report if report is not None else r.report)
+    reviews = session.exec(select(ResultReview).where(ResultReview.result_id == r.id)).all()
+    releases = [v for v in reviews if v.decision == "release"]
+    required = release_policy(scene).reviewers_required
+    return {"failing": failing, "failed_run": disclosure.failed_run(report if report is not None else r.report),
+            "needs_override": bool(failing), "releases": len(releases),
+            "overrides": sum(1 for v in releases if v.override),
+            "required": max(required, OVERRIDES_REQUIRED) if failing else required}
+
+
+def _released_enough(rule: dict[str, Any]) -> bool:
+    """With a failing check, only overrides count (two distinct reviewers at least); else releases."""
+    return (rule["overrides"] if rule["needs_override"] else rule["releases"]) >= rule["required"]
+
+
+def _report_at_release(session: Session, settings: Settings | None, scene: Scene, r: QueryResult) -> dict[str, Any]:
+    """A row answer's report with the checks that depend on the scene's other answers run again
+    against its RELEASED row answers as they are now (releases need not come in the order of
+    runs): `differencing`, and the linked k-anonymity / l-diversity when the scene links
+    pseudonyms. Other results' reports are returned as they are."""
+    report = dict(r.report or {})
+    if r.kind != "rows" or r.synthetic or "template" in report:
+        return report
+    if settings is None:   # the row identities live in the result store
+        raise conflict("release_needs_recheck",
+                       "A row answer is checked again at release against the scene's released row answers; "
+                       "release it through POST /api/v1/results/{id}/review.",
+                       "行级结果放行时须与场景中已放行的行级结果重新比对；请通过 POST /api/v1/results/{id}/review 放行。")
+    columns = report.get("columns") or {}
+    table = pq.read_table(settings.results_dir / r.storage_path)
+    fresh: dict[str, disclosure.Check] = {}
+    if scene.link_pseudonyms:
+        for c in linked_rows_checks(session, settings, scene, r.query_id, table, columns, persons=None):
+            if c.name in ("k_anonymity", "l_diversity"):
+                fresh[c.name] = c
+    fresh["differencing"] = differencing(session, settings, scene, r.query_id, stored_row_keys(settings, r),
+                                         ("released",))
+    checks = [c for c in report.get("checks") or [] if c.get("name") not in fresh]
+    checks += [c.as_dict() for c in fresh.values()]
+    summary = disclosure.report([disclosure.Check(**c) for c in checks])
+    return {**report, **summary, "checked_at_release": utcnow().isoformat()}
+
+
 def review(session: Session, principal: Principal, result_id: int, decision: str, reason: str,
-           request_id: str | None = None) -> QueryResult:
+           request_id: str | None = None, *, override: bool = False, settings: Settings | None = None) -> QueryResult:
     """Release or reject a held result (the result row is locked: two reviewers deciding at once
-    are serialised). Released once the scene's `reviewers_required` distinct reviewers released it;
-    one rejection rejects it. Commits."""
+    are serialised; a row answer's release also takes its scene's row, so two of the scene's row
+    answers are never released past each other's check). Released once the scene's
+    `reviewers_required` distinct reviewers released it; one rejection rejects it.
+
+    A result whose report has a `fail` verdict is released only by overrides: each releasing
+    reviewer says `override` (with their reason), and two distinct reviewers must (409
+    `release_needs_override` for a plain release, which changes nothing). An override where
+    nothing fails is refused (409 `nothing_to_override`). A failed run is never released (409
+    `failed_run_not_releasable`). A row answer's scene-dependent checks are run again first
+    (`_report_at_release`): what they find now is what counts, and is stored with the decision.
+    Commits."""
+    if override and decision != "release":
+        raise invalid("override_is_for_release", "Only a release can override failing checks.",
+                      "只有放行决定可以覆盖未通过的检查。")
     r = get_result(session, principal, result_id, lock=True)
     q = _reviewable(session, principal, r)
     scene = session.get(Scene, r.scene_id)
+    report = r.report
+    if decision == "release":
+        if disclosure.failed_run(r.report):
+            raise conflict("failed_run_not_releasable",
+                           "The run failed inside the domain: there is nothing to release, override or not.",
+                           "该运行在域内失败：没有可放行的内容，覆盖亦不可。")
+        if r.kind == "rows" and not r.synthetic:
+            lock_scene(session, scene)
+            report = _report_at_release(session, settings, scene, r)
+        failing = disclosure.failing_checks(report)
+        if failing and not override:
+            raise conflict("release_needs_override",
+                           f"Checks failed ({', '.join(failing)}): the result is released only by the overrides of "
+                           f"{OVERRIDES_REQUIRED} reviewers, each with a reason (\"override\": true).",
+                           f"检查未通过（{'、'.join(failing)}）：须由 {OVERRIDES_REQUIRED} 位审核员分别覆盖并说明理由"
+                           f"（\"override\": true）才能放行。",
+                           details={"failing": failing,
+                                    "checks": [c for c in report.get("checks") or [] if c.get("name") in failing]})
+        if override and not failing:
+            raise conflict("nothing_to_override", "No check fails: release it without an override.",
+                           "没有未通过的检查：请直接放行，无需覆盖。")
+    overridden = disclosure.failing_checks(report) if override else None
     session.add(ResultReview(result_id=r.id, reviewer_id=principal.user_id, reviewer_org_id=principal.org_id,
-                             decision=decision, reason=reason))
+                             decision=decision, reason=reason, override=override, overridden_checks=overridden))
     try:
         session.flush()
     except IntegrityError:   # the same reviewer twice at once: the unique (result, reviewer) decides
         session.rollback()
         raise conflict("already_reviewed", "You already decided on this result.", "您已审核过该结果。") from None
-    releases = session.exec(select(func.count()).select_from(ResultReview).where(
-        ResultReview.result_id == r.id, ResultReview.decision == "release")).one()
-    required = release_policy(scene).reviewers_required
+    if report is not r.report:
+        r.report = report
+    rule = release_rule(session, r, report)
     if decision == "reject":
         r.status, r.decided_at = "rejected", utcnow()
         q.status = "rejected"
-    elif releases >= required:
+    elif _released_enough(rule):
         r.status, r.released_by, r.decided_at = "released", "reviewers", utcnow()
         q.status = "released"
     session.add(r)
     session.add(q)
     _audit_decision(session, principal, f"result.{decision}", r, reason, request_id,
-                    releases=releases, required=required, status=r.status)
+                    releases=rule["releases"], required=rule["required"], status=r.status, override=override,
+                    overrides=rule["overrides"], overridden=overridden, failing=rule["failing"])
     session.commit()
     session.refresh(r)
     return r
@@ -366,6 +576,7 @@ def revise(session: Session, settings: Settings, principal: Principal, result_id
     scene = session.get(Scene, r.scene_id)
     table = pq.read_table(settings.results_dir / r.storage_path)
     stats = pq.read_table(settings.results_dir / r.stats_path) if r.stats_path else None
+    kept: list[int] | None = None          # rows: which rows the new version keeps (identities follow)
     key_names, value_names = _result_columns(r)
     revision: dict[str, Any] = {"action": action, "by": principal.username, "reason": reason, "from_version": r.version}
     suppressed: list[dict[str, Any]] | None = None
@@ -374,8 +585,10 @@ def revise(session: Session, settings: Settings, principal: Principal, result_id
             if cells != "failing":
                 raise invalid("suppress_rows_failing_only", "Rows are suppressed by class: send cells='failing'.",
                               "行级结果只能按等价类抑制：请发送 cells='failing'。")
-            table, removed = _suppress_failing_rows(r, table)
-            revision["rows_removed"] = removed
+            joined = linked_table(session, settings, scene, r.query_id, table, (r.report or {}).get("columns") or {})[0]
+            kept = _rows_outside_failing_classes(r, joined)
+            revision["rows_removed"] = table.num_rows - len(kept)
+            table = table.take(pa.array(kept, type=pa.int64()))
         else:
             hidden = [k for k in key_names if k not in table.column_names]
             if hidden:   # a cell the output cannot name cannot be suppressed in it
@@ -403,6 +616,9 @@ def revise(session: Session, settings: Settings, principal: Principal, result_id
         suppressed = list((r.revision or {}).get("suppressed_cells", [])) or None
         revision["suppressed_cells"] = suppressed or []
 
+    if r.kind == "rows" and stats is not None and ROW_KEY in stats.column_names:
+        # the identities stay aligned with the rows the new version keeps
+        stats = stats if kept is None else stats.take(pa.array(kept, type=pa.int64()))
     new = _store_version(session, settings, r, q, scene, table, stats, revision, suppressed)
     try:
         r.status, r.decided_at = "superseded", utcnow()
@@ -413,10 +629,17 @@ def revise(session: Session, settings: Settings, principal: Principal, result_id
         session.commit()
     except BaseException:
         session.rollback()
-        (settings.results_dir / new.storage_path).unlink(missing_ok=True)
+        _remove_version_files(settings, new, r)
         raise
     session.refresh(new)
     return new
+
+
+def _remove_version_files(settings: Settings, new: QueryResult, parent: QueryResult) -> None:
+    """The files of a version that was not recorded (its statistics only when they are its own)."""
+    (settings.results_dir / new.storage_path).unlink(missing_ok=True)
+    if new.stats_path and new.stats_path != parent.stats_path:
+        (settings.results_dir / new.stats_path).unlink(missing_ok=True)
 
 
 def _result_columns(r: QueryResult) -> tuple[list[str], list[str]]:
@@ -465,21 +688,22 @@ def _failing_cells(r: QueryResult) -> list[dict[str, Any]]:
     return out
 
 
-def _suppress_failing_rows(r: QueryResult, table: pa.Table) -> tuple[pa.Table, int]:
+def _rows_outside_failing_classes(r: QueryResult, table: pa.Table) -> list[int]:
+    """The rows of `table` in no class that fails k-anonymity or l-diversity (`table` carries the
+    linked columns when the scene links pseudonyms: the classes may name them)."""
     failing = [c for c in (r.report or {}).get("checks", []) if c.get("name") in ("k_anonymity", "l_diversity")
                and c.get("verdict") != "pass"]
     classes = {tuple(sorted((k, str(v)) for k, v in cell.items())) for c in failing for cell in c.get("cells") or []}
     if not classes:
         raise invalid("nothing_to_suppress", "No row fails k-anonymity or l-diversity.", "没有违反 k-匿名或 l-多样性的行。")
-    rows = table.to_pylist()
     keep = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(table.to_pylist()):
         for cls in classes:
-            if all(str(row.get(k)) == v for k, v in cls):
+            if all(str(disclosure._json_value(row.get(k))) == v for k, v in cls):
                 break
         else:
             keep.append(i)
-    return table.take(pa.array(keep, type=pa.int64())), len(rows) - len(keep)
+    return keep
 
 
 def _store_version(session: Session, settings: Settings, parent: QueryResult, q: Query, scene: Scene,
@@ -487,32 +711,41 @@ def _store_version(session: Session, settings: Settings, parent: QueryResult, q:
                    suppressed: list[dict[str, Any]] | None) -> QueryResult:
     rel, digest = store_table(settings, q.scene_id, f"q{q.id}-v{parent.version + 1}-{uuid.uuid4().hex[:12]}.parquet",
                               table)
+    # an aggregate's versions share the statistics (a revision drops cells when checking); a row
+    # answer's version has its own identities, aligned with its rows
+    stats_path = parent.stats_path
     try:
-        return _version_row(session, settings, parent, q, scene, table, stats, revision, suppressed, rel, digest)
+        if parent.kind == "rows" and stats is not None and ROW_KEY in stats.column_names:
+            stats_path = write_stats(settings, stats, rel)
+        return _version_row(session, settings, parent, q, scene, table, stats, revision, suppressed, rel, digest,
+                            stats_path)
     except BaseException:
         (settings.results_dir / rel).unlink(missing_ok=True)
+        if stats_path and stats_path != parent.stats_path:
+            (settings.results_dir / stats_path).unlink(missing_ok=True)
         raise
 
 
 def _version_row(session: Session, settings: Settings, parent: QueryResult, q: Query, scene: Scene,
                  table: pa.Table, stats: pa.Table | None, revision: dict[str, Any],
-                 suppressed: list[dict[str, Any]] | None, path: str, digest: str) -> QueryResult:
-    report = _recheck(parent, scene, q, table, stats, suppressed, revision)
+                 suppressed: list[dict[str, Any]] | None, path: str, digest: str, stats_path: str | None) -> QueryResult:
+    report = _recheck(session, settings, parent, scene, q, table, stats, suppressed, revision)
     new = QueryResult(query_id=q.id, version=parent.version + 1, parent_id=parent.id, revision=revision,
                       scene_id=parent.scene_id, org_id=parent.org_id, synthetic=False, kind=parent.kind, status="held",
                       columns=[{"name": f.name, "type": str(f.type)} for f in table.schema], row_count=table.num_rows,
                       noise=parent.noise, epsilon_spent=parent.epsilon_spent, notes=parent.notes,
                       storage_path=path, sha256=digest,
-                      report=report, stats_path=parent.stats_path, content_fp=content_fp(settings, table))
+                      report=report, stats_path=stats_path, content_fp=content_fp(settings, table))
     session.add(new)
     session.flush()
     return new
 
 
-def _recheck(parent: QueryResult, scene: Scene, q: Query, table: pa.Table, stats: pa.Table | None,
-             suppressed: list[dict[str, Any]] | None, revision: dict[str, Any]) -> dict[str, Any]:
+def _recheck(session: Session, settings: Settings, parent: QueryResult, scene: Scene, q: Query, table: pa.Table,
+             stats: pa.Table | None, suppressed: list[dict[str, Any]] | None, revision: dict[str, Any]) -> dict[str, Any]:
     """The checks again on the new version: the same statistics without the suppressed cells, the
-    output's own checks on the new output."""
+    output's own checks on the new output (a row answer's against the scene's other row answers
+    too, with the identities of the rows it kept)."""
     t = thresholds(scene)
     old = parent.report or {}
     keys, values = _result_columns(parent)
@@ -523,10 +756,15 @@ def _recheck(parent: QueryResult, scene: Scene, q: Query, table: pa.Table, stats
             checks += disclosure.aggregate_checks(s, keys, old.get("columns", {}).get("sums", values), t, dp=True)
         checks.append(disclosure.budget_check(parent.epsilon_spent, q.epsilon, scene.epsilon_spent,
                                               scene.budget_epsilon))
-    else:
+    elif "template" in old:   # a template run: its rows are not a dataset's (see scene_row_answers)
         cols = old.get("columns", {})
         checks += disclosure.rows_checks(table, cols.get("quasi_identifiers", []), cols.get("sensitive", []), t,
                                          persons=None)
+    else:
+        cols = old.get("columns", {})
+        checks += linked_rows_checks(session, settings, scene, q.id, table, cols, persons=None)
+        keys = stats[ROW_KEY].to_pylist() if stats is not None and ROW_KEY in stats.column_names else None
+        checks.append(differencing(session, settings, scene, q.id, keys, ("held", "released")))
     checks.append(disclosure.pii_check(table))
     report = disclosure.report(checks)
     report["columns"] = old.get("columns", {})
@@ -636,8 +874,12 @@ def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> d
         "authorization": [{"dataset": d, "field": f, "usage": u} for d, f, u in (q.uses or [])],
         "uploads": _upload_lineage(session, q),
         "datasets": [_version_lineage(session, v) for v in _query_versions(session, q, r)],
+        # an override says a check failed (an exact statistic): staff only, like the report
         "reviews": [{"result_id": v.result_id, "reviewer": _user(session, v.reviewer_id), "decision": v.decision,
-                     "reason": v.reason, "at": v.created_at} for v in reviews],
+                     "reason": v.reason, "override": v.override if staff else None,
+                     "overridden_checks": v.overridden_checks if staff else None, "at": v.created_at}
+                    for v in reviews],
+        "release": release_rule(session, r) if staff and r.status == "held" and not r.synthetic else None,
         "exports": [{"export_id": e.export_id, "result_id": e.result_id, "format": e.format,
                      "by": _user(session, e.user_id), "sha256": e.sha256, "size_bytes": e.size_bytes,
                      "at": e.created_at} for e in exports

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 from pdao.db import utcnow
@@ -85,7 +85,8 @@ class QueryResult(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     # the disclosure checks (sandbox.disclosure.report), computed inside the domain; prod only
     report: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    # the per-cell statistics the checks rest on stay in the result store, never downloadable
+    # the per-cell statistics the checks rest on (aggregates), or one identity per row (rows), stay
+    # in the result store, never downloadable
     stats_path: str | None = Field(default=None, max_length=400)
     # keyed fingerprint of the cells (sandbox.fingerprint): how a file found outside is traced back
     content_fp: str | None = Field(default=None, max_length=64, index=True)
@@ -106,6 +107,10 @@ class ResultReview(SQLModel, table=True):
     reviewer_org_id: int = Field(foreign_key="organization.id")
     decision: str = Field(max_length=10)             # release | reject
     reason: str = Field(sa_column=Column(Text, nullable=False))
+    # a release that overrides failing checks (two distinct reviewers' overrides release such a
+    # result), and which checks failed when it was decided
+    override: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    overridden_checks: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = Field(default_factory=utcnow)
 
 

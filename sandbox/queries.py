@@ -135,8 +135,7 @@ def pseudonym_key(settings: Settings, scene_id: int, query_id: int | None = None
 
 def answer_pseudonym_key(settings: Settings, scene: Scene, query_id: int) -> bytes:
     """Per answer, unless the office approved linkage of the scene's answers (`link_pseudonyms`)."""
-    linked = bool(getattr(scene, "link_pseudonyms", False))
-    return pseudonym_key(settings, scene.id, None if linked else query_id)
+    return pseudonym_key(settings, scene.id, None if scene.link_pseudonyms else query_id)
 
 
 def _latest_version(session: Session, dataset_id: int, env: str) -> DatasetVersion | None:
@@ -351,7 +350,7 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, enforcers: 
         result = result_row(q, answer, path, digest)
         result.content_fp = export.content_fp(settings, answer.table)
         if q.mode == "prod":   # export review starts here: checked inside the domain, released or held
-            assessment = export.assess(execution, answer, session.get(Scene, q.scene_id), q)
+            assessment = export.assess(session, settings, execution, answer, session.get(Scene, q.scene_id), q)
             result.report = assessment.report
             if assessment.stats is not None:
                 result.stats_path = export.write_stats(settings, assessment.stats, path)

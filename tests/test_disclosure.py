@@ -23,9 +23,15 @@ from sandbox.disclosure import (
     Check,
     Thresholds,
     aggregate_checks,
+    AUTO_RELEASE_CHECKS,
     auto_releasable,
     budget_check,
     cell_stats_from_frame,
+    differencing_check,
+    failed_run,
+    failing_checks,
+    linked_rows,
+    noisy_count_check,
     pii_check,
     report,
     round_values,
@@ -209,13 +215,20 @@ def by_name(checks: list[Check]) -> dict[str, Check]:
     return {c.name: c for c in checks}
 
 
+#: the checks that decide automatic release, all passing: none rests on an exact statistic
+PUBLIC_OK = [budget_check(0.5, 0.5, 0.5, 4.0), pii_check(pa.table({"k": ["A"]})),
+             noisy_count_check(pa.table({"k": ["A"], "n": [50]}), ["n"], ["k"], 10)]
+
+
 def test_each_aggregate_check_passes_on_a_clean_table():
     checks = aggregate_checks(stats_table([{"k": "A", **CLEAN}, {"k": "B", **CLEAN}]), ["k"], ["fee"], DEFAULTS,
                               dp=False)
     assert [c.name for c in checks] == ["min_cell_count", "zeros", "dominance", "p_percent", "negative", "missing"]
     assert all(c.verdict == "pass" and c.cells == [] and c.counts == 0 for c in checks)
     assert all(c.reason and c.reason_zh for c in checks)
-    assert auto_releasable(report(checks), "aggregate", dp=True)
+    # the exact checks alone never let an answer out: only the public ones decide
+    assert not auto_releasable(report(checks), "aggregate", dp=True)
+    assert auto_releasable(report(checks + PUBLIC_OK), "aggregate", dp=True)
 
 
 def test_each_aggregate_check_fails_or_asks_for_review():
@@ -286,7 +299,7 @@ def test_dp_turns_fails_into_review_and_empty_cells_into_passes():
     without = aggregate_checks(stats_table([{"k": "ok", **CLEAN}]), ["k"], ["fee"], DEFAULTS, dp=True)
     assert report(with_empty) == report(without)
     assert all(c.verdict == "pass" and not c.cells for c in with_empty)
-    assert auto_releasable(report(with_empty), "aggregate", dp=True)
+    assert auto_releasable(report(with_empty + PUBLIC_OK), "aggregate", dp=True)
 
 
 def test_dp_on_the_crafted_tables():
@@ -416,11 +429,14 @@ def test_report_shape_and_auto_release():
     passing = report([ok])
     json.dumps(passing)
     assert passing["verdict"] == "pass" and "all 1 checks" in passing["summary"]
-    assert auto_releasable(passing, "aggregate", dp=True)
-    assert not auto_releasable(passing, "aggregate", dp=False)
-    assert not auto_releasable(passing, "rows", dp=True)
-    assert not auto_releasable(report([ok, rv]), "aggregate", dp=True)
+    assert not auto_releasable(passing, "aggregate", dp=True)      # no public check vouches for it
+    public = report([ok, *PUBLIC_OK])
+    assert auto_releasable(public, "aggregate", dp=True)
+    assert not auto_releasable(public, "aggregate", dp=False)
+    assert not auto_releasable(public, "rows", dp=True)
     assert report([])["verdict"] == "review" and not auto_releasable(report([]), "aggregate", dp=True)
+    assert failing_checks(rep) == ["c"] and failing_checks(None) == [] and not failed_run(rep)
+    assert failed_run(report([Check("run", "fail", "failed", "失败")]))
     with pytest.raises(ValueError):
         Check("x", "maybe", "", "")
 
@@ -469,3 +485,104 @@ def test_round_values_to_a_base():
         round_values(table, ["label"], 5)
     with pytest.raises(ValueError):
         round_values(table, ["x"], 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Automatic release: public facts and the noisy answer only
+
+def test_auto_release_is_decided_by_public_checks_only():
+    assert AUTO_RELEASE_CHECKS == ("budget", "pii", "noisy_counts")
+    exact = aggregate_checks(stats_table([{"k": "small", **CLEAN, "persons": 3},
+                                          {"k": "dominated", **CLEAN, "top1": 395.0, "top2": 2.0}]),
+                             ["k"], ["fee"], DEFAULTS, dp=True)
+    assert {c.verdict for c in exact} >= {"review"}
+    # exact statistics that would have held it do not decide: the answer goes out on public facts
+    assert auto_releasable(report(exact + PUBLIC_OK), "aggregate", dp=True)
+    # each public check, when it does not pass, holds it; and each must be there
+    low = noisy_count_check(pa.table({"k": ["A", "B"], "n": [50, 9]}), ["n"], ["k"], 10)
+    near_budget = budget_check(0.5, 0.5, 3.9, 4.0)
+    dirty = pii_check(pa.table({"k": ["电话 13912345678"]}))
+    for bad in (low, near_budget, dirty):
+        checks = [c for c in PUBLIC_OK if c.name != bad.name] + [bad]
+        assert bad.verdict != "pass" and not auto_releasable(report(exact + checks), "aggregate", dp=True), bad.name
+    for name in AUTO_RELEASE_CHECKS:
+        assert not auto_releasable(report([c for c in PUBLIC_OK if c.name != name]), "aggregate", dp=True), name
+
+
+def test_noisy_counts_name_the_cells_below_the_minimum():
+    table = pa.table({"district": ["A", "B", "C"], "n": pa.array([12, 9, None], pa.int64()),
+                      "visits": [100, 100, 3], "total": [5.0, 1.0, 2.0]})
+    check = noisy_count_check(table, ["n", "visits"], ["district"], 10)
+    assert check.verdict == "review" and check.cells == [{"district": "B"}, {"district": "C"}]
+    assert check.columns == ["n", "visits"] and check.counts == 2 and "10" in check.reason and check.reason_zh
+    assert noisy_count_check(table, ["visits"], ["district", "hidden"], 3).verdict == "pass"
+    assert noisy_count_check(table, [], ["district"], 10).verdict == "pass"   # no COUNT: nothing to hold
+    # a key the output does not show names no cell (its values are not in the answer)
+    assert noisy_count_check(table, ["n"], ["hidden"], 10).cells == [{}, {}]
+
+
+# --------------------------------------------------------------------------------------------
+# Row answers against each other
+
+def keys(*spans: tuple[int, int]) -> list[str]:
+    return [f"row{i}" for a, b in spans for i in range(a, b)]
+
+
+def test_differencing_one_row_apart_fails_naming_the_earlier_answer():
+    first = keys((0, 40))
+    check = differencing_check(keys((0, 41)), {7: first}, 10)
+    assert check.verdict == "fail" and check.name == "differencing"
+    assert {"result_id": 7, "difference": 1} in check.cells
+    assert {"results": [], "this_answer": True, "rows": 1} in check.cells
+    assert "#7" in check.reason and "#7" in check.reason_zh
+    # the same rows, or far enough apart, pass; so does an unrelated answer
+    assert differencing_check(list(reversed(first)), {7: first}, 10).verdict == "pass"
+    assert differencing_check(keys((0, 50)), {7: first}, 10).verdict == "pass"
+    assert differencing_check(keys((100, 140)), {7: first}, 10).verdict == "pass"
+    # a subset is judged by its difference like any pair
+    assert differencing_check(keys((0, 35)), {7: first}, 10).verdict == "fail"
+    assert differencing_check(keys((0, 30)), {7: first}, 10).verdict == "pass"
+
+
+def test_differencing_sees_three_answers_that_no_pair_gives_away():
+    a, b = keys((0, 20)), keys((21, 41))           # each pair is far apart …
+    c = keys((0, 41))                              # … but C − A − B is row 20 alone
+    assert differencing_check(c, {1: a}, 10).verdict == "pass"
+    assert differencing_check(c, {2: b}, 10).verdict == "pass"
+    check = differencing_check(c, {1: a, 2: b}, 10)
+    assert check.verdict == "fail" and check.cells == [{"results": [], "this_answer": True, "rows": 1}]
+    # a region the new answer cuts into a small part fails too (A's rows: 19 kept, 1 left out)
+    check = differencing_check(keys((0, 19), (21, 41)), {1: a, 2: b}, 10)
+    assert check.verdict == "fail" and {"results": [1], "this_answer": False, "rows": 1} in check.cells
+
+
+def test_differencing_counts_identical_rows_and_unknown_answers():
+    # two identical records are two rows: one more copy is a difference of one
+    assert differencing_check(["x"] * 12, {3: ["x"] * 11}, 10).cells[0] == {"result_id": 3, "difference": 1}
+    assert differencing_check(["x"] * 12, {3: ["x"] * 12}, 10).verdict == "pass"
+    check = differencing_check(keys((0, 40)), {}, 10, unknown=[4, 5])
+    assert check.verdict == "review" and check.cells == [{"result_id": 4}, {"result_id": 5}]
+    # the first answer of a scene is judged by its own size: its rows no other answer holds
+    assert differencing_check(keys((0, 9)), {}, 10).verdict == "fail"
+    assert differencing_check([], {1: keys((0, 40))}, 10).verdict == "pass"     # nothing new, nothing cut
+    assert differencing_check(keys((0, 40)), {}, 10, against="released").reason.count("released") == 1
+
+
+def test_linked_rows_carry_what_released_answers_say_of_the_same_person():
+    new = pa.table({"p": ["a", "b", "c", None], "month": ["2024-01"] * 4})
+    released = [(pa.table({"p": ["a", "a", "b"], "month": ["2023-05", "2023-07", "2023-05"],
+                           "chapter": ["V", "X", "IX"]}), "p", {"month": "visit_date", "chapter": "icd10_chapter"}),
+                (pa.table({"q": ["c"], "month": ["2022-01"]}), "q", {"month": "visit_date"})]
+    out, names = linked_rows(new, "p", released)
+    assert names == ["linked:visit_date", "linked:icd10_chapter"]
+    assert out["linked:visit_date"].to_pylist() == ["2023-05 | 2023-07", "2023-05", "2022-01", None]
+    assert out["linked:icd10_chapter"].to_pylist() == ["V | X", "IX", None, None]
+    assert out.select(["p", "month"]).equals(new)
+    # joined, the answer's only class splits into classes of one person: k-anonymity fails
+    checks = by_name(rows_checks(out, ["month", "linked:visit_date"], [], Thresholds(k_anonymity=2), persons=None))
+    assert by_name(rows_checks(new, ["month"], [], Thresholds(k_anonymity=2), persons=None))["k_anonymity"].verdict \
+        == "pass"
+    assert checks["k_anonymity"].verdict == "fail"
+    # pseudonyms that never match add only empty columns
+    out, _ = linked_rows(new, "p", [(pa.table({"p": ["zz"], "month": ["2023-05"]}), "p", {"month": "visit_date"})])
+    assert out["linked:visit_date"].null_count == 4

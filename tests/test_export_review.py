@@ -70,7 +70,7 @@ def test_a_held_result_is_reviewed_released_downloaded_stamped_and_traced(client
     # the reviewer sees what would go out (noised) and the whole report
     assert res["cells_visible"] is True and len(res["rows"]) == 6     # the six districts
     names = {c["name"] for c in res["report"]["checks"]}
-    assert {"min_cell_count", "dominance", "p_percent", "budget", "pii"} <= names
+    assert {"min_cell_count", "dominance", "p_percent", "budget", "pii", "noisy_counts"} <= names
     assert res["report"]["verdict"] in ("pass", "review", "fail")
     # the tenant: no cells, no report (its verdicts rest on exact counts), no hash to test guesses on
     mine = client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
@@ -334,7 +334,11 @@ def test_a_rows_answer_failing_k_anonymity_is_fixed_by_suppressing_its_small_cla
                       sql=f"SELECT person_id, visit_date FROM {VISITS} WHERE visit_date >= DATE '2025-10-29'")
     checks = {c["name"]: c for c in res["report"]["checks"]}
     assert checks["k_anonymity"]["verdict"] == "fail" and res["report"]["verdict"] == "fail"
-    assert checks["min_persons"]["verdict"] == "pass"
+    assert checks["min_persons"]["verdict"] == "pass" and checks["differencing"]["verdict"] == "pass"
+    # a failing check is not released by one reviewer's plain decision
+    r = client.post(f"/api/v1/results/{res['id']}/review", headers=auth("reviewer1"),
+                    json={"decision": "release", "reason": "looks fine"})
+    assert r.status_code == 409 and r.json()["code"] == "release_needs_override"
     months = {r["visit_date"] for r in res["rows"]}
     r = client.post(f"/api/v1/results/{res['id']}/revisions", headers=auth("reviewer1"),
                     json={"action": "suppress", "cells": "failing", "reason": "drop classes below k"})
@@ -342,6 +346,12 @@ def test_a_rows_answer_failing_k_anonymity_is_fixed_by_suppressing_its_small_cla
     v2 = r.json()
     assert {c["name"]: c["verdict"] for c in v2["report"]["checks"]}["k_anonymity"] == "pass"
     assert {x["visit_date"] for x in v2["rows"]} < months and v2["row_count"] < res["row_count"]
+    # the new version keeps the identities of the rows it kept, in its own file beside it
+    from sandbox import export
+    with Session(engine) as s:
+        new, old = s.get(QueryResult, v2["id"]), s.get(QueryResult, res["id"])
+        kept, before = export.stored_row_keys(settings, new), export.stored_row_keys(settings, old)
+    assert len(kept) == new.row_count and set(kept) < set(before) and new.stats_path != old.stats_path
     # naming cells is for aggregates; rows are suppressed by class
     r = client.post(f"/api/v1/results/{v2['id']}/revisions", headers=auth("reviewer1"),
                     json={"action": "suppress", "cells": [{"visit_date": "2025-11"}], "reason": "x"})
@@ -372,6 +382,25 @@ def test_a_stricter_scene_threshold_holds_what_the_default_would_release(client,
     checks = {c["name"]: c for c in res["report"]["checks"]}
     assert checks["min_cell_count"]["verdict"] == "review" and res["status"] == "held"
     assert "1000" in checks["min_cell_count"]["reason"] and len(checks["min_cell_count"]["cells"]) == 6
+    # what held it is the noisy answer (every district's noisy count is below 1000), not the exact counts
+    assert checks["noisy_counts"]["verdict"] == "review" and len(checks["noisy_counts"]["cells"]) == 6
+    assert all(row["n"] < 1000 for row in res["rows"])
+
+
+def test_a_clean_dp_aggregate_is_released_by_policy_and_audited(client, auth, engine, settings, loaded):
+    """Automatic release on public facts: the worker records it in the chain as the system's."""
+    # ε = 2: noise of scale 5 on counts of 90 and more, never near the minimum of 10
+    scene = active_scene(client, auth, release_policy={"auto_release": "dp_aggregates"}, budget_epsilon=10.0,
+                         max_query_epsilon=2.0)
+    res = held_result(client, auth, engine, settings, scene["id"], sql=BY_DISTRICT_COUNT, epsilon=2.0)
+    checks = {c["name"]: c["verdict"] for c in res["report"]["checks"]}
+    assert {checks[n] for n in ("budget", "pii", "noisy_counts")} == {"pass"}
+    assert res["status"] == "released" and res["released_by"] == "policy"
+    with Session(engine) as s:
+        ev = s.exec(select(AuditEvent).where(AuditEvent.action == "result.release",
+                                             AuditEvent.object == f"result:{res['id']}")).one()
+    assert ev.actor == "system" and ev.reason == "release_policy:dp_aggregates"
+    assert client.get(f"/api/v1/results/{res['id']}/download", headers=auth("insurer_a")).status_code == 200
 
 
 def test_decisions_on_one_result_run_one_after_the_other(engine, settings, client, auth, loaded, monkeypatch):

@@ -19,9 +19,13 @@ MAX_TRACE_BYTES = 50 * 1024 * 1024
 
 
 class ReviewIn(BaseModel):
+    """A reviewer's decision. `override`: a release of a result with a failing check (two distinct
+    reviewers' overrides release it; their reasons are kept)."""
+
     model_config = ConfigDict(extra="forbid")
     decision: Literal["release", "reject"]
     reason: str = Field(min_length=1, max_length=4000)
+    override: bool = False
 
 
 class RevisionIn(BaseModel):
@@ -74,8 +78,9 @@ def get_result(result_id: int, principal: caller("result", "read"), session: Ses
 def review_result(result_id: int, body: ReviewIn, principal: caller("result", "review"), session: SessionDep,
                   settings: SettingsDep, request: Request) -> dict[str, Any]:
     _on(request, result_id)
-    request.state.audit_detail = {"decision": body.decision}
-    r = export.review(session, principal, result_id, body.decision, body.reason, request.state.request_id)
+    request.state.audit_detail = {"decision": body.decision, "override": body.override}
+    r = export.review(session, principal, result_id, body.decision, body.reason, request.state.request_id,
+                      override=body.override, settings=settings)
     _on(request, result_id, r.scene_id)
     return queries.result_out(settings, principal, r, with_rows=False, session=session)
 
