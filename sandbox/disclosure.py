@@ -5,7 +5,7 @@ Pure functions: no I/O, no database, no clock. Every check returns a ``Check`` �
 cells, as dicts of their *key* values: public domain values, fine to show), ``counts`` (how many
 cells or classes the check flags) and ``columns`` (which output columns it concerns). A check never
 carries a statistic of the data — no count, total or value of a cell — only thresholds, cells and
-how many cells (one exception, for staff: ``differencing`` says by how many rows answers differ). ``report()`` bundles checks into ``{"verdict", "checks", "summary", "summary_zh"}``.
+how many cells (one exception, for staff: ``differencing`` says how many persons the rows two answers differ by belong to). ``report()`` bundles checks into ``{"verdict", "checks", "summary", "summary_zh"}``.
 
 Thresholds (``Thresholds``) default to ACRO's (cell count 10, (n, k) = (2, 0.9), p = 10%, zeros
 disclosive) plus k-anonymity 5 and l-diversity 2 for row outputs; a scene may only make them
@@ -86,17 +86,19 @@ k-anonymity and l-diversity are judged on what a recipient of all of them can pu
 Row answers against each other (``differencing_check``)
 -------------------------------------------------------
 Row answers are counting queries in disguise: two answers whose rows differ by one give that row
-away. Every row of a prod row answer has an identity (the MD5 of its source record, kept inside the
-domain), so a new answer is compared with the scene's other row answers:
+away. Every row of a prod row answer has an identity, `<person>:<row>` (MD5s of its privacy unit and
+of its source record, kept inside the domain), so a new answer is compared with the scene's other
+row answers, counting the *persons* the differing rows belong to (ten visits of one person told
+apart single that person out as surely as one):
 
-* **pairwise**: the multiset symmetric difference of row identities with each earlier answer is 0
-  (the same rows) or at least ``minimum`` rows;
+* **pairwise**: the rows of the multiset symmetric difference with each earlier answer belong to no
+  one (the same rows) or to at least ``minimum`` persons;
 * **regions**: the earlier answers split the rows into regions (rows held by exactly the same
-  answers). The new answer may only cut a region into parts of 0 or at least ``minimum`` rows, and
-  the rows that no earlier answer holds must be 0 or at least ``minimum``. This is what catches
-  ``C − A − B`` (three answers, each pair far apart). Pairwise closeness implies a small region when
-  the earlier answers themselves respect the rule, so released answers kept to it never differ by
-  fewer than ``minimum`` rows, in whatever order they were released.
+  answers). The new answer may only cut a region into parts whose rows belong to no one or to at
+  least ``minimum`` persons, and the same for the rows that no earlier answer holds. This is what
+  catches ``C − A − B`` (three answers, each pair far apart). Pairwise closeness implies a small
+  region when the earlier answers themselves respect the rule, so released answers kept to it never
+  differ by the rows of fewer than ``minimum`` persons, in whatever order they were released.
 
 A subset is judged like any other pair (its difference is what it gives away). The answer's own
 size is its difference with "no answer" (its rows that no earlier answer holds); ``min_persons``
@@ -749,19 +751,31 @@ def _copies(counts: Counter) -> Iterable[tuple[str, int]]:
             yield key, j
 
 
+def person_of(key: str) -> str:
+    """The person a row identity belongs to: `<person>:<row>` (`sandbox.execute.row_key_expr`); a
+    dataset without a privacy unit (or an identity kept before persons were) makes each row its own."""
+    person, sep, _ = key.partition(":")
+    return person if sep else key
+
+
+def _persons(copies: Iterable[tuple[str, int]]) -> int:
+    return len({person_of(key) for key, _ in copies})
+
+
 def differencing_check(keys: Sequence[str], earlier: Mapping[int, Sequence[str]], minimum: int, *,
                        unknown: Sequence[int] = (), against: str = "held or released") -> Check:
     """Whether a new row answer (``keys``: one identity per row) can be differenced against the
-    scene's ``earlier`` row answers (result id -> their identities): fails when it differs from one
-    of them by fewer than ``minimum`` rows but more than none, or cuts the regions they form into a
-    part of fewer than ``minimum`` rows (see the module's docstring). ``unknown``: earlier answers
-    whose identities are not known (never compared): review. ``against``: which answers these are,
-    for the reason ("held or released", "released")."""
+    scene's ``earlier`` row answers (result id -> their identities): fails when the rows it differs
+    by from one of them belong to fewer than ``minimum`` persons but more than none, or when it cuts
+    the regions they form into a part whose rows belong to fewer than ``minimum`` persons (see the
+    module's docstring). Persons, not rows: ten visits of one person told apart still single them
+    out. ``unknown``: earlier answers whose identities are not known (never compared): review.
+    ``against``: which answers these are, for the reason ("held or released", "released")."""
     new = Counter(keys)
     olds = {rid: Counter(k) for rid, k in sorted(earlier.items())}
     close = []
     for rid, old in olds.items():
-        d = sum((new - old).values()) + sum((old - new).values())
+        d = _persons(_copies((new - old) + (old - new)))
         if 0 < d < minimum:
             close.append({"result_id": rid, "difference": d})
     # which earlier answers hold each copy of each row, then the region sizes, split by the new answer
@@ -769,17 +783,18 @@ def differencing_check(keys: Sequence[str], earlier: Mapping[int, Sequence[str]]
     for rid, old in olds.items():
         for copy in _copies(old):
             holders[copy].append(rid)
-    pieces: Counter = Counter()
+    pieces: dict[tuple[tuple[int, ...], bool], list[tuple[str, int]]] = defaultdict(list)
     for copy, rids in holders.items():
-        pieces[(tuple(rids), copy[1] <= new.get(copy[0], 0))] += 1
+        pieces[(tuple(rids), copy[1] <= new.get(copy[0], 0))].append(copy)
     for copy in _copies(new):
         if copy not in holders:
-            pieces[((), True)] += 1
+            pieces[((), True)].append(copy)
     small = []
-    for (rids, inside), n in sorted(pieces.items()):
+    for (rids, inside), copies in sorted(pieces.items()):
         cut = not rids or (rids, not inside) in pieces   # the new answer drew this boundary
+        n = _persons(copies)
         if cut and n < minimum:
-            small.append({"results": list(rids), "this_answer": inside, "rows": n})
+            small.append({"results": list(rids), "this_answer": inside, "persons": n})
     compared = len(olds)
     named = sorted({c["result_id"] for c in close} | {r for c in small for r in c["results"]})
     if close or small:
@@ -787,10 +802,10 @@ def differencing_check(keys: Sequence[str], earlier: Mapping[int, Sequence[str]]
         return Check(
             "differencing", "fail",
             f"Compared with the scene's {compared} other {against} row {'answer' if compared == 1 else 'answers'}, "
-            f"this answer can be differenced: some rows are told apart by fewer than {minimum} rows "
+            f"this answer can be differenced: some rows are told apart by rows of fewer than {minimum} persons "
             f"(results {ids}). Reject it, or one of them, or widen the answer.",
             f"与场景中其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
-            f"该结果可被差分：部分行的差异少于 {minimum} 行（结果 {ids}）。请拒绝该结果或其中之一，或扩大结果范围。",
+            f"该结果可被差分：部分行的差异涉及少于 {minimum} 人（结果 {ids}）。请拒绝该结果或其中之一，或扩大结果范围。",
             (close + small)[:200], len(close) + len(small))
     if unknown:
         ids = ", ".join(f"#{r}" for r in unknown)
@@ -801,9 +816,10 @@ def differencing_check(keys: Sequence[str], earlier: Mapping[int, Sequence[str]]
                      [{"result_id": r} for r in unknown], len(unknown))
     return Check("differencing", "pass",
                  f"Compared with the scene's {compared} other {against} row "
-                 f"{'answer' if compared == 1 else 'answers'}: no rows are told apart by fewer than {minimum} rows.",
+                 f"{'answer' if compared == 1 else 'answers'}: no rows are told apart by rows of fewer than "
+                 f"{minimum} persons.",
                  f"与场景中其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
-                 f"没有少于 {minimum} 行的差异。")
+                 f"没有涉及少于 {minimum} 人的差异。")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ Aggregate queries, in order:
 4. **Post-processing.** ORDER BY and LIMIT are applied to the noisy answer.
 
 Rows queries (`masked_output` fields only) select the rows the checked tree describes (at most
-`max_rows`) and mask each column with its catalog masking (`sandbox.masking.mask`): keyed
-pseudonyms with the scene's key, partial masks, generalization, Presidio redaction, suppression.
+`max_rows`), in a fresh random order, and mask each column with its catalog masking
+(`sandbox.masking.mask`): keyed pseudonyms with the answer's key (the scene's when it links them),
+partial masks, generalization, Presidio redaction, suppression.
 
 Disclosure statistics (issue #5, `Execution.disclosure_stats`): export review's automatic checks
 (minimum cell count, dominance, p%, zeros, negatives, missing; k-anonymity for rows) need exact
@@ -530,10 +531,18 @@ def aggregate_sql(execution: Execution) -> str:
 
 
 def row_key_expr(meta: DatasetMeta) -> exp.Expression:
-    """The identity of a dataset row: MD5 of its catalog fields as a JSON list of text (NULL stays
-    null, so no two different rows share the text)."""
+    """The identity of a dataset row, `<person>:<row>`: the MD5 of its privacy unit, then the MD5 of
+    its catalog fields as a JSON list of text (NULL stays null, so no two different rows share the
+    text). Without a privacy unit, the row part alone (each row its own person)."""
+    def md5(node: exp.Expression) -> exp.Expression:
+        return exp.Anonymous(this="md5", expressions=[node])
+
     values = [exp.Cast(this=_col(name), to=exp.DataType.build("VARCHAR")) for name in meta.fields]
-    return exp.Anonymous(this="md5", expressions=[exp.Anonymous(this="to_json", expressions=[exp.Array(expressions=values)])])
+    row = md5(exp.Anonymous(this="to_json", expressions=[exp.Array(expressions=values)]))
+    if not meta.privacy_unit:
+        return row
+    person = md5(exp.Cast(this=_col(meta.privacy_unit), to=exp.DataType.build("VARCHAR")))
+    return exp.DPipe(this=exp.DPipe(this=person, expression=exp.Literal.string(":")), expression=row)
 
 
 def rows_sql(execution: Execution, unit_alias: str | None = None, key_alias: str | None = None) -> str:
@@ -869,6 +878,9 @@ def _run_rows(execution: Execution, on_connection: Any) -> Answer:
         unit_alias = next(free) if meta.privacy_unit else None
         key_alias = next(free)
     table = _fetch(execution, rows_sql(execution, unit_alias, key_alias), on_connection)
+    # A fresh random order per answer: two answers holding the same rows cannot be lined up by
+    # position (their pseudonyms are keyed apart), and the order says nothing about the storage.
+    table = table.take(pa.array(np.random.default_rng().permutation(table.num_rows), pa.int64()))
     persons = row_keys = None
     if execution.disclosure_stats:
         persons = table.num_rows if unit_alias is None else len(set(table.column(unit_alias).to_pylist()))

@@ -528,12 +528,22 @@ def keys(*spans: tuple[int, int]) -> list[str]:
     return [f"row{i}" for a, b in spans for i in range(a, b)]
 
 
+def test_differencing_counts_persons_not_rows():
+    """Ten visits of one person told apart single that person out as surely as one visit."""
+    first = [f"p{i // 3}:row{i}" for i in range(60)]            # 20 persons, 3 rows each
+    one_more = first + [f"p99:row{100 + j}" for j in range(10)]   # ten more rows, all of one person
+    check = differencing_check(one_more, {7: first}, 10)
+    assert check.verdict == "fail" and {"result_id": 7, "difference": 1} in check.cells
+    many = first + [f"p{100 + j}:row{100 + j}" for j in range(10)]   # ten more rows of ten persons
+    assert differencing_check(many, {7: first}, 10).verdict == "pass"
+
+
 def test_differencing_one_row_apart_fails_naming_the_earlier_answer():
     first = keys((0, 40))
     check = differencing_check(keys((0, 41)), {7: first}, 10)
     assert check.verdict == "fail" and check.name == "differencing"
     assert {"result_id": 7, "difference": 1} in check.cells
-    assert {"results": [], "this_answer": True, "rows": 1} in check.cells
+    assert {"results": [], "this_answer": True, "persons": 1} in check.cells
     assert "#7" in check.reason and "#7" in check.reason_zh
     # the same rows, or far enough apart, pass; so does an unrelated answer
     assert differencing_check(list(reversed(first)), {7: first}, 10).verdict == "pass"
@@ -550,10 +560,10 @@ def test_differencing_sees_three_answers_that_no_pair_gives_away():
     assert differencing_check(c, {1: a}, 10).verdict == "pass"
     assert differencing_check(c, {2: b}, 10).verdict == "pass"
     check = differencing_check(c, {1: a, 2: b}, 10)
-    assert check.verdict == "fail" and check.cells == [{"results": [], "this_answer": True, "rows": 1}]
+    assert check.verdict == "fail" and check.cells == [{"results": [], "this_answer": True, "persons": 1}]
     # a region the new answer cuts into a small part fails too (A's rows: 19 kept, 1 left out)
     check = differencing_check(keys((0, 19), (21, 41)), {1: a, 2: b}, 10)
-    assert check.verdict == "fail" and {"results": [1], "this_answer": False, "rows": 1} in check.cells
+    assert check.verdict == "fail" and {"results": [1], "this_answer": False, "persons": 1} in check.cells
 
 
 def test_differencing_counts_identical_rows_and_unknown_answers():

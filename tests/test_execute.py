@@ -159,6 +159,21 @@ def test_rows_are_masked_with_the_catalog_masking(crafted):
     assert all("1" != r["person_id"] for r in t)
 
 
+@ENGINE_ONLY
+def test_each_row_answer_comes_in_its_own_random_order(crafted):
+    """Two answers with the same rows cannot be lined up by position (their pseudonyms are keyed
+    apart unless the scene links them); the row identities follow the rows."""
+    import dataclasses
+
+    meta, snap = crafted
+    ex = dataclasses.replace(execution(meta, snap, f"SELECT visit_id, fee FROM {VISITS} LIMIT 200",
+                                       pseudonym_key=b"k" * 32, epsilon=None), disclosure_stats=True)
+    a, b = execute.run(ex), execute.run(ex)
+    rows_a, rows_b = a.table.to_pylist(), b.table.to_pylist()
+    assert sorted(map(str, rows_a)) == sorted(map(str, rows_b)) and rows_a != rows_b
+    assert dict(zip(a.row_keys, map(str, rows_a))) == dict(zip(b.row_keys, map(str, rows_b)))
+
+
 # By default on SQLite (the pseudonym key comes from the settings and the scene id); masked rows through
 # the API on PostgreSQL: tests/test_queries.py::test_a_held_row_level_answer_hides_its_size_from_the_tenant.
 @pytest.mark.default_backend("sqlite")
