@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ class Settings:
     scene_max_validity_days: int = 366
     query_lease_seconds: int = 60      # a running query's lease; a worker renews it while it runs
     query_max_attempts: int = 3        # a query whose worker died is retried this often, then failed
+    # What one company may spend on one dataset across all its scenes, unless the office set its own
+    # cap (sandbox/ledger.py). ε 10 is a scene's maximum budget and 3-5 typical scenes (ε 2-3 each).
+    company_dataset_epsilon: float = 10.0
+    company_dataset_delta: float = 1e-5
     secret_key_override: str | None = field(default=None, repr=False)
     fingerprint_key_override: str | None = field(default=None, repr=False)
 
@@ -43,6 +48,8 @@ class Settings:
             scene_max_validity_days=int(env.get("PDAO_SCENE_MAX_VALIDITY_DAYS", "366")),
             query_lease_seconds=int(env.get("PDAO_QUERY_LEASE_SECONDS", "60")),
             query_max_attempts=int(env.get("PDAO_QUERY_MAX_ATTEMPTS", "3")),
+            company_dataset_epsilon=float(env.get("PDAO_COMPANY_DATASET_EPSILON", "10")),
+            company_dataset_delta=float(env.get("PDAO_COMPANY_DATASET_DELTA", "1e-5")),
         )
 
     @property
@@ -62,6 +69,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.scene_approvals_required < 1:
             raise ValueError("PDAO_SCENE_APPROVALS must be at least 1 (default 2)")
+        if not (math.isfinite(self.company_dataset_epsilon) and self.company_dataset_epsilon >= 0):
+            raise ValueError("PDAO_COMPANY_DATASET_EPSILON must be a finite number, 0 or more (default 10)")
+        if not (math.isfinite(self.company_dataset_delta) and self.company_dataset_delta >= 0):
+            raise ValueError("PDAO_COMPANY_DATASET_DELTA must be a finite number, 0 or more (default 1e-5)")
 
     def ensure_home(self) -> None:
         for d in (self.home, self.domain_dir, self.staging_dir, self.results_dir):

@@ -211,7 +211,7 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
     session.add(q)
     session.flush()
     if mode == "prod" and q.epsilon > 0:
-        entry = ledger.reserve(session, scene.id, q.epsilon, query_ref=f"query:{q.id}")
+        entry = ledger.reserve(session, scene.id, q.epsilon, query_ref=f"query:{q.id}", dataset=p.checked.dataset, settings=settings)
         q.budget_entry_id = entry.id
     if mode == "dev":
         q.started_at, q.attempts = utcnow(), 1
