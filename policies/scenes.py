@@ -27,7 +27,6 @@ from policies.enforcer import SceneEnforcers, role_may, scene_domain, scene_poli
 from policies.models import CasbinRule, Scene, SceneEvent, SceneItem, SceneReview, SceneTemplate
 from policies.rules import FieldFacts, Verdict, item_verdict
 from policies.states import today_in_city
-from sandbox.ledger import SceneDatasetBudget, budget_scope, scene_dataset_budgets
 from policies.schemas import (
     Approvals,
     Budget,
@@ -47,6 +46,7 @@ from policies.schemas import (
     TemplateIn,
     TemplateOut,
 )
+from sandbox.ledger import SceneDatasetBudget, budget_scope, scene_dataset_budgets
 
 MAX_EPSILON = 10.0      # a scene's whole budget
 MAX_DELTA = 1e-5

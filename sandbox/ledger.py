@@ -12,9 +12,9 @@ Two budgets pay for every prod query, in the caller's transaction, both or neith
   make one row and both count).
 
 Concurrent queries can never overspend either budget: a reservation takes the scene's row, then
-the company's (a no-op UPDATE: PostgreSQL locks the row, SQLite takes its single write lock),
-reads what they hold now, decides, and only then adds the cost to both. Refunds take them in the
-same order, so two transactions never wait on each other in a cycle. Every movement is a ledger
+the company's (PostgreSQL: `SELECT … FOR NO KEY UPDATE`; SQLite: its single write lock), reads
+what they hold now, decides, and only then adds the cost to both. Refunds take them in the same
+order, so two transactions never wait on each other in a cycle. Every movement is a ledger
 row whose state changes only reserved → charged or reserved → refunded, each by a conditional
 update, so replaying a charge or a refund after a crash changes nothing (never double-charged,
 never double-refunded); the row names the dataset and the company, so a refund credits both.
@@ -236,27 +236,43 @@ def _settle(session: Session, entry_id: int, state: str) -> bool:
                         .execution_options(synchronize_session=False)).rowcount == 1
 
 
+def _on_sqlite(session: Session) -> bool:
+    return session.get_bind().dialect.name == "sqlite"
+
+
 def _take_scene(session: Session, scene_id: int) -> Totals:
     """Lock the scene's row for this transaction and read its totals as they are now."""
-    session.exec(update(Scene).where(Scene.id == scene_id).values(epsilon_spent=Scene.epsilon_spent)
-                 .execution_options(synchronize_session=False))
-    return Totals(*session.exec(select(Scene.budget_epsilon, Scene.budget_delta, Scene.epsilon_spent,
-                                       Scene.delta_spent).where(Scene.id == scene_id)).one())
+    stmt = select(Scene.budget_epsilon, Scene.budget_delta, Scene.epsilon_spent, Scene.delta_spent).where(
+        Scene.id == scene_id)
+    if _on_sqlite(session):
+        # SQLite's one write lock covers the database: a no-op UPDATE takes it, and every read after is current
+        session.exec(update(Scene).where(Scene.id == scene_id).values(epsilon_spent=Scene.epsilon_spent)
+                     .execution_options(synchronize_session=False))
+    else:
+        # FOR NO KEY UPDATE: waits for a racing reservation, then reads what it left; unlike FOR UPDATE
+        # it does not wait on the key-share lock that inserting the query (scene_id → scene) holds
+        stmt = stmt.with_for_update(key_share=True)
+    return Totals(*session.exec(stmt).one())
 
 
 def _take_company(session: Session, org_id: int, dataset: str) -> CompanyDatasetBudget:
-    """Create the company's row on the dataset if it has none (a racing creator's row wins, and is
-    then used), lock it for this transaction and read it as it is now."""
-    insert = (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)
+    """Lock the company's row on the dataset for this transaction and read it as it is now; create
+    it first if it has none (a racing creator's row wins, and is then used)."""
+    stmt = (select(CompanyDatasetBudget)
+            .where(CompanyDatasetBudget.org_id == org_id, CompanyDatasetBudget.dataset == dataset)
+            .execution_options(populate_existing=True))
+    sqlite_db = _on_sqlite(session)
+    if not sqlite_db:
+        row = session.exec(stmt.with_for_update(key_share=True)).one_or_none()
+        if row is not None:
+            return row
     now = utcnow()
-    session.exec(insert(CompanyDatasetBudget).values(org_id=org_id, dataset=dataset, epsilon_spent=0.0,
-                                                     delta_spent=0.0, created_at=now, updated_at=now)
+    # On SQLite this write also takes the database's write lock, even when the row exists.
+    session.exec((sqlite.insert if sqlite_db else postgresql.insert)(CompanyDatasetBudget)
+                 .values(org_id=org_id, dataset=dataset, epsilon_spent=0.0, delta_spent=0.0, created_at=now,
+                         updated_at=now)
                  .on_conflict_do_nothing(index_elements=["org_id", "dataset"]))
-    where = (CompanyDatasetBudget.org_id == org_id, CompanyDatasetBudget.dataset == dataset)
-    session.exec(update(CompanyDatasetBudget).where(*where).values(epsilon_spent=CompanyDatasetBudget.epsilon_spent)
-                 .execution_options(synchronize_session=False))
-    return session.exec(select(CompanyDatasetBudget).where(*where)
-                        .execution_options(populate_existing=True)).one()
+    return session.exec(stmt if sqlite_db else stmt.with_for_update(key_share=True)).one()
 
 
 def entries(session: Session, scene_id: int) -> list[BudgetEntry]:
