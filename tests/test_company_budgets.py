@@ -89,6 +89,8 @@ def test_three_identical_scenes_stop_at_the_company_cap(client, auth, engine, lo
     assert prod_query(client, a, scenes[0], 2.0).json()["code"] == "company_budget_exhausted"
 
     # insurer_b's budget on the same dataset is untouched by all this, and its own queries pay from it
+    untouched = budgets(client, auth("office1"), dataset=VISITS)[("company_b", VISITS)]
+    assert (untouched["epsilon_spent"], untouched["epsilon_left"]) == (0.0, 10.0)
     assert prod_query(client, b, b_scene, 2.0).status_code == 202
     every = budgets(client, auth("office1"), dataset=VISITS)
     assert every[("company_a", VISITS)]["epsilon_spent"] == pytest.approx(10.0)
