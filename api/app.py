@@ -15,6 +15,7 @@ from api.console.errors import error_page, internal_error_page, is_console
 from api.errors import error_response, install_error_handlers, internal_error_response, nul_refusal
 from api.limits import BodySizeLimit, limits_by_path
 from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes, uploads
+from api.routes import budgets
 from pdao import __version__, audit
 from pdao.config import Settings
 from pdao.errors import PdaoError, invalid
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.scene_enforcers = SceneEnforcers(app.state.engine)
     for router in (health.router, auth.router, datasets.router, scenes.router, queries.router, results.router,
                    admin.router,
-                   audit_routes.router, alerts.router, uploads.router):
+                   audit_routes.router, alerts.router, uploads.router,
+                   budgets.router):
         app.include_router(router, prefix=API_PREFIX)
     console.install(app)  # /console: pages over the same services, auth, casbin and audit
     # Added before the audit middleware, so it runs inside it: a refused body is audited too.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ class Settings:
     # A prod run's outcome becomes visible at the end of its timing class: the run's duration rounded
     # up to base × 2^n seconds (sandbox/outcomes.py). 0 turns the padding off (tests only).
     prod_timing_base_seconds: float = 1.0
+    # What one company may spend on one dataset across all its scenes, unless the office set its own
+    # cap (sandbox/ledger.py). ε 10 is a scene's maximum budget and 3-5 typical scenes (ε 2-3 each).
+    company_dataset_epsilon: float = 10.0
+    company_dataset_delta: float = 1e-5
     secret_key_override: str | None = field(default=None, repr=False)
     fingerprint_key_override: str | None = field(default=None, repr=False)
 
@@ -59,6 +64,8 @@ class Settings:
             query_jobs_per_tenant=int(env.get("PDAO_QUERY_JOBS_PER_TENANT", "1")),
             dev_wait_seconds=float(env.get("PDAO_DEV_WAIT_SECONDS", "10")),
             prod_timing_base_seconds=float(env.get("PDAO_PROD_TIMING_BASE_SECONDS", "1")),
+            company_dataset_epsilon=float(env.get("PDAO_COMPANY_DATASET_EPSILON", "10")),
+            company_dataset_delta=float(env.get("PDAO_COMPANY_DATASET_DELTA", "1e-5")),
         )
 
     @property
@@ -78,6 +85,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.scene_approvals_required < 1:
             raise ValueError("PDAO_SCENE_APPROVALS must be at least 1 (default 2)")
+        if not (math.isfinite(self.company_dataset_epsilon) and self.company_dataset_epsilon >= 0):
+            raise ValueError("PDAO_COMPANY_DATASET_EPSILON must be a finite number, 0 or more (default 10)")
+        if not (math.isfinite(self.company_dataset_delta) and self.company_dataset_delta >= 0):
+            raise ValueError("PDAO_COMPANY_DATASET_DELTA must be a finite number, 0 or more (default 1e-5)")
 
     def ensure_home(self) -> None:
         for d in (self.home, self.domain_dir, self.staging_dir, self.results_dir):

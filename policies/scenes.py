@@ -23,7 +23,7 @@ from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.identity.models import Role, User
 from pdao.identity.service import Principal
 from policies import states
-from policies.enforcer import SceneEnforcers, scene_domain, scene_policy_rows
+from policies.enforcer import SceneEnforcers, role_may, scene_domain, scene_policy_rows
 from policies.models import CasbinRule, Scene, SceneEvent, SceneItem, SceneReview, SceneTemplate
 from policies.rules import FieldFacts, Verdict, item_verdict
 from policies.states import today_in_city
@@ -46,9 +46,18 @@ from policies.schemas import (
     TemplateIn,
     TemplateOut,
 )
+from sandbox.ledger import SceneDatasetBudget, budget_scope, scene_dataset_budgets
 
 MAX_EPSILON = 10.0      # a scene's whole budget
 MAX_DELTA = 1e-5
+
+
+class SceneView(SceneOut):
+    """A scene as `GET /scenes/{id}` shows it: with, per dataset on its data list, the company's
+    budget across all its scenes (`sandbox.ledger.scene_dataset_budgets`) for those who may read
+    that company's budgets (the office, auditors, the tenant itself); None for everyone else."""
+
+    company_budgets: list[SceneDatasetBudget] | None = None
 
 
 # --- rules that refuse an application -------------------------------------------------------
@@ -563,7 +572,21 @@ def explain(session: Session, enforcers: SceneEnforcers, scene: Scene, org_code:
 
 # --- the answer -----------------------------------------------------------------------------------
 
-def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | None = None) -> SceneOut:
+def company_budgets_for(session: Session, settings: Settings, viewer: Principal | None, scene: Scene,
+                        now: datetime) -> list[SceneDatasetBudget] | None:
+    """The scene's company budgets if `viewer` may read that company's budgets (casbin `budget read`,
+    then its scope: a tenant its own company's only), else None."""
+    if viewer is None or not role_may(viewer.role.value, "budget", "read"):
+        return None
+    scope = budget_scope(viewer.role, viewer.org_id, viewer.org_kind)
+    if scope is not None and scope != scene.org_id:
+        return None
+    return scene_dataset_budgets(session, settings, scene, _org_code(session, scene.org_id), now)
+
+
+def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | None = None,
+           viewer: Principal | None = None) -> SceneView:
+    """The scene as the API shows it; the company's budgets only with a `viewer` allowed to read them."""
     now = now or utcnow()
     status = states.effective_status(scene.status, scene.valid_from, scene.valid_to, now)
     items = _items(session, scene)
@@ -577,7 +600,7 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
     user_ids = {scene.applicant_id} | {r.reviewer_id for r in reviews} | {e.actor_id for e in events if e.actor_id}
     users = dict(session.exec(select(User.id, User.username).where(User.id.in_(user_ids))).all())
     approvers = sorted({users.get(r) or "?" for r in _approvers(session, scene)}) if scene.status == "submitted" else []
-    return SceneOut(
+    return SceneView(
         id=scene.id, org=_org_code(session, scene.org_id), applicant=users.get(scene.applicant_id, "?"),
         title=scene.title, purpose=scene.purpose, scene_type=scene.scene_type, legal_basis=scene.legal_basis,
         consent_approach=scene.consent_approach, emergency_plan=scene.emergency_plan, valid_from=scene.valid_from,
@@ -604,6 +627,7 @@ def to_out(session: Session, settings: Settings, scene: Scene, now: datetime | N
         history=[EventOut(action=e.action, from_status=e.from_status, to_status=e.to_status,
                           actor=users.get(e.actor_id) if e.actor_id else None, reason=e.reason, at=e.at) for e in events],
         created_at=scene.created_at, updated_at=scene.updated_at,
+        company_budgets=company_budgets_for(session, settings, viewer, scene, now),
     )
 
 

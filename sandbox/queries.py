@@ -215,10 +215,14 @@ def preview(session: Session, settings: Settings, enforcers: SceneEnforcers, pri
     p = prepare(session, settings, enforcers, principal, scene, sql, mode, epsilon)
     out = plan_preview(p.execution)
     left = max(scene.budget_epsilon - scene.epsilon_spent, 0.0)
+    company = ledger.company_budget(session, settings, scene.org_id, scenes.tenant_code(session, scene),
+                                    p.checked.dataset).epsilon_left
     cost = 0.0 if mode == "dev" or p.checked.kind == "rows" else float(p.execution.epsilon or 0)
     out.update({"mode": mode, "synthetic": mode == "dev", "epsilon_cost": cost, "checked_sql": p.checked.sql,
-                "dataset": p.checked.dataset, "budget": {"epsilon_left": left, "epsilon_left_after": max(left - cost, 0.0),
-                                                         "affordable": cost <= left + ledger.TOLERANCE}})
+                "dataset": p.checked.dataset,
+                "budget": {"epsilon_left": left, "epsilon_left_after": max(left - cost, 0.0),
+                           "company_epsilon_left": company,   # the company's on this dataset, across its scenes
+                           "affordable": cost <= min(left, company) + ledger.TOLERANCE}})
     return out
 
 
@@ -255,7 +259,8 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
     session.add(q)
     session.flush()
     if mode == "prod" and q.epsilon > 0:
-        entry = ledger.reserve(session, scene.id, q.epsilon, query_ref=f"query:{q.id}")
+        entry = ledger.reserve(session, scene.id, q.epsilon, query_ref=f"query:{q.id}", dataset=p.checked.dataset,
+                               settings=settings)
         q.budget_entry_id = entry.id
     return q
 

@@ -10,13 +10,13 @@ from pydantic import BaseModel
 from api.deps import SessionDep, SettingsDep, caller, scene_access
 from policies import scenes
 from policies.rules import Usage, rule_table
+from policies.scenes import SceneView
 from policies.schemas import (
     EmergencyStopIn,
     Explanation,
     ReasonIn,
     ReviewIn,
     SceneIn,
-    SceneOut,
     ScenePatch,
     SceneSummary,
 )
@@ -24,14 +24,14 @@ from policies.schemas import (
 router = APIRouter(tags=["scenes"])
 
 
-@router.post("/scenes", name="scenes.create", response_model=SceneOut, status_code=status.HTTP_201_CREATED)
+@router.post("/scenes", name="scenes.create", response_model=SceneView, status_code=status.HTTP_201_CREATED)
 def create_scene(body: SceneIn, principal: caller("scene", "create"), session: SessionDep, settings: SettingsDep,
-                 request: Request) -> SceneOut:
+                 request: Request) -> SceneView:
     """Draft a scene application. Refused at once, item by item, where the rule table says no."""
     scene = scenes.create(session, settings, principal, body)
     session.commit()
     request.state.scene_id, request.state.object = scene.id, f"scene:{scene.id}"
-    return scenes.to_out(session, settings, scene)
+    return scenes.to_out(session, settings, scene, viewer=principal)
 
 
 @router.get("/scenes", name="scenes.list", response_model=list[SceneSummary])
@@ -41,60 +41,61 @@ def list_scenes(principal: caller("scene", "read"), session: SessionDep,
     return scenes.list_visible(session, principal, status_)
 
 
-@router.get("/scenes/{scene_id}", name="scenes.read", response_model=SceneOut)
-def get_scene(ctx: scene_access("read"), session: SessionDep, settings: SettingsDep) -> SceneOut:
-    """Status, data list (struck items marked), effective items, budget, reviews and history."""
-    return scenes.to_out(session, settings, ctx.scene)
+@router.get("/scenes/{scene_id}", name="scenes.read", response_model=SceneView)
+def get_scene(ctx: scene_access("read"), session: SessionDep, settings: SettingsDep) -> SceneView:
+    """Status, data list (struck items marked), effective items, budget, reviews and history; per
+    dataset, the company's budget across its scenes (the office, auditors and the tenant itself)."""
+    return scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
 
 
-@router.patch("/scenes/{scene_id}", name="scenes.edit", response_model=SceneOut)
-def edit_scene(body: ScenePatch, ctx: scene_access("edit"), session: SessionDep, settings: SettingsDep) -> SceneOut:
+@router.patch("/scenes/{scene_id}", name="scenes.edit", response_model=SceneView)
+def edit_scene(body: ScenePatch, ctx: scene_access("edit"), session: SessionDep, settings: SettingsDep) -> SceneView:
     """Edit a draft or returned application (`items` replaces the whole list)."""
     scenes.update(session, settings, ctx.principal, ctx.scene, body)
     session.commit()
-    return scenes.to_out(session, settings, ctx.scene)
+    return scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
 
 
-@router.post("/scenes/{scene_id}/submit", name="scenes.submit", response_model=SceneOut)
-def submit_scene(ctx: scene_access("submit"), session: SessionDep, settings: SettingsDep) -> SceneOut:
+@router.post("/scenes/{scene_id}/submit", name="scenes.submit", response_model=SceneView)
+def submit_scene(ctx: scene_access("submit"), session: SessionDep, settings: SettingsDep) -> SceneView:
     scenes.submit(session, settings, ctx.principal, ctx.scene)
     session.commit()
-    return scenes.to_out(session, settings, ctx.scene)
+    return scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
 
 
-@router.post("/scenes/{scene_id}/reviews", name="scenes.review", response_model=SceneOut)
+@router.post("/scenes/{scene_id}/reviews", name="scenes.review", response_model=SceneView)
 def review_scene(body: ReviewIn, ctx: scene_access("review"), session: SessionDep, settings: SettingsDep,
-                 request: Request) -> SceneOut:
+                 request: Request) -> SceneView:
     """An office member's opinion: approve, reject or return, striking items."""
     request.state.audit_detail = {"decision": body.decision, "struck_items": body.struck_items}
     scenes.review(session, settings, ctx.principal, ctx.scene, body)
     session.commit()
-    return scenes.to_out(session, settings, ctx.scene)
+    return scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
 
 
-@router.post("/scenes/{scene_id}/suspend", name="scenes.suspend", response_model=SceneOut)
+@router.post("/scenes/{scene_id}/suspend", name="scenes.suspend", response_model=SceneView)
 def suspend_scene(ctx: scene_access("suspend"), session: SessionDep, settings: SettingsDep,
-                  body: ReasonIn | None = None) -> SceneOut:
+                  body: ReasonIn | None = None) -> SceneView:
     scenes.suspend(session, ctx.principal, ctx.scene, body.reason if body else "")
     session.commit()
-    return scenes.to_out(session, settings, ctx.scene)
+    return scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
 
 
-@router.post("/scenes/{scene_id}/resume", name="scenes.resume", response_model=SceneOut)
+@router.post("/scenes/{scene_id}/resume", name="scenes.resume", response_model=SceneView)
 def resume_scene(ctx: scene_access("resume"), session: SessionDep, settings: SettingsDep,
-                 body: ReasonIn | None = None) -> SceneOut:
+                 body: ReasonIn | None = None) -> SceneView:
     scenes.resume(session, ctx.principal, ctx.scene, body.reason if body else "")
     session.commit()
-    return scenes.to_out(session, settings, ctx.scene)
+    return scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
 
 
-@router.post("/scenes/{scene_id}/revoke", name="scenes.revoke", response_model=SceneOut)
+@router.post("/scenes/{scene_id}/revoke", name="scenes.revoke", response_model=SceneView)
 def revoke_scene(ctx: scene_access("revoke"), session: SessionDep, settings: SettingsDep,
-                 body: ReasonIn | None = None) -> SceneOut:
+                 body: ReasonIn | None = None) -> SceneView:
     """Revoke for good: the scene's policies are deleted and it never becomes active again."""
     scenes.revoke(session, ctx.principal, ctx.scene, body.reason if body else "")
     session.commit()
-    return scenes.to_out(session, settings, ctx.scene)
+    return scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
 
 
 class StopOut(BaseModel):
