@@ -16,18 +16,18 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('scene', schema=None) as batch_op:
-        # one pseudonym key for all the scene's answers only when the office approved linkage
-        batch_op.add_column(sa.Column('link_pseudonyms', sa.Boolean(), server_default=sa.false(), nullable=False))
-    with op.batch_alter_table('result_review', schema=None) as batch_op:
-        # a release overriding failing checks, and which checks failed then
-        batch_op.add_column(sa.Column('override', sa.Boolean(), server_default=sa.false(), nullable=False))
-        batch_op.add_column(sa.Column('overridden_checks', sa.JSON(), nullable=True))
+    # Plain ADD COLUMN (no batch rebuild: SQLite would drop and copy `scene`, which other tables
+    # point at; it refuses once rows reference it).
+    # one pseudonym key for all the scene's answers only when the office approved linkage
+    op.add_column('scene', sa.Column('link_pseudonyms', sa.Boolean(), server_default=sa.false(), nullable=False))
+    # a release overriding failing checks, and which checks failed then
+    op.add_column('result_review', sa.Column('override', sa.Boolean(), server_default=sa.false(), nullable=False))
+    op.add_column('result_review', sa.Column('overridden_checks', sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('result_review', schema=None) as batch_op:
-        batch_op.drop_column('overridden_checks')
-        batch_op.drop_column('override')
-    with op.batch_alter_table('scene', schema=None) as batch_op:
-        batch_op.drop_column('link_pseudonyms')
+    # Plain DROP COLUMN (SQLite 3.35+, PostgreSQL): a batch rebuild of `scene` would drop the table
+    # that queries, results and reviews point at, which SQLite refuses once rows reference it.
+    for table, column in (("result_review", "overridden_checks"), ("result_review", "override"),
+                          ("scene", "link_pseudonyms")):
+        op.execute(f'ALTER TABLE {table} DROP COLUMN "{column}"')
