@@ -446,9 +446,14 @@ class Client:
         """Held results waiting for you (reviewers)."""
         return self._request("GET", "/reviews/queue", params={"limit": limit})
 
-    def review(self, result_id: int, decision: Literal["release", "reject"], reason: str) -> dict[str, Any]:
-        """Release or reject a held result, with a reason (reviewers)."""
-        return self._request("POST", f"/results/{int(result_id)}/review", json={"decision": decision, "reason": reason})
+    def review(self, result_id: int, decision: Literal["release", "reject"], reason: str, *,
+               override: bool = False) -> dict[str, Any]:
+        """Release or reject a held result, with a reason (reviewers). A result with a failing check
+        is released only by two reviewers each releasing with `override=True` and a reason."""
+        body: dict[str, Any] = {"decision": decision, "reason": reason}
+        if override:
+            body["override"] = True
+        return self._request("POST", f"/results/{int(result_id)}/review", json=body)
 
     def lineage(self, result_id: int) -> dict[str, Any]:
         """Result → query → scene → authorization → dataset versions, reviews and exports."""
