@@ -12,7 +12,8 @@ the text). A file that passes becomes the next version of that name in the tenan
 
 Bounded work (issue #13): a file of more than `Settings.upload_max_rows` data rows is refused
 (413 `too_many_rows`) before any per-row work — a Parquet file by its footer, a CSV file by its line
-breaks and, only when those say more, by a count that stops past the cap. Every check runs in
+breaks and, only when those say more, by a count that stops past the cap — and so is a Parquet
+file whose values unpack to more than a file may hold (413 `values_too_large`). Every check runs in
 DuckDB over whole columns (ID check characters and mobile numbers in SQL; the personal-data scan
 sends Presidio only the distinct values a regular expression pre-filter cannot rule out). An
 organization's stored versions together stay within `tenant_upload_quota_bytes` and
@@ -630,8 +631,8 @@ def pii_prefilter_sql(v: str = "v") -> str:
     `sandbox.pii.find_pii_batch` can find anything scoring `PII_MIN_SCORE` or more: the OR of a
     necessary condition of each such pattern of the recognizers, built from their own constants.
     Values it rules out are not sent to Presidio, which changes no finding of the scan; most
-    references, codes, dates and words are ruled out (tests/test_upload_bounds.py checks it on the
-    PII tests' texts, the synthetic free texts and random ones).
+    references (A0000001, C-0000001) and words are ruled out (tests/test_upload_bounds.py checks it
+    on the PII tests' texts, the synthetic free texts and random ones).
 
     Bare passport and permit numbers (0.4) are left out on purpose: they never refuse a file."""
     from sandbox.pii.cn_address_recognizer import ANCHOR_RE
@@ -740,8 +741,8 @@ def _pii_refused(report: UploadReport) -> PdaoError:
 def write_upload(settings: Settings, src: Path, schema: UploadSchema, today: date | None = None
                  ) -> tuple[Path, UploadReport]:
     """Check and scan `src`, then write its canonical Parquet to staging (the caller removes it).
-    Refuses the file whole (413 `too_many_rows`, 422 `upload_invalid` / `unexpected_pii`). Touches
-    no database."""
+    Refuses the file whole (413 `too_many_rows` / `values_too_large`, 422 `upload_invalid` /
+    `unexpected_pii`). Touches no database."""
     settings.ensure_home()
     fmt = sniff_format(src)
     tmp = settings.staging_dir / f"tenant-{uuid.uuid4().hex}.parquet"

@@ -109,7 +109,7 @@ def test_the_review_row_bomb_is_refused_before_any_per_row_work(client, auth, en
     assert body["code"] == "too_many_rows" and body["message_zh"]
     assert body["details"] == {"limit_rows": 1_000_000, "rows": 4_000_000}
     assert "1,000,000" in body["message"] and "PDAO_UPLOAD_MAX_ROWS" in body["message"]
-    assert elapsed < 5, f"{elapsed:.2f} s"   # 0.2 s measured; 83 s before the cap
+    assert elapsed < 10, f"{elapsed:.2f} s"   # 0.2 s measured, on a busy machine too; 83 s before the cap
     assert upload_rows(engine) == 0 and files_under(settings) == []
     assert [p for p in settings.staging_dir.iterdir() if not p.name.startswith("duckdb")] == []
     assert audit_reasons(engine) == ["too_many_rows"]
@@ -143,7 +143,7 @@ def test_a_small_parquet_of_huge_values_is_refused_before_any_per_row_work(clien
     d = r.json()["details"]
     assert d["limit_bytes"] == 200 * 1024**2 and d["unpacked_bytes"] > d["limit_bytes"]
     assert "200 MB" in r.json()["message"] and r.json()["message_zh"]
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 10   # 0.1 s measured; minutes before
     assert upload_rows(engine) == 0 and files_under(settings) == []
     assert audit_reasons(engine) == ["values_too_large"]
 
