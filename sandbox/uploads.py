@@ -996,4 +996,5 @@ __all__ = ["ColumnSpec", "UploadSchema", "UploadReport", "parse_schema", "parse_
            "check_upload", "scan_pii", "write_upload", "store_upload", "upload_path", "verify_upload", "upload_scope",
            "visible_uploads", "get_versions", "latest_upload", "tenant_upload_columns", "join_key_of", "upload_roles",
            "split_join_target", "DUCK_TYPES", "Usage", "upload_usage", "claim_quota", "fits_quota", "quota_limits",
-           "too_many_rows", "rows_up_to", "values_too_large", "parquet_value_bytes", "cn_id_ok_sql", "phone_ok_sql", "pii_prefilter_sql"]
+           "too_many_rows", "rows_up_to", "values_too_large", "parquet_value_bytes", "cn_id_ok_sql", "phone_ok_sql",
+           "pii_prefilter_sql"]
