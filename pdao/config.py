@@ -17,6 +17,11 @@ class Settings:
     token_ttl_minutes: int = 60
     max_upload_bytes: int = 2 * 1024**3
     max_tenant_upload_bytes: int = 200 * 1024**2  # a tenant's own table (POST /uploads)
+    # Bounds on a tenant's uploads (docs/uploads.md): data rows in one file, checked before any
+    # per-row work; and what one organization's stored versions may hold together.
+    upload_max_rows: int = 1_000_000
+    tenant_upload_quota_bytes: int = 2048 * 1024**2
+    tenant_upload_quota_rows: int = 50_000_000
     login_max_failures: int = 5
     login_lock_minutes: int = 15
     api_key_claim_days: int = 7        # an API key grant waits this long for its owner to claim it
@@ -51,6 +56,9 @@ class Settings:
             token_ttl_minutes=int(env.get("PDAO_TOKEN_TTL_MINUTES", "60")),
             max_upload_bytes=int(env.get("PDAO_MAX_UPLOAD_MB", "2048")) * 1024**2,
             max_tenant_upload_bytes=int(env.get("PDAO_MAX_TENANT_UPLOAD_MB", "200")) * 1024**2,
+            upload_max_rows=int(env.get("PDAO_UPLOAD_MAX_ROWS", "1000000")),
+            tenant_upload_quota_bytes=int(env.get("PDAO_TENANT_UPLOAD_QUOTA_MB", "2048")) * 1024**2,
+            tenant_upload_quota_rows=int(env.get("PDAO_TENANT_UPLOAD_QUOTA_ROWS", "50000000")),
             secret_key_override=env.get("PDAO_SECRET_KEY") or None,
             fingerprint_key_override=env.get("PDAO_FINGERPRINT_KEY") or None,
             scene_approvals_required=int(env.get("PDAO_SCENE_APPROVALS", "2")),
@@ -89,6 +97,11 @@ class Settings:
             raise ValueError("PDAO_COMPANY_DATASET_EPSILON must be a finite number, 0 or more (default 10)")
         if not (math.isfinite(self.company_dataset_delta) and self.company_dataset_delta >= 0):
             raise ValueError("PDAO_COMPANY_DATASET_DELTA must be a finite number, 0 or more (default 1e-5)")
+        for name, value in (("PDAO_UPLOAD_MAX_ROWS", self.upload_max_rows),
+                            ("PDAO_TENANT_UPLOAD_QUOTA_MB", self.tenant_upload_quota_bytes),
+                            ("PDAO_TENANT_UPLOAD_QUOTA_ROWS", self.tenant_upload_quota_rows)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1")
 
     def ensure_home(self) -> None:
         for d in (self.home, self.domain_dir, self.staging_dir, self.results_dir):

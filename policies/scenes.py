@@ -27,6 +27,7 @@ from policies.enforcer import SceneEnforcers, role_may, scene_domain, scene_poli
 from policies.models import CasbinRule, Scene, SceneEvent, SceneItem, SceneReview, SceneTemplate
 from policies.rules import FieldFacts, Verdict, item_verdict
 from policies.states import today_in_city
+from policies.visibility import tenant_scoped
 from policies.schemas import (
     Approvals,
     Budget,
@@ -247,7 +248,7 @@ def may_see(session: Session, principal: Principal, scene: Scene) -> bool:
     """Applicants see their own organization's scenes only; providers the scenes that use their
     department's data; the office, reviewers, auditors and the operator all — except that anyone
     who belongs to a company (a tenant) sees that company's scenes only."""
-    if principal.role is Role.applicant or principal.org_kind == "company":
+    if tenant_scoped(principal.role, principal.org_kind):
         return scene.org_id == principal.org_id
     if principal.role is Role.provider:
         return session.exec(select(SceneItem.id).join(Dataset, Dataset.code == SceneItem.dataset).where(
@@ -266,7 +267,7 @@ def list_visible(session: Session, principal: Principal, status: str | None = No
                  now: datetime | None = None) -> list[SceneSummary]:
     now = now or utcnow()
     stmt = select(Scene, Organization.code).join(Organization, Organization.id == Scene.org_id)
-    if principal.role is Role.applicant or principal.org_kind == "company":
+    if tenant_scoped(principal.role, principal.org_kind):
         stmt = stmt.where(Scene.org_id == principal.org_id)
     elif principal.role is Role.provider:
         stmt = stmt.where(Scene.id.in_(select(SceneItem.scene_id).join(Dataset, Dataset.code == SceneItem.dataset)

@@ -54,6 +54,7 @@ from pdao.identity.service import Principal
 from policies.models import Scene, SceneReview
 from policies.scenes import lock as lock_scene
 from policies.schemas import ReleasePolicy
+from policies.visibility import tenant_scoped
 from sandbox import disclosure, fingerprint
 from sandbox.execute import Answer, Execution
 from sandbox.models import Query, QueryResult, ResultExport, ResultReview
@@ -329,7 +330,7 @@ def record_auto_release(session: Session, result: QueryResult, q: Query) -> None
 
 
 def _tenant_scoped(principal: Principal) -> bool:
-    return principal.role is Role.applicant or principal.org_kind == "company"
+    return tenant_scoped(principal.role, principal.org_kind)
 
 
 def may_see(principal: Principal, org_id: int) -> bool:

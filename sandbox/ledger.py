@@ -40,6 +40,7 @@ from pdao.errors import PdaoError, conflict, invalid
 from pdao.identity.models import Role, User
 from policies import states
 from policies.models import Scene, SceneItem
+from policies.visibility import tenant_scoped
 
 # Float sums of many small costs drift by a few ulps; a budget is never exceeded by more than this
 # (δ is counted in millionths: its own, smaller slack).
@@ -120,7 +121,7 @@ def company_totals(row: CompanyDatasetBudget | None, settings: Settings) -> Tota
 def budget_scope(role: Role, org_id: int, org_kind: str) -> int | None:
     """Whose company budgets a caller (already allowed `budget read` by casbin) may see: its own
     company's (an org id) for anyone in a company, or every company's (None: the office, auditors)."""
-    return org_id if role is Role.applicant or org_kind == "company" else None
+    return org_id if tenant_scoped(role, org_kind) else None
 
 
 # Scenes that may still spend: the company's other scenes count while one of these (a suspended one

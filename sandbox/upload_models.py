@@ -1,12 +1,13 @@
 """Tenant uploads (issue #6): a company's own table, one immutable version per row (metadata only;
-the cells live in a read-only Parquet file under PDAO_HOME/tenants/<org>/uploads/<name>/)."""
+the cells live in a read-only Parquet file under PDAO_HOME/tenants/<org>/uploads/<name>/), and what
+each company's stored versions add up to (its quota, issue #13)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint, event
 from sqlmodel import Field, SQLModel
 
 from pdao.db import utcnow
@@ -41,3 +42,17 @@ class TenantUpload(SQLModel, table=True):
 @event.listens_for(TenantUpload, "before_delete")
 def _uploads_are_immutable(_mapper, _connection, target: TenantUpload) -> None:  # noqa: ANN001
     raise ValueError(f"tenant_upload {target.org_id}/{target.name}/v{target.version} is immutable")
+
+
+class TenantUploadUsage(SQLModel, table=True):
+    """What one organization's stored upload versions hold together: the sums of their
+    `size_bytes` and `row_count`. Raised in the same transaction that stores a version, by one
+    conditional UPDATE that also holds the quota (`sandbox.uploads.claim_quota`); that UPDATE is
+    also what makes two uploads of one organization take their turns. Never lowered: versions are
+    never deleted."""
+
+    __tablename__ = "tenant_upload_usage"
+
+    org_id: int = Field(foreign_key="organization.id", primary_key=True)
+    stored_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    stored_rows: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))

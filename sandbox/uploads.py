@@ -10,9 +10,21 @@ the text). A file that passes becomes the next version of that name in the tenan
 `PDAO_HOME/tenants/<org>/uploads/<name>/v<n>-<sha12>.parquet` (read-only, SHA-256 recorded), and a
 `TenantUpload` row.
 
-Who sees what (`upload_scope`): the tenant its own organization's uploads (metadata: never cells);
-office, reviewers and auditors the metadata of every tenant's uploads; providers, operators and
-other tenants nothing (404 on a name, exactly like a missing one).
+Bounded work (issue #13): a file of more than `Settings.upload_max_rows` data rows is refused
+(413 `too_many_rows`) before any per-row work — a Parquet file by its footer, a CSV file by its line
+breaks and, only when those say more, by a count that stops past the cap — and so is a Parquet
+file whose values unpack to more than a file may hold (413 `values_too_large`). Every check runs in
+DuckDB over whole columns (ID check characters and mobile numbers in SQL; the personal-data scan
+sends Presidio only the distinct values a regular expression pre-filter cannot rule out). An
+organization's stored versions together stay within `tenant_upload_quota_bytes` and
+`tenant_upload_quota_rows` (413 `upload_quota_exceeded`), held by one conditional UPDATE of its
+`TenantUploadUsage` row in the transaction that stores the version.
+
+Who sees what (`upload_scope`): a tenant-scoped caller (`policies.visibility.tenant_scoped`: an
+applicant, or anyone in a company — a company's own reviewer too) its own organization's uploads
+(metadata: never cells); the office, reviewers and auditors outside companies the metadata of every
+tenant's uploads; providers, operators and other tenants nothing (404 on a name, exactly like a
+missing one).
 
 For the query path (sandbox/queries.py, sandbox/sql.py): `latest_upload`, `upload_path`,
 `tenant_upload_columns`, `join_key_of`.
@@ -21,6 +33,7 @@ For the query path (sandbox/queries.py, sandbox/sql.py): `latest_upload`, `uploa
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import re
@@ -31,16 +44,18 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
-from catalog.identifiers import is_cn_mobile, is_valid_cn_id
+from catalog.identifiers import CN_ID_CHECK_CHARS, CN_ID_WEIGHTS
 from catalog.models import DatasetField, Organization
 from catalog.service import find_dataset
 from pdao.config import Settings
 from pdao.errors import PdaoError, invalid, not_found
 from pdao.identity.models import Role
 from policies.catalog_rules import catalog_scope
+from policies.visibility import tenant_scoped
 from sandbox.store import (
     _COMPATIBLE,
     DUCK_TYPES,
@@ -56,7 +71,7 @@ from sandbox.store import (
     sniff_format,
     stage_source,
 )
-from sandbox.upload_models import TenantUpload
+from sandbox.upload_models import TenantUpload, TenantUploadUsage
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 TYPES = ("string", "integer", "decimal", "date", "boolean")
@@ -229,11 +244,11 @@ def parse_schema_text(text: str | None, name: str | None = None) -> UploadSchema
     return parse_schema(data, name)
 
 
-def check_join_targets(session: Session, schema: UploadSchema, role: Role, org_id: int) -> None:
+def check_join_targets(session: Session, schema: UploadSchema, role: Role, org_id: int, org_kind: str) -> None:
     """Each join_key's `joins` names a field of a dataset the tenant may see, of the same type and
     the same pii_kind (an ID number joins an ID number). 422 `schema_invalid` otherwise."""
     problems = []
-    scope = catalog_scope(role, org_id)
+    scope = catalog_scope(role, org_id, org_kind)
     for c in schema.columns:
         if c.role != "join_key":
             continue
@@ -352,23 +367,128 @@ def _rejects(con: duckdb.DuckDBPyConnection, report: UploadReport) -> None:
                                 "message": f"{n} line(s) cannot be read as CSV ({kind.lower()})"})
 
 
-def _cn_id_ok(v: str) -> bool:
-    return is_valid_cn_id(v)
+# The identifier checks as SQL over whole columns: each is TRUE exactly where its Python original
+# in catalog.identifiers is (is_valid_cn_id, is_cn_mobile; tests/test_upload_bounds.py compares
+# them on valid, mutated and random values), FALSE elsewhere, never NULL for a non-null value, and
+# never an error, whatever the value (ascii() and TRY_CAST cannot fail).
+
+def cn_id_ok_sql(v: str) -> str:
+    """`is_valid_cn_id(v)` in DuckDB SQL, for the VARCHAR expression `v`: 17 ASCII digits and a
+    digit or X/x, a real date YYYYMMDD from 1800 on in characters 7–14, the GB 11643 check character."""
+    # any character's code point - 48, times at most 10, 17 times: well within INTEGER
+    total = " + ".join(f"(ascii(substr({v}, {i}, 1)) - 48) * {w}" for i, w in enumerate(CN_ID_WEIGHTS, start=1))
+    born = f"TRY_CAST(substr({v}, 7, 4) || '-' || substr({v}, 11, 2) || '-' || substr({v}, 13, 2) AS DATE)"
+    return (f"coalesce(regexp_full_match({v}, '[0-9]{{17}}[0-9Xx]') AND year({born}) >= 1800 "
+            f"AND substr({quote_literal(CN_ID_CHECK_CHARS)}, (({total}) % 11) + 1, 1) = upper(substr({v}, 18, 1)), "
+            "false)")
 
 
-def _phone_ok(v: str) -> bool:
-    return is_cn_mobile(v)
+def phone_ok_sql(v: str) -> str:
+    """`is_cn_mobile(v)` in DuckDB SQL: the whole value is 1[3-9] + 9 digits, optionally after
+    +86 and one space or dash."""
+    return f"coalesce(regexp_full_match({v}, '(?:\\+86[ -]?)?1[3-9][0-9]{{9}}'), false)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds: rows per upload, checked before any per-row work
+
+def too_many_rows(limit: int, rows: int | None) -> PdaoError:
+    """413: the file has more data rows than one upload may (`rows` when counted to the end)."""
+    counted = f"{rows:,}" if rows is not None else f"more than {limit:,}"
+    counted_zh = f"{rows:,}" if rows is not None else f"超过 {limit:,}"
+    return PdaoError(413, "too_many_rows",
+                     f"The file has {counted} data rows; an upload may have at most {limit:,} "
+                     "(PDAO_UPLOAD_MAX_ROWS). Nothing was stored; split the table or send fewer rows.",
+                     f"文件有 {counted_zh} 行数据，单次上传至多 {limit:,} 行（PDAO_UPLOAD_MAX_ROWS）。"
+                     "未保存任何数据；请拆分或减少行数。",
+                     details={"limit_rows": limit, "rows": rows})
+
+
+_CHUNK = 1 << 20
+
+
+def csv_rows_at_most(path: Path) -> int:
+    """An upper bound of a CSV file's data rows, from its line breaks alone (\\n, \\r\\n or \\r):
+    each record ends at one, or at the end of the file, and the first record is the header. Exact
+    when the file has no blank line and no quoted line break; never less than what a reader finds."""
+    breaks, last = 0, b""
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            breaks += chunk.count(b"\n") + chunk.count(b"\r") - chunk.count(b"\r\n")
+            if last == b"\r" and chunk[:1] == b"\n":
+                breaks -= 1
+            last = chunk[-1:]
+    records = breaks if last in (b"\n", b"\r") else breaks + 1
+    return max(records - 1, 0)
+
+
+def values_too_large(limit: int, unpacked: int) -> PdaoError:
+    """413: a (small) Parquet file whose values unpack to more than a file may hold."""
+    return PdaoError(413, "values_too_large",
+                     f"The file's values unpack to {unpacked / 1024**2:,.0f} MB; an upload may hold at most "
+                     f"{limit / 1024**2:,.0f} MB (PDAO_MAX_TENANT_UPLOAD_MB), as a CSV file may. Nothing was stored.",
+                     f"文件中的数据解压后达 {unpacked / 1024**2:,.0f} MB，单次上传至多 {limit / 1024**2:,.0f} MB"
+                     "（PDAO_MAX_TENANT_UPLOAD_MB，与 CSV 文件相同）。未保存任何数据。",
+                     details={"limit_bytes": limit, "unpacked_bytes": unpacked})
+
+
+def parquet_value_bytes(con: duckdb.DuckDBPyConnection, path: Path, text_columns: list[str], limit: int
+                        ) -> int | None:
+    """What a Parquet file's values unpack to, at least: its pages' uncompressed size (from the
+    footer: no page read), and only if that is within `limit`, the larger of it and the bytes of
+    its text values, which a dictionary may repeat far beyond its pages (summed by DuckDB from
+    each value's length, on pages the first bound has limited). None if it cannot be read (the
+    checks then say why)."""
+    lit = quote_literal(duck_path(path))
+    try:
+        pages = int(con.execute(f"SELECT coalesce(sum(total_uncompressed_size), 0) FROM parquet_metadata({lit})"
+                                ).fetchone()[0])
+        if pages > limit or not text_columns:
+            return pages
+        sums = ", ".join(f"coalesce(sum(strlen({quote_ident(c)})), 0)" for c in text_columns)
+        return max(pages, int(sum(con.execute(f"SELECT {sums} FROM src").fetchone())))
+    except duckdb.Error:
+        return None
+
+
+def rows_up_to(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, limit: int) -> int | None:
+    """The data rows of the file bound as `src` — exactly, or some number above `limit` where
+    counting stopped — or None if they cannot be counted (the checks then say why). Parquet: the
+    footer's counts (DuckDB reads no more rows than its row groups declare); CSV: the line breaks,
+    then, only if they allow more than `limit`, DuckDB's own reading of at most `limit` + 1 rows."""
+    lit = quote_literal(duck_path(path))
+    try:
+        if fmt == "parquet":
+            declared = con.execute(f"SELECT num_rows FROM parquet_file_metadata({lit})").fetchone()[0]
+            in_groups = con.execute(
+                "SELECT coalesce(sum(n), 0) FROM (SELECT DISTINCT row_group_id, row_group_num_rows AS n "
+                f"FROM parquet_metadata({lit}))").fetchone()[0]
+            return max(int(declared or 0), int(in_groups))
+        at_most = csv_rows_at_most(path)
+        if at_most <= limit:
+            return at_most
+        return con.execute(f"SELECT count(*) FROM (SELECT 1 FROM src LIMIT {limit + 1})").fetchone()[0]
+    except (duckdb.Error, OSError):
+        return None
 
 
 def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema,
-                 today: date | None = None) -> UploadReport:
+                 today: date | None = None, max_rows: int | None = None, max_bytes: int | None = None
+                 ) -> UploadReport:
     """Bind `path` as `src` and compare it with the schema (refusals in `problems`, notes in
-    `warnings`). Does not scan for personal data (`scan_pii`)."""
+    `warnings`). With `max_rows`, a file of more data rows is refused first (413 `too_many_rows`),
+    before anything reads its rows; with `max_bytes`, a Parquet file whose values unpack to more
+    bytes than that (413 `values_too_large`), before any per-row check. Does not scan for personal
+    data (`scan_pii`)."""
     report = UploadReport(format=fmt)
     try:
         names = _bind(con, path, fmt, report)
         if names is None:
             return report
+        if max_rows is not None:   # before any per-row work, the reading of the whole CSV included
+            counted = rows_up_to(con, path, fmt, max_rows)
+            if counted is not None and counted > max_rows:
+                raise too_many_rows(max_rows, counted if fmt == "parquet" else None)
         src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
         if fmt == "csv":
             # every column read (a bare count(*) does not parse the values, and rejects nothing)
@@ -397,9 +517,12 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
                                     "message": f"column '{c.name}' is {src_types[c.name]}, the schema says {c.type}"})
     if report.problems:
         return report
+    if max_bytes is not None and fmt == "parquet":   # what its values unpack to, before reading them
+        unpacked = parquet_value_bytes(con, path, [c.name for c in schema.columns
+                                                   if _base_type(src_types[c.name]) == "VARCHAR"], max_bytes)
+        if unpacked is not None and unpacked > max_bytes:
+            raise values_too_large(max_bytes, unpacked)
 
-    con.create_function("pdao_cn_id_ok", _cn_id_ok, ["VARCHAR"], "BOOLEAN")
-    con.create_function("pdao_phone_ok", _phone_ok, ["VARCHAR"], "BOOLEAN")
     today = today or date.today()
     checks: list[tuple[str, str, str, bool]] = []   # (column, check, condition, warning?)
     for c in schema.columns:
@@ -411,9 +534,11 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
             empty = f" OR trim({col}) = ''" if c.type == "string" else ""
             checks.append((c.name, "null", f"{col} IS NULL{empty}", False))
         if c.pii_kind == "cn_id":
-            checks.append((c.name, "cn_id", f"{col} IS NOT NULL AND NOT pdao_cn_id_ok({col})", False))
+            checks.append((c.name, "cn_id", f"{col} IS NOT NULL AND NOT {cn_id_ok_sql(f'CAST({col} AS VARCHAR)')}",
+                           False))
         if c.pii_kind == "phone":
-            checks.append((c.name, "phone", f"{col} IS NOT NULL AND NOT pdao_phone_ok({col})", False))
+            checks.append((c.name, "phone", f"{col} IS NOT NULL AND NOT {phone_ok_sql(f'CAST({col} AS VARCHAR)')}",
+                           False))
     typed = {c.name: _typed(f"s.{quote_ident(c.name)}", c.type, src_types[c.name]) for c in schema.columns}
     vf, vu = schema.column("consent_valid_from"), schema.column("consent_valid_until")
     if vf and vu:
@@ -441,6 +566,8 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
     try:
         counts = con.execute(f"SELECT {', '.join(exprs)} FROM {numbered} AS s").fetchone()
         report.row_count = counts[0]
+        if max_rows is not None and report.row_count > max_rows:   # a footer that undercounted
+            raise too_many_rows(max_rows, report.row_count)
         found = []
         for (cname, kind, cond, warn), n in zip(checks, counts[1:], strict=True):
             if n:
@@ -468,15 +595,19 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
             "duplicate_ref": f"{n} row(s) repeat a '{cname}' of an earlier row; a row_ref names one row",
         }[kind]
         (report.warnings if warn else report.problems).append(item)
-    _add_lines(path, fmt, len(schema.columns), report.problems + report.warnings)
+    _add_lines(path, fmt, len(schema.columns), report.problems + report.warnings, report.row_count)
     return report
 
 
-def _add_lines(path: Path, fmt: str, ncols: int, items: list[dict[str, Any]]) -> None:
+def _add_lines(path: Path, fmt: str, ncols: int, items: list[dict[str, Any]], row_count: int | None = None) -> None:
     if fmt != "csv":
         return
     wanted = {r for it in items for r in it.get("first_rows", ())}
-    lines = csv_lines(path, wanted, ncols)
+    if wanted and row_count is not None and csv_rows_at_most(path) == row_count:
+        # as many line breaks as rows: no blank line, no quoted line break, one line per record
+        lines = {r: r + 1 for r in wanted}
+    else:
+        lines = csv_lines(path, wanted, ncols)
     if not wanted or len(lines) != len(wanted):
         return
     for it in items:
@@ -490,17 +621,61 @@ def scanned_columns(schema: UploadSchema) -> list[ColumnSpec]:
     return [c for c in schema.columns if c.pii_kind is None and c.type in ("string", "integer")]
 
 
-def scan_pii(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema) -> list[dict[str, Any]]:
+def _re2_literal(word: str) -> str:
+    return "".join("\\" + ch if ch in "\\.+*?()|[]{}^$" else ch for ch in word)
+
+
+@functools.cache
+def pii_prefilter_sql(v: str = "v") -> str:
+    """A DuckDB condition on the VARCHAR expression `v` that is TRUE for every value in which
+    `sandbox.pii.find_pii_batch` can find anything scoring `PII_MIN_SCORE` or more: the OR of a
+    necessary condition of each such pattern of the recognizers, built from their own constants.
+    Values it rules out are not sent to Presidio, which changes no finding of the scan; most
+    references (A0000001, C-0000001) and words are ruled out (tests/test_upload_bounds.py checks it
+    on the PII tests' texts, the synthetic free texts and random ones).
+
+    Bare passport and permit numbers (0.4) are left out on purpose: they never refuse a file."""
+    from sandbox.pii.cn_address_recognizer import ANCHOR_RE
+    from sandbox.pii.cn_license_plate_recognizer import PROVINCES
+    from sandbox.pii.cn_name_recognizer import CUES, SURNAMES
+    from sandbox.pii.cn_passport_recognizer import PASSPORT_CUES
+    from sandbox.pii.cn_travel_permit_recognizer import PERMIT_CUES, TAIWAN_CUES
+
+    cue_words = sorted({*CUES, "代诉", "代述", *PASSPORT_CUES, *PERMIT_CUES, *TAIWAN_CUES}, key=lambda w: (-len(w), w))
+    anywhere = "|".join([
+        "[0-9]{15}",                                       # ID numbers (18 and 15 digits), bank cards (16-19)
+        "1[3-9][0-9]{9}",                                  # mobiles, with or without +86 / 86 / 0086
+        "1[3-9][0-9][ -][0-9]{4}[ -][0-9]{4}",             # mobiles split 3-4-4
+        "[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{4}",    # cards in groups of four
+        "[0-9A-HJ-NPQRTUWXY]{18}",                         # unified social credit codes
+        "@",                                               # e-mail addresses
+        f"[{PROVINCES}][A-HJ-NP-Z]",                       # licence plates
+        ANCHOR_RE,                                         # street addresses (each has one)
+        *map(_re2_literal, cue_words),                     # names, passports, permits after their cue words
+    ])
+    # a name as the whole first clause of a line: a comma, and a surname first on some line
+    first = "".join(sorted({name[0] for name in SURNAMES}))
+    lead = f"^[{first}]|[\\n\\r\\x0B\\x0C\\x{{85}}\\x{{2028}}\\x{{2029}}]"
+    return (f"(regexp_matches({v}, {quote_literal(anywhere)}) OR (regexp_matches({v}, '[，,]') "
+            f"AND regexp_matches({v}, {quote_literal(lead)})))")
+
+
+def scan_pii(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema,
+             row_count: int | None = None) -> list[dict[str, Any]]:
     """Personal data the schema did not declare: per (column, kind), how many rows and the first
-    rows (lines for CSV). Each distinct value is scanned once; no value leaves this function."""
+    rows (lines for CSV; `row_count`, the file's data rows if known, may spare reading it again for
+    them). Each distinct value that the pre-filter (`pii_prefilter_sql`, in DuckDB, over whole
+    columns) cannot rule out is scanned once; no value leaves this function."""
     from sandbox.pii import find_pii_batch
 
     out: list[dict[str, Any]] = []
     for c in scanned_columns(schema):
         col = f"s.{quote_ident(c.name)}"
+        # row numbers in file order first, then the filter (a filter is never pushed below OVER ())
         cur = con.execute(
             f"SELECT v, count(*), list(r ORDER BY r)[1:{MAX_EXAMPLES}] FROM (SELECT CAST({col} AS VARCHAR) AS v, "
-            f"row_number() OVER () AS r FROM src AS s) WHERE v IS NOT NULL AND trim(v) <> '' GROUP BY v")
+            f"row_number() OVER () AS r FROM src AS s) WHERE v IS NOT NULL AND trim(v) <> '' "
+            f"AND {pii_prefilter_sql('v')} GROUP BY v")
         hits: dict[str, list] = {}
         while True:
             chunk = cur.fetchmany(PII_CHUNK)
@@ -516,7 +691,7 @@ def scan_pii(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: Uploa
             out.append({"check": "unexpected_pii", "column": c.name, "kind": kind, "count": n, "first_rows": rows,
                         "message": f"{n} value(s) of '{c.name}' hold personal data of kind {kind}, which the "
                                    "schema does not declare"})
-    _add_lines(path, fmt, len(schema.columns), out)
+    _add_lines(path, fmt, len(schema.columns), out, row_count)
     return out
 
 
@@ -566,7 +741,8 @@ def _pii_refused(report: UploadReport) -> PdaoError:
 def write_upload(settings: Settings, src: Path, schema: UploadSchema, today: date | None = None
                  ) -> tuple[Path, UploadReport]:
     """Check and scan `src`, then write its canonical Parquet to staging (the caller removes it).
-    Refuses the file whole (422 `upload_invalid` / `unexpected_pii`). Touches no database."""
+    Refuses the file whole (413 `too_many_rows` / `values_too_large`, 422 `upload_invalid` /
+    `unexpected_pii`). Touches no database."""
     settings.ensure_home()
     fmt = sniff_format(src)
     tmp = settings.staging_dir / f"tenant-{uuid.uuid4().hex}.parquet"
@@ -574,11 +750,12 @@ def write_upload(settings: Settings, src: Path, schema: UploadSchema, today: dat
     con = None
     try:
         con = _connect(settings)
-        report = check_upload(con, staged, fmt, schema, today)
+        report = check_upload(con, staged, fmt, schema, today, max_rows=settings.upload_max_rows,
+                              max_bytes=settings.max_tenant_upload_bytes)
         if report.problems:
             raise _refused(report, schema)
         try:
-            report.pii = scan_pii(con, staged, fmt, schema)
+            report.pii = scan_pii(con, staged, fmt, schema, report.row_count)
         except duckdb.Error:
             report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
             raise _refused(report, schema) from None
@@ -605,13 +782,93 @@ def write_upload(settings: Settings, src: Path, schema: UploadSchema, today: dat
     return tmp, report
 
 
+# ---------------------------------------------------------------------------------------------
+# Bounds: what one organization's stored versions hold together
+
+@dataclass(frozen=True)
+class Usage:
+    """An organization's stored upload versions together (or, as a limit, what they may hold)."""
+
+    bytes: int
+    rows: int
+
+
+def quota_limits(settings: Settings) -> Usage:
+    return Usage(settings.tenant_upload_quota_bytes, settings.tenant_upload_quota_rows)
+
+
+def fits_quota(used: Usage, adding: Usage, limit: Usage) -> bool:
+    """Whether a version of `adding` bytes and rows may join the stored ones."""
+    return used.bytes + adding.bytes <= limit.bytes and used.rows + adding.rows <= limit.rows
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1024**2:,.1f} MB"
+
+
+def quota_exceeded(used: Usage, adding: Usage, limit: Usage) -> PdaoError:
+    """413: storing this version would take the organization's uploads past its quota."""
+    return PdaoError(
+        413, "upload_quota_exceeded",
+        f"Your organization's uploads already hold {_mb(used.bytes)} and {used.rows:,} rows of its quota of "
+        f"{_mb(limit.bytes)} and {limit.rows:,} rows (PDAO_TENANT_UPLOAD_QUOTA_MB, PDAO_TENANT_UPLOAD_QUOTA_ROWS); "
+        f"this version ({_mb(adding.bytes)}, {adding.rows:,} rows) does not fit. Nothing was stored; ask the "
+        "operator for a larger quota.",
+        f"贵机构已上传的数据占用 {_mb(used.bytes)}、{used.rows:,} 行，配额为 {_mb(limit.bytes)}、{limit.rows:,} 行"
+        f"（PDAO_TENANT_UPLOAD_QUOTA_MB、PDAO_TENANT_UPLOAD_QUOTA_ROWS）；本版本（{_mb(adding.bytes)}、{adding.rows:,} 行）"
+        "超出配额。未保存任何数据；如需更大配额请联系运营方。",
+        details={"used_bytes": used.bytes, "used_rows": used.rows, "limit_bytes": limit.bytes,
+                 "limit_rows": limit.rows, "version_bytes": adding.bytes, "version_rows": adding.rows})
+
+
+def upload_usage(session: Session, org_id: int) -> Usage:
+    """What the organization's stored versions hold together (as of this statement)."""
+    row = session.exec(select(TenantUploadUsage.stored_bytes, TenantUploadUsage.stored_rows)
+                       .where(TenantUploadUsage.org_id == org_id)).first()
+    return Usage(int(row[0]), int(row[1])) if row else Usage(0, 0)
+
+
+def claim_quota(session: Session, org_id: int, adding: Usage, limit: Usage) -> None:
+    """Count a new version against the organization's quota, in the caller's transaction (which
+    then stores the version and commits, or rolls back and counts nothing). One conditional UPDATE
+    decides and counts at once, and holds the organization's usage row until the commit: a
+    concurrent upload of the same organization waits for it (PostgreSQL re-reads the row, SQLite
+    takes its one write lock), so two uploads never both fit into the last room. Raises 413
+    `upload_quota_exceeded`; an IntegrityError if a concurrent first upload made the row (retry)."""
+    u = TenantUploadUsage
+    claim = (update(u).where(u.org_id == org_id, u.stored_bytes + adding.bytes <= limit.bytes,
+                             u.stored_rows + adding.rows <= limit.rows)
+             .values(stored_bytes=u.stored_bytes + adding.bytes, stored_rows=u.stored_rows + adding.rows)
+             .execution_options(synchronize_session=False))
+    for _attempt in range(5):
+        if session.exec(claim).rowcount == 1:
+            return
+        row = session.exec(select(u.stored_bytes, u.stored_rows).where(u.org_id == org_id)).first()
+        if row is None:   # the organization's first upload
+            session.add(u(org_id=org_id, stored_bytes=0, stored_rows=0))
+            session.flush()
+            continue
+        used = Usage(int(row[0]), int(row[1]))
+        if not fits_quota(used, adding, limit):
+            raise quota_exceeded(used, adding, limit)
+        # it fits now: the row was made (or changed) by a concurrent upload between the two statements
+    raise PdaoError(409, "concurrent_change", "Other uploads of your organization were stored at the same time; "
+                    "send it again.", "贵机构的其他上传同时写入，请重新上传。")
+
+
 def store_upload(session: Session, settings: Settings, *, org: Organization, user_id: int, schema: UploadSchema,
                  src: Path, note: str = "", today: date | None = None) -> tuple[TenantUpload, UploadReport]:
     """Check `src` against `schema` and keep it as the next version of `schema.name` in the
-    tenant's own space (committed). The caller has checked the schema's join targets."""
+    tenant's own space (committed), within the organization's quota. The caller has checked the
+    schema's join targets."""
+    limit = quota_limits(settings)
+    used = upload_usage(session, org.id)
+    if not fits_quota(used, Usage(1, 1), limit):   # full already: not worth reading the file
+        raise quota_exceeded(used, Usage(0, 0), limit)
     tmp, report = write_upload(settings, src, schema, today)
     try:
         digest = _sha256(tmp)
+        adding = Usage(tmp.stat().st_size, report.row_count)   # the stored file is this one, linked
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", org.code) or ".." in org.code:
             raise ValueError(f"organization code {org.code!r} cannot name a folder")
         folder = tenants_dir(settings) / org.code / "uploads" / schema.name
@@ -619,6 +876,9 @@ def store_upload(session: Session, settings: Settings, *, org: Organization, use
         for _attempt in range(20):
             final: Path | None = None
             try:
+                # first the quota: its UPDATE makes this organization's uploads take turns, so the
+                # version number read next is not taken by a concurrent upload of the same name
+                claim_quota(session, org.id, adding, limit)
                 number = session.exec(select(func.max(TenantUpload.version)).where(
                     TenantUpload.org_id == org.id, TenantUpload.name == schema.name)).one() or 0
                 while final is None:   # step over a file a crashed upload left
@@ -657,20 +917,22 @@ def store_upload(session: Session, settings: Settings, *, org: Organization, use
 # ---------------------------------------------------------------------------------------------
 # Who sees what, and the integrator's API
 
-def upload_scope(role: Role, org_id: int) -> int | None | bool:
-    """Which uploads a caller may see (metadata only, never cells): an org id (the tenant's own),
-    None (every tenant's: office, reviewers, auditors), or False (none: providers, operators)."""
-    if role is Role.applicant:
+def upload_scope(role: Role, org_id: int, org_kind: str) -> int | None | bool:
+    """Which uploads a caller may see (metadata only, never cells): an org id (its own
+    organization's: anyone tenant-scoped, i.e. an applicant or anyone in a company, a company's own
+    reviewer included), None (every tenant's: the office, reviewers and auditors outside companies),
+    or False (none: providers, operators)."""
+    if tenant_scoped(role, org_kind):
         return org_id
     if role in (Role.office, Role.reviewer, Role.auditor):
         return None
     return False
 
 
-def visible_uploads(session: Session, role: Role, org_id: int, *, name: str | None = None,
+def visible_uploads(session: Session, role: Role, org_id: int, org_kind: str, *, name: str | None = None,
                     org_code: str | None = None) -> list[tuple[TenantUpload, str]]:
     """(upload, org code) the caller may see, by org, name, version."""
-    scope = upload_scope(role, org_id)
+    scope = upload_scope(role, org_id, org_kind)
     if scope is False:
         return []
     stmt = select(TenantUpload, Organization.code).join(Organization, Organization.id == TenantUpload.org_id)
@@ -683,9 +945,11 @@ def visible_uploads(session: Session, role: Role, org_id: int, *, name: str | No
     return list(session.exec(stmt.order_by(Organization.code, TenantUpload.name, TenantUpload.version)).all())
 
 
-def get_versions(session: Session, role: Role, org_id: int, name: str, org_code: str | None = None
+def get_versions(session: Session, role: Role, org_id: int, org_kind: str, name: str, org_code: str | None = None
                  ) -> list[tuple[TenantUpload, str]]:
-    rows = visible_uploads(session, role, org_id, name=name, org_code=org_code)
+    """Every version of one table the caller may see; 404 for a name it may not see, exactly like
+    one that does not exist."""
+    rows = visible_uploads(session, role, org_id, org_kind, name=name, org_code=org_code)
     if not rows:
         raise not_found("Upload", "上传数据")
     return rows
@@ -731,4 +995,6 @@ def split_join_target(target: str) -> tuple[str, str]:
 __all__ = ["ColumnSpec", "UploadSchema", "UploadReport", "parse_schema", "parse_schema_text", "check_join_targets",
            "check_upload", "scan_pii", "write_upload", "store_upload", "upload_path", "verify_upload", "upload_scope",
            "visible_uploads", "get_versions", "latest_upload", "tenant_upload_columns", "join_key_of", "upload_roles",
-           "split_join_target", "DUCK_TYPES"]
+           "split_join_target", "DUCK_TYPES", "Usage", "upload_usage", "claim_quota", "fits_quota", "quota_limits",
+           "too_many_rows", "rows_up_to", "values_too_large", "parquet_value_bytes", "cn_id_ok_sql", "phone_ok_sql",
+           "pii_prefilter_sql"]

@@ -80,6 +80,18 @@ def test_overseers_and_the_owning_provider_see_the_prohibited_dataset(client, au
     assert codes(client, h, q="传染病") == {PROHIBITED}
 
 
+def test_a_reviewer_employed_by_a_company_sees_the_catalog_a_tenant_sees(client, engine):
+    """Visibility by organization, not role alone: a company's own reviewer is tenant-scoped
+    (`policies.visibility.tenant_scoped`); the whole flow is in tests/test_org_visibility.py."""
+    with Session(engine) as s:
+        identities.create_user(s, "reviewer_a", DEMO_PASSWORD, "company_a", "reviewer")
+        s.commit()
+    h = login(client, "reviewer_a")
+    assert codes(client, h) == OPEN_HEALTH
+    assert_error(client.get(f"/api/v1/datasets/{PROHIBITED}", headers=h), 404, "not_found")
+    assert codes(client, h, q="传染病") == set()
+
+
 def test_a_provider_of_another_department_does_not_see_it(client, provider_ybj):
     assert codes(client, provider_ybj) == OPEN_HEALTH
     assert_error(client.get(f"/api/v1/datasets/{PROHIBITED}", headers=provider_ybj), 404, "not_found")

@@ -168,7 +168,7 @@ def catalog_page(request: Request, principal: page("catalog", "read"), session: 
                  grade: Annotated[str | None, QueryParam(max_length=2)] = None) -> Response:
     grade_n = int(grade) if grade and grade.isdigit() and 1 <= int(grade) <= 5 else None
     category_v = category if category in {c.value for c in Category} else None
-    scope = catalog_scope(principal.role, principal.org_id)
+    scope = catalog_scope(principal.role, principal.org_id, principal.org_kind)
     everything = catalog_service.list_datasets(session, scope, catalog_service.DatasetFilters(limit=500))
     shown = catalog_service.list_datasets(session, scope, catalog_service.DatasetFilters(
         q=q or None, department=department or None, category=category_v, grade=grade_n, limit=500))
@@ -214,7 +214,8 @@ def _resource_map(request: Request, session, settings, principal, datasets) -> A
 @router.get("/catalog/{code}", name="console.dataset")
 def dataset_page(code: str, request: Request, principal: page("catalog", "read"), session: SessionDep) -> Response:
     request.state.object = f"dataset:{code}"[:200]
-    ds = catalog_service.get_dataset(session, code, catalog_scope(principal.role, principal.org_id))
+    ds = catalog_service.get_dataset(session, code,
+                                     catalog_scope(principal.role, principal.org_id, principal.org_kind))
     return render(request, "dataset.html", ds=ds)
 
 
@@ -299,9 +300,10 @@ def _own_upload_names(session, principal) -> list[str]:  # noqa: ANN001
     """The tenant's own tables (names only), for the template run form: a run reads only its own."""
     from sandbox.uploads import upload_scope, visible_uploads
 
-    if upload_scope(principal.role, principal.org_id) != principal.org_id:
+    if upload_scope(principal.role, principal.org_id, principal.org_kind) != principal.org_id:
         return []
-    return sorted({row.name for row, _code in visible_uploads(session, principal.role, principal.org_id)})
+    return sorted({row.name for row, _code in visible_uploads(session, principal.role, principal.org_id,
+                                                              principal.org_kind)})
 
 
 def _may(principal, resource: str, act: str) -> bool:  # noqa: ANN001
@@ -706,9 +708,9 @@ def _upload_tables(session, principal) -> list[dict[str, Any]]:  # noqa: ANN001
     from api.routes.uploads import _out as upload_out
     from sandbox.uploads import upload_scope, visible_uploads
 
-    own = upload_scope(principal.role, principal.org_id) == principal.org_id
+    own = upload_scope(principal.role, principal.org_id, principal.org_kind) == principal.org_id
     tables: dict[tuple[str, str], dict[str, Any]] = {}
-    for row, code in visible_uploads(session, principal.role, principal.org_id):
+    for row, code in visible_uploads(session, principal.role, principal.org_id, principal.org_kind):
         t = tables.setdefault((code, row.name), {"org": code, "name": row.name, "versions": []})
         t["versions"].append(upload_out(session, row, code, own))
     for t in tables.values():

@@ -14,7 +14,8 @@ from catalog import service
 from catalog.descriptor import Category, OpeningClass, Sensitivity, parse_descriptor_dict, parse_descriptor_text
 from catalog.schemas import DatasetOut, DatasetPage, DescriptorReport, VersionOut
 from pdao.errors import bad_request, forbidden, invalid
-from policies.catalog_rules import catalog_scope, may_manage_dataset
+from pdao.identity.service import Principal
+from policies.catalog_rules import CatalogScope, catalog_scope, may_manage_dataset
 from sandbox.store import load_version
 
 router = APIRouter(tags=["catalog"])
@@ -22,6 +23,12 @@ router = APIRouter(tags=["catalog"])
 Reader = caller("catalog", "read")
 Writer = caller("catalog", "write")
 Loader = caller("dataset_version", "create")
+
+
+def _scope(principal: Principal) -> CatalogScope:
+    """The caller's part of the catalog, by role and organization (a company's reviewer sees what a
+    tenant sees: `policies.catalog_rules.catalog_scope`)."""
+    return catalog_scope(principal.role, principal.org_id, principal.org_kind)
 
 
 @router.get("/datasets", name="datasets.list", response_model=DatasetPage)
@@ -41,13 +48,13 @@ def list_datasets(
     """Datasets the caller may see, with search and filters."""
     flt = service.DatasetFilters(q=q, department=department, category=category, grade=grade, max_grade=max_grade,
                                  opening_class=opening_class, sensitivity=sensitivity, limit=limit, offset=offset)
-    return service.list_datasets(session, catalog_scope(principal.role, principal.org_id), flt)
+    return service.list_datasets(session, _scope(principal), flt)
 
 
 @router.get("/datasets/{code}", name="datasets.read", response_model=DatasetOut)
 def get_dataset(code: str, principal: Reader, session: SessionDep, request: Request) -> DatasetOut:
     request.state.object = f"dataset:{code}"[:200]
-    return service.get_dataset(session, code, catalog_scope(principal.role, principal.org_id))
+    return service.get_dataset(session, code, _scope(principal))
 
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -142,7 +149,7 @@ async def add_version(code: str, principal: Loader, session: SessionDep, setting
 
 
 def _may_load(session, principal, code: str) -> None:  # noqa: ANN001
-    service.find_dataset(session, code, catalog_scope(principal.role, principal.org_id))
+    service.find_dataset(session, code, _scope(principal))
     if not may_manage_dataset(principal.role, principal.org_code, service.source_department_of(session, code) or ""):
         raise forbidden("not_your_department", "Only a provider of the source department may load data.",
                         "只有数据提供部门本部门的人员可以加载数据。")

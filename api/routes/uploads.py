@@ -134,7 +134,7 @@ def _store(request, session, settings, principal, schema_text: str | None, name:
     else:
         schema = parse_schema_text(schema_text, name)
     request.state.object = f"upload:{principal.org_code}/{schema.name}"   # a refusal is audited by name too
-    check_join_targets(session, schema, principal.role, principal.org_id)
+    check_join_targets(session, schema, principal.role, principal.org_id, principal.org_kind)
     if note:
         from sandbox.pii import find_pii_batch
 
@@ -149,15 +149,16 @@ def _store(request, session, settings, principal, schema_text: str | None, name:
 def list_uploads(principal: Reader, session: SessionDep,
                  org: Annotated[str | None, Query(max_length=64, description="office and auditors: one tenant")] = None
                  ) -> UploadList:
-    """The uploads the caller may see, newest version of each table: a tenant its own; office,
-    reviewers and auditors every tenant's (metadata); providers and operators none."""
-    rows = visible_uploads(session, principal.role, principal.org_id, org_code=org)
+    """The uploads the caller may see, newest version of each table: a tenant (an applicant, or
+    anyone in a company) its own organization's; the office, reviewers and auditors every tenant's
+    (metadata); providers and operators none."""
+    rows = visible_uploads(session, principal.role, principal.org_id, principal.org_kind, org_code=org)
     latest: dict[tuple[str, str], tuple[TenantUpload, str, int]] = {}
     for row, code in rows:
         k = (code, row.name)
         n = latest[k][2] + 1 if k in latest else 1
         latest[k] = (row, code, n)
-    own = upload_scope(principal.role, principal.org_id) == principal.org_id
+    own = upload_scope(principal.role, principal.org_id, principal.org_kind) == principal.org_id
     items = [_out(session, row, code, own, UploadSummary, version_count=n) for row, code, n in latest.values()]
     return UploadList(items=items, total=len(items))
 
@@ -168,6 +169,6 @@ def upload_versions(name: str, principal: Reader, session: SessionDep, request: 
                     ) -> list[UploadOut]:
     """Every version of one table (metadata). Another tenant's table is 404, like a missing one."""
     request.state.object = f"upload:{name}"[:200]
-    rows = get_versions(session, principal.role, principal.org_id, name[:64], org)
-    own = upload_scope(principal.role, principal.org_id) == principal.org_id
+    rows = get_versions(session, principal.role, principal.org_id, principal.org_kind, name[:64], org)
+    own = upload_scope(principal.role, principal.org_id, principal.org_kind) == principal.org_id
     return [_out(session, row, code, own) for row, code in rows]
