@@ -262,6 +262,12 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
         entry = ledger.reserve(session, scene.id, q.epsilon, query_ref=f"query:{q.id}", dataset=p.checked.dataset,
                                settings=settings)
         q.budget_entry_id = entry.id
+    # the job and its reservation, in the chain with them (the log's lock last: the caller commits)
+    audit.append(session, actor=principal.username, org=principal.org_code, role=principal.role.value,
+                 auth_method=principal.auth_method, action="query.queue", object=f"query:{q.id}", scene_id=scene.id,
+                 decision="allow", reason="queued",
+                 detail={"mode": mode, "kind": q.kind, "dataset": q.dataset, "epsilon_reserved":
+                         q.epsilon if q.budget_entry_id is not None else 0.0, "budget_entry": q.budget_entry_id})
     return q
 
 
@@ -395,12 +401,12 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, enforcers: 
             raise _LostLease()
         if q.budget_entry_id is not None:
             ledger.charge(session, q.budget_entry_id)
-        if q.mode == "prod":   # the worker's decisions, in the chain with the change (the log's lock last)
-            _audit_run(session, q, worker, "error" if failure else "allow", final, result_id=result.id,
-                       epsilon_spent=result.epsilon_spent, verdict=(result.report or {}).get("verdict"),
-                       **({"error": failure} if failure else {}))
-            if releasable:
-                export.record_auto_release(session, result, q)
+        # the runner's decisions, in the chain with the change (the log's lock last)
+        _audit_run(session, q, worker, "error" if failure else "allow", final, result_id=result.id,
+                   epsilon_spent=result.epsilon_spent, verdict=(result.report or {}).get("verdict"),
+                   **({"error": failure} if failure else {}))
+        if releasable:
+            export.record_auto_release(session, result, q)
         session.commit()
     except _LostLease:
         session.rollback()

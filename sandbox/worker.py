@@ -146,9 +146,14 @@ def claim(session: Session, settings: Settings, worker: str, *, query_id: int | 
             status="running", worker=worker, attempts=Query.attempts + 1, started_at=now, progress=0.0,
             lease_until=now + timedelta(seconds=settings.query_lease_seconds))
             .execution_options(synchronize_session=False)).rowcount
-        session.commit()
-        if won == 1:
+        if won == 1:   # the job's start, in the chain with it
+            q = session.get(Query, qid)
+            audit.append(session, actor="system", auth_method="worker", action="query.start", object=f"query:{qid}",
+                         scene_id=q.scene_id, decision="allow", reason="claimed",
+                         detail={"worker": worker, "mode": q.mode, "attempt": q.attempts})
+            session.commit()
             return session.get(Query, qid)
+        session.commit()
     return None
 
 

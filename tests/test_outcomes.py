@@ -253,3 +253,32 @@ def test_a_query_above_the_cost_limit_is_refused_before_anything_runs(client, au
     one = f"SELECT visit_date, MEDIAN(fee) AS m FROM {VISITS} GROUP BY visit_date"   # 4,383 days: within the limit
     r = client.post(url, headers=auth("insurer_a"), json={"sql": one, "mode": "dev"})
     assert r.status_code == 202 and r.json()["status"] == "done", r.text
+
+
+def test_every_status_and_ledger_change_of_a_job_is_in_the_audit_chain(client, auth, engine, settings, loaded):
+    """Queued with its reservation, started, ended (charged), or cancelled while queued (refunded): each
+    appended in the transaction that makes the change, by its real actor."""
+    from pdao.audit import AuditEvent
+
+    scene = active_scene(client, auth)
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    ran = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.3}).json()
+    assert work_once(engine, settings)
+    dropped = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.3}).json()
+    assert client.post(f"/api/v1/queries/{dropped['id']}/cancel", headers=auth("insurer_a")).status_code == 200
+    dev = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "dev"}).json()
+
+    def trail(query_id: int) -> list[tuple]:
+        with Session(engine) as s:
+            events = s.exec(select(AuditEvent).where(AuditEvent.object == f"query:{query_id}",
+                                                     AuditEvent.method.is_(None))   # decisions, not requests
+                            .order_by(AuditEvent.seq)).all()
+        return [(e.action, e.actor, e.reason, e.detail.get("epsilon_reserved")) for e in events]
+
+    assert trail(ran["id"]) == [("query.queue", "insurer_a", "queued", 0.3), ("query.start", "system", "claimed", None),
+                                ("query.run", "system", "held", None)]
+    assert trail(dropped["id"]) == [("query.queue", "insurer_a", "queued", 0.3),
+                                    ("query.cancel", "insurer_a", "cancelled_while_queued", None)]
+    assert trail(dev["id"]) == [("query.queue", "insurer_a", "queued", 0.0), ("query.start", "system", "claimed", None),
+                                ("query.run", "system", "done", None)]
+    assert client.get("/api/v1/audit/verify", headers=auth("auditor1")).json()["ok"] is True
