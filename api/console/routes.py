@@ -489,8 +489,9 @@ def result_page(result_id: int, request: Request, principal: page("result", "rea
     # only, as the API's lineage gives it — that a check failed rests on exact statistics
     release = (export.release_rule(session, r) if export.is_staff(principal) and r.status == "held"
                and not r.synthetic else None)
-    # a row answer is checked again at release: a check may fail then, so its reviewer may override
-    rechecked = r.kind == "rows" and not r.synthetic and "template" not in (r.report or {})
+    # a row answer is checked again at release (export.review): a check may fail only then, so its
+    # reviewer is offered the override too (a form control; the service decides)
+    rechecked = may_review and r.kind == "rows" and "template" not in (r.report or {})
     return render(request, "result.html", r=out, may_review=may_review, may_download=may_download,
                   failing=failing, release=release, rechecked_at_release=rechecked)
 
