@@ -407,14 +407,15 @@ def test_every_page_renders_in_chinese_and_english_with_no_missing_translation(a
     pages = {
         "insurer_a": ["/", "/catalog", "/catalog/health.outpatient_visit", "/scenes", "/scenes/new",
                       f"/scenes/{scene['id']}", "/queries", f"/queries/{res['query_id']}", "/results",
-                      f"/results/{res['id']}", f"/results/{res['id']}/lineage", "/audit", "/uploads", "/trace"],
+                      f"/results/{res['id']}", f"/results/{res['id']}/lineage", "/audit", "/uploads", "/trace",
+                      "/api-keys", "/budgets"],
         "office1": ["/", f"/scenes/{scene['id']}", "/emergency-stop", "/audit", "/audit/alerts", "/audit/verify",
-                    "/uploads", "/trace"],
-        "reviewer1": ["/", "/reviews", f"/results/{res['id']}", "/uploads"],
+                    "/uploads", "/trace", "/budgets", f"/results/{res['id']}"],
+        "reviewer1": ["/", "/reviews", f"/results/{res['id']}", f"/results/{res['id']}/lineage", "/uploads"],
         "auditor1": ["/", "/audit", "/audit/verify", "/audit/alerts", f"/results/{res['id']}/lineage", "/results",
-                     "/no-such-page", "/uploads", "/trace"],
-        "provider1": ["/", "/catalog", "/scenes", "/uploads"],
-        "operator1": ["/", "/results"],
+                     "/no-such-page", "/uploads", "/trace", "/budgets", f"/scenes/{scene['id']}"],
+        "provider1": ["/", "/catalog", "/scenes", "/uploads", "/api-keys"],
+        "operator1": ["/", "/results", "/api-keys"],
     }
     seen = 0
     for lang, marker, html_lang in (("zh", "数据目录", 'lang="zh-CN"'), ("en", "Catalog", 'lang="en"')):
@@ -669,3 +670,315 @@ def test_the_review_form_is_offered_only_to_who_may_decide(app, client, auth, en
     assert f'data-result="{rid}"' not in own.get(f"{CONSOLE}/reviews").text     # nor in their queue
     other = console_client(app, "reviewer1")
     assert 'name="decision"' in other.get(f"{CONSOLE}/results/{rid}").text
+
+
+# --- issue 13 in the console: export review with overrides, API keys, company budgets, linkage -------
+
+def _rows_scene_and_sql(client, auth, synth_files):
+    """An active scene with masked rows, and the review's differencing attack: the same rows query
+    up to a day, and up to the next (which adds that day's only mental-health visit)."""
+    import datetime as dt
+
+    from tests.test_row_answers import ROWS_ITEMS, one_visit_day
+
+    day = one_visit_day(synth_files)
+    scene = active_scene(client, auth, items=ROWS_ITEMS)
+    sql = (f"SELECT department, person_id FROM health.outpatient_visit WHERE icd10_chapter = 'V' "
+           f"AND visit_date < DATE '{{}}'")
+    return scene, sql.format(day.isoformat()), sql.format((day + dt.timedelta(days=1)).isoformat())
+
+
+def _status_of(client, auth, rid: int) -> str:
+    return client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()["status"]
+
+
+def test_a_reviewer_releases_a_row_answer_from_the_console(app, client, auth, engine, settings, loaded,
+                                                          synth_files):
+    """Before: the console's review called `export.review` without the settings, so every row answer
+    (checked again at release against the scene's released row answers) answered 409
+    `release_needs_recheck`."""
+    scene, sql, _ = _rows_scene_and_sql(client, auth, synth_files)
+    res = held_result(client, auth, engine, settings, scene["id"], sql=sql)
+    assert res["kind"] == "rows" and res["report"]["verdict"] == "pass", res["report"]["summary"]
+    reviewer = console_client(app, "reviewer1")
+    page = reviewer.get(f"{CONSOLE}/results/{res['id']}").text
+    assert 'id="release"' in page and 'data-needs-override="false"' in page
+    assert 'id="override"' in page and ' required' not in page.split('id="override"')[1][:20]   # optional here
+    before = count(engine)
+    r = post_form(reviewer, f"/results/{res['id']}/review", {"decision": "release", "reason": "masked, k ≥ 5"})
+    assert r.status_code == 303, re.findall(r'id="error-code">([^<]*)', r.text)
+    ev = _event_of(engine, r)
+    assert ev.action == "result.review" and ev.detail == {"decision": "release", "override": False}
+    assert count(engine) - before == 2          # the request's event and the decision's `result.release`
+    assert _status_of(client, auth, res["id"]) == "released"
+    with Session(engine) as s:                  # checked again at release, as through the API
+        assert s.get(QueryResult, res["id"]).report["checked_at_release"]
+    tenant = console_client(app, "insurer_a")
+    assert 'id="result-cells"' in tenant.get(f"{CONSOLE}/results/{res['id']}").text
+
+
+def test_a_differenced_row_answer_needs_two_reviewers_overrides_in_the_console(app, client, auth, engine, settings,
+                                                                              loaded, synth_files):
+    from tests.test_row_answers import second_reviewer
+
+    second_reviewer(engine, settings)
+    scene, first_sql, second_sql = _rows_scene_and_sql(client, auth, synth_files)
+    first = held_result(client, auth, engine, settings, scene["id"], sql=first_sql)
+    r1, r2 = console_client(app, "reviewer1"), console_client(app, "reviewer2")
+    assert post_form(r1, f"/results/{first['id']}/review", {"decision": "release", "reason": "ok"}).status_code == 303
+    second = held_result(client, auth, engine, settings, scene["id"], sql=second_sql)
+    rid = second["id"]
+    # the differencing check's cells: the earlier result, linked, and by how many persons
+    for lang, words in (("zh", "相差 1 人"), ("en", "by 1 persons")):
+        page = console_client(app, "reviewer1", lang=lang).get(f"{CONSOLE}/results/{rid}").text
+        assert MISSING_MARK not in page
+        row = page.split('data-check="differencing"')[1].split("</tr>")[0]
+        assert f'data-diff-result="{first["id"]}"' in row and f'href="/console/results/{first["id"]}"' in row
+        assert words in row and 'class="diff-region"' in row
+    page = r1.get(f"{CONSOLE}/results/{rid}").text
+    assert 'data-needs-override="true"' in page and 'data-overrides="0" data-required="2"' in page
+    assert re.search(r'id="override"\s+required', page) and 'id="release"' in page
+    assert 'id="override-count">已覆盖 0 / 2<' in page
+    # a plain release is refused, naming the check; nothing changes
+    r = post_form(r1, f"/results/{rid}/review", {"decision": "release", "reason": "fine"})
+    assert r.status_code == 409 and "release_needs_override" in r.text and "<code>differencing</code>" in r.text
+    assert "Traceback" not in r.text and _status_of(client, auth, rid) == "held"
+    assert post_form(r1, f"/results/{rid}/review", {"decision": "release", "reason": "x",
+                                                     "override": "maybe"}).status_code == 422
+    # one override leaves it held; the page says so; a second reviewer's override releases it
+    before = count(engine)
+    r = post_form(r1, f"/results/{rid}/review", {"decision": "release", "reason": "one day's visit is public",
+                                                  "override": "1"})
+    assert r.status_code == 303 and _event_of(engine, r).detail == {"decision": "release", "override": True}
+    with Session(engine) as s:
+        decided = s.exec(select(AuditEvent).where(AuditEvent.seq > before, AuditEvent.action == "result.release")).one()
+    assert decided.detail["override"] is True and decided.detail["overridden"] == ["differencing"]
+    assert decided.detail["status"] == "held"
+    assert 'id="override-count">已覆盖 1 / 2<' in r2.get(f"{CONSOLE}/results/{rid}").text
+    assert post_form(r2, f"/results/{rid}/review", {"decision": "release", "reason": "ok"}).status_code == 409
+    r = post_form(r2, f"/results/{rid}/review", {"decision": "release", "reason": "second pair of eyes",
+                                                  "override": "1"})
+    assert r.status_code == 303 and _status_of(client, auth, rid) == "released"
+    # the lineage: overrides and the checks they overrode for staff, not for the tenant
+    page = console_client(app, "auditor1", lang="en").get(f"{CONSOLE}/results/{rid}/lineage").text
+    assert page.count('data-override="true"') == 2 and "overrode failing checks: differencing" in page
+    assert "reviewer2 · override" in page                           # the graph's review node
+    theirs = console_client(app, "insurer_a").get(f"{CONSOLE}/results/{rid}/lineage").text
+    assert "data-override=" not in theirs and "differencing" not in theirs and "覆盖" not in theirs
+    assert "second pair of eyes" in theirs                          # the reasons stay the tenant's to read
+
+
+def test_a_failed_run_offers_no_release_in_the_console(app, client, auth, engine, settings, loaded, monkeypatch):
+    import duckdb
+
+    import sandbox.execute
+
+    scene = active_scene(client, auth)
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.3})
+    assert r.status_code == 202
+
+    def failing_on_a_row(*args, **kwargs):
+        raise duckdb.ConversionException("Could not convert string '兴庆区' to INT32")
+
+    monkeypatch.setattr(sandbox.execute, "domain_connection", failing_on_a_row)
+    assert work_once(engine, settings)
+    rid = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth("insurer_a")).json()["result_id"]
+    reviewer = console_client(app, "reviewer1")
+    page = reviewer.get(f"{CONSOLE}/results/{rid}").text
+    assert 'id="review-box"' in page and 'data-failed-run="true"' in page
+    assert 'id="release"' not in page and 'id="override"' not in page and 'id="reject-result"' in page
+    # the tenant sees a held answer like any other: no word of a failure
+    tenant = console_client(app, "insurer_a").get(f"{CONSOLE}/results/{rid}").text
+    assert "release-rule" not in tenant and "兴庆区' to" not in tenant and "在域内失败" not in tenant
+    for body in ({"decision": "release", "reason": "x"}, {"decision": "release", "reason": "x", "override": "1"}):
+        r = post_form(reviewer, f"/results/{rid}/review", body)
+        assert r.status_code == 409 and "failed_run_not_releasable" in r.text
+    assert _status_of(client, auth, rid) == "held"
+    assert post_form(reviewer, f"/results/{rid}/review", {"decision": "reject", "reason": "nothing to release"}
+                     ).status_code == 303
+    assert _status_of(client, auth, rid) == "rejected"
+
+
+def test_the_owner_claims_an_api_key_in_the_console_and_sees_it_once(app, client, auth, engine):
+    operator = console_client(app, "operator1")
+    page = operator.get(f"{CONSOLE}/api-keys").text
+    assert 'id="grant-form"' in page and MISSING_MARK not in page
+    # CSRF on the grant; a key for the office is refused as on the API
+    assert operator.post(f"{CONSOLE}/api-keys", data={"username": "insurer_a"}).status_code == 403
+    r = post_form(operator, "/api-keys", {"username": "office1", "label": "x"})
+    assert r.status_code == 422 and "api_key_role" in r.text
+    before = count(engine)
+    r = post_form(operator, "/api-keys", {"username": "insurer_a", "label": "nightly batch", "valid_days": "30"})
+    assert r.status_code == 303
+    ev = _event_of(engine, r)
+    assert (ev.action, ev.actor, ev.object) == ("api_key.issue", "operator1", "user:insurer_a")
+    assert count(engine) - before == 2                   # and the grant's own `api_key.granted`
+    key_id = int(r.headers["location"].rsplit("=", 1)[1])
+    page = operator.get(r.headers["location"]).text
+    assert 'id="key-granted"' in page and f'data-key="{key_id}" data-status="pending"' in page
+    # the owner's page offers the claim; nobody else may claim it
+    tenant = console_client(app, "insurer_a")
+    page = tenant.get(f"{CONSOLE}/api-keys").text
+    assert f'id="claim-{key_id}"' in page and "nightly batch" in page
+    assert 'id="grant-form"' not in page
+    assert post_form(console_client(app, "insurer_b"), f"/api-keys/{key_id}/claim").status_code == 404
+    assert f'data-key="{key_id}"' not in console_client(app, "insurer_b").get(f"{CONSOLE}/api-keys").text
+    r = post_form(operator, f"/api-keys/{key_id}/claim")
+    assert r.status_code == 403 and "role_not_permitted" in r.text
+    assert tenant.post(f"{CONSOLE}/api-keys/{key_id}/claim", data={}).status_code == 403       # no CSRF token
+    # the claim: the key once, on an answer nobody stores
+    before = count(engine)
+    r = post_form(tenant, f"/api-keys/{key_id}/claim")
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
+    key = re.search(r'id="claimed-key"[^>]*>([^<]+)<', r.text).group(1)
+    assert key.startswith("pdao_") and len(key) > 40 and MISSING_MARK not in r.text
+    secret = key.split("_", 2)[2]             # pdao_<prefix>_<secret>: the prefix alone is metadata
+    assert len(secret) >= 40
+    me = client.get("/api/v1/me", headers={"X-API-Key": key})
+    assert me.status_code == 200 and me.json()["username"] == "insurer_a"
+    with Session(engine) as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.seq > before)).all()
+    assert {e.action for e in events} >= {"api_key.claim", "api_key.claimed"}
+    assert all(secret not in str(e.detail) for e in events)
+    # a second claim (a reload) is refused and shows no key
+    r = post_form(tenant, f"/api-keys/{key_id}/claim")
+    assert r.status_code == 409 and "api_key_claimed" in r.text and secret not in r.text
+    # no page shows the key again, to the owner or the operator; the operator sees metadata
+    for c in (tenant, operator):
+        page = c.get(f"{CONSOLE}/api-keys").text
+        assert secret not in page
+        assert f'data-key="{key_id}" data-status="active"' in page
+    # the owner revokes it: it stops working at once
+    assert post_form(tenant, f"/api-keys/{key_id}/revoke").status_code == 303
+    assert client.get("/api/v1/me", headers={"X-API-Key": key}).status_code == 401
+    assert 'data-status="revoked"' in operator.get(f"{CONSOLE}/api-keys").text
+    # the operator revokes a pending grant of a provider; the provider sees it revoked
+    r = post_form(operator, "/api-keys", {"username": "provider1"})
+    pid = int(r.headers["location"].rsplit("=", 1)[1])
+    assert post_form(console_client(app, "insurer_a"), f"/api-keys/{pid}/revoke").status_code == 404
+    assert post_form(operator, f"/api-keys/{pid}/revoke").status_code == 303
+    provider = console_client(app, "provider1", lang="en").get(f"{CONSOLE}/api-keys").text
+    assert f'data-key="{pid}" data-status="revoked"' in provider and f'id="claim-{pid}"' not in provider
+    assert MISSING_MARK not in provider
+
+
+def test_the_office_sees_company_budgets_with_the_warning_and_sets_a_cap(app, client, auth, engine, settings,
+                                                                        loaded):
+    """Two scenes of company_a on one dataset could spend ε 12 against the company's default cap of
+    10: the office sees the warning beside the approve form, and may raise the cap."""
+    from tests.test_export_review import BY_DISTRICT_FEES
+
+    live = active_scene(client, auth, budget_epsilon=6.0)
+    asking = create(client, auth("insurer_a"), budget_epsilon=6.0)
+    client.post(f"/api/v1/scenes/{asking['id']}/submit", headers=auth("insurer_a"))
+    office = console_client(app, "office1")
+    page = office.get(f"{CONSOLE}/scenes/{asking['id']}").text
+    row = page.split('data-budget="health.outpatient_visit"')[1].split("</tr>")[0]
+    assert 'data-source="default"' in row and "ε 10 " in row and "默认值" in row
+    assert f'data-other-scene="{live["id"]}"' in row and "ε 6" in row          # the other live scene, linked
+    assert 'class="this-left">ε 6<' in row
+    form = page.split('id="review-form"')[1].split("</form>")[0]
+    assert 'class="alert warn review-budget-warning" data-warning="health.outpatient_visit"' in form
+    assert "超过该单位在数据集 health.outpatient_visit 上剩余的 ε=10" in form
+    en = console_client(app, "office1", lang="en").get(f"{CONSOLE}/scenes/{asking['id']}").text
+    assert "more than the ε=10 left of the company&#39;s cap" in en and MISSING_MARK not in en
+    assert f'data-cap-form="company_a/health.outpatient_visit"' in page
+    # the office raises the cap from the scene page: the API's route, its audit event, back to the page
+    before = count(engine)
+    r = post_form(office, "/budgets/company_a/health.outpatient_visit",
+                  {"epsilon": "20", "reason": "two scenes approved", "next": f"{CONSOLE}/scenes/{asking['id']}"})
+    assert r.status_code == 303 and r.headers["location"] == f"{CONSOLE}/scenes/{asking['id']}"
+    ev = _event_of(engine, r)
+    assert ev.action == "budget.write" and ev.detail["epsilon_cap"] == [10.0, 20.0]
+    with Session(engine) as s:
+        cap_set = s.exec(select(AuditEvent).where(AuditEvent.seq > before, AuditEvent.action == "budget.cap_set")).one()
+    assert cap_set.actor == "office1" and cap_set.reason == "two scenes approved"
+    page = office.get(f"{CONSOLE}/scenes/{asking['id']}").text
+    row = page.split('data-budget="health.outpatient_visit"')[1].split("</tr>")[0]
+    assert 'data-source="office"' in row and "office1" in row
+    assert 'data-warning="health.outpatient_visit"' not in page and 'data-warning="health.resident"' in page
+    # refusals: not a number, another site, below what is spent
+    assert post_form(office, "/budgets/company_a/health.outpatient_visit", {"epsilon": "lots"}).status_code == 422
+    assert office.post(f"{CONSOLE}/budgets/company_a/health.outpatient_visit",
+                       data={"epsilon": "1"}).status_code == 403
+    held_result(client, auth, engine, settings, live["id"], sql=BY_DISTRICT_FEES, epsilon=0.5)
+    r = post_form(office, "/budgets/company_a/health.outpatient_visit", {"epsilon": "0.1"})
+    assert r.status_code == 409 and "cap_below_spent" in r.text
+    # the tenant: its own company's budgets on the scene and the workbench, no cap form; others 403/404
+    tenant = console_client(app, "insurer_a")
+    page = tenant.get(f"{CONSOLE}/scenes/{live['id']}").text
+    assert 'id="company-budgets"' in page and "data-cap-form" not in page
+    home = tenant.get(f"{CONSOLE}/").text
+    gauge = home.split('class="company-budget" data-budget="health.outpatient_visit"')[1].split("</div>")[0]
+    assert "ε 20" in gauge and "已用 ε 0.5" in gauge and 'class="chart gauge"' in gauge
+    r = post_form(tenant, "/budgets/company_a/health.outpatient_visit", {"epsilon": "100"})
+    assert r.status_code == 403 and "role_not_permitted" in r.text
+    other = console_client(app, "insurer_b")
+    assert "company_a" not in other.get(f"{CONSOLE}/budgets").text
+    assert other.get(f"{CONSOLE}/budgets", params={"org": "company_a"}).status_code == 200
+    auditor = console_client(app, "auditor1").get(f"{CONSOLE}/budgets").text
+    assert 'data-budget="company_a/health.outpatient_visit"' in auditor and "data-cap-form" not in auditor
+    assert 'id="company-budgets"' not in console_client(app, "reviewer1").get(f"{CONSOLE}/scenes/{live['id']}").text
+
+
+def test_link_pseudonyms_round_trips_from_the_application_form(app, client, auth):
+    tenant = console_client(app, "insurer_a")
+    form = tenant.get(f"{CONSOLE}/scenes/new").text
+    assert 'name="link_pseudonyms"' in form and "两次结果无法按人对应" in form
+    base = {"title": "理赔核验", "purpose": "claims", "scene_type": "claims", "valid_from": today().isoformat(),
+            "valid_to": (today() + timedelta(days=30)).isoformat(), "budget_epsilon": "3",
+            "max_query_epsilon": "0.5", "legal_basis": "PIPL art. 13", "emergency_plan": "suspend",
+            "items": "health.outpatient_visit.district group_by\nhealth.outpatient_visit.fee aggregate"}
+    ids = {}
+    for linked, value in ((True, "1"), (False, None)):
+        r = post_form(tenant, "/scenes", {**base, **({"link_pseudonyms": value} if value else {})})
+        assert r.status_code == 303, r.text
+        ids[linked] = int(r.headers["location"].rsplit("/", 1)[1])
+        assert client.get(f"/api/v1/scenes/{ids[linked]}", headers=auth("insurer_a")).json()["link_pseudonyms"] \
+            is linked
+        page = tenant.get(r.headers["location"]).text
+        assert f'id="link-pseudonyms" data-linked="{str(linked).lower()}"' in page
+    r = post_form(tenant, "/scenes", {**base, "link_pseudonyms": "maybe"})
+    assert r.status_code == 422 and "bad_checkbox" in r.text
+    # the office sees it when it reviews
+    assert post_form(tenant, f"/scenes/{ids[True]}/submit").status_code == 303
+    page = console_client(app, "office1", lang="en").get(f"{CONSOLE}/scenes/{ids[True]}").text
+    assert 'id="review-linked"' in page and "would join on a person" in page and MISSING_MARK not in page
+
+
+def test_a_waiting_dev_query_says_so_and_a_prod_runs_progress_stays_hidden(app, client, auth, engine, settings,
+                                                                          loaded):
+    import dataclasses
+
+    from sandbox.models import Query
+    from sandbox.worker import claim
+
+    app.state.settings = dataclasses.replace(settings, dev_wait_seconds=0.2)
+    scene = active_scene(client, auth)
+    first = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                        json={"sql": BY_DISTRICT, "mode": "dev"}).json()
+    with Session(engine) as s:    # as if the first were still running: the next one waits for it
+        s.get(Query, first["id"]).status = "queued"
+        s.commit()
+        assert claim(s, settings, "busy", mode="dev").id == first["id"]
+    tenant = console_client(app, "insurer_a")
+    r = post_form(tenant, f"/scenes/{scene['id']}/queries", {"sql": BY_DISTRICT, "mode": "dev"})
+    assert r.status_code == 303
+    page = tenant.get(r.headers["location"]).text
+    assert 'data-status="queued"' in page and 'id="query-waiting"' in page and "开发查询仍在排队" in page
+    assert f'id="refresh-waiting" href="{r.headers["location"]}"' in page and "<script" not in page
+    # a prod run: its tenant sees neither progress nor attempts; staff do
+    prod = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                       json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.3}).json()
+    with Session(engine) as s:
+        q = s.get(Query, prod["id"])
+        q.status, q.progress, q.attempts = "running", 0.3737, 2
+        s.commit()
+    for path in (f"/queries/{prod['id']}", "/queries", f"/scenes/{scene['id']}", "/"):
+        page = tenant.get(f"{CONSOLE}{path}").text
+        assert "37.4" not in page and "0.3737" not in page, path
+    page = tenant.get(f"{CONSOLE}/queries/{prod['id']}").text
+    assert "<dd>—</dd>" in page.split("进度")[1][:30] and 'id="query-waiting"' in page
+    assert "37.4%" in console_client(app, "office1").get(f"{CONSOLE}/queries/{prod['id']}").text

@@ -44,24 +44,26 @@ def error_page(request: Request, err: PdaoError) -> Response:
 def _flat_details(details) -> list | None:  # noqa: ANN001
     """The problems to list: a list as it is; a refused upload's report ({"problems": [...],
     "findings": [...]}) item by item, each with where it is (the schema path or the column, and the
-    lines) — what the API's JSON carries, never more."""
+    lines); a refused release's failing checks ({"checks": [...]}: name and reason, only ever
+    answered to the reviewer who tried) — what the API's JSON carries, never more."""
     if isinstance(details, list):
         return details
     if not isinstance(details, dict):
         return None
     out = []
-    for key in ("problems", "findings"):
+    for key in ("problems", "findings", "checks"):
         for item in details.get(key) or []:
             if not isinstance(item, dict):
                 continue
-            where = item.get("path") or item.get("column") or item.get("check") or ""
+            where = item.get("path") or item.get("column") or item.get("check") or item.get("name") or ""
             lines = item.get("lines") or item.get("first_lines")
             if lines:
                 where = f"{where} @ {', '.join(str(n) for n in lines[:10])}"
-            msg = item.get("message")
+            msg = item.get("message") or item.get("reason")
             if msg is None and key == "findings":
                 msg = f"{item.get('kind', '')} × {item.get('count', '')}"
-            out.append({"where": where, "message": msg or "", "message_zh": item.get("message_zh") or msg or ""})
+            msg_zh = item.get("message_zh") or item.get("reason_zh") or msg
+            out.append({"where": where, "message": msg or "", "message_zh": msg_zh or ""})
     return out or None
 
 

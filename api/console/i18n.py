@@ -375,6 +375,119 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "trace.stamp_valid": ("标记真实", "genuine"),
     "trace.stamp_matches": ("与内容相符", "matches the cells"),
     "trace.exports": ("导出记录", "Exports"),
+    # export review after issue 13: overrides, failed runs, differencing
+    "results.checked_at_release": ("放行时已与场景中已放行的行级结果重新比对（{at}）。",
+                                   "Checked again at release against the scene's released row answers ({at})."),
+    "results.failed_run": ("该运行在域内失败：没有可放行的内容，覆盖亦不可，只能拒绝。",
+                           "The run failed inside the domain: there is nothing to release, override or not; "
+                           "it can only be rejected."),
+    "results.needs_override": ("检查未通过（{checks}）：须由两位不同的审核员分别勾选“覆盖”并说明理由才能放行。",
+                               "Checks failed ({checks}): only two distinct reviewers' overrides, each with a "
+                               "reason, release it."),
+    "results.overrides_of": ("已覆盖 {n} / {m}", "overrides {n} of {m}"),
+    "results.releases_of": ("已放行 {n} / {m}", "releases {n} of {m}"),
+    "results.override": ("覆盖未通过的检查", "Override the failing checks"),
+    "results.override_hint": ("放行前必须勾选；理由将记入审计链，需 {m} 位审核员分别覆盖。",
+                              "Required to release; the reason goes into the audit chain; {m} reviewers must "
+                              "each override."),
+    "results.override_recheck_hint": ("行级结果放行时会与场景中已放行的行级结果重新比对；若此时有检查未通过，须勾选覆盖（两位审核员）。",
+                                      "A row answer is checked again at release against the scene's released row "
+                                      "answers; if a check fails then, releasing it takes an override (two "
+                                      "reviewers)."),
+    "results.diff_pair_before": ("与结果", "Differs from result"),
+    "results.diff_pair": ("相差 {n} 人", "by {n} persons"),
+    "results.diff_region_held_by": ("由以下结果共同包含的行：", "Rows held by results"),
+    "results.diff_region_none": ("此前任何结果都不包含的行", "Rows no earlier answer holds"),
+    "results.diff_in_answer": ("在本结果中", "in this answer"),
+    "results.diff_not_in_answer": ("不在本结果中", "not in this answer"),
+    "results.diff_persons": ("{n} 人", "{n} persons"),
+    "results.diff_unknown": ("未保存行标识，无法比较", "row identities not kept: not compared"),
+    "lineage.override": ("覆盖了未通过的检查：{checks}", "overrode failing checks: {checks}"),
+    "lineage.no_override": ("未覆盖", "no override"),
+    "lineage.node_override": ("覆盖", "override"),
+    # pseudonym linkage
+    "scenes.link_pseudonyms": ("假名关联", "Pseudonym linkage"),
+    "scenes.linked_yes": ("本场景所有逐行结果共用一个假名密钥：同一人在不同结果中的假名相同，可按人关联；每个新结果的检查基于与已放行结果的合并",
+                          "All the scene's row answers share one pseudonym key: a person has the same pseudonym in "
+                          "every answer, so answers join on a person; each new answer is checked over its union "
+                          "with the released ones"),
+    "scenes.linked_no": ("每个结果使用独立的假名密钥：不同结果之间无法按人关联（默认）",
+                         "Each answer has its own pseudonym key: no two answers join on a person (the default)"),
+    "scenes.linked_review": ("该申请要求关联假名：本场景的逐行结果可按人关联。批准前请确认用途确有需要。",
+                             "This application asks to link pseudonyms: the scene's row answers would join on a "
+                             "person. Approve only if the purpose needs it."),
+    "scenes.link_pseudonyms_ask": ("申请关联假名（各结果共用假名密钥）", "Ask to link pseudonyms (one key for all answers)"),
+    "scenes.link_pseudonyms_hint": ("默认不勾选：每次逐行查询的假名都不同，两次结果无法按人对应。勾选后，同一人在本场景所有结果中的假名相同，便于跟踪同一人，但须经办公室批准，且每个新结果的匿名性检查会基于与已放行结果的合并进行。",
+                                    "Left unticked, every rows answer has its own pseudonyms and two answers cannot "
+                                    "be matched person by person. Ticked, a person keeps one pseudonym across the "
+                                    "scene's answers (to follow the same person); the office must approve it, and "
+                                    "each new answer's anonymity checks run over its union with the released ones."),
+    # company budgets per dataset
+    "nav.budgets": ("单位预算", "Company budgets"),
+    "budgets.title": ("单位在各数据集上的隐私预算", "Company budgets per dataset"),
+    "budgets.hint": ("每个单位在每个数据集上的 ε 预算由其全部场景共享；办公室未设定时为默认值 ε {eps}、δ {delta}。",
+                     "Each company's ε on each dataset is shared by all its scenes; until the office sets a cap "
+                     "the default is ε {eps}, δ {delta}."),
+    "budgets.scene_title": ("单位 {org} 在本场景各数据集上的预算", "Company {org}'s budget on this scene's datasets"),
+    "budgets.scene_hint": ("单位上限由其全部场景共享：查询会在场景预算用完之前先触及单位上限。",
+                           "The company's cap is shared by all its scenes: queries stop at it even when a scene "
+                           "still has budget."),
+    "budgets.mine_title": ("本单位（{org}）在各数据集上的预算", "My company's ({org}) budget per dataset"),
+    "budgets.mine_hint": ("本单位全部场景在同一数据集上的查询共用此预算。",
+                          "All of my company's scenes draw on this budget for the same dataset."),
+    "budgets.cap": ("上限", "Cap"),
+    "budgets.spent_left": ("已用 / 剩余", "Spent / left"),
+    "budgets.this_scene_left": ("本场景尚可用 ε", "This scene's ε left"),
+    "budgets.other_scenes": ("该单位其他生效场景", "The company's other live scenes"),
+    "budgets.others_total": ("合计尚可用 ε {left}", "ε {left} left in all"),
+    "budgets.set_cap": ("设定上限", "Set the cap"),
+    "budgets.set": ("设定", "Set"),
+    "budgets.spent": ("已用 ε {spent}", "ε spent {spent}"),
+    "budgets.left": ("剩余 ε {left}", "ε left {left}"),
+    # API keys
+    "nav.api_keys": ("API 密钥", "API keys"),
+    "keys.title": ("API 密钥", "API keys"),
+    "keys.hint_owner": ("运营方授予密钥后，由您本人在此领取：密钥在领取时生成，只显示一次；系统只保存其摘要。",
+                        "The operator grants a key; you claim it here yourself: the key is made when you claim it "
+                        "and shown once; only its digest is kept."),
+    "keys.hint_operator": ("授予后由密钥所有人本人登录领取；运营方看不到任何密钥，只能看到元数据。",
+                           "A grant is claimed by its owner, signed in; the operator never sees a key, only its "
+                           "metadata."),
+    "keys.granted": ("已向 {owner} 授予密钥 #{id}；须在 {until} 前由其本人领取。",
+                     "Key #{id} granted to {owner}; they claim it themselves before {until}."),
+    "keys.grant_title": ("授予 API 密钥", "Grant an API key"),
+    "keys.grant_hint": ("仅限申请方和数据提供方的脚本使用；有效期自领取之日起算。",
+                        "For the scripts of applicants and providers only; the key's life counts from its claim."),
+    "keys.grant": ("授予", "Grant"),
+    "keys.owner": ("所有人（用户名）", "Owner (username)"),
+    "keys.valid_days": ("有效天数", "Valid days"),
+    "keys.label": ("标签", "Label"),
+    "keys.list_all": ("全部密钥（仅元数据）", "Every key (metadata only)"),
+    "keys.list_mine": ("我的密钥", "My keys"),
+    "keys.prefix": ("前缀", "Prefix"),
+    "keys.granted_by": ("授予人", "Granted by"),
+    "keys.claim_by": ("领取截止", "Claim by"),
+    "keys.claimed_at": ("领取时间", "Claimed"),
+    "keys.expires_at": ("到期", "Expires"),
+    "keys.last_used": ("最近使用", "Last used"),
+    "keys.days": ("领取后 {n} 天", "{n} days from the claim"),
+    "keys.claim": ("领取", "Claim"),
+    "keys.revoke": ("吊销", "Revoke"),
+    "keys.none": ("暂无密钥。", "No keys."),
+    "keys.claimed_title": ("您的新 API 密钥", "Your new API key"),
+    "keys.shown_once": ("密钥只显示这一次，请立即复制并妥善保存；刷新或离开本页后将无法再次查看。",
+                        "The key is shown this once: copy it now and keep it safe; it cannot be shown again."),
+    "keys.never": ("不过期", "never"),
+    "keys.use_hint": ("脚本调用 API 时在请求头中发送 X-API-Key。密钥以您的身份和角色执行操作。",
+                      "Scripts send it as the X-API-Key header; it acts as you, with your role."),
+    "keys.back": ("返回密钥列表", "Back to the keys"),
+    # queries that are still waiting
+    "queries.waiting_dev": ("开发查询仍在排队或运行（您的另一条开发查询正在运行，或等待处理程序）。请稍后刷新。",
+                            "This dev query is still queued or running (another dev query of yours is running, "
+                            "or it waits for a worker). Refresh in a moment."),
+    "queries.waiting_prod": ("生产查询在真实数据上排队或运行中；结果将在其时间档结束时出现，并待出域审核。请稍后刷新。",
+                             "This prod query is queued or running on real data; its outcome appears at the end of "
+                             "its timing class, then waits for export review. Refresh later."),
 }
 
 # Values from the data, by kind. zh, en.
@@ -457,6 +570,9 @@ VALUES: dict[str, dict[str, tuple[str, str]]] = {
         "consent_valid_until": ("授权截止日", "consent valid until"), "attribute": ("属性", "attribute"),
     },
     "template_level": {"individual": ("个体（每个上传行一行）", "individual (one row per upload row)")},
+    "key_status": {"pending": ("待领取", "pending"), "active": ("有效", "active"), "expired": ("已过期", "expired"),
+                   "lapsed": ("逾期未领取", "lapsed"), "revoked": ("已吊销", "revoked")},
+    "budget_source": {"default": ("默认值", "default"), "office": ("办公室设定", "set by the office")},
     "trace_match": {"stamp": ("导出标记", "the export's stamp"), "content": ("内容指纹", "the cells' fingerprint"),
                     "similar": ("内容近似", "nearly the same cells"),
                     "stamp_only": ("仅标记（内容已改动）", "the stamp only (cells altered)")},

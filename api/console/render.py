@@ -70,6 +70,7 @@ NAV: list[tuple[str, str, tuple[Role, ...] | None]] = [
     ("nav.scenes", "/scenes", None),
     ("nav.queries", "/queries", (Role.applicant, Role.office, Role.reviewer, Role.auditor, Role.operator)),
     ("nav.results", "/results", (Role.applicant, Role.office, Role.reviewer, Role.auditor, Role.operator)),
+    ("nav.budgets", "/budgets", (Role.applicant, Role.office, Role.auditor)),
     ("nav.uploads", "/uploads", (Role.applicant,)),
     ("nav.uploads_staff", "/uploads", (Role.office, Role.reviewer, Role.auditor)),
     ("nav.reviews", "/reviews", (Role.reviewer,)),
@@ -77,6 +78,7 @@ NAV: list[tuple[str, str, tuple[Role, ...] | None]] = [
     ("nav.audit", "/audit", (Role.auditor, Role.office)),
     ("nav.alerts", "/audit/alerts", (Role.auditor, Role.office)),
     ("nav.emergency", "/emergency-stop", (Role.office,)),
+    ("nav.api_keys", "/api-keys", (Role.applicant, Role.provider, Role.operator)),
 ]
 
 

@@ -13,7 +13,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, Query as QueryParam, Request
+from fastapi import APIRouter, Form, Path as PathParam, Query as QueryParam, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
@@ -127,9 +127,11 @@ def language(lang: str, request: Request, next: str | None = None) -> Response: 
 @router.get("", name="console.home_bare")
 @router.get("/", name="console.home")
 def home(request: Request, principal: page("me", "read"), session: SessionDep, settings: SettingsDep) -> Response:
-    ctx: dict[str, Any] = {"scenes": [], "queries": [], "released": [], "submitted": [], "queue": []}
+    ctx: dict[str, Any] = {"scenes": [], "queries": [], "released": [], "submitted": [], "queue": [],
+                           "company_budgets": []}
     if principal.role is Role.applicant:
         ctx["scenes"] = [_scene_card(session, settings, s.id, principal) for s in scenes.list_visible(session, principal)]
+        ctx["company_budgets"] = _company_budgets_of(session, settings, principal)
         ctx["queries"] = [queries.query_out(q, principal) for q in queries.list_queries(session, principal, None, 20)]
         ctx["released"] = [queries.result_out(settings, principal, r, with_rows=False, session=session)
                            for r in export.list_results(session, principal, "released", 50)]
@@ -144,17 +146,20 @@ def home(request: Request, principal: page("me", "read"), session: SessionDep, s
 def _scene_card(session, settings, scene_id: int, principal) -> dict[str, Any]:  # noqa: ANN001
     scene = scenes.get_visible(session, principal, scene_id)
     out = scenes.to_out(session, settings, scene)
-    return {"scene": out, "expected_error": _expected_error(session, principal, scene_id)}
+    return {"scene": out, "expected_error": _expected_error(session, settings, principal, scene_id)}
 
 
-def _expected_error(session, principal, scene_id: int) -> list[dict[str, Any]]:  # noqa: ANN001
-    """The 95% error bounds of the scene's newest answered query (what the next one like it will carry)."""
+def _expected_error(session, settings, principal, scene_id: int) -> list[dict[str, Any]]:  # noqa: ANN001
+    """The 95% error bounds of the scene's newest answered query (what the next one like it will
+    carry), read through the views the API gives this caller (`query_out`, `result_out`)."""
     for q in queries.list_queries(session, principal, scene_id, 20):
-        if q.result_id is None:
+        seen = queries.query_out(q, principal)
+        if seen["result_id"] is None:
             continue
-        r = export.get_result(session, principal, q.result_id)
-        return [{"query_id": q.id, "alias": alias, "function": n.get("function"), "epsilon": n.get("epsilon"),
-                 "error": n.get("error95"), "unit": n.get("error_unit")} for alias, n in (r.noise or {}).items()]
+        r = queries.result_out(settings, principal, export.get_result(session, principal, seen["result_id"]),
+                               with_rows=False, session=session)
+        return [{"query_id": seen["id"], "alias": alias, "function": n.get("function"), "epsilon": n.get("epsilon"),
+                 "error": n.get("error95"), "unit": n.get("error_unit")} for alias, n in (r["noise"] or {}).items()]
     return []
 
 
@@ -257,12 +262,14 @@ def scene_create(request: Request, principal: action("scene", "create"), session
                  legal_basis: Annotated[str, Form(max_length=4000)] = "",
                  consent_approach: Annotated[str, Form(max_length=4000)] = "",
                  emergency_plan: Annotated[str, Form(max_length=8000)] = "",
-                 budget_delta: Annotated[str, Form(max_length=20)] = "1e-6") -> Response:
+                 budget_delta: Annotated[str, Form(max_length=20)] = "1e-6",
+                 link_pseudonyms: Annotated[str, Form(max_length=5)] = "") -> Response:
+    linked = _ticked(link_pseudonyms)
     try:
         body = SceneIn(title=title, purpose=purpose, scene_type=scene_type, legal_basis=legal_basis,
                        consent_approach=consent_approach, emergency_plan=emergency_plan, valid_from=valid_from,
                        valid_to=valid_to, budget_epsilon=budget_epsilon, budget_delta=budget_delta or 0,
-                       max_query_epsilon=max_query_epsilon, items=_parse_items(items))
+                       max_query_epsilon=max_query_epsilon, link_pseudonyms=linked, items=_parse_items(items))
     except ValidationError as e:
         raise _form_error(e) from None
     scene = scenes.create(session, settings, principal, body)
@@ -279,7 +286,9 @@ def scene_page_(scene_id: int, request: Request, ctx: scene_page("read"), sessio
 
 def _scene_view(request: Request, ctx, session, settings, preview: dict | None = None, sql: str = "",  # noqa: ANN001
                 mode: str = "dev", epsilon: str = "") -> Response:
-    out = scenes.to_out(session, settings, ctx.scene)
+    # with the viewer: the company's budgets per dataset for those who may read them (office,
+    # auditors, the tenant itself), None for everyone else
+    out = scenes.to_out(session, settings, ctx.scene, viewer=ctx.principal)
     facts = scenes.field_facts(session, ((i.dataset, i.field) for i in out.items))
     verdicts = {i.id: item_verdict(facts.get((i.dataset, i.field)), i.usage, i.dataset, i.field) for i in out.items}
     effective = {(e.dataset, e.field, e.usage) for e in out.effective_items}
@@ -287,13 +296,14 @@ def _scene_view(request: Request, ctx, session, settings, preview: dict | None =
     # list_queries is scoped like the API's (a tenant's own, none for providers)
     scene_queries = [queries.query_out(q, p) for q in queries.list_queries(session, p, ctx.scene.id, 50)]
     return render(request, "scene.html", s=out, verdicts=verdicts, effective=effective, queries=scene_queries,
-                  expected_error=_expected_error(session, p, ctx.scene.id),
+                  expected_error=_expected_error(session, settings, p, ctx.scene.id),
                   may_review=_may(p, "scene", "review") and out.stored_status == "submitted",
                   may_control=_may(p, "scene", "suspend"), may_submit=_may(p, "scene", "submit")
                   and out.stored_status in ("draft", "returned"),
                   may_query=_may(p, "scene", "query") and out.status == "active",
                   approvals_required=settings.scene_approvals_required, preview=preview, sql=sql, mode=mode,
-                  epsilon=epsilon, upload_names=_own_upload_names(session, p) if out.templates else [])
+                  epsilon=epsilon, upload_names=_own_upload_names(session, p) if out.templates else [],
+                  may_set_cap=_may(p, "budget", "write"))
 
 
 def _own_upload_names(session, principal) -> list[str]:  # noqa: ANN001
@@ -475,19 +485,42 @@ def result_page(result_id: int, request: Request, principal: page("result", "rea
     may_download = _may(principal, "result", "download") and out["cells_visible"]
     # the picker: only for the reviewer who may decide, on an aggregate (rows are suppressed by class)
     failing = _failing_cells(out) if may_review and out["kind"] != "rows" else []
+    # what releasing takes now (failing checks, overrides given and needed, a failed run): staff
+    # only, as the API's lineage gives it — that a check failed rests on exact statistics
+    release = (export.release_rule(session, r) if export.is_staff(principal) and r.status == "held"
+               and not r.synthetic else None)
+    # a row answer is checked again at release (export.review): a check may fail only then, so its
+    # reviewer is offered the override too (a form control; the service decides)
+    rechecked = may_review and r.kind == "rows" and "template" not in (r.report or {})
     return render(request, "result.html", r=out, may_review=may_review, may_download=may_download,
-                  failing=failing)
+                  failing=failing, release=release, rechecked_at_release=rechecked)
 
 
 @router.post("/results/{result_id}/review", name="results.review")
 def result_review(result_id: int, request: Request, principal: action("result", "review"), session: SessionDep,
-                  decision: Annotated[Literal["release", "reject"], Form()],
-                  reason: Annotated[str, Form(min_length=1, max_length=4000)]) -> Response:
+                  settings: SettingsDep, decision: Annotated[Literal["release", "reject"], Form()],
+                  reason: Annotated[str, Form(min_length=1, max_length=4000)],
+                  override: Annotated[str, Form(max_length=5)] = "") -> Response:
+    """The API's review (`POST /results/{id}/review`): with the settings, so a row answer is checked
+    again at release against the scene's released row answers, and with `override` (a ticked box)
+    for a result whose checks fail (two distinct reviewers' overrides release it)."""
     _on(request, result_id)
-    request.state.audit_detail = {"decision": decision}
-    r = export.review(session, principal, result_id, decision, reason, request.state.request_id)
+    overriding = _ticked(override)
+    request.state.audit_detail = {"decision": decision, "override": overriding}
+    r = export.review(session, principal, result_id, decision, reason, request.state.request_id,
+                      override=overriding, settings=settings)
     _on(request, result_id, r.scene_id)
     return redirect(request, f"/results/{result_id}")
+
+
+def _ticked(value: str) -> bool:
+    """A checkbox: present ("1", "on", "true") or not; anything else is a malformed form."""
+    v = value.strip().lower()
+    if v in ("", "0", "false", "off"):
+        return False
+    if v in ("1", "on", "true", "yes"):
+        return True
+    raise invalid("bad_checkbox", "A checkbox is ticked (1) or not (empty).", "复选框只能为勾选（1）或不勾选（空）。")
 
 
 @router.post("/results/{result_id}/revisions", name="results.revise")
@@ -606,6 +639,8 @@ def _lineage_graph(lin: dict[str, Any], t, tv) -> Any:  # noqa: ANN001
     after = []
     for i, rv in enumerate(lin["reviews"]):
         who = (rv.get("reviewer") or {}).get("username") or "?"
+        if rv.get("override"):      # None for a tenant: that a check failed is for staff
+            who = f"{who} · {t('lineage.node_override')}"
         after.append(svg.Node(f"rv:{i}", f"{t('lineage.node_review')}: {tv('decision', rv['decision'])}", who,
                               tone="ok" if rv["decision"] == "release" else "bad"))
         g.edges.append((f"r:{rv['result_id']}", f"rv:{i}"))
@@ -843,3 +878,126 @@ async def trace_file(request: Request, principal: page("trace", "create"), sessi
         request.state.object = f"result:{out['result_id']}"
         request.state.scene_id = out.get("scene_id")
     return render(request, "trace.html", out=out)
+
+
+# --- company budgets per dataset (docs/queries.md) ----------------------------------------------------
+
+@router.get("/budgets", name="console.budgets")
+def budgets_page(request: Request, principal: page("budget", "read"), session: SessionDep, settings: SettingsDep,
+                 org: Annotated[str | None, QueryParam(max_length=64)] = None,
+                 dataset: Annotated[str | None, QueryParam(max_length=128)] = None) -> Response:
+    """`GET /api/v1/budgets` as a page: every company's budget per dataset for the office and
+    auditors, a tenant its own company's (`ledger.budget_scope`); the office's cap forms."""
+    from api.routes.budgets import list_budgets
+
+    request.state.object = "budget"
+    out = list_budgets(principal, session, settings, org or None, dataset or None)
+    return render(request, "budgets.html", budgets=out, may_set_cap=_may(principal, "budget", "write"),
+                  f={"org": org or "", "dataset": dataset or ""})
+
+
+@router.post("/budgets/{org}/{dataset}", name="budgets.set")
+def budget_set(org: Annotated[str, PathParam(max_length=64)], dataset: Annotated[str, PathParam(max_length=128)],
+               request: Request, principal: action("budget", "write"), session: SessionDep, settings: SettingsDep,
+               epsilon: Annotated[str, Form(min_length=1, max_length=20)],
+               delta: Annotated[str, Form(max_length=20)] = "", reason: Annotated[str, Form(max_length=500)] = "",
+               next: Annotated[str, Form(max_length=400)] = "") -> Response:  # noqa: A002
+    """`PUT /api/v1/budgets/{org}/{dataset}` from a form: the API's `CapIn`, then its very route
+    (`ledger.set_company_cap` and the `budget.cap_set` event in one transaction; never below what
+    is spent: 409 `cap_below_spent`); back to the page the form was on."""
+    from api.routes.budgets import CapIn, set_budget
+
+    try:
+        body = CapIn(epsilon=epsilon.strip(), delta=delta.strip() or None, reason=reason.strip())
+    except ValidationError as e:
+        raise _form_error(e) from None
+    set_budget(org, dataset, body, principal, session, settings, request)
+    return redirect(request, safe_next(next) if next else url("/budgets"))
+
+
+def _company_budgets_of(session, settings, principal) -> list[Any]:  # noqa: ANN001
+    """The tenant's own company's budget per dataset (`ledger.company_budgets`), for its gauges."""
+    from sandbox import ledger
+
+    if not _may(principal, "budget", "read"):
+        return []
+    return ledger.company_budgets(session, settings,
+                                  org_id=ledger.budget_scope(principal.role, principal.org_id, principal.org_kind))
+
+
+# --- API keys: granted by an operator, claimed by their owner (docs/identity.md) ---------------------
+
+def _key_view(row, owner: str, grantor: str | None, now: datetime) -> dict[str, Any]:  # noqa: ANN001
+    """A key's metadata as `GET /api/v1/api-keys` gives it: never the key (only its digest is kept)."""
+    return {"id": row.id, "owner": owner, "status": identity.key_status(row, now), "prefix": row.prefix,
+            "label": row.label, "granted_by": grantor, "created_at": row.created_at, "claim_by": row.claim_by,
+            "claimed_at": row.claimed_at, "valid_days": row.valid_days, "expires_at": row.expires_at,
+            "revoked_at": row.revoked_at, "last_used_at": row.last_used_at}
+
+
+@router.get("/api-keys", name="console.api_keys")
+def api_keys_page(request: Request, principal: page("api_key", "read"), session: SessionDep,
+                  granted: Annotated[int | None, QueryParam(ge=1, le=MAX_ID)] = None) -> Response:
+    """The operator: every key, the grant form, revoke; an applicant or provider: their own keys,
+    claim a pending grant (the key is shown once), revoke."""
+    request.state.object = "api_key"
+    now = utcnow()
+    keys = [_key_view(k, owner, grantor, now) for k, owner, grantor in identity.list_api_keys(session, principal)]
+    just = next((k for k in keys if k["id"] == granted), None) if granted else None
+    return render(request, "api_keys.html", keys=keys, granted=just, may_grant=_may(principal, "api_key", "issue"),
+                  may_claim=_may(principal, "api_key", "claim"), may_revoke=_may(principal, "api_key", "revoke"))
+
+
+@router.post("/api-keys", name="api_keys.grant")
+def api_key_grant(request: Request, principal: action("api_key", "issue"), session: SessionDep,
+                  settings: SettingsDep, username: Annotated[str, Form(min_length=1, max_length=64)],
+                  label: Annotated[str, Form(max_length=200)] = "",
+                  valid_days: Annotated[str, Form(max_length=5)] = "365") -> Response:
+    """`POST /api/v1/api-keys`: the operator grants a pending key (no secret exists); its owner
+    claims it here, signed in with their own password, before `claim_by`."""
+    from api.routes.admin import ApiKeyIn
+
+    try:
+        body = ApiKeyIn(username=username.strip(), label=label.strip(), valid_days=valid_days.strip() or 365)
+    except ValidationError as e:
+        raise _form_error(e) from None
+    request.state.object = f"user:{body.username}"
+    row = identity.grant_api_key(session, principal, body.username, body.label, body.valid_days,
+                                 identity.claim_window(settings), request.state.request_id)
+    session.commit()
+    return redirect(request, f"/api-keys?granted={row.id}")
+
+
+@router.post("/api-keys/{key_id}/claim", name="api_keys.claim")
+def api_key_claim(key_id: int, request: Request, principal: action("api_key", "claim"),
+                  session: SessionDep) -> Response:
+    """`POST /api/v1/api-keys/{id}/claim`: the owner (the console's session is a password login)
+    claims a pending grant; the key is made now and shown on this answer only (`no-store`): a
+    reload posts again and is refused (409 `api_key_claimed`)."""
+    request.state.object = f"api_key:{key_id}"
+    key, row = identity.claim_api_key(session, principal, key_id, request.state.request_id)
+    session.commit()
+    owner, grantor = _key_names(session, row)
+    resp = render(request, "api_key_claimed.html", key=key, k=_key_view(row, owner, grantor, utcnow()))
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Pragma"] = "no-cache"
+    return resp
+
+
+def _key_names(session, row) -> tuple[str, str | None]:  # noqa: ANN001
+    from pdao.identity.models import User
+
+    owner = session.get(User, row.user_id)
+    grantor = session.get(User, row.issued_by) if row.issued_by is not None else None
+    return (owner.username if owner else "?"), (grantor.username if grantor else None)
+
+
+@router.post("/api-keys/{key_id}/revoke", name="api_keys.revoke")
+def api_key_revoke(key_id: int, request: Request, principal: action("api_key", "revoke"),
+                   session: SessionDep) -> Response:
+    """`DELETE /api/v1/api-keys/{id}` from a form: the operator any key, an owner their own
+    (another user's answers 404, like a missing one); at once, also a pending grant."""
+    request.state.object = f"api_key:{key_id}"
+    identity.revoke_api_key(session, principal, key_id, request.state.request_id)
+    session.commit()
+    return redirect(request, "/api-keys")
