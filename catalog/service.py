@@ -344,7 +344,8 @@ def _update(session: Session, ds: Dataset, d: DatasetDescriptor, values: dict, d
 
 # --- reading -----------------------------------------------------------------------------------
 
-def _scoped(stmt, scope: CatalogScope):  # noqa: ANN001
+def scoped(stmt, scope: CatalogScope):  # noqa: ANN001
+    """`stmt` over Dataset narrowed to what `scope` may see (the catalog's one visibility filter)."""
     conds = [Dataset.opening_class.in_(sorted(scope.opening_classes))]
     if scope.own_org_id is not None:
         conds.append(Dataset.source_org_id == scope.own_org_id)
@@ -365,7 +366,7 @@ class DatasetFilters:
 
 
 def list_datasets(session: Session, scope: CatalogScope, flt: DatasetFilters) -> DatasetPage:
-    stmt = _scoped(select(Dataset, Organization).join(Organization, Dataset.source_org_id == Organization.id), scope)
+    stmt = scoped(select(Dataset, Organization).join(Organization, Dataset.source_org_id == Organization.id), scope)
     if flt.q:
         q = flt.q.lower()
 
@@ -417,7 +418,7 @@ def find_dataset(session: Session, code: str, scope: CatalogScope | None = None)
     """The dataset, if it exists and (with a scope) the caller may see it; else 404 either way."""
     stmt = select(Dataset).where(Dataset.code == code)
     if scope is not None:
-        stmt = _scoped(stmt, scope)
+        stmt = scoped(stmt, scope)
     ds = session.exec(stmt).first()
     if ds is None:
         raise not_found(f"Dataset '{code}'", f"数据集 {code} ")

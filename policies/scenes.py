@@ -27,6 +27,7 @@ from policies.enforcer import SceneEnforcers, role_may, scene_domain, scene_poli
 from policies.models import CasbinRule, Scene, SceneEvent, SceneItem, SceneReview, SceneTemplate
 from policies.rules import FieldFacts, Verdict, item_verdict
 from policies.states import today_in_city
+from policies.catalog_rules import CatalogScope, catalog_scope
 from policies.visibility import tenant_scoped
 from policies.schemas import (
     Approvals,
@@ -69,14 +70,19 @@ def has_public_domain(f: DatasetField) -> bool:
     return bool(f.domain) or f.type == "boolean" or (f.type in ("integer", "date", "timestamp") and bool(f.bounds))
 
 
-def field_facts(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], FieldFacts]:
-    """Catalog facts of (dataset, field) pairs, in two queries."""
+def field_facts(session: Session, pairs: Iterable[tuple[str, str]], scope: CatalogScope | None = None
+                ) -> dict[tuple[str, str], FieldFacts]:
+    """Catalog facts of (dataset, field) pairs, in two queries. With the caller's `scope`, a dataset
+    outside it has no facts, exactly like a missing one: a tenant's application, or explain, must not
+    tell a prohibited dataset (or its fields) from one that does not exist."""
     pairs = set(pairs)
     codes = {d for d, _ in pairs}
     if not codes:
         return {}
     rows = session.exec(select(Dataset, DatasetField).join(DatasetField, DatasetField.dataset_id == Dataset.id)
                         .where(Dataset.code.in_(sorted(codes)))).all()
+    if scope is not None:
+        rows = [(ds, f) for ds, f in rows if scope.allows(ds.opening_class, ds.source_org_id)]
     return {(ds.code, f.name): FieldFacts(
         dataset=ds.code, field=f.name, dataset_grade=ds.grade, opening_class=ds.opening_class, field_grade=f.grade,
         sensitivity=f.sensitivity, masking=f.masking, has_domain=has_public_domain(f),
@@ -84,8 +90,9 @@ def field_facts(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tupl
     ) for ds, f in rows if (ds.code, f.name) in pairs}
 
 
-def item_problems(session: Session, items: list[ItemIn] | list[SceneItem]) -> list[Problem]:
-    facts = field_facts(session, ((i.dataset, i.field) for i in items))
+def item_problems(session: Session, items: list[ItemIn] | list[SceneItem], scope: CatalogScope | None = None
+                  ) -> list[Problem]:
+    facts = field_facts(session, ((i.dataset, i.field) for i in items), scope)
     out = []
     seen: set[tuple[str, str, str]] = set()
     for n, i in enumerate(items):
@@ -172,14 +179,16 @@ def resolve_templates(templates: list[TemplateIn]) -> tuple[list[Any], list[Prob
     return out, problems
 
 
-def template_catalog(session: Session) -> dict[str, Any]:
+def template_catalog(session: Session, scope: CatalogScope | None = None) -> dict[str, Any]:
     """The metadata database's catalog as the template checker reads it: every dataset's fields with
-    their types, sensitivity and PII kind (keys and direct identifiers are told apart by these)."""
+    their types, sensitivity and PII kind (keys and direct identifiers are told apart by these); with
+    the caller's `scope`, only the datasets it may see (others are unknown to it)."""
     from sandbox.execute import DatasetMeta
 
     return {ds.code: DatasetMeta.from_fields(ds.code, ds.privacy_unit, session.exec(
                 select(DatasetField).where(DatasetField.dataset_id == ds.id).order_by(DatasetField.position)).all())
-            for ds in session.exec(select(Dataset)).all()}
+            for ds in session.exec(select(Dataset)).all()
+            if scope is None or scope.allows(ds.opening_class, ds.source_org_id)}
 
 
 def template_disclosure(session: Session, definition: dict[str, Any]) -> dict[str, Any] | None:
@@ -193,8 +202,8 @@ def template_disclosure(session: Session, definition: dict[str, Any]) -> dict[st
         return None     # a template the catalog no longer accepts: approval refuses it with reasons
 
 
-def template_problems(session: Session, templates: list[TemplateIn], items: list[ItemIn] | list[SceneItem]
-                      ) -> list[Problem]:
+def template_problems(session: Session, templates: list[TemplateIn], items: list[ItemIn] | list[SceneItem],
+                      scope: CatalogScope | None = None) -> list[Problem]:
     """Each template must be approvable (`sandbox.templates.check_template`: every output a
     declared derived value, never a source field; one SELECT; known tables, columns and functions)
     and read only fields on the scene's own data list, so the office reviews every field it touches."""
@@ -203,7 +212,7 @@ def template_problems(session: Session, templates: list[TemplateIn], items: list
     resolved, problems = resolve_templates(templates)
     if not resolved:
         return problems
-    catalog = template_catalog(session)
+    catalog = template_catalog(session, scope)
     listed = {(i.dataset, i.field) for i in items}
     for n, template in enumerate(resolved):
         where = f"templates[{template.name}]"
@@ -301,8 +310,9 @@ def _event(session: Session, scene: Scene, action: str, from_status: str, actor:
 
 
 def create(session: Session, settings: Settings, principal: Principal, app: SceneIn) -> Scene:
-    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items)
-                  + template_problems(session, app.templates, app.items))
+    scope = _scope(principal)
+    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items, scope)
+                  + template_problems(session, app.templates, app.items, scope))
     scene = Scene(org_id=principal.org_id, applicant_id=principal.user_id, status="draft",
                   release_policy=app.release_policy.model_dump(), **app.model_dump(include=set(_SCALARS)))
     session.add(scene)
@@ -344,8 +354,9 @@ def update(session: Session, settings: Settings, principal: Principal, scene: Sc
     merged = _as_application(session, scene).model_dump()
     merged.update(patch.model_dump(exclude_unset=True, exclude_none=True))
     app = SceneIn.model_validate(merged)
-    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items)
-                  + template_problems(session, app.templates, app.items))
+    scope = _scope(principal)
+    refuse_if_any(application_problems(app, settings) + item_problems(session, app.items, scope)
+                  + template_problems(session, app.templates, app.items, scope))
     for k in _SCALARS:
         setattr(scene, k, getattr(app, k))
     scene.release_policy = app.release_policy.model_dump()
@@ -384,7 +395,7 @@ def submit(session: Session, settings: Settings, principal: Principal, scene: Sc
         raise _wrong_state("submit", scene)
     # The catalog may have changed since drafting: check again.
     refuse_if_any(application_problems(_as_application(session, scene), settings)
-                  + item_problems(session, _items(session, scene)))
+                  + item_problems(session, _items(session, scene), _scope(principal)))
     scene.round += 1
     _transition(session, scene, "submit", principal)
     return scene
@@ -541,8 +552,13 @@ class Decision:
     scene_status: str
 
 
+def _scope(principal: Principal) -> CatalogScope:
+    """The part of the catalog a caller may name (`policies.catalog_rules.catalog_scope`)."""
+    return catalog_scope(principal.role, principal.org_id, principal.org_kind)
+
+
 def decide(session: Session, enforcers: SceneEnforcers, scene: Scene, org_code: str, dataset: str, field: str,
-           usage: str, now: datetime | None = None) -> Decision:
+           usage: str, now: datetime | None = None, scope: CatalogScope | None = None) -> Decision:
     """May `org_code` use dataset.field as `usage` in this scene now? Status first (derived from the
     clock, so expiry needs no job), then the rule table on today's catalog (a dataset closed since
     approval is refused at once), then the scene's casbin policies."""
@@ -553,7 +569,7 @@ def decide(session: Session, enforcers: SceneEnforcers, scene: Scene, org_code: 
                         status)
     if _org_code(session, scene.org_id) != org_code:
         return Decision(False, "not_tenant", "the scene belongs to another organization", "该场景属于其他单位", status)
-    facts = field_facts(session, [(dataset, field)]).get((dataset, field))
+    facts = field_facts(session, [(dataset, field)], scope).get((dataset, field))
     verdict: Verdict = item_verdict(facts, usage, dataset, field)
     if not verdict.allowed:
         return Decision(False, verdict.rule, verdict.message, verdict.message_zh, status)
@@ -565,8 +581,13 @@ def decide(session: Session, enforcers: SceneEnforcers, scene: Scene, org_code: 
 
 
 def explain(session: Session, enforcers: SceneEnforcers, scene: Scene, org_code: str, dataset: str, field: str,
-            usage: str) -> Explanation:
-    d = decide(session, enforcers, scene, org_code, dataset, field, usage)
+            usage: str, viewer: Principal | None = None) -> Explanation:
+    """`decide`, for a person asking. A dataset on the scene's own list is explained as it is; any
+    other only as far as the asker may see the catalog (a tenant: a prohibited dataset is unknown)."""
+    listed = session.exec(select(SceneItem.id).where(SceneItem.scene_id == scene.id,
+                                                     SceneItem.dataset == dataset)).first() is not None
+    scope = None if viewer is None or listed else _scope(viewer)
+    d = decide(session, enforcers, scene, org_code, dataset, field, usage, scope=scope)
     return Explanation(allowed=d.allowed, rule=d.rule, message=d.message, message_zh=d.message_zh,
                        scene_status=d.scene_status)
 

@@ -241,7 +241,7 @@ def check_rate(session: Session, settings: Settings, org_id: int) -> None:
 
 
 def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, principal: Principal, scene: Scene,
-           sql: str, mode: str, epsilon: float | None) -> Query:
+           sql: str, mode: str, epsilon: float | None, request_id: str | None = None) -> Query:
     """Check, authorize, plan and queue a query; a prod query's ε is reserved in the same
     transaction (the caller commits). Dev and prod queries are jobs alike: a worker, or the request
     itself for a dev query (`sandbox.worker.answer_dev`), runs them with a time limit."""
@@ -263,8 +263,8 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
                                settings=settings)
         q.budget_entry_id = entry.id
     # the job and its reservation, in the chain with them (the log's lock last: the caller commits)
-    audit.append(session, actor=principal.username, org=principal.org_code, role=principal.role.value,
-                 auth_method=principal.auth_method, action="query.queue", object=f"query:{q.id}", scene_id=scene.id,
+    audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
+                 role=principal.role.value, auth_method=principal.auth_method, action="query.queue", object=f"query:{q.id}", scene_id=scene.id,
                  decision="allow", reason="queued",
                  detail={"mode": mode, "kind": q.kind, "dataset": q.dataset, "epsilon_reserved":
                          q.epsilon if q.budget_entry_id is not None else 0.0, "budget_entry": q.budget_entry_id})
@@ -479,7 +479,7 @@ def finish_failed(session: Session, q: Query, code: str, message: str, message_z
     return q
 
 
-def cancel(session: Session, principal: Principal, q: Query) -> Query:
+def cancel(session: Session, principal: Principal, q: Query, request_id: str | None = None) -> Query:
     """A queued job is cancelled at once (and refunded: nothing was read); a running one is asked to
     stop (its worker interrupts the engine and cancels it; a prod run is charged, `sandbox.outcomes`).
     Finished jobs answer 409."""
@@ -491,8 +491,8 @@ def cancel(session: Session, principal: Principal, q: Query) -> Query:
     if done == 1:
         if q.budget_entry_id is not None:
             ledger.refund(session, q.budget_entry_id)
-        audit.append(session, actor=principal.username, org=principal.org_code, role=principal.role.value,
-                     auth_method=principal.auth_method, action="query.cancel", object=f"query:{q.id}",
+        audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
+                     role=principal.role.value, auth_method=principal.auth_method, action="query.cancel", object=f"query:{q.id}",
                      scene_id=q.scene_id, decision="allow", reason="cancelled_while_queued",
                      detail={"mode": q.mode, "refunded": q.budget_entry_id is not None})
     else:

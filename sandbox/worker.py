@@ -241,10 +241,10 @@ def run_one(engine: Engine, settings: Settings, enforcers: SceneEnforcers, worke
 
 
 def submit_query(session: Session, engine: Engine, settings: Settings, enforcers: SceneEnforcers, principal: Any,
-                 scene: Any, sql: str, mode: str, epsilon: float | None) -> Query:
+                 scene: Any, sql: str, mode: str, epsilon: float | None, request_id: str | None = None) -> Query:
     """Submit a query (`sandbox.queries.submit`) and commit it; a dev query is then answered by this
     request when it may (`answer_dev`). The query as it stands when the request answers."""
-    q = queries.submit(session, settings, enforcers, principal, scene, sql, mode, epsilon)
+    q = queries.submit(session, settings, enforcers, principal, scene, sql, mode, epsilon, request_id)
     session.commit()
     if q.mode == "dev":
         answer_dev(engine, settings, enforcers, q.id)

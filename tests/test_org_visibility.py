@@ -118,3 +118,46 @@ def test_one_predicate_for_every_role_and_organization_kind():
     assert catalog_scope(Role.reviewer, 7, "office").opening_classes == ALL_CLASSES
     assert upload_scope(Role.provider, 7, "department") is False
     assert upload_scope(Role.operator, 7, "operator") is False
+
+
+def test_a_tenant_cannot_tell_a_prohibited_dataset_or_its_fields_from_a_missing_one(client, auth):
+    """The second review: explain, a draft application and the budgets endpoints answered a prohibited
+    dataset's fields differently from missing ones (`prohibited_dataset` vs `unknown_field`, 200 vs
+    404), so a tenant mapped it by guessing. Now a tenant's view of them is the view of nothing."""
+    from tests.scene_helpers import active_scene, application
+
+    scene = active_scene(client, auth)
+    a = auth("insurer_a")
+
+    def explained(dataset: str, field: str) -> dict:
+        r = client.get(f"{API}/scenes/{scene['id']}/explain", headers=a,
+                       params={"dataset": dataset, "field": field, "usage": "filter"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def drafted(dataset: str, field: str) -> dict:
+        body = application(items=[{"dataset": dataset, "field": field, "usage": "filter"}])
+        r = client.post(f"{API}/scenes", headers=a, json=body)
+        assert r.status_code == 422, r.text
+        return r.json()
+
+    def strip(body: dict, dataset: str) -> str:   # the same answer but for the name asked about
+        return str(body).replace(dataset, "D")
+
+    real, ghost = PROHIBITED, "health.no_such_dataset"
+    for field in ("disease", "person_id"):
+        assert strip(explained(real, field), real) == strip(explained(ghost, field), ghost)
+        assert strip(drafted(real, field), real) == strip(drafted(ghost, field), ghost)
+    assert explained(real, "disease")["rule"] == "unknown_field"
+    for path in (f"{API}/budgets/company_a/{real}", f"{API}/budgets/company_a/{ghost}"):
+        r = client.get(path, headers=a)
+        assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+    # the office caps it: a tenant's list still does not name it; the office's does
+    r = client.put(f"{API}/budgets/company_a/{real}", headers=auth("office1"), json={"epsilon": 1})
+    assert r.status_code == 200, r.text
+    assert real not in str(client.get(f"{API}/budgets", headers=a).json())
+    assert real in str(client.get(f"{API}/budgets", headers=auth("office1")).json())
+    # the office, explaining the same scene, sees the catalog as it is
+    r = client.get(f"{API}/scenes/{scene['id']}/explain", headers=auth("office1"),
+                   params={"dataset": real, "field": "disease", "usage": "filter"})
+    assert r.json()["rule"] == "prohibited_dataset"

@@ -420,7 +420,7 @@ def query_submit(scene_id: int, request: Request, ctx: scene_action("query"), se
         out = queries.preview(session, settings, enforcers, ctx.principal, ctx.scene, sql, mode, eps)
         return _scene_view(request, ctx, session, settings, preview=out, sql=sql, mode=mode, epsilon=epsilon)
     q = worker.submit_query(session, request.app.state.engine, settings, enforcers, ctx.principal, ctx.scene, sql,
-                            mode, eps)
+                            mode, eps, request.state.request_id)
     request.state.object = f"query:{q.id}"
     return redirect(request, f"/queries/{q.id}")
 
@@ -442,7 +442,7 @@ def query_page(query_id: int, request: Request, principal: page("query", "read")
 @router.post("/queries/{query_id}/cancel", name="queries.cancel")
 def query_cancel(query_id: int, request: Request, principal: action("query", "cancel"), session: SessionDep) -> Response:
     request.state.object = f"query:{query_id}"
-    queries.cancel(session, principal, queries.get_query(session, principal, query_id))
+    queries.cancel(session, principal, queries.get_query(session, principal, query_id), request.state.request_id)
     return redirect(request, f"/queries/{query_id}")
 
 

@@ -13,9 +13,11 @@ from sqlmodel import Session, select
 
 from api.deps import SessionDep, SettingsDep, caller
 from catalog.models import Dataset, Organization
+from catalog.service import find_dataset, scoped as catalog_scoped
 from pdao import audit
 from pdao.errors import not_found
 from pdao.identity.service import Principal
+from policies.catalog_rules import CatalogScope, catalog_scope
 from sandbox import ledger
 from sandbox.ledger import CompanyBudgetOut
 
@@ -48,10 +50,14 @@ def _org(session: Session, principal: Principal, code: str) -> Organization:
     return org
 
 
-def _dataset(session: Session, code: str) -> str:
-    if session.exec(select(Dataset.id).where(Dataset.code == code)).first() is None:
-        raise not_found(f"Dataset '{code}'", f"数据集 {code} ")
-    return code
+def _scope(principal: Principal) -> CatalogScope:
+    return catalog_scope(principal.role, principal.org_id, principal.org_kind)
+
+
+def _dataset(session: Session, principal: Principal, code: str) -> str:
+    """The dataset named, if it exists and the caller may see it in the catalog (a tenant never sees a
+    prohibited one): else 404 either way."""
+    return find_dataset(session, code, _scope(principal)).code
 
 
 @router.get("/budgets", name="budgets.list", response_model=BudgetList)
@@ -63,8 +69,9 @@ def list_budgets(principal: Reader, session: SessionDep, settings: SettingsDep,
     asks for."""
     scope = ledger.budget_scope(principal.role, principal.org_id, principal.org_kind)
     items = ledger.company_budgets(session, settings, org_id=scope, datasets=None if dataset is None else [dataset])
+    visible = set(session.exec(catalog_scoped(select(Dataset.code), _scope(principal))).all())
     return BudgetList(default_epsilon=settings.company_dataset_epsilon, default_delta=settings.company_dataset_delta,
-                      items=[b for b in items if org is None or b.org == org])
+                      items=[b for b in items if (org is None or b.org == org) and b.dataset in visible])
 
 
 @router.get("/budgets/{org}/{dataset}", name="budgets.read", response_model=CompanyBudgetOut)
@@ -72,7 +79,7 @@ def read_budget(org: OrgCode, dataset: DatasetCode, principal: Reader, session: 
                 settings: SettingsDep) -> CompanyBudgetOut:
     """One company's budget on one dataset, across all its scenes."""
     o = _org(session, principal, org)
-    return ledger.company_budget(session, settings, o.id, o.code, _dataset(session, dataset))
+    return ledger.company_budget(session, settings, o.id, o.code, _dataset(session, principal, dataset))
 
 
 @router.put("/budgets/{org}/{dataset}", name="budgets.set", response_model=CompanyBudgetOut)
@@ -82,7 +89,7 @@ def set_budget(org: OrgCode, dataset: DatasetCode, body: CapIn, principal: Write
     (409 `cap_below_spent`). The change and its audit event are one transaction."""
     request.state.object = f"budget:{org}/{dataset}"
     o = _org(session, principal, org)
-    code = _dataset(session, dataset)
+    code = _dataset(session, principal, dataset)
     before, after = ledger.set_company_cap(session, settings, o.id, code, body.epsilon, body.delta, principal.user_id)
     detail = {"org": o.code, "dataset": code, "epsilon_cap": [before.epsilon_cap, after.epsilon_cap],
               "delta_cap": [before.delta_cap, after.delta_cap], "epsilon_spent": after.epsilon_spent,

@@ -34,7 +34,7 @@ def submit_query(body: QueryIn, ctx: scene_access("query"), session: SessionDep,
     `GET /queries/{id}` until its status is final."""
     _note(request, body)
     q = worker.submit_query(session, request.app.state.engine, settings, request.app.state.scene_enforcers,
-                            ctx.principal, ctx.scene, body.sql, body.mode, body.epsilon)
+                            ctx.principal, ctx.scene, body.sql, body.mode, body.epsilon, request.state.request_id)
     request.state.object = f"query:{q.id}"
     return queries.query_out(q, ctx.principal)
 
@@ -71,7 +71,8 @@ def get_query(query_id: int, principal: caller("query", "read"), session: Sessio
 def cancel_query(query_id: int, principal: caller("query", "cancel"), session: SessionDep,
                  request: Request) -> dict[str, Any]:
     request.state.object = f"query:{query_id}"
-    return queries.query_out(queries.cancel(session, principal, queries.get_query(session, principal, query_id)), principal)
+    q = queries.cancel(session, principal, queries.get_query(session, principal, query_id), request.state.request_id)
+    return queries.query_out(q, principal)
 
 
 class TemplateRunIn(BaseModel):

@@ -126,4 +126,5 @@ def explain(ctx: scene_access("read"), session: SessionDep, request: Request,
             usage: Usage) -> Explanation:
     """May the scene's tenant use dataset.field as `usage` now? The decision and the rule that made it."""
     org = scenes.tenant_code(session, ctx.scene)
-    return scenes.explain(session, request.app.state.scene_enforcers, ctx.scene, org, dataset, field, usage.value)
+    return scenes.explain(session, request.app.state.scene_enforcers, ctx.scene, org, dataset, field, usage.value,
+                          viewer=ctx.principal)
