@@ -364,12 +364,45 @@ def is_staff(principal: Principal) -> bool:
     return principal.role in (Role.office, Role.reviewer, Role.auditor) and not _tenant_scoped(principal)
 
 
+# ---------------------------------------------------------------------------------------------
+# What a tenant sees of export review: the decision, not the deliberation
+#
+# A reviewer's revision (suppressing the cells or rows a check failed), a first release that waits
+# for a second reviewer's override, a rejection's path: each follows the exact statistics. So until
+# a query's answer is released, its tenant sees its first version only, as held or rejected, and no
+# per-reviewer decision (a rejection's reason excepted: it is what the reviewer tells the tenant).
+
+
+def current_and_first(session: Session, r: QueryResult) -> tuple[QueryResult, QueryResult]:
+    """(the version export review is at now, the first version) of r's query's answer."""
+    q = session.get(Query, r.query_id)
+    current = session.get(QueryResult, q.result_id) if q is not None and q.result_id else None
+    first = r if r.version == 1 else session.exec(select(QueryResult).where(
+        QueryResult.query_id == r.query_id, QueryResult.version == 1)).first()
+    return current or r, first or r
+
+
+def hidden_from(principal: Principal, session: Session, r: QueryResult) -> bool:
+    """A later version of an answer not yet released: its tenant does not know it exists."""
+    if r.version == 1 or not _tenant_scoped(principal):
+        return False
+    return current_and_first(session, r)[0].status != "released"
+
+
+def tenant_result_id(session: Session, q: Query) -> int | None:
+    """The result a tenant is shown for its query: the first version until one is released."""
+    if q.result_id is None:
+        return None
+    current, first = current_and_first(session, session.get(QueryResult, q.result_id))
+    return current.id if current.synthetic or current.status == "released" else first.id
+
+
 def get_result(session: Session, principal: Principal, result_id: int, *, lock: bool = False) -> QueryResult:
     """A result the caller may see (else 404). With `lock`, the row is taken for this transaction
     first: a no-op UPDATE locks it on PostgreSQL and takes SQLite's write lock (which ignores
     FOR UPDATE), so two decisions on one result run one after the other, each seeing the other's."""
     r = session.get(QueryResult, result_id) if id_in_range(result_id) else None
-    if r is None or not may_see(principal, r.org_id):
+    if r is None or not may_see(principal, r.org_id) or hidden_from(principal, session, r):
         raise not_found("Result", "结果")
     if lock:
         session.exec(update(QueryResult).where(QueryResult.id == result_id).values(status=QueryResult.status)
@@ -404,7 +437,8 @@ def list_results(session: Session, principal: Principal, status: str | None, lim
         return []
     if status is not None:
         stmt = stmt.where(QueryResult.status == status)
-    return list(session.exec(stmt.order_by(QueryResult.id.desc()).limit(limit)).all())
+    return [r for r in session.exec(stmt.order_by(QueryResult.id.desc()).limit(limit)).all()
+            if not hidden_from(principal, session, r)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,6 +879,14 @@ def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> d
     versions = session.exec(select(QueryResult).where(QueryResult.query_id == q.id).order_by(QueryResult.version)).all()
     ids = [v.id for v in versions]
     reviews = session.exec(select(ResultReview).where(ResultReview.result_id.in_(ids)).order_by(ResultReview.id)).all()
+    tenant = principal is not None and _tenant_scoped(principal)
+    if tenant:   # the decision, not the deliberation (see `current_and_first`)
+        current, _ = current_and_first(session, r)
+        if current.status != "released":
+            versions = [v for v in versions if v.version == 1]
+            r = as_tenant_sees(session, r)
+            versions = [as_tenant_sees(session, v) for v in versions]
+        reviews = [v for v in reviews if v.decision == "reject"]
     exports = session.exec(select(ResultExport).where(ResultExport.result_id.in_(ids)).order_by(ResultExport.id)).all()
     approvals = session.exec(select(SceneReview).where(SceneReview.scene_id == scene.id, SceneReview.round == scene.round)
                              .order_by(SceneReview.id)).all()
@@ -889,17 +931,31 @@ def _lineage(session: Session, r: QueryResult, principal: Principal | None) -> d
 
 
 def revision_view(principal: Principal | None, r: QueryResult) -> dict[str, Any] | None:
-    """What a reviewer changed. Staff see it all; the tenant learns which cells were suppressed (or
-    how many rows) only with the cells, once released."""
+    """What a reviewer changed. Staff see it all; the tenant learns what was suppressed or rounded
+    only with the cells, once released (before, a revision would say which check failed)."""
     rev = r.revision
     if not rev:
         return None
     if principal is None or is_staff(principal):
         return public_revision(rev)
-    shown = ("action", "from_version", "columns", "base")
-    if r.status == "released":
-        shown += ("cells", "rows_removed")
-    return {k: v for k, v in rev.items() if k in shown}
+    if r.status != "released":
+        return None
+    return {k: v for k, v in rev.items() if k in ("action", "from_version", "columns", "base", "cells", "rows_removed")}
+
+
+def as_tenant_sees(session: Session, r: QueryResult) -> QueryResult:
+    """The first version of an answer not yet released, as its tenant sees it: held (or rejected,
+    when the review ended so), undecided by anyone in particular, never revised. A detached copy."""
+    if r.synthetic or r.version != 1:
+        return r
+    current, first = current_and_first(session, r)
+    if current.status == "released":
+        return r
+    shown = QueryResult.model_validate(first.model_dump())
+    shown.status = "rejected" if current.status == "rejected" else "held"
+    shown.decided_at = current.decided_at if current.status == "rejected" else None
+    shown.released_by, shown.revision = None, None
+    return shown
 
 
 def _query_versions(session: Session, q: Query, r: QueryResult) -> list[DatasetVersion]:

@@ -539,17 +539,19 @@ def rows_of(table: pa.Table) -> list[dict[str, Any]]:
     return [{k: _json_safe(v) for k, v in row.items()} for row in table.to_pylist()]
 
 
-def query_out(q: Query, principal: Principal) -> dict[str, Any]:
+def query_out(q: Query, principal: Principal, session: Session) -> dict[str, Any]:
     """A query as `principal` may see it. Of a prod run, its tenant sees neither the progress nor the
-    attempts while it runs (timing and worker deaths can follow the data: `sandbox.outcomes`)."""
+    attempts while it runs (timing and worker deaths can follow the data: `sandbox.outcomes`), and
+    its answer's first version until one is released (`sandbox.export.tenant_result_id`)."""
     told = export.is_staff(principal) or q.mode == "dev"
     running = q.status in ("queued", "running")
+    result_id = q.result_id if told else export.tenant_result_id(session, q)
     return {"query_id": q.id, "id": q.id, "scene_id": q.scene_id, "mode": q.mode, "synthetic": q.mode == "dev",
             "kind": q.kind, "status": q.status,
             "progress": round(q.progress, 4) if told or not running else None, "sql": q.sql_text,
             "checked_sql": q.checked_sql, "dataset": q.dataset, "version_id": q.version_id,
             "epsilon": q.epsilon, "epsilon_spent": q.epsilon_spent, "max_contributions": q.max_contributions,
-            "attempts": q.attempts if told else None, "cancel_requested": q.cancel_requested, "result_id": q.result_id,
+            "attempts": q.attempts if told else None, "cancel_requested": q.cancel_requested, "result_id": result_id,
             "error": None if q.error_code is None else {"code": q.error_code, "message": q.error_message,
                                                         "message_zh": q.error_message_zh},
             "created_at": q.created_at, "started_at": q.started_at, "finished_at": q.finished_at}
@@ -575,8 +577,10 @@ def report_view(principal: Principal, r: QueryResult) -> dict[str, Any] | None:
 
 
 def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with_rows: bool = True,
-               session: Session | None = None) -> dict[str, Any]:
-    decided = principal.role is Role.reviewer and session is not None and export.decided_by(session, principal, r)
+               session: Session) -> dict[str, Any]:
+    if not export.is_staff(principal):   # a tenant sees the decision, not the deliberation
+        r = export.as_tenant_sees(session, r)
+    decided = principal.role is Role.reviewer and export.decided_by(session, principal, r)
     visible = cells_visible(principal, r, decided_by_me=decided)
     staff = export.is_staff(principal)
     # A row-level answer's size says how many rows matched: the tenant learns it with the cells

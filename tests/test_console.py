@@ -765,7 +765,7 @@ def test_a_differenced_row_answer_needs_two_reviewers_overrides_in_the_console(a
     assert "reviewer2 · override" in page                           # the graph's review node
     theirs = console_client(app, "insurer_a").get(f"{CONSOLE}/results/{rid}/lineage").text
     assert "data-override=" not in theirs and "differencing" not in theirs and "覆盖" not in theirs
-    assert "second pair of eyes" in theirs                          # the reasons stay the tenant's to read
+    assert "second pair of eyes" not in theirs and "reviewer2" not in theirs   # no review but a rejection's
 
 
 def test_a_failed_run_offers_no_release_in_the_console(app, client, auth, engine, settings, loaded, monkeypatch):

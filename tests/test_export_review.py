@@ -253,12 +253,25 @@ def test_suppression_makes_a_new_checked_version(client, auth, engine, settings,
     assert all(x["n"] is not None for x in v2["rows"] if x["district"] != "兴庆区")
     old = client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()
     assert old["status"] == "superseded" and old["rows"] is None
+    # the tenant sees the decision, not the deliberation: until a version is released, the first one,
+    # held, unrevised; the new version does not exist for it (a revision says a check failed)
     q = client.get(f"/api/v1/queries/{res['query_id']}", headers=auth("insurer_a")).json()
-    assert q["result_id"] == v2["id"]
+    assert q["result_id"] == rid and q["status"] == "held"
+    mine = client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
+    assert (mine["status"], mine["version"], mine["revision"], mine["decided_at"]) == ("held", 1, None, None)
+    assert client.get(f"/api/v1/results/{v2['id']}", headers=auth("insurer_a")).status_code == 404
+    assert client.get(f"/api/v1/results/{v2['id']}/lineage", headers=auth("insurer_a")).status_code == 404
+    lin = client.get(f"/api/v1/results/{rid}/lineage", headers=auth("insurer_a")).json()
+    assert [(v["version"], v["status"], v["revision"]) for v in lin["versions"]] == [(1, "held", None)]
+    assert v2["id"] not in [x["id"] for x in client.get("/api/v1/results", headers=auth("insurer_a")).json()]
     # a superseded version can be neither reviewed nor downloaded
     assert review(client, auth("reviewer1"), rid).status_code == 409
     # the same reviewer may release the new version (their revision is not a decision on it)
     assert review(client, auth("reviewer1"), v2["id"]).json()["status"] == "released"
+    q = client.get(f"/api/v1/queries/{res['query_id']}", headers=auth("insurer_a")).json()
+    assert q["result_id"] == v2["id"] and q["status"] == "released"
+    mine = client.get(f"/api/v1/results/{v2['id']}", headers=auth("insurer_a")).json()
+    assert mine["revision"]["action"] == "suppress" and mine["revision"]["cells"] == [cell]
     assert client.get(f"/api/v1/results/{rid}/download", headers=auth("insurer_a")).status_code == 403
     csv = client.get(f"/api/v1/results/{v2['id']}/download", headers=auth("insurer_a"))
     assert csv.status_code == 200

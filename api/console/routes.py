@@ -132,7 +132,8 @@ def home(request: Request, principal: page("me", "read"), session: SessionDep, s
     if principal.role is Role.applicant:
         ctx["scenes"] = [_scene_card(session, settings, s.id, principal) for s in scenes.list_visible(session, principal)]
         ctx["company_budgets"] = _company_budgets_of(session, settings, principal)
-        ctx["queries"] = [queries.query_out(q, principal) for q in queries.list_queries(session, principal, None, 20)]
+        ctx["queries"] = [queries.query_out(q, principal, session)
+                          for q in queries.list_queries(session, principal, None, 20)]
         ctx["released"] = [queries.result_out(settings, principal, r, with_rows=False, session=session)
                            for r in export.list_results(session, principal, "released", 50)]
     elif principal.role is Role.office:
@@ -153,7 +154,7 @@ def _expected_error(session, settings, principal, scene_id: int) -> list[dict[st
     """The 95% error bounds of the scene's newest answered query (what the next one like it will
     carry), read through the views the API gives this caller (`query_out`, `result_out`)."""
     for q in queries.list_queries(session, principal, scene_id, 20):
-        seen = queries.query_out(q, principal)
+        seen = queries.query_out(q, principal, session)
         if seen["result_id"] is None:
             continue
         r = queries.result_out(settings, principal, export.get_result(session, principal, seen["result_id"]),
@@ -294,7 +295,7 @@ def _scene_view(request: Request, ctx, session, settings, preview: dict | None =
     effective = {(e.dataset, e.field, e.usage) for e in out.effective_items}
     p = ctx.principal
     # list_queries is scoped like the API's (a tenant's own, none for providers)
-    scene_queries = [queries.query_out(q, p) for q in queries.list_queries(session, p, ctx.scene.id, 50)]
+    scene_queries = [queries.query_out(q, p, session) for q in queries.list_queries(session, p, ctx.scene.id, 50)]
     return render(request, "scene.html", s=out, verdicts=verdicts, effective=effective, queries=scene_queries,
                   expected_error=_expected_error(session, settings, p, ctx.scene.id),
                   may_review=_may(p, "scene", "review") and out.stored_status == "submitted",
@@ -427,7 +428,7 @@ def query_submit(scene_id: int, request: Request, ctx: scene_action("query"), se
 
 @router.get("/queries", name="console.queries")
 def queries_page(request: Request, principal: page("query", "read"), session: SessionDep) -> Response:
-    return render(request, "queries.html", queries=[queries.query_out(q, principal)
+    return render(request, "queries.html", queries=[queries.query_out(q, principal, session)
                                                     for q in queries.list_queries(session, principal, None, 200)])
 
 
@@ -436,7 +437,7 @@ def query_page(query_id: int, request: Request, principal: page("query", "read")
     request.state.object = f"query:{query_id}"
     q = queries.get_query(session, principal, query_id)
     request.state.scene_id = q.scene_id
-    return render(request, "query.html", q=queries.query_out(q, principal), may_cancel=_may(principal, "query", "cancel"))
+    return render(request, "query.html", q=queries.query_out(q, principal, session), may_cancel=_may(principal, "query", "cancel"))
 
 
 @router.post("/queries/{query_id}/cancel", name="queries.cancel")

@@ -36,7 +36,7 @@ def submit_query(body: QueryIn, ctx: scene_access("query"), session: SessionDep,
     q = worker.submit_query(session, request.app.state.engine, settings, request.app.state.scene_enforcers,
                             ctx.principal, ctx.scene, body.sql, body.mode, body.epsilon, request.state.request_id)
     request.state.object = f"query:{q.id}"
-    return queries.query_out(q, ctx.principal)
+    return queries.query_out(q, ctx.principal, session)
 
 
 @router.post("/scenes/{scene_id}/queries/preview", name="queries.preview")
@@ -51,20 +51,21 @@ def preview_query(body: QueryIn, ctx: scene_access("query"), session: SessionDep
 @router.get("/scenes/{scene_id}/queries", name="queries.list_scene")
 def list_scene_queries(ctx: scene_access("read"), session: SessionDep,
                        limit: Annotated[int, QueryParam(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
-    return [queries.query_out(q, ctx.principal) for q in queries.list_queries(session, ctx.principal, ctx.scene.id, limit)]
+    return [queries.query_out(q, ctx.principal, session)
+            for q in queries.list_queries(session, ctx.principal, ctx.scene.id, limit)]
 
 
 @router.get("/queries", name="queries.list")
 def list_queries(principal: caller("query", "read"), session: SessionDep,
                  limit: Annotated[int, QueryParam(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
-    return [queries.query_out(q, principal) for q in queries.list_queries(session, principal, None, limit)]
+    return [queries.query_out(q, principal, session) for q in queries.list_queries(session, principal, None, limit)]
 
 
 @router.get("/queries/{query_id}", name="queries.read")
 def get_query(query_id: int, principal: caller("query", "read"), session: SessionDep, request: Request) -> dict[str, Any]:
     """Status (queued, running, held, done, released, rejected, failed, cancelled), progress, result id."""
     request.state.object = f"query:{query_id}"
-    return queries.query_out(queries.get_query(session, principal, query_id), principal)
+    return queries.query_out(queries.get_query(session, principal, query_id), principal, session)
 
 
 @router.post("/queries/{query_id}/cancel", name="queries.cancel")
@@ -72,7 +73,7 @@ def cancel_query(query_id: int, principal: caller("query", "cancel"), session: S
                  request: Request) -> dict[str, Any]:
     request.state.object = f"query:{query_id}"
     q = queries.cancel(session, principal, queries.get_query(session, principal, query_id), request.state.request_id)
-    return queries.query_out(q, principal)
+    return queries.query_out(q, principal, session)
 
 
 class TemplateRunIn(BaseModel):
@@ -91,4 +92,4 @@ def run_template(name: str, body: TemplateRunIn, ctx: scene_access("query"), ses
     q = template_runs.run(session, settings, ctx.principal, ctx.scene, name, body.upload, body.params, body.mode,
                           request.state.request_id)
     request.state.object = f"query:{q.id}"
-    return queries.query_out(q, ctx.principal)
+    return queries.query_out(q, ctx.principal, session)
