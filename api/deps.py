@@ -8,6 +8,7 @@ whether the caller's role may do `action` on `resource`, and leaves who and what
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Request
@@ -16,7 +17,7 @@ from sqlmodel import Session
 
 from pdao.config import Settings
 from pdao.db import id_in_range
-from pdao.errors import PdaoError, forbidden, unauthorized
+from pdao.errors import PdaoError, forbidden, invalid, unauthorized
 from pdao.identity.service import Principal, principal_from_api_key, principal_from_token
 from policies.enforcer import role_may
 from policies.models import Scene
@@ -37,6 +38,21 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def utc_instant(value: datetime | None, field: str) -> datetime | None:
+    """A time filter as an aware UTC instant (UTC when no offset is given); 422 `bad_time` for one
+    whose offset leaves the calendar or that lies outside 1900–9000 (a window around it must fit)."""
+    if value is None:
+        return None
+    try:
+        at = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        at = None
+    if at is None or not 1900 <= at.year <= 9000:
+        raise invalid("bad_time", f"{field}: a time between the years 1900 and 9000, like 2025-01-31T08:00:00+08:00.",
+                      f"{field}：请使用 1900 至 9000 年之间的时间，如 2025-01-31T08:00:00+08:00。")
+    return at
 SessionDep = Annotated[Session, Depends(get_session)]
 
 

@@ -104,8 +104,12 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
 
     def ensure_home(self) -> None:
+        """Create the home and its stores, readable by the server's own account only: the home holds
+        the domain store, held answers with their exact statistics, and (on SQLite) the metadata
+        database with password hashes and the audit log."""
         for d in (self.home, self.domain_dir, self.staging_dir, self.results_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.home.chmod(0o700)
 
     def sweep_staging(self, older_than_seconds: float = 24 * 3600) -> int:
         """Remove what crashed loads left in staging (a live load is never a day old)."""

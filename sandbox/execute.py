@@ -55,6 +55,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import opendp.prelude as dp
 import pyarrow as pa
 from sqlglot import exp
 
@@ -383,8 +384,14 @@ def noise_plan(execution: Execution, n_cells: int) -> privacy.NoisePlan:
                 raise refused("bounds_too_wide", f"{agg.alias}: the bounds of {agg.field} are too wide to sum exactly "
                               "over this version", f"{agg.alias}：{agg.field} 的上下界过宽，无法在该版本上精确求和",
                               aggregate=agg.alias)
-    return privacy.plan_noise(checked.aggregates, epsilon=execution.epsilon, bounds=bounds, max_contributions=k,
-                              n_groups=n_cells, max_length=max(meta.row_count, 1), integer_fields=integers)
+    try:
+        return privacy.plan_noise(checked.aggregates, epsilon=execution.epsilon, bounds=bounds, max_contributions=k,
+                                  n_groups=n_cells, max_length=max(meta.row_count, 1), integer_fields=integers)
+    except PdaoError:
+        raise
+    except (dp.OpenDPException, ValueError, OverflowError, ArithmeticError):   # e.g. a scale beyond any float
+        raise refused("dp_not_possible", "the noise for this query cannot be calibrated (is ε very small?)",
+                      "无法为该查询校准噪声（ε 是否过小？）") from None
 
 
 def _unit_factor(meta: DatasetMeta, agg_field: str | None) -> int:

@@ -57,6 +57,7 @@ from sandbox.upload_models import TenantUpload
 
 CHINA = ZoneInfo("Asia/Shanghai")
 DEFAULT_EPSILON = 0.5       # when a query names none (never above the scene's per-query cap)
+MIN_EPSILON = 1e-6          # below this the noise is astronomically wide (and OpenDP's search overflows)
 
 
 @dataclass
@@ -198,6 +199,9 @@ def prepare(session: Session, settings: Settings, enforcers: SceneEnforcers, pri
     if checked.kind == "aggregate":
         if epsilon is None:
             epsilon = min(DEFAULT_EPSILON, scene.max_query_epsilon)
+        if epsilon < MIN_EPSILON:
+            raise invalid("epsilon_too_small", f"ε={epsilon:g} is below the smallest accepted, {MIN_EPSILON:g}: "
+                          "the answer would be noise only.", f"ε={epsilon:g} 低于可接受的最小值 {MIN_EPSILON:g}：结果将只剩噪声。")
         if mode == "prod" and epsilon > scene.max_query_epsilon + ledger.TOLERANCE:
             raise invalid("epsilon_above_query_cap",
                           f"ε={epsilon:g} is above the scene's per-query cap of {scene.max_query_epsilon:g}.",

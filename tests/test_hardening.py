@@ -74,3 +74,14 @@ def test_nul_in_a_json_string_is_a_422_on_both_backends(client, auth, engine):
         assert client.get("/api/v1/scenes", headers=auth("insurer_a")).json() == before    # nothing changed
     r = client.get("/api/v1/uploads/appl%00icants", headers=auth("insurer_a"))
     assert r.status_code == 422 and r.json()["code"] == "invalid_characters"
+
+
+def test_the_home_is_readable_by_the_servers_own_account_only(tmp_path):
+    """The second review: snapshots, held answers with their exact statistics and the SQLite database
+    (password hashes, the audit log) were readable by every local account."""
+    from pdao.config import Settings
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    Settings(home=home, database_url=f"sqlite:///{home / 'pdao.db'}").ensure_home()
+    assert home.stat().st_mode & 0o777 == 0o700

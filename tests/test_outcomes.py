@@ -282,3 +282,22 @@ def test_every_status_and_ledger_change_of_a_job_is_in_the_audit_chain(client, a
     assert trail(dev["id"]) == [("query.queue", "insurer_a", "queued", 0.0), ("query.start", "system", "claimed", None),
                                 ("query.run", "system", "done", None)]
     assert client.get("/api/v1/audit/verify", headers=auth("auditor1")).json()["ok"] is True
+
+
+def test_a_tiny_epsilon_and_an_odd_time_filter_are_clear_refusals_not_crashes(client, auth, engine, loaded):
+    """The second review: ε 1e-20 crashed the noise plan, a time at the calendar's edge the audit filters."""
+    scene = active_scene(client, auth)
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    for path in (url, url + "/preview"):
+        for eps in (1e-300, 1e-20, 1e-7):
+            r = client.post(path, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": eps})
+            assert r.status_code == 422 and r.json()["code"] == "epsilon_too_small" and r.json()["message_zh"], r.text
+    assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
+    with Session(engine) as s:
+        assert s.exec(select(Query)).all() == []
+    for path, params in [("/api/v1/audit/events", {"since": "0001-01-01T00:00:00+14:00"}),
+                         ("/api/v1/audit/events", {"until": "0001-01-01T00:00:00+14:00"}),
+                         ("/api/v1/audit/alerts", {"since": "9999-12-31T23:59:59-12:00"}),
+                         ("/api/v1/audit/alerts", {"until": "0001-01-03T00:00:00"})]:
+        r = client.get(path, params=params, headers=auth("auditor1"))
+        assert r.status_code == 422 and r.json()["code"] == "bad_time", (path, params, r.text)

@@ -5,12 +5,12 @@ Auditors and the office only (casbin `audit read`); the decisions live in `pdao.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query as QueryParam, Request
 
-from api.deps import SessionDep, caller
+from api.deps import SessionDep, caller, utc_instant
 from pdao.alerts import AlertThresholds, collect_alerts
 from pdao.db import utcnow
 from pdao.errors import invalid
@@ -21,11 +21,6 @@ DEFAULT_LOOKBACK = timedelta(days=7)
 MAX_WINDOW = timedelta(days=366)
 
 
-def _aware(at: datetime) -> datetime:
-    # A time without an offset is UTC, like every timestamp the API returns.
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-
-
 @router.get("/audit/alerts", name="audit.alerts")
 def list_alerts(principal: caller("audit", "read"), session: SessionDep, request: Request,
                 since: Annotated[datetime | None, QueryParam(description="default: `until` minus 7 days")] = None,
@@ -33,8 +28,8 @@ def list_alerts(principal: caller("audit", "read"), session: SessionDep, request
     """Many denials from one user, budgets nearly spent, near-identical prod queries (differencing),
     downloads outside office hours — newest first. Metadata, audit seqs and query ids; never cells.
     Times without an offset are UTC."""
-    until = _aware(until) if until is not None else utcnow()
-    since = _aware(since) if since is not None else until - DEFAULT_LOOKBACK
+    until = utc_instant(until, "until") or utcnow()
+    since = utc_instant(since, "since") or until - DEFAULT_LOOKBACK
     if since > until:
         raise invalid("bad_window", "`since` must not be after `until`.", "`since` 不能晚于 `until`。")
     if until - since > MAX_WINDOW:
