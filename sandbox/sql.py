@@ -60,6 +60,11 @@ Grants = Mapping[tuple[str, str], Iterable[str]]
 # upload name -> its columns and their declared types (sandbox.uploads TYPES), of the version joined
 UploadSchemas = Mapping[str, Mapping[str, str]]
 
+# A number column's type -> (its storage type, the decimal places it holds (None: any), the largest
+# magnitude accepted): sandbox.store.DUCK_TYPES, which catalog snapshots and uploads share.
+NUMBER_TYPES = {"integer": ("BIGINT", 0, Decimal(2**63 - 1)), "decimal": ("DECIMAL(18,2)", 2, Decimal("9999999999999999.99")),
+                "float": ("DOUBLE", None, Decimal("1e300"))}
+
 # A column's type -> the kind of literal it may be compared with (catalog and upload types alike).
 _LITERAL_KIND = {"string": "string", "integer": "number", "float": "number", "decimal": "number",
                  "date": "date", "timestamp": "date", "boolean": "boolean"}
@@ -712,7 +717,28 @@ class _Checker:
             self.refuse(f"{kind} literal for {ref}", f"{ref} is a {ftype} field: compare it with {shown[want]}, "
                         f"not {shown[kind]}", f"{ref} 是 {ftype} 类型字段：只能与{shown_zh[want]}比较，不能与{shown_zh[kind]}比较")
             return None
+        if kind == "number":
+            return self.number_of_type(ref, ftype, lit)
         return lit
+
+    def number_of_type(self, ref: ColumnRef, ftype: str, lit: exp.Expression) -> exp.Expression | None:
+        """A number literal cast to the column's own storage type when that type holds it exactly,
+        else to DOUBLE (into which every number column widens without loss of range): either way the
+        engine never narrows the column. (0.1000…01 beside DECIMAL(18,2) money made DuckDB cast the
+        column to DECIMAL(38,37), which fails on any row ≥ 10: a failure that depended on the data.)"""
+        negative = type(lit) is exp.Neg
+        value = Decimal(lit.this.this if negative else lit.this)
+        value = -value if negative else value
+        storage, places, limit = NUMBER_TYPES[ftype]
+        if abs(value) > Decimal("1e300"):
+            self.refuse(f"number literal for {ref}", f"{value:g} is too large to compare with {ref}",
+                        f"{value:g} 过大，不能与 {ref} 比较")
+            return None
+        fits = abs(value) <= limit and (places is None or value == value.quantize(Decimal(1).scaleb(-places)))
+        if not fits or ftype == "float":
+            return exp.Cast(this=exp.Literal.number(repr(float(value))), to=exp.DataType.build("DOUBLE"))
+        text = str(int(value)) if places == 0 else format(value.quantize(Decimal(1).scaleb(-places)), "f")
+        return exp.Cast(this=exp.Literal.number(text), to=exp.DataType.build(storage))
 
     def comparison(self, a: exp.Expression, b: exp.Expression, op: str) -> tuple[exp.Expression, exp.Expression] | None:
         """`<field> op <literal>` (either way round), the literal of the field's type."""

@@ -454,6 +454,7 @@ def _allowed_text(checked: CheckedQuery, sql: str) -> tuple[set[str], set[str], 
     tree = sqlglot.parse_one(sql, dialect="duckdb")
     strings = {lit.this for lit in tree.find_all(exp.Literal) if lit.is_string}
     numbers = {lit.this for lit in tree.find_all(exp.Literal) if not lit.is_string}
+    numbers |= {"18", "2"}   # DECIMAL(18, 2): the money type a number literal is cast to
     return idents, strings, numbers
 
 
@@ -523,8 +524,8 @@ def test_identifiers_are_canonical_and_quoted() -> None:
 def test_literals_are_re_rendered() -> None:
     checked = check("SELECT COUNT(*) AS n FROM health.inpatient_stay WHERE length_of_stay > 1.50e1 "
                     "AND length_of_stay < -0 AND admit_date >= '2020-01-01'::DATE AND department = 'it''s'")
-    assert checked.where == ('"d"."length_of_stay" > 15.0 AND "d"."length_of_stay" < -0 AND '
-                             '"d"."admit_date" >= CAST(\'2020-01-01\' AS DATE) AND "d"."department" = \'it\'\'s\'')
+    assert checked.where == ('"d"."length_of_stay" > CAST(15 AS BIGINT) AND "d"."length_of_stay" < CAST(0 AS BIGINT) '
+                             'AND "d"."admit_date" >= CAST(\'2020-01-01\' AS DATE) AND "d"."department" = \'it\'\'s\'')
 
 
 def test_view_names() -> None:
@@ -640,10 +641,64 @@ def test_a_column_of_unknown_type_is_never_compared_with_a_literal():
     assert [d["construct"] for d in info.value.details] == [f"literal for upload {UPLOAD}.segment"]
     q = typed(f"SELECT COUNT(*) FROM {OV} d JOIN {UPLOAD} u ON d.person_id = u.pid "
               "WHERE u.segment = 'gold' AND u.premium >= 100.5")
-    assert "\"u\".\"segment\" = 'gold'" in q.sql and "\"u\".\"premium\" >= 100.5" in q.sql
+    assert "\"u\".\"segment\" = 'gold'" in q.sql and "\"u\".\"premium\" >= CAST(100.50 AS DECIMAL(18, 2))" in q.sql
 
 
 def test_literals_of_the_fields_type_pass_and_dates_may_be_written_as_text():
     q = typed(f"SELECT COUNT(*) FROM {OV} WHERE visit_date >= '2024-01-01' AND district IN ('兴庆区') "
               "AND '2024-12-31' >= visit_date")
     assert "CAST('2024-01-01' AS DATE)" in q.sql and "CAST('2024-12-31' AS DATE) >=" in q.sql
+
+
+# ---------------------------------------------------------------------------------------------
+# Totality: whatever literal the checker accepts, the regenerated WHERE never makes the engine fail
+# on some row (the second review: 0.1000…01, 37 decimals, beside DECIMAL(18,2) money made DuckDB cast
+# the column to DECIMAL(38,37), failing on any row ≥ 10 — and `NOT (P) OR fee = …` failed exactly
+# when a row satisfied P).
+
+TOTAL_TYPES = {"i": "integer", "m": "decimal", "f": "float", "s": "string", "t": "date", "b": "boolean"}
+EXTREMES = {
+    "i": ["-9223372036854775808", "9223372036854775807", "0", "10", "-1", None],
+    "m": ["-9999999999999999.99", "9999999999999999.99", "0.00", "10.00", "397.05", None],
+    "f": ["-1e300", "1e300", "0.0", "10.5", "'nan'", None],
+    "s": ["''", "'兴庆区'", "'1e5'", "'2024-01-01'", None, "'x'"],
+    "t": ["DATE '0001-01-01'", "DATE '9999-12-31'", "DATE '2024-02-29'", "DATE '1970-01-01'", None, "DATE '2015-01-01'"],
+    "b": ["TRUE", "FALSE", None, "TRUE", "FALSE", None],
+}
+NUMBER_LITERALS = ["0.1000000000000000000000000000000000001", "1e30", "-1e-30", "9223372036854775808",
+                   "-9223372036854775809", "1.5", "397.05", "397.050", "1e300", "12345678901234567.891", "0",
+                   "-0.0000001", "99999999999999999999999999999", "3.0", "1e-300"]
+OTHER_LITERALS = ["'兴庆区'", "'0.1000000000000000000000000000000000001'", "DATE '2024-01-01'", "'2024-01-01'",
+                  "TRUE", "'9999-12-31'", "'1e300'"]
+
+
+def test_an_accepted_comparison_never_makes_the_engine_fail_on_any_row():
+    import duckdb
+
+    info = DatasetInfo("t.total", tuple(TOTAL_TYPES), None, dict(TOTAL_TYPES))
+    grants = {("t.total", f): {"filter", "aggregate"} for f in TOTAL_TYPES}
+    duck = {"integer": "BIGINT", "decimal": "DECIMAL(18,2)", "float": "DOUBLE", "string": "VARCHAR",
+            "date": "DATE", "boolean": "BOOLEAN"}
+    con = duckdb.connect()
+    rows = [f"({', '.join('NULL' if v is None else f'CAST({v} AS {duck[TOTAL_TYPES[c]]})' for c, v in zip(TOTAL_TYPES, vals))})"
+            for vals in zip(*(EXTREMES[c] for c in TOTAL_TYPES))]
+    con.execute(f"CREATE TABLE {view_name('t.total')} AS SELECT * FROM (VALUES {', '.join(rows)}) "
+                f"v({', '.join(TOTAL_TYPES)})")
+    accepted = 0
+    for column in TOTAL_TYPES:
+        for literal in NUMBER_LITERALS + OTHER_LITERALS:
+            for op in ("=", "<", ">=", "<>"):
+                sql = f"SELECT COUNT(*) FROM t.total WHERE NOT (i > 0) OR {column} {op} {literal}"
+                try:
+                    checked = check_query(sql, grants, [info])
+                except QueryRefused:
+                    continue
+                accepted += 1
+                con.execute(checked.sql).fetchall()   # raises if the engine fails on any row
+            try:
+                checked = check_query(f"SELECT COUNT(*) FROM t.total WHERE {column} IN ({literal}, {literal}) "
+                                      f"OR {column} BETWEEN {literal} AND {literal}", grants, [info])
+            except QueryRefused:
+                continue
+            con.execute(checked.sql).fetchall()
+    assert accepted > 100   # the accepting paths are reached
