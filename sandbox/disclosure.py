@@ -901,19 +901,20 @@ def noisy_count_check(table: pa.Table, count_columns: Sequence[str], keys: Seque
         return Check("noisy_counts", "pass", "The answer has no COUNT column.", "结果中没有计数列。")
     shown = [k for k in keys if k in table.column_names]
     cols = {k: table[k].to_pylist() for k in shown}
-    low: list[int] = []
+    found: set[int] = set()
     low_cols: list[str] = []
     for c in counts:
-        bad = [i for i, v in enumerate(table[c].to_pylist()) if v is None or v < minimum]
+        bad = {i for i, v in enumerate(table[c].to_pylist()) if v is None or v < minimum}
         if bad:
             low_cols.append(c)
-            low += [i for i in bad if i not in low]
+            found |= bad
+    low = sorted(found)
     if low:
         return Check("noisy_counts", "review",
                      f"{_cells_verb(len(low), 'has', 'have')} a noisy count below {minimum} in {_cols_en(low_cols)}: "
                      f"not released without a person.",
                      f"{len(low)} 个单元格在 {_cols_zh(low_cols)} 上的加噪计数低于 {minimum}：须经人工审核。",
-                     _key_dicts(shown, cols, sorted(low)), len(low), low_cols)
+                     _key_dicts(shown, cols, low), len(low), low_cols)
     return Check("noisy_counts", "pass", f"Every noisy count is at least {minimum}.",
                  f"每个加噪计数都不低于 {minimum}。", columns=counts)
 

@@ -712,8 +712,14 @@ def _jsonable(v: Any) -> Any:
 
 
 def _failing_cells(r: QueryResult) -> list[dict[str, Any]]:
+    """The cells `cells="failing"` suppresses. Of a DP aggregate, only those a check on the released
+    answer itself names (`noisy_counts`): suppressing the cells an exact-statistic check names would
+    publish that check's verdict — which cells hold fewer than k persons — whatever the ε."""
+    on_the_answer = disclosure.AUTO_RELEASE_CHECKS if r.kind == "aggregate" else None
     seen, out = set(), []
     for c in (r.report or {}).get("checks", []):
+        if on_the_answer is not None and c.get("name") not in on_the_answer:
+            continue
         if c.get("verdict") in ("fail", "review"):
             for cell in c.get("cells") or []:
                 marker = tuple(sorted((k, str(v)) for k, v in cell.items()))

@@ -565,3 +565,20 @@ def test_orphan_result_files_are_swept_and_referenced_ones_kept(client, auth, en
     with Session(engine) as s:
         assert export.sweep_orphans(s, settings) == 1
     assert not orphan.exists() and fresh.exists() and all(f.exists() for f in kept)
+
+
+@CHECKS_ONLY
+def test_suppressing_failing_cells_of_a_dp_aggregate_never_follows_an_exact_statistic(client, auth, engine, settings,
+                                                                                      loaded):
+    """The second review: SUM(fee) by district at a tiny ε is pure noise, yet "suppress failing" nulled
+    exactly the cells with fewer than 10 persons — an exact fact published whatever the ε. Of a DP
+    aggregate, `failing` names only what a check on the released answer itself names."""
+    scene = active_scene(client, auth)
+    sql = (f"SELECT district, SUM(fee) AS total FROM {VISITS} WHERE visit_date >= DATE '2025-12-20' "
+           "GROUP BY district")
+    res = held_result(client, auth, engine, settings, scene["id"], sql=sql, epsilon=0.01)
+    small = {c["name"]: c for c in res["report"]["checks"]}["min_cell_count"]
+    assert small["verdict"] != "pass" and small["cells"]          # exact: some districts are small
+    r = client.post(f"/api/v1/results/{res['id']}/revisions", headers=auth("reviewer1"),
+                    json={"action": "suppress", "cells": "failing", "reason": "suppress what fails"})
+    assert r.status_code == 422 and r.json()["code"] == "nothing_to_suppress", r.text
