@@ -53,11 +53,13 @@ def timing_class_end(elapsed: float, base: float) -> float:
     return end
 
 
-def wait_for_class_end(started: float, base: float, *, stop: Callable[[], bool] | None = None,
-                       step: float = 0.1) -> bool:
-    """Sleep until the timing class of a run started at `started` (time.monotonic) ends. False when
-    `stop()` became true first (a cancel asked meanwhile)."""
-    end = started + timing_class_end(time.monotonic() - started, base)
+def wait_for_class_end(started: float, base: float, *, at_least: float = 0.0,
+                       stop: Callable[[], bool] | None = None, step: float = 0.1) -> bool:
+    """Sleep until the timing class of a run started at `started` (time.monotonic) ends: the class of
+    its duration, or of `at_least` seconds (what the plan predicts, `planned_seconds`) when that is
+    longer — so a run that fails fast shows when a run of the same plan that succeeds would. False
+    when `stop()` became true first."""
+    end = started + timing_class_end(max(time.monotonic() - started, at_least), base)
     while True:
         left = end - time.monotonic()
         if left <= 0:
@@ -65,6 +67,30 @@ def wait_for_class_end(started: float, base: float, *, stop: Callable[[], bool] 
         if stop is not None and stop():
             return False
         time.sleep(min(step, left))
+
+
+# What the plan predicts a run takes, from public facts only: about 6 µs per unit of the cost model
+# (sandbox.execute.COST_PER_CELL) and 25 ns per snapshot row per statement, doubled for slack.
+SECONDS_PER_COST_UNIT = 12e-6
+SECONDS_PER_ROW = 50e-9
+SECONDS_PER_MASKED_VALUE = 50e-6
+
+
+def planned_seconds(execution: Any) -> float:
+    """A lower bound for the timing class of a prod run of this plan (public facts: the cost model,
+    the version's row count, the masked columns): a run that fails, or is cancelled, early does not
+    show earlier than a run of the same plan that succeeds typically would."""
+    from sandbox.execute import group_cells, query_cost
+
+    checked = execution.checked
+    rows = execution.dataset.row_count * SECONDS_PER_ROW
+    if checked.kind == "rows":
+        return rows + execution.max_rows * len(checked.masked) * SECONDS_PER_MASKED_VALUE
+    try:
+        _, cells = group_cells(execution)
+    except Exception:  # noqa: BLE001 - a plan refused at submission would not run; no floor
+        return rows
+    return 2 * rows + query_cost(checked, cells) * SECONDS_PER_COST_UNIT
 
 
 def failed_run_check(code: str) -> disclosure.Check:

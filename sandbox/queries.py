@@ -375,7 +375,10 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, enforcers: 
         if result is not None:
             _remove_files(settings, result)
         reason = stop_reason() if stop_reason is not None else None
-        if reason == "cancelled":
+        if reason == "cancelled":   # stopped by its tenant: still shown at the end of its class
+            if q.mode == "prod":
+                outcomes.wait_for_class_end(started, settings.prod_timing_base_seconds,
+                                            at_least=outcomes.planned_seconds(execution))
             return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
                                  status="cancelled", refund=False)
         failure, en, zh = _failure_of(e, reason, q.mode)
@@ -387,11 +390,9 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, enforcers: 
             planned = PlannedAnswer(answer_columns(execution.checked), {}, q.epsilon, 0)
         result = outcomes.held_failure(settings, q, planned, failure, kind=q.kind)
         releasable = False
-    if q.mode == "prod" and not outcomes.wait_for_class_end(
-            started, settings.prod_timing_base_seconds, stop=lambda: stop_reason is not None and stop_reason() == "cancelled"):
-        _remove_files(settings, result)
-        return finish_failed(session, q, "cancelled", "The query was cancelled.", "查询已取消。", worker=worker,
-                             status="cancelled", refund=False)
+    if q.mode == "prod":   # a cancel asked meanwhile ends it below (`_LostLease`), at the same moment
+        outcomes.wait_for_class_end(started, settings.prod_timing_base_seconds,
+                                    at_least=outcomes.planned_seconds(execution))
     final = "done" if q.mode == "dev" else ("released" if releasable else "held")
     try:
         session.add(result)
@@ -470,9 +471,11 @@ def finish_failed(session: Session, q: Query, code: str, message: str, message_z
     reservation is refunded when the run never read the data (`refund`), else charged
     (`sandbox.outcomes`)."""
     session.rollback()
+    charged = not refund and q.budget_entry_id is not None
     done = session.exec(update(Query).where(*_held_by(q, worker)).values(
         status=status, error_code=code, error_message=message, error_message_zh=message_zh, finished_at=utcnow(),
-        lease_until=None).execution_options(synchronize_session=False)).rowcount
+        lease_until=None, **({"epsilon_spent": q.epsilon} if charged else {}))
+        .execution_options(synchronize_session=False)).rowcount
     if done == 1 and q.budget_entry_id is not None:
         (ledger.refund if refund else ledger.charge)(session, q.budget_entry_id)
     if done == 1:

@@ -301,3 +301,30 @@ def test_a_tiny_epsilon_and_an_odd_time_filter_are_clear_refusals_not_crashes(cl
                          ("/api/v1/audit/alerts", {"until": "0001-01-03T00:00:00"})]:
         r = client.get(path, params=params, headers=auth("auditor1"))
         assert r.status_code == 422 and r.json()["code"] == "bad_time", (path, params, r.text)
+
+
+def test_a_cancelled_prod_run_still_ends_at_a_class_end_and_shows_its_charge(client, auth, engine, settings, loaded,
+                                                                            slow_engine):
+    """The second review: a cancel let the outcome show the moment the computation ended (its exact
+    duration); and a cancelled run showed ε 0 spent although it was charged."""
+    import threading
+
+    timed = dataclasses.replace(settings, prod_timing_base_seconds=1.0)
+    scene = active_scene(client, auth)
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.2}).json()
+    runner = threading.Thread(target=work_once, args=(engine, timed))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert client.post(f"/api/v1/queries/{q['id']}/cancel", headers=auth("insurer_a")).status_code == 200
+    runner.join(60)
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "cancelled" and got["epsilon_spent"] == pytest.approx(0.2)
+    with Session(engine) as s:
+        job = s.get(Query, q["id"])
+        span = (job.finished_at - job.started_at).total_seconds()
+    assert any(c <= span < c + 0.6 for c in (1, 2, 4, 8)), span    # a class end, not when the engine stopped
