@@ -97,9 +97,16 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
     env = "dev" if mode == "dev" else "prod"
     versions = _versions(session, {d for d, _ in reads}, env)
     staged = settings.staging_dir / f"template-{uuid.uuid4().hex}.parquet"
-    started = time.monotonic()
     try:
         _as_template_reads_it(settings, template, upload, staged)
+        # what the run's query shows, decided before any data is read (the template, the parameters,
+        # the tenant's own upload's names): its refusals are told
+        shown = _shown(template, *templates.rendered_run(template, params, staged, as_of=as_of))
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    started = time.monotonic()
+    try:
         answer = templates.run_template(template, params, {c: snapshot_path(settings, v) for c, v in versions.items()},
                                         staged, as_of=as_of)
     except Exception as e:  # noqa: BLE001 - sorted below; nothing of the engine's text leaks
@@ -112,7 +119,7 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
         # timing class), so the tenant learns nothing before a reviewer looked (sandbox.outcomes).
         outcomes.wait_for_class_end(started, settings.prod_timing_base_seconds)
         code = e.code if isinstance(e, PdaoError) else "template_failed"
-        return _store_failure(session, settings, principal, scene, row, template, upload, versions, params, code,
+        return _store_failure(session, settings, principal, scene, row, template, upload, versions, shown, code,
                               request_id)
     finally:
         staged.unlink(missing_ok=True)
@@ -121,9 +128,7 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
 
     first = versions[sorted(versions)[0]]
     q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode=mode, kind=TEMPLATE_KIND,
-              sql_text=f"-- template {template.name} v{template.version} {json.dumps(answer.report()['params'], ensure_ascii=False)}\n"
-                       f"{template.sql}",
-              checked_sql=answer.sql, dataset=sorted(versions)[0], version_id=first.id,
+              sql_text=shown[0], checked_sql=shown[1], dataset=sorted(versions)[0], version_id=first.id,
               upload=f"{upload.name}@v{upload.version}", uses=[[d, f, "template"] for d, f in sorted(reads)],
               policy_version=scene.policy_version, status="running", attempts=1, started_at=utcnow())
     session.add(q)
@@ -199,12 +204,19 @@ def _as_template_reads_it(settings: Settings, template: templates.Template, uplo
     pq.write_table(table, staged)
 
 
+def _shown(template: templates.Template, sql: str, params: dict[str, Any]) -> tuple[str, str]:
+    """(sql_text, checked_sql) of a run's query."""
+    return (f"-- template {template.name} v{template.version} {json.dumps(params, ensure_ascii=False)}\n{template.sql}",
+            sql)
+
+
 def _store_failure(session: Session, settings: Settings, principal: Principal, scene: Scene, row: SceneTemplate,
                    template: templates.Template, upload: Any, versions: dict[str, DatasetVersion],
-                   params: dict[str, Any] | None, code: str, request_id: str | None) -> Query:
+                   shown: tuple[str, str], code: str, request_id: str | None) -> Query:
     first = versions[sorted(versions)[0]]
+    sql_text, checked_sql = shown
     q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode="prod", kind=TEMPLATE_KIND,
-              sql_text=f"-- template {template.name} v{template.version}\n{template.sql}", checked_sql="",
+              sql_text=sql_text, checked_sql=checked_sql,
               dataset=sorted(versions)[0], version_id=first.id, upload=f"{upload.name}@v{upload.version}",
               uses=[[d, f, "template"] for d, f in sorted(templates.template_reads(template))],
               policy_version=scene.policy_version, status="running", attempts=1, started_at=utcnow())

@@ -1855,6 +1855,15 @@ class _Rendered:
     datasets: frozenset[str]
 
 
+def rendered_run(template: Template, params: Mapping[str, Any] | None, upload: Path, *, as_of: dt.date,
+                 catalog: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """What a run of `template` will execute (its SQL) and with which parameters (JSON-able), from
+    the template, the parameters and the upload's column names alone: what its query shows, the
+    same whether the run then succeeds or fails inside the domain."""
+    r = _render(template, params, as_of=as_of, catalog=catalog, upload_columns=pq.read_schema(upload).names)
+    return r.sql, {k: _jsonable(v) for k, v in r.params.items()}
+
+
 def _render(template: Template, params: Mapping[str, Any] | None, *, as_of: dt.date | None,
             catalog: Mapping[str, Any] | None, upload_columns: Iterable[str] | Mapping[str, Any] | None) -> _Rendered:
     analysis = _analyse(template, catalog, upload_columns)
