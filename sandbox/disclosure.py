@@ -801,10 +801,10 @@ def differencing_check(keys: Sequence[str], earlier: Mapping[int, Sequence[str]]
         ids = ", ".join(f"#{r}" for r in named) or "none"
         return Check(
             "differencing", "fail",
-            f"Compared with the scene's {compared} other {against} row {'answer' if compared == 1 else 'answers'}, "
+            f"Compared with {compared} other {against} row {'answer' if compared == 1 else 'answers'} on the dataset, "
             f"this answer can be differenced: some rows are told apart by rows of fewer than {minimum} persons "
             f"(results {ids}). Reject it, or one of them, or widen the answer.",
-            f"与场景中其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
+            f"与该数据集上其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
             f"该结果可被差分：部分行的差异涉及少于 {minimum} 人（结果 {ids}）。请拒绝该结果或其中之一，或扩大结果范围。",
             (close + small)[:200], len(close) + len(small))
     if unknown:
@@ -815,10 +815,10 @@ def differencing_check(keys: Sequence[str], earlier: Mapping[int, Sequence[str]]
                      f"结果 {ids} 未保存行标识，无法与该结果比较；请人工比较。",
                      [{"result_id": r} for r in unknown], len(unknown))
     return Check("differencing", "pass",
-                 f"Compared with the scene's {compared} other {against} row "
-                 f"{'answer' if compared == 1 else 'answers'}: no rows are told apart by rows of fewer than "
+                 f"Compared with {compared} other {against} row "
+                 f"{'answer' if compared == 1 else 'answers'} on the dataset: no rows are told apart by rows of fewer than "
                  f"{minimum} persons.",
-                 f"与场景中其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
+                 f"与该数据集上其他 {compared} 个{'已放行' if against == 'released' else '待审核或已放行'}的行级结果相比，"
                  f"没有涉及少于 {minimum} 人的差异。")
 
 

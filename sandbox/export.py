@@ -173,29 +173,43 @@ def stored_row_keys(settings: Settings, r: QueryResult) -> list[str] | None:
     return table[ROW_KEY].to_pylist() if ROW_KEY in table.column_names else None
 
 
+def _row_answers(session: Session, statuses: tuple[str, ...], other_than_query: int, *,
+                 scene_id: int | None = None, dataset: str | None = None) -> list[QueryResult]:
+    """Current prod row answers of other queries in these statuses (a superseded, rejected or dev
+    version is never one of them), of one scene or on one dataset. Template runs are not: their rows
+    are values derived per consented applicant of the tenant's own upload, not rows of a dataset."""
+    stmt = select(QueryResult).where(
+        QueryResult.kind == "rows", QueryResult.synthetic == False,  # noqa: E712
+        QueryResult.status.in_(statuses), QueryResult.query_id != other_than_query)
+    if scene_id is not None:
+        stmt = stmt.where(QueryResult.scene_id == scene_id)
+    if dataset is not None:
+        stmt = stmt.where(QueryResult.query_id.in_(select(Query.id).where(Query.dataset == dataset)))
+    found = session.exec(stmt.order_by(QueryResult.id)).all()
+    return [r for r in found if "template" not in (r.report or {})]
+
+
 def scene_row_answers(session: Session, scene_id: int, other_than_query: int,
                       statuses: tuple[str, ...]) -> list[QueryResult]:
-    """The scene's current prod row answers of other queries in these statuses (a superseded,
-    rejected or dev version is never one of them). Template runs are not: their rows are values
-    derived per consented applicant of the tenant's own upload, not rows of a dataset."""
-    found = session.exec(select(QueryResult).where(
-        QueryResult.scene_id == scene_id, QueryResult.kind == "rows", QueryResult.synthetic == False,  # noqa: E712
-        QueryResult.status.in_(statuses), QueryResult.query_id != other_than_query).order_by(QueryResult.id)).all()
-    return [r for r in found if "template" not in (r.report or {})]
+    """The scene's other current prod row answers in these statuses (linkage: `linked_table`)."""
+    return _row_answers(session, statuses, other_than_query, scene_id=scene_id)
 
 
 def differencing(session: Session, settings: Settings, scene: Scene, query_id: int, keys: list[str] | None,
                  statuses: tuple[str, ...]) -> disclosure.Check:
-    """The `differencing` check of a row answer (its identities `keys`) against the scene's other
-    row answers in `statuses`."""
+    """The `differencing` check of a row answer (its identities `keys`) against every other row
+    answer in `statuses` on the same dataset — of any scene and any company: a company holding
+    several scenes, or two companies together, could otherwise subtract answers the check never
+    compared (the second review did it across two scenes of one company)."""
     if keys is None:
         return disclosure.Check("differencing", "review",
-                                "This answer's row identities were not kept: it cannot be compared with the scene's "
-                                "other row answers; compare it by hand.",
-                                "该结果未保存行标识，无法与场景中其他行级结果比较；请人工比较。")
+                                "This answer's row identities were not kept: it cannot be compared with the other "
+                                "row answers; compare it by hand.",
+                                "该结果未保存行标识，无法与其他行级结果比较；请人工比较。")
     earlier: dict[int, list[str]] = {}
     unknown: list[int] = []
-    for r in scene_row_answers(session, scene.id, query_id, statuses):
+    dataset = session.get(Query, query_id).dataset
+    for r in _row_answers(session, statuses, query_id, dataset=dataset):
         theirs = stored_row_keys(settings, r)
         if theirs is None:
             unknown.append(r.id)

@@ -17,6 +17,7 @@ from sandbox import export
 from sandbox.models import QueryResult, ResultReview
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_export_review import _org_of, held_result, make_user, review
+from tests.test_queries import work_once
 
 ROWS_ITEMS = SCENE_ITEMS + [{"dataset": VISITS, "field": "department", "usage": "masked_output"},
                             {"dataset": VISITS, "field": "person_id", "usage": "masked_output"},
@@ -358,3 +359,28 @@ def test_two_close_row_answers_released_at_once_are_checked_one_after_the_other(
     assert sorted(outcomes.values()) == ["release_needs_override", "released"], outcomes
     with Session(engine) as s:
         assert sorted(s.get(QueryResult, i).status for i in ids) == ["held", "released"]
+
+
+def test_row_answers_are_compared_across_scenes_and_companies(client, auth, engine, settings, loaded, synth_files):
+    """The second review: the same company asked A in one scene and A minus one person's visit in
+    another identical scene; each report compared only within its own scene, both were released, and
+    their difference was the visit. Two companies could do the same together."""
+    day = one_visit_day(synth_files)
+    sql = f"SELECT department, person_id FROM {VISITS} WHERE icd10_chapter = 'V' AND visit_date < DATE '{{}}'"
+    scene_1 = active_scene(client, auth, items=ROWS_ITEMS)
+    scene_2 = active_scene(client, auth, items=ROWS_ITEMS)
+    scene_b = active_scene(client, auth, applicant="insurer_b", items=ROWS_ITEMS)
+    first = held_result(client, auth, engine, settings, scene_1["id"], sql=sql.format(day.isoformat()))
+    assert review(client, auth("reviewer1"), first["id"]).json()["status"] == "released"
+    later = sql.format((day + dt.timedelta(days=1)).isoformat())
+    for scene, who in ((scene_2, "insurer_a"), (scene_b, "insurer_b")):
+        r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth(who),
+                        json={"sql": later, "mode": "prod"})
+        assert r.status_code == 202, r.text
+        assert work_once(engine, settings)
+        rid = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth(who)).json()["result_id"]
+        res = client.get(f"/api/v1/results/{rid}", headers=auth("reviewer1")).json()
+        diff = checks_of(res)["differencing"]
+        assert diff["verdict"] == "fail" and {"result_id": first["id"], "difference": 1} in diff["cells"], diff
+        r = review(client, auth("reviewer1"), rid)
+        assert r.status_code == 409 and r.json()["code"] == "release_needs_override"
