@@ -72,6 +72,9 @@ MAX_CELLS = 100_000          # group cells of one aggregate answer (the product 
 # A query above MAX_COST is refused before any data is read: 8 medians over 43,830 days took two
 # minutes of CPU before this limit (issue 13).
 COST_PER_CELL = {"count": 1, "count_distinct": 1, "sum": 4, "avg": 5, "median": 30, "quantile": 30}
+# ... and per aggregate, whatever the cells: calibrating its noise (a binary search over OpenDP's
+# privacy maps, ~30 ms when not already cached) — 1,000 COUNT(*) on one cell cost 14 s of CPU before.
+COST_PER_AGGREGATE = 5_000
 MAX_COST = 500_000
 MAX_ROWS = 10_000            # rows of one row-level answer
 MAX_PROBE_DAYS = 100_000     # pruning by WHERE evaluates at most this many days of a date range
@@ -287,8 +290,8 @@ def _period_of(d: dt.date, unit: str) -> dt.date:
 
 
 def query_cost(checked: CheckedQuery, n_cells: int) -> int:
-    """The work an aggregate answer costs (`COST_PER_CELL`): public facts only."""
-    return n_cells * sum(COST_PER_CELL[a.function] for a in checked.aggregates)
+    """The work an aggregate answer costs (`COST_PER_CELL`, `COST_PER_AGGREGATE`): public facts only."""
+    return sum(n_cells * COST_PER_CELL[a.function] + COST_PER_AGGREGATE for a in checked.aggregates)
 
 
 def answer_columns(checked: CheckedQuery) -> list[str]:
@@ -318,11 +321,12 @@ def group_cells(execution: Execution) -> tuple[list[list[Any]], int]:
     cost = query_cost(execution.checked, n)
     if n <= execution.max_cells and cost > execution.max_cost:
         raise refused("query_too_costly",
-                      f"the query costs {cost:,} units of work ({n:,} cells × its aggregates; a median or quantile "
-                      f"counts {COST_PER_CELL['median']}); at most {execution.max_cost:,} are answered (fewer cells "
-                      "or fewer medians)",
+                      f"the query costs {cost:,} units of work ({n:,} cells × its aggregates, a median or quantile "
+                      f"counting {COST_PER_CELL['median']}, and {COST_PER_AGGREGATE:,} per aggregate); at most "
+                      f"{execution.max_cost:,} are answered (fewer cells, medians or aggregates)",
                       f"该查询的计算量为 {cost:,} 个单位（{n:,} 个单元格 × 聚合，中位数或分位数每个按 "
-                      f"{COST_PER_CELL['median']} 计），上限为 {execution.max_cost:,}（请减少单元格或中位数）",
+                      f"{COST_PER_CELL['median']} 计，另每个聚合 {COST_PER_AGGREGATE:,}），上限为 {execution.max_cost:,}"
+                      "（请减少单元格、中位数或聚合）",
                       cost=cost, max_cost=execution.max_cost, cells=n)
     if n > execution.max_cells:
         raise refused("too_many_groups",

@@ -67,6 +67,7 @@ Public API: `plan_noise(...) -> NoisePlan`, `apply_noise(plan, exact_values)`, `
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -272,19 +273,27 @@ def _calibrated(measure: str, stabilities: Sequence[_Stability], share: float) -
     its statistic's one-row sensitivity × one global factor g, the smallest g whose total loss (by
     the measurements' own privacy maps at k rows) stays within `share`. For a single statistic this
     is simply the smallest scale within the share."""
-    live = [st for st in stabilities if st.at_k != 0]
-
-    def loss(g: float) -> float:
-        return sum(float(_noise(measure, st.integer, st.at_one * g).map(st.at_k)) for st in live)
-
-    g = float(dp.binary_search(lambda g: loss(g) <= share, T=float)) if live else 0.0
+    live = tuple((st.integer, st.at_one, st.at_k) for st in stabilities if st.at_k != 0)
+    g = _global_factor(measure, live, share) if live else 0.0
     return tuple(_part(measure, st, st.at_one * g if st.at_k != 0 else 0.0) for st in stabilities)
+
+
+# Calibrations depend on public facts only (the measure, sensitivities, the share of ε): each is
+# searched once per process and reused (a binary search over OpenDP's privacy maps costs ~30 ms, and a
+# query of many like aggregates, or the same plan at submission and at run, would repeat it).
+@functools.lru_cache(maxsize=4096)
+def _global_factor(measure: str, live: tuple[tuple[bool, float, float], ...], share: float) -> float:
+    def loss(g: float) -> float:
+        return sum(float(_noise(measure, integer, at_one * g).map(at_k)) for integer, at_one, at_k in live)
+
+    return float(dp.binary_search(lambda g: loss(g) <= share, T=float))
 
 
 def _up(x: float) -> float:
     return math.nextafter(x, math.inf)
 
 
+@functools.lru_cache(maxsize=1024)
 def _count_stability(measure: str, k: int, n_groups: int, distinct: bool) -> _Stability:
     space = _records("i64")
     metric = dp.L1Distance["i64"] if measure == PURE else dp.L2Distance["i64"]
@@ -300,16 +309,22 @@ def _count_stability(measure: str, k: int, n_groups: int, distinct: bool) -> _St
 
 def _sum_stability(measure: str, k: int, n_groups: int, bounds: tuple[float, float], integer: bool,
                    max_length: int | None, alias: str) -> _Stability:
+    if not integer and max_length is None:
+        raise NoisePlanError(
+            f"{alias}: a sum of a non-integer field needs max_length, a public bound on the rows of any "
+            "one group (OpenDP charges for floating-point rounding in sums up to that length)",
+            f"{alias}：非整数字段求和需要 max_length（任一分组行数的公开上界，OpenDP 据此计入浮点舍入误差）", alias)
+    return _sum_stability_of(measure, k, n_groups, (float(bounds[0]), float(bounds[1])), integer, max_length)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sum_stability_of(measure: str, k: int, n_groups: int, bounds: tuple[float, float], integer: bool,
+                      max_length: int | None) -> _Stability:
     if integer:
         lo, hi = int(bounds[0]), int(bounds[1])
         t = _records("i64") >> dp.t.then_clamp((lo, hi)) >> dp.t.then_sum()
         # integer sums are exact: no rounding to pay for in any group
         return _Stability("sum", t, int(t.map(k)), int(t.map(1)), True)
-    if max_length is None:
-        raise NoisePlanError(
-            f"{alias}: a sum of a non-integer field needs max_length, a public bound on the rows of any "
-            "one group (OpenDP charges for floating-point rounding in sums up to that length)",
-            f"{alias}：非整数字段求和需要 max_length（任一分组行数的公开上界，OpenDP 据此计入浮点舍入误差）", alias)
     lo, hi = float(bounds[0]), float(bounds[1])
     t_sum = dp.t.make_bounded_float_checked_sum(max_length, (lo, hi), S="Sequential<f64>")
     t = _records("f64") >> dp.t.then_clamp((lo, hi)) >> t_sum
@@ -333,11 +348,25 @@ def _quantile_part(measure: str, k: int, n_groups: int, share: float, bounds: tu
     def chain(s: float) -> dp.Measurement:
         return prefix >> dp.m.then_private_quantile(om, cands, q, s)
 
-    scale = float(dp.binary_search(lambda s: parallel * chain(s).map(k) <= share, T=float))
+    scale = _quantile_scale(measure, k, n_groups, share, (float(bounds[0]), float(bounds[1])), tuple(cands), float(q))
     m = chain(scale)
     dist = "ExponentialMin" if measure == PURE else "GumbelMin"
     return NoisePart("quantile", dist, m, prefix, k, scale, parallel * float(m.map(k)), False,
                      parallel, len(cands))
+
+
+@functools.lru_cache(maxsize=1024)
+def _quantile_scale(measure: str, k: int, n_groups: int, share: float, bounds: tuple[float, float],
+                    cands: tuple[float, ...], q: float) -> float:
+    """The smallest scale of the private quantile within the share (see `_quantile_part`; cached)."""
+    om = dp.max_divergence() if measure == PURE else dp.zero_concentrated_divergence()
+    prefix = _records("f64") >> dp.t.then_clamp(bounds)
+    parallel = min(k, n_groups)
+
+    def chain(s: float) -> dp.Measurement:
+        return prefix >> dp.m.then_private_quantile(om, list(cands), q, s)
+
+    return float(dp.binary_search(lambda s: parallel * chain(s).map(k) <= share, T=float))
 
 
 def _grid_step(candidates: Sequence[float]) -> float:
