@@ -789,3 +789,26 @@ def test_a_disabled_account_answers_like_a_wrong_password_whatever_the_password(
     with Session(engine) as s:
         reasons = [e.reason for e in s.exec(select(AuditEvent).where(AuditEvent.path == TOKEN_URL)).all()]
     assert "user_disabled" not in reasons
+
+
+def test_the_address_buckets_stay_bounded_and_count_hosts_not_ports():
+    """The pure parts of pdao/identity/throttle.py: whose bucket an address fills, the refill, and
+    that the buckets of a flood from many addresses stay within their bound."""
+    from pdao.errors import PdaoError
+    from pdao.identity.throttle import AddressRate, address_key, refill
+
+    assert address_key("203.0.113.7") == "203.0.113.7" and address_key(None) == "unknown"
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7" and address_key("testclient") == "testclient"
+    assert refill(0.0, 6.0, 30) == 3.0 and refill(29.0, 600.0, 30) == 30.0 and refill(1.0, -5.0, 30) == 1.0
+    rate = AddressRate(2, max_addresses=100)
+    for i in range(1000):
+        rate.take(f"10.0.{i // 250}.{i % 250}", now=float(i))
+        assert len(rate) <= 100
+    rate.take("10.9.9.9", now=2000.0)
+    rate.take("10.9.9.9", now=2000.0)
+    with pytest.raises(PdaoError) as refused:
+        rate.take("10.9.9.9", now=2001.0)
+    assert refused.value.code == "login_rate_limited" and refused.value.headers["Retry-After"] == "29"
+    rate.give_back("10.9.9.9", now=2001.0)
+    rate.take("10.9.9.9", now=2001.0)        # the token given back

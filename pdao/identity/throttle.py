@@ -32,7 +32,8 @@ from pdao.config import Settings
 from pdao.errors import PdaoError
 
 MAX_ADDRESSES = 100_000   # buckets kept; beyond this the full ones, then the oldest, are forgotten
-_POLL_SECONDS = 0.01
+_POLL_SECONDS = 0.005      # a waiting login looks for a free slot after this, then less and less often
+_POLL_MAX_SECONDS = 0.05
 
 
 def address_key(host: str | None) -> str:
@@ -128,10 +129,12 @@ class HashSlots:
     async def held(self) -> AsyncIterator[None]:
         """For async routes: wait (without a thread) up to `wait_seconds`, else 429 login_busy."""
         deadline = time.monotonic() + self.wait_seconds
+        pause = _POLL_SECONDS
         while not self._slots.acquire(blocking=False):
             if time.monotonic() >= deadline:
                 raise busy()
-            await anyio.sleep(_POLL_SECONDS)
+            await anyio.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX_SECONDS)   # many waiters: fewer wake-ups each
         try:
             yield
         finally:
