@@ -1,10 +1,15 @@
 """Alerts for the security reviewer (issue 5): patterns in the audit trail worth a look.
 
-Four kinds, each decided by a pure function over plain records, so the rules can be read and
+Five kinds, each decided by a pure function over plain records, so the rules can be read and
 tested without a database:
 
-- `many_denials` (`denial_bursts`): one actor refused at least N times within a window (default
-  10 in 1 hour) — probing, a brute-forced login, a script gone wrong. Rests on audit seqs.
+- `many_denials` (`denial_bursts`): one signed-in actor refused at least N times within a window
+  (default 10 in 1 hour) — probing, a script gone wrong. Failed logins are not counted here: nobody
+  signed in, and the name typed is not who typed it. Rests on audit seqs.
+- `failed_logins` (`failed_login_bursts`): at least N refused logins for one typed name within a
+  window (default 10 in 1 hour) — someone guessing that account's password (or a name that does
+  not exist), from the client addresses listed; the account's owner is the target, not the
+  suspect. Rests on audit seqs.
 - `budget_nearly_spent` (`budgets_nearly_spent`): a usable scene that has spent at least a share
   of its privacy budget (default 90%, ε or δ). Rests on the scene's prod query ids.
 - `differencing` (`differencing_suspects`): one organization sent at least N near-identical prod
@@ -45,7 +50,8 @@ from sqlglot import exp
 
 SQL_DIALECT = "duckdb"   # sandbox/sql.py's DIALECT (kept literal: pdao imports no room at load time)
 
-KINDS = ("many_denials", "budget_nearly_spent", "differencing", "download_off_hours")
+KINDS = ("many_denials", "failed_logins", "budget_nearly_spent", "differencing", "download_off_hours")
+LOGIN_ACTION = "auth.login"   # the API's and the console's password login (their route name)
 DOWNLOAD_ACTIONS = ("results.download", "result.download")  # route name, and the casbin resource.action
 LIVE_SCENE_STATUSES = frozenset({"active", "approved", "suspended"})   # a scene that can still spend
 _WEEKDAY_EN = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -56,6 +62,8 @@ _WEEKDAY_ZH = ("周一", "周二", "周三", "周四", "周五", "周六", "周�
 class AlertThresholds:
     denials: int = 10
     denial_window: timedelta = timedelta(hours=1)
+    failed_logins: int = 10
+    failed_login_window: timedelta = timedelta(hours=1)
     budget_share: float = 0.9
     near_identical: int = 5
     near_identical_window: timedelta = timedelta(hours=24)
@@ -67,6 +75,8 @@ class AlertThresholds:
 
     def to_dict(self) -> dict[str, Any]:
         return {"denials": self.denials, "denial_window_seconds": int(self.denial_window.total_seconds()),
+                "failed_logins": self.failed_logins,
+                "failed_login_window_seconds": int(self.failed_login_window.total_seconds()),
                 "budget_share": self.budget_share, "near_identical": self.near_identical,
                 "near_identical_window_seconds": int(self.near_identical_window.total_seconds()),
                 "office_start": self.office_start.isoformat("minutes"),
@@ -94,6 +104,8 @@ class EventRecord:
     status: int | None = None
     reason: str | None = None
     synthetic: bool | None = None   # downloads: whether the result came from the dev twin (None: unknown)
+    client: str | None = None       # the client address
+    attempted_username: str | None = None   # a failed login: the name typed (detail.attempted_username)
 
 
 @dataclass(frozen=True)
@@ -205,12 +217,19 @@ def _common(values: Iterable[str | None]) -> str | None:
 # many_denials
 
 
+def is_failed_login(e: EventRecord) -> bool:
+    """A refused password login. Nobody signed in: the name typed is a detail, not an actor (older
+    events, written before that was so, carry it as the actor)."""
+    return e.action == LOGIN_ACTION and e.decision == "deny"
+
+
 def denial_bursts(events: Iterable[EventRecord], t: AlertThresholds = AlertThresholds()) -> list[Alert]:
     """One alert per actor and burst: at least `t.denials` denials within `t.denial_window`.
-    Events without an actor (anonymous requests) are left out: nobody to look at."""
+    Events without an actor (anonymous requests) and failed logins (`failed_login_bursts`) are left
+    out: there is no signed-in user to look at."""
     by_actor: dict[str, list[EventRecord]] = defaultdict(list)
     for e in events:
-        if e.decision == "deny" and e.actor:
+        if e.decision == "deny" and e.actor and not is_failed_login(e):
             by_actor[e.actor].append(e)
     alerts = []
     window_en, window_zh = _duration(t.denial_window)
@@ -231,6 +250,53 @@ def denial_bursts(events: Iterable[EventRecord], t: AlertThresholds = AlertThres
                         "threshold": t.denials, "window_seconds": int(t.denial_window.total_seconds())},
                 message=f"{actor} was refused {n} times within {window_en} ({why}).",
                 message_zh=f"用户 {actor} 在 {window_zh} 内被拒绝 {n} 次（{why}）。"))
+    return alerts
+
+
+# ---------------------------------------------------------------------------------------------
+# failed_logins
+
+
+def failed_login_bursts(events: Iterable[EventRecord], t: AlertThresholds = AlertThresholds(),
+                        accounts: frozenset[str] | None = None) -> list[Alert]:
+    """One alert per typed name and burst: at least `t.failed_logins` refused logins for that name
+    within `t.failed_login_window`, whoever sent them. The alert names no actor — the account's
+    owner is the one being guessed at, not the one guessing — but the name and the client
+    addresses the attempts came from. `accounts`: the usernames that exist (None: unknown), so the
+    message says whether a real account is the target."""
+    by_name: dict[str, list[EventRecord]] = defaultdict(list)
+    for e in events:
+        name = (e.attempted_username or e.actor) if is_failed_login(e) else None
+        if name:
+            by_name[name].append(e)
+    alerts = []
+    window_en, window_zh = _duration(t.failed_login_window)
+    for name, evs in by_name.items():
+        evs.sort(key=lambda e: (_utc(e.at), e.seq))
+        times = [_utc(e.at) for e in evs]
+        for start, end in _episodes(times, t.failed_login_window, t.failed_logins):
+            burst = evs[start:end + 1]
+            n = len(burst)
+            reasons = Counter(e.reason or "unknown" for e in burst).most_common(5)
+            clients = Counter(e.client or "unknown" for e in burst).most_common(10)
+            why = ", ".join(f"{r} ×{c}" for r, c in reasons)
+            where = ", ".join(f"{c} ×{k}" for c, k in clients)
+            more = len({e.client for e in burst}) - len(clients)
+            if more > 0:
+                where += f", +{more}"
+            known = None if accounts is None else name in accounts
+            what_en = {True: "the account", False: "the unknown name", None: "the name"}[known]
+            what_zh = {True: "账号", False: "不存在的用户名", None: "用户名"}[known]
+            alerts.append(Alert(
+                kind="failed_logins", severity=_severity(n, t.failed_logins), actor=None, org=None, scene_id=None,
+                first_at=times[start], last_at=times[end], count=n, audit_seqs=tuple(e.seq for e in burst),
+                detail={"attempted_username": name, "account_exists": known, "clients": dict(clients),
+                        "reasons": dict(reasons), "threshold": t.failed_logins,
+                        "window_seconds": int(t.failed_login_window.total_seconds())},
+                message=(f"{n} failed logins for {what_en} '{name}' within {window_en}, from {where} ({why}). "
+                         f"The name is what was typed; its owner is the target, not the sender."),
+                message_zh=(f"{window_zh}内针对{what_zh}“{name}”的登录失败 {n} 次，来自 {where}（{why}）。"
+                            f"该名称为尝试者所输入，账号本人是被尝试的对象，而非发起者。")))
     return alerts
 
 
@@ -713,11 +779,11 @@ def off_hours_downloads(events: Iterable[EventRecord], t: AlertThresholds = Aler
 
 
 def decide_alerts(events: Iterable[EventRecord], scenes: Iterable[SceneRecord], queries: Iterable[QueryRecord],
-                  t: AlertThresholds = AlertThresholds()) -> list[Alert]:
+                  t: AlertThresholds = AlertThresholds(), accounts: frozenset[str] | None = None) -> list[Alert]:
     """Every alert over the records, newest first (by the last time each rests on)."""
     events = list(events)
-    alerts = (denial_bursts(events, t) + budgets_nearly_spent(scenes, t) + differencing_suspects(queries, t)
-              + off_hours_downloads(events, t))
+    alerts = (denial_bursts(events, t) + failed_login_bursts(events, t, accounts) + budgets_nearly_spent(scenes, t)
+              + differencing_suspects(queries, t) + off_hours_downloads(events, t))
     return sort_newest_first(alerts)
 
 
@@ -729,7 +795,8 @@ def sort_newest_first(alerts: list[Alert]) -> list[Alert]:
 def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresholds = AlertThresholds()) -> list[Alert]:
     """Read what the alerts need from the metadata database, between `since` and `now`, and decide.
 
-    - denials: audit events with decision `deny` and an actor;
+    - denials: audit events with decision `deny` and an actor, and every refused login (its
+      typed name in `detail.attempted_username`, its client address);
     - downloads: allowed audit events whose action starts with `results.download` (the route's
       name) or `result.download` (the resource.action the audit middleware records), marked
       synthetic when their `result:<id>` object is a dev-twin answer;
@@ -750,10 +817,13 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
     now, since = _utc(now), _utc(since)
     cols = (AuditEvent.seq, AuditEvent.at, AuditEvent.actor, AuditEvent.action, AuditEvent.decision,
             AuditEvent.org, AuditEvent.role, AuditEvent.scene_id, AuditEvent.object, AuditEvent.status,
-            AuditEvent.reason)
+            AuditEvent.reason, AuditEvent.client)
     in_window = (AuditEvent.at >= since, AuditEvent.at <= now)
     denial_rows = session.exec(select(*cols).where(*in_window, AuditEvent.decision == "deny",
-                                                   AuditEvent.actor.is_not(None))).all()
+                                                   AuditEvent.actor.is_not(None),
+                                                   AuditEvent.action != LOGIN_ACTION)).all()
+    login_rows = session.exec(select(*cols, AuditEvent.detail).where(*in_window, AuditEvent.decision == "deny",
+                                                                      AuditEvent.action == LOGIN_ACTION)).all()
     download_rows = session.exec(select(*cols).where(
         *in_window, AuditEvent.decision == "allow",
         or_(*(AuditEvent.action.startswith(a) for a in DOWNLOAD_ACTIONS)))).all()
@@ -766,11 +836,14 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
 
     def event(row: Any) -> EventRecord:
         rid = _result_id(row.object) if is_download(row.action) else None
+        detail = getattr(row, "detail", None)
+        typed = detail.get("attempted_username") if isinstance(detail, dict) else None
         return EventRecord(seq=row.seq, at=row.at, actor=row.actor, action=row.action, decision=row.decision,
                            org=row.org, role=row.role, scene_id=row.scene_id, object=row.object,
-                           status=row.status, reason=row.reason, synthetic=synthetic.get(rid) if rid else None)
+                           status=row.status, reason=row.reason, synthetic=synthetic.get(rid) if rid else None,
+                           client=row.client, attempted_username=typed if isinstance(typed, str) else None)
 
-    events = [event(r) for r in denial_rows] + [event(r) for r in download_rows]
+    events = [event(r) for r in denial_rows] + [event(r) for r in login_rows] + [event(r) for r in download_rows]
 
     orgs = dict(session.exec(select(Organization.id, Organization.code)).all())
 
@@ -798,12 +871,13 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
               for s, last in candidates]
 
     users = dict(session.exec(select(User.id, User.username)).all())
+    accounts = frozenset(users.values())
     queries = [QueryRecord(id=q.id, org=orgs.get(q.org_id), scene_id=q.scene_id, sql=q.sql_text,
                            created_at=q.created_at, mode=q.mode, requester=users.get(q.requester_id),
                            checked_sql=q.checked_sql or "", kind=q.kind)
                for q in session.exec(select(Query).where(Query.mode == "prod", Query.kind != "template",
                                                          Query.created_at >= since, Query.created_at <= now)).all()]
-    return decide_alerts(events, scenes, queries, t)
+    return decide_alerts(events, scenes, queries, t, accounts)
 
 
 def _result_id(obj: str | None) -> int | None:
@@ -816,5 +890,6 @@ def _result_id(obj: str | None) -> int | None:
 
 
 __all__ = ["Alert", "AlertThresholds", "EventRecord", "QueryRecord", "SceneRecord", "SqlShape", "budgets_nearly_spent",
-           "collect_alerts", "decide_alerts", "denial_bursts", "differencing_suspects", "in_office_hours",
+           "collect_alerts", "decide_alerts", "denial_bursts", "differencing_suspects", "failed_login_bursts",
+           "in_office_hours", "is_failed_login",
            "near_identical", "off_hours_downloads", "off_hours_stretch", "sort_newest_first", "sql_shape"]

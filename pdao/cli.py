@@ -269,38 +269,43 @@ def users_list() -> None:
 
 @users_app.command("set-password")
 def users_set_password(username: str, password: Annotated[str | None, typer.Option()] = None) -> None:
-    """Change a password; every token issued before stops working."""
+    """Change a password; every token issued before stops working, and the user's API keys and
+    pending grants are revoked."""
     from pdao.db import session_scope
-    from pdao.identity.service import set_password
+    from pdao.identity.service import cli_actor, set_password
 
     engine = _engine(_settings())
     pw = _password(password)
 
-    def go() -> None:
+    def go() -> list[int]:
         with session_scope(engine) as session:
-            set_password(session, username, pw)
+            return set_password(session, username, pw, by=cli_actor())
 
-    _run(go, engine, "users.set_password", f"user:{username}")
-    typer.echo(f"password changed for {username}")
+    revoked = _run(go, engine, "users.set_password", f"user:{username}")
+    typer.echo(f"password changed for {username}" + _revoked_note(revoked))
+
+
+def _revoked_note(revoked: list[int]) -> str:
+    return f"; revoked API key(s) {', '.join(f'#{i}' for i in revoked)}" if revoked else ""
 
 
 def _set_active(username: str, active: bool) -> None:
     from pdao.db import session_scope
-    from pdao.identity.service import set_active
+    from pdao.identity.service import cli_actor, set_active
 
     engine = _engine(_settings())
 
-    def go() -> None:
+    def go() -> list[int]:
         with session_scope(engine) as session:
-            set_active(session, username, active)
+            return set_active(session, username, active, by=cli_actor())
 
-    _run(go, engine, "users.enable" if active else "users.disable", f"user:{username}")
-    typer.echo(f"{'enabled' if active else 'disabled'} {username}")
+    revoked = _run(go, engine, "users.enable" if active else "users.disable", f"user:{username}")
+    typer.echo(f"{'enabled' if active else 'disabled'} {username}" + _revoked_note(revoked))
 
 
 @users_app.command("disable")
 def users_disable(username: str) -> None:
-    """Disable a user; their tokens and API keys stop working at once."""
+    """Disable a user; their tokens stop working at once, their API keys and pending grants are revoked."""
     _set_active(username, False)
 
 
@@ -311,15 +316,17 @@ def users_enable(username: str) -> None:
 
 @users_app.command("issue-key")
 def users_issue_key(username: str,
-                    by: Annotated[str, typer.Option(help="the operator granting it (named in the audit log)")],
+                    by: Annotated[str, typer.Option(help="the operator granting it (the key's granted_by)")],
                     label: str = "",
                     days: Annotated[int, typer.Option(min=1, max=3650, help="the key's life from its claim")] = 365,
                     ) -> None:
     """Grant a user an API key; the user claims it (no key is made or shown here).
 
-    The owner claims the key signed in with their own password, and only they ever see it."""
+    The owner claims the key signed in, with their own password, and only they ever see it. The
+    audit log names you (the OS user, cli:<name>) as the actor; --by is recorded as the grant's
+    operator (`granted_by`, `detail.issued_by`) and must name an operator."""
     from pdao.db import session_scope
-    from pdao.identity.service import claim_window, grant_api_key, principal_for
+    from pdao.identity.service import claim_window, cli_actor, grant_api_key, principal_for
 
     settings = _settings()
     engine = _engine(settings)
@@ -327,29 +334,30 @@ def users_issue_key(username: str,
     def go() -> tuple[int, str]:
         with session_scope(engine) as session:
             row = grant_api_key(session, principal_for(session, by, "cli"), username, label, days,
-                                claim_window(settings))
+                                claim_window(settings), actor=cli_actor())
             return row.id, row.claim_by.isoformat(timespec="seconds")
 
     key_id, claim_by = _run(go, engine, "users.issue_key", f"user:{username}")
     typer.echo(f"granted API key #{key_id} to {username} (pending: no key exists until {username} claims it)\n"
-               f"{username} claims it before {claim_by}, signed in with their own password:\n"
-               f"  POST /api/v1/api-keys/{key_id}/claim   (bearer token from POST /api/v1/auth/token)\n"
-               f"  or in Python: Client.login(URL, \"{username}\", PASSWORD).claim_api_key({key_id})")
+               f"{username} claims it before {claim_by}, signed in and with their own password:\n"
+               f"  POST /api/v1/api-keys/{key_id}/claim {{\"password\": ...}}   (bearer token from POST /api/v1/auth/token)\n"
+               f"  or in Python: Client.login(URL, \"{username}\", PASSWORD).claim_api_key({key_id}, PASSWORD)")
 
 
 @users_app.command("revoke-key")
 def users_revoke_key(key_id: int,
-                     by: Annotated[str, typer.Option(help="the operator revoking it (named in the audit log)")],
+                     by: Annotated[str | None, typer.Option(
+                         help="on whose word (recorded as detail.stated_by; the actor is you, the OS user)")] = None,
                      ) -> None:
-    """Revoke an API key or a pending grant."""
+    """Revoke an API key or a pending grant (whoever runs the command on the server may)."""
     from pdao.db import session_scope
-    from pdao.identity.service import principal_for, revoke_api_key
+    from pdao.identity.service import cli_actor, revoke_api_key_by_command
 
     engine = _engine(_settings())
 
     def go() -> None:
         with session_scope(engine) as session:
-            revoke_api_key(session, principal_for(session, by, "cli"), key_id)
+            revoke_api_key_by_command(session, key_id, cli_actor(), stated_by=by)
 
     _run(go, engine, "users.revoke_key", f"api_key:{key_id}")
     typer.echo(f"revoked API key #{key_id}")

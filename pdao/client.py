@@ -247,11 +247,12 @@ class Client:
 
     # -- API keys -----------------------------------------------------------------------------
 
-    def claim_api_key(self, grant_id: int) -> str:
-        """Claim an API key an operator granted you and return it (shown this once: keep it safe,
-        send it as `Client(url, api_key=...)`). Needs a client from `Client.login` as the key's
-        owner, not one holding an API key."""
-        return self._request("POST", f"/api-keys/{int(grant_id)}/claim")["key"]
+    def claim_api_key(self, grant_id: int, password: str) -> str:
+        """Claim an API key an operator granted you, with your password typed again, and return it
+        (shown this once: keep it safe, send it as `Client(url, api_key=...)`). Needs a client from
+        `Client.login` as the key's owner, not one holding an API key. A wrong password raises
+        403 wrong_password and counts towards the login lockout."""
+        return self._request("POST", f"/api-keys/{int(grant_id)}/claim", json={"password": password})["key"]
 
     def api_keys(self) -> list[dict[str, Any]]:
         """Your API keys' metadata (an operator: everyone's): status pending, active, expired,

@@ -24,6 +24,12 @@ class Settings:
     tenant_upload_quota_rows: int = 50_000_000
     login_max_failures: int = 5
     login_lock_minutes: int = 15
+    # Password checks (Argon2id, ~0.35 s CPU and 64 MiB each) are bounded before any is computed
+    # (pdao/identity/throttle.py): per client address per minute, and how many run at once in this
+    # process, a login waiting at most `login_hash_wait_seconds` for its turn (then 429 login_busy).
+    login_rate_per_minute: int = 30
+    login_max_concurrent_hashes: int = 2
+    login_hash_wait_seconds: float = 1.0
     api_key_claim_days: int = 7        # an API key grant waits this long for its owner to claim it
     scene_approvals_required: int = 2  # distinct office approvers per scene
     scene_max_validity_days: int = 366
@@ -66,6 +72,9 @@ class Settings:
             query_lease_seconds=int(env.get("PDAO_QUERY_LEASE_SECONDS", "60")),
             query_max_attempts=int(env.get("PDAO_QUERY_MAX_ATTEMPTS", "3")),
             api_key_claim_days=int(env.get("PDAO_API_KEY_CLAIM_DAYS", "7")),
+            login_rate_per_minute=int(env.get("PDAO_LOGIN_RATE_PER_MINUTE", "30")),
+            login_max_concurrent_hashes=int(env.get("PDAO_LOGIN_CONCURRENT_HASHES", "2")),
+            login_hash_wait_seconds=float(env.get("PDAO_LOGIN_HASH_WAIT_SECONDS", "1")),
             query_time_limit_seconds=float(env.get("PDAO_QUERY_TIME_LIMIT_SECONDS", "600")),
             dev_query_time_limit_seconds=float(env.get("PDAO_DEV_QUERY_TIME_LIMIT_SECONDS", "60")),
             query_rate_per_minute=int(env.get("PDAO_QUERY_RATE_PER_MINUTE", "60")),
@@ -99,9 +108,13 @@ class Settings:
             raise ValueError("PDAO_COMPANY_DATASET_DELTA must be a finite number, 0 or more (default 1e-5)")
         for name, value in (("PDAO_UPLOAD_MAX_ROWS", self.upload_max_rows),
                             ("PDAO_TENANT_UPLOAD_QUOTA_MB", self.tenant_upload_quota_bytes),
-                            ("PDAO_TENANT_UPLOAD_QUOTA_ROWS", self.tenant_upload_quota_rows)):
+                            ("PDAO_TENANT_UPLOAD_QUOTA_ROWS", self.tenant_upload_quota_rows),
+                            ("PDAO_LOGIN_RATE_PER_MINUTE", self.login_rate_per_minute),
+                            ("PDAO_LOGIN_CONCURRENT_HASHES", self.login_max_concurrent_hashes)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not (math.isfinite(self.login_hash_wait_seconds) and self.login_hash_wait_seconds >= 0):
+            raise ValueError("PDAO_LOGIN_HASH_WAIT_SECONDS must be a finite number, 0 or more (default 1)")
 
     def ensure_home(self) -> None:
         """Create the home and its stores, readable by the server's own account only: the home holds

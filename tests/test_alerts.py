@@ -663,3 +663,71 @@ def test_rows_and_aggregates_of_one_population_through_http_raise_the_alert(clie
         r = client.post(f"/api/v1/scenes/{other['id']}/queries", headers=auth("insurer_a"), json=body)
         assert r.status_code == 202, r.text
     assert differencing_of(client, auth, other["id"]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# failed_logins (review r2, finding 2): a failed login is nobody's denial
+
+
+def failed_login(seq, at, name="insurer_b", client="203.0.113.7", reason="login_failed", legacy=False) -> EventRecord:
+    """A refused login as the audit log holds it: no actor, the typed name in the detail (an event
+    written before that was so carries the name as its actor)."""
+    return EventRecord(seq=seq, at=at, actor=name if legacy else None, action="auth.login", decision="deny",
+                       reason=reason, status=401 if reason == "login_failed" else 429, client=client,
+                       attempted_username=None if legacy else name)
+
+
+def test_failed_logins_are_their_own_alert_naming_the_target_and_the_addresses_not_an_actor():
+    from pdao.alerts import failed_login_bursts
+
+    events = ([failed_login(i, T0 + timedelta(minutes=i)) for i in range(5)]
+              + [failed_login(5 + i, T0 + timedelta(minutes=5 + i), reason="login_locked") for i in range(4)]
+              + [failed_login(9, T0 + timedelta(minutes=9), client="198.51.100.4", reason="login_locked")])
+    assert denial_bursts(events) == []           # nobody signed in: no one's many_denials
+    [a] = failed_login_bursts(events, accounts=frozenset({"insurer_b"}))
+    assert (a.kind, a.actor, a.org, a.count, a.audit_seqs) == ("failed_logins", None, None, 10, tuple(range(10)))
+    assert a.detail["attempted_username"] == "insurer_b" and a.detail["account_exists"] is True
+    assert a.detail["clients"] == {"203.0.113.7": 9, "198.51.100.4": 1}
+    assert a.detail["reasons"] == {"login_failed": 5, "login_locked": 5}
+    assert a.message.startswith("10 failed logins for the account 'insurer_b' within 1 hour, from 203.0.113.7 ×9")
+    assert "target, not the sender" in a.message and "insurer_b" in a.message_zh and "登录失败 10 次" in a.message_zh
+    # a name that does not exist says so; nine are not a burst; legacy events (the name as actor) count alike
+    [u] = failed_login_bursts([failed_login(i, T0, name="ghost") for i in range(10)], accounts=frozenset({"insurer_b"}))
+    assert "unknown name 'ghost'" in u.message and u.detail["account_exists"] is False
+    assert failed_login_bursts([failed_login(i, T0) for i in range(9)]) == []
+    [legacy] = failed_login_bursts([failed_login(i, T0, legacy=True) for i in range(10)])
+    assert legacy.detail["attempted_username"] == "insurer_b" and legacy.actor is None
+    assert denial_bursts([failed_login(i, T0, legacy=True) for i in range(10)]) == []
+    assert "failed_logins" in [k.kind for k in decide_alerts(events, [], [])]
+
+
+def test_anonymous_guesses_no_longer_name_their_victim_in_many_denials(client, auth, engine):
+    """The attack: 11 anonymous logins as insurer_b made the office's alert say insurer_b was
+    refused 11 times (and locked the account). Now the alert is `failed_logins` for the name
+    insurer_b, from the guesser's address, with no actor; insurer_b's own refusals (signed in)
+    still make a many_denials alert that names them."""
+    codes = [client.post("/api/v1/auth/token", data={"username": "insurer_b", "password": f"guess-{i}-xx"}).status_code
+             for i in range(11)]
+    assert codes == [401] * 5 + [429] * 6
+    body = alerts_of(client, auth, "office1")
+    assert [a for a in body["alerts"] if a["actor"] == "insurer_b"] == []
+    [a] = [a for a in body["alerts"] if a["kind"] == "failed_logins"]
+    assert (a["actor"], a["count"], a["detail"]["attempted_username"], a["detail"]["account_exists"]) == (
+        None, 11, "insurer_b", True)
+    assert a["detail"]["clients"] == {"testclient": 11}
+    assert a["detail"]["reasons"] == {"login_failed": 5, "login_locked": 6}
+    assert body["thresholds"]["failed_logins"] == 10
+    with Session(engine) as s:
+        logins = s.exec(select(AuditEvent).where(AuditEvent.action == "auth.login")).all()
+    assert {e.actor for e in logins if e.decision == "deny"} == {None}
+    # the real user's own refusals are still theirs
+    with Session(engine) as s:   # (the guesses locked insurer_b: an operator resets the password)
+        from pdao.identity.service import set_password
+
+        set_password(s, "insurer_b", "a-new-pass-1")
+        s.commit()
+    token = client.post("/api/v1/auth/token", data={"username": "insurer_b", "password": "a-new-pass-1"}).json()
+    for _ in range(10):
+        client.get("/api/v1/audit/alerts", headers={"Authorization": f"Bearer {token['access_token']}"})
+    kinds = {(a["kind"], a["actor"]) for a in alerts_of(client, auth)["alerts"]}
+    assert kinds == {("failed_logins", None), ("many_denials", "insurer_b")}

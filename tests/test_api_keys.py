@@ -10,6 +10,7 @@ Every test runs through the real HTTP API on SQLite and on PostgreSQL (see conft
 
 from __future__ import annotations
 
+import getpass
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -21,9 +22,10 @@ from pdao import audit
 from pdao.audit import AuditEvent
 from pdao.identity import tokens
 from pdao.identity.models import ApiKey, User
-from tests.conftest import first_also_on_postgresql
+from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql
 
 API = "/api/v1/api-keys"
+PW = {"password": DEMO_PASSWORD}   # a claim's body: the owner's password, typed again
 
 
 def granted_key(client, auth, username: str, **body) -> tuple[str, int]:
@@ -31,7 +33,7 @@ def granted_key(client, auth, username: str, **body) -> tuple[str, int]:
     (key, id)."""
     r = client.post(API, json={"username": username, **body}, headers=auth("operator1"))
     assert r.status_code == 201, r.text
-    c = client.post(f"{API}/{r.json()['id']}/claim", headers=auth(username))
+    c = client.post(f"{API}/{r.json()['id']}/claim", json=PW, headers=auth(username))
     assert c.status_code == 200, c.text
     return c.json()["key"], c.json()["id"]
 
@@ -48,6 +50,11 @@ def grant(client, auth, username: str = "insurer_a", **body) -> dict:
     r = client.post(API, json={"username": username, **body}, headers=auth("operator1"))
     assert r.status_code == 201, r.text
     return r.json()
+
+
+def user_row(engine, username: str) -> User:
+    with Session(engine) as s:
+        return s.exec(select(User).where(User.username == username)).one()
 
 
 def key_row(engine, key_id: int) -> ApiKey:
@@ -80,13 +87,13 @@ def test_an_operator_granting_a_key_never_holds_it_and_cannot_act_as_the_tenant(
     assert timedelta(days=6, hours=23) < row.claim_by - datetime.now(UTC) <= timedelta(days=7)
     # the operator can neither claim it (its role claims nothing, the grant is not its own) nor
     # read a key anywhere
-    assert_error(client.post(g["claim_path"], headers=op), 403, "role_not_permitted")
+    assert_error(client.post(g["claim_path"], json=PW, headers=op), 403, "role_not_permitted")
     listed = client.get(API, headers=op)
     assert listed.status_code == 200 and tokens.API_KEY_PREFIX not in listed.text
     assert key_row(engine, g["id"]).key_sha256 is None     # the refused claim made nothing
 
     # the owner claims it, signed in with their own password, and is the only one to see it
-    r = client.post(g["claim_path"], headers=auth("insurer_a"))
+    r = client.post(g["claim_path"], json=PW, headers=auth("insurer_a"))
     assert r.status_code == 200, r.text
     key = r.json()["key"]
     assert key.startswith(tokens.API_KEY_PREFIX) and r.json()["status"] == "active"
@@ -94,8 +101,8 @@ def test_an_operator_granting_a_key_never_holds_it_and_cannot_act_as_the_tenant(
     use = client.get("/api/v1/me", headers={"X-API-Key": key})
     assert use.json()["username"] == "insurer_a"
     # a second claim gets no second key, for no one
-    assert_error(client.post(g["claim_path"], headers=auth("insurer_a")), 409, "api_key_claimed")
-    assert_error(client.post(g["claim_path"], headers=op), 403, "role_not_permitted")
+    assert_error(client.post(g["claim_path"], json=PW, headers=auth("insurer_a")), 409, "api_key_claimed")
+    assert_error(client.post(g["claim_path"], json=PW, headers=op), 403, "role_not_permitted")
 
     # the audit chain names each real actor; the operator acts only as itself; no event holds the key
     events = all_events(engine)
@@ -128,8 +135,8 @@ def test_the_grant_and_its_audit_event_commit_together(client, engine, auth):
 @pytest.mark.parametrize("other", first_also_on_postgresql(["insurer_b", "provider1"]))
 def test_another_users_grant_answers_404_like_a_missing_one(client, engine, auth, other):
     g = grant(client, auth, "insurer_a")
-    missing = assert_error(client.post(f"{API}/999999/claim", headers=auth(other)), 404, "not_found")
-    assert assert_error(client.post(g["claim_path"], headers=auth(other)), 404, "not_found") == missing
+    missing = assert_error(client.post(f"{API}/999999/claim", json=PW, headers=auth(other)), 404, "not_found")
+    assert assert_error(client.post(g["claim_path"], json=PW, headers=auth(other)), 404, "not_found") == missing
     assert assert_error(client.delete(f"{API}/{g['id']}", headers=auth(other)), 404, "not_found") == \
         assert_error(client.delete(f"{API}/999999", headers=auth(other)), 404, "not_found")
     assert client.get(API, headers=auth(other)).json() == []
@@ -142,21 +149,21 @@ def test_a_claim_needs_the_owners_password_login_not_an_api_key(client, engine, 
     """A leaked key must not mint more keys: claims take a bearer token from a password login."""
     key, _ = granted_key(client, auth, "insurer_a")
     g = grant(client, auth, "insurer_a")
-    assert_error(client.post(g["claim_path"], headers={"X-API-Key": key}), 403, "password_login_required")
+    assert_error(client.post(g["claim_path"], json=PW, headers={"X-API-Key": key}), 403, "password_login_required")
     assert key_row(engine, g["id"]).key_sha256 is None
     # the same owner, signed in, claims it
-    assert client.post(g["claim_path"], headers=auth("insurer_a")).status_code == 200
+    assert client.post(g["claim_path"], json=PW, headers=auth("insurer_a")).status_code == 200
 
 
 def test_claimed_revoked_and_lapsed_grants_answer_409(client, engine, auth):
     owner = auth("provider1")
     claimed = grant(client, auth, "provider1")
-    assert client.post(claimed["claim_path"], headers=owner).status_code == 200
-    assert_error(client.post(claimed["claim_path"], headers=owner), 409, "api_key_claimed")
+    assert client.post(claimed["claim_path"], json=PW, headers=owner).status_code == 200
+    assert_error(client.post(claimed["claim_path"], json=PW, headers=owner), 409, "api_key_claimed")
 
     revoked = grant(client, auth, "provider1")
     assert client.delete(f"{API}/{revoked['id']}", headers=auth("operator1")).json()["status"] == "revoked"
-    assert_error(client.post(revoked["claim_path"], headers=owner), 409, "api_key_revoked")
+    assert_error(client.post(revoked["claim_path"], json=PW, headers=owner), 409, "api_key_revoked")
 
     lapsed = grant(client, auth, "provider1")
     with Session(engine) as s:   # its claim window has passed
@@ -164,7 +171,7 @@ def test_claimed_revoked_and_lapsed_grants_answer_409(client, engine, auth):
         row.claim_by = datetime.now(UTC) - timedelta(seconds=1)
         s.add(row)
         s.commit()
-    assert_error(client.post(lapsed["claim_path"], headers=owner), 409, "api_key_grant_lapsed")
+    assert_error(client.post(lapsed["claim_path"], json=PW, headers=owner), 409, "api_key_grant_lapsed")
     assert key_row(engine, lapsed["id"]).key_sha256 is None
     statuses = {k["id"]: k["status"] for k in client.get(API, headers=owner).json()}
     assert statuses == {claimed["id"]: "active", revoked["id"]: "revoked", lapsed["id"]: "lapsed"}
@@ -180,7 +187,7 @@ def test_parallel_claims_give_one_key(client, engine, auth):
 
     def claim() -> None:
         barrier.wait()
-        r = client.post(g["claim_path"], headers=headers)
+        r = client.post(g["claim_path"], json=PW, headers=headers)
         answers.append((r.status_code, r.json().get("key") or r.json().get("code")))
 
     threads = [threading.Thread(target=claim) for _ in range(n)]
@@ -198,7 +205,7 @@ def test_parallel_claims_give_one_key(client, engine, auth):
 def test_the_key_lives_valid_days_from_its_claim(client, engine, auth):
     g = grant(client, auth, "insurer_a", valid_days=30)
     assert g["valid_days"] == 30 and g["expires_at"] is None
-    r = client.post(g["claim_path"], headers=auth("insurer_a")).json()
+    r = client.post(g["claim_path"], json=PW, headers=auth("insurer_a")).json()
     claimed_at, expires_at = datetime.fromisoformat(r["claimed_at"]), datetime.fromisoformat(r["expires_at"])
     assert expires_at - claimed_at == timedelta(days=30)
 
@@ -248,19 +255,141 @@ def test_cli_issue_key_grants_and_prints_no_key(client, engine, auth, settings, 
     with Session(engine) as s:
         row = s.exec(select(ApiKey)).one()
     assert f"#{row.id}" in out.output and row.key_sha256 is None and row.label == "nightly"
+    # the actor is whoever ran the command (the OS user), never the operator it named (review r2,
+    # finding 4: tests/test_cli.py); --by is the grant's operator
     [ev] = decisions(engine, "api_key.granted")
-    assert (ev.actor, ev.role, ev.auth_method) == ("operator1", "operator", "cli")
+    assert (ev.actor, ev.role, ev.org, ev.auth_method) == (f"cli:{getpass.getuser()}", None, None, "cli")
+    assert ev.detail["issued_by"] == "operator1"
+    assert [k["granted_by"] for k in client.get(API, headers=auth("operator1")).json()] == ["operator1"]
     # only an operator grants, and --by is required
     refused = CliRunner().invoke(app, ["users", "issue-key", "insurer_a", "--by", "insurer_b"])
     assert refused.exit_code == 1 and "not_operator" in refused.output
     assert CliRunner().invoke(app, ["users", "issue-key", "insurer_a"]).exit_code != 0
     # the owner claims what the command granted
-    r = client.post(f"{API}/{row.id}/claim", headers=auth("insurer_a"))
+    r = client.post(f"{API}/{row.id}/claim", json=PW, headers=auth("insurer_a"))
     assert r.status_code == 200 and r.json()["key"].startswith(tokens.API_KEY_PREFIX)
     out = CliRunner().invoke(app, ["users", "revoke-key", str(row.id), "--by", "operator1"])
     assert out.exit_code == 0, out.output
     [ev] = decisions(engine, "api_key.revoked")
-    assert (ev.actor, ev.auth_method) == ("operator1", "cli")
+    assert (ev.actor, ev.auth_method, ev.detail["stated_by"]) == (f"cli:{getpass.getuser()}", "cli", "operator1")
+    assert key_row(engine, row.id).revoked_by is None      # no user revoked it: the OS user did
+    assert_error(client.get("/api/v1/me", headers={"X-API-Key": r.json()["key"]}), 401, "invalid_api_key")
+    # --by is optional for a revocation, and must name a user when given
+    again = grant(client, auth, "insurer_a")
+    assert CliRunner().invoke(app, ["users", "revoke-key", str(again["id"]), "--by", "ghost"]).exit_code == 1
+    assert key_row(engine, again["id"]).revoked_at is None
+    assert CliRunner().invoke(app, ["users", "revoke-key", str(again["id"])]).exit_code == 0
+    assert key_row(engine, again["id"]).revoked_at is not None
+
+
+# --- review r2, finding 3: a bearer token alone claimed a key, and the key outlived the password ----
+
+def test_a_token_alone_claims_no_key_and_a_wrong_password_counts_like_a_login(client, engine, auth):
+    """The attack: whoever held the owner's bearer token for a moment (a proxy log, the console's
+    cookie) found a pending grant and claimed a key living up to ten years. Now a claim needs the
+    owner's password typed again, and a wrong one counts towards the lockout like a login."""
+    g = grant(client, auth, "insurer_b", valid_days=3650)
+    stolen = auth("insurer_b")
+    # the token alone: refused, nothing made, nothing counted
+    assert_error(client.post(g["claim_path"], headers=stolen), 422, "password_required")
+    assert_error(client.post(g["claim_path"], json={}, headers=stolen), 422, "password_required")
+    assert user_row(engine, "insurer_b").failed_logins == 0
+    # guesses: each one checked and counted like a failed login
+    for i in range(4):
+        assert_error(client.post(g["claim_path"], json={"password": f"guess-{i}-xx"}, headers=stolen), 403,
+                     "wrong_password")
+        assert user_row(engine, "insurer_b").failed_logins == i + 1
+    # the fifth locks the account: claims and logins alike, the right password included
+    assert_error(client.post(g["claim_path"], json={"password": "guess-4-xx"}, headers=stolen), 403, "wrong_password")
+    assert_error(client.post(g["claim_path"], json=PW, headers=stolen), 429, "login_locked")
+    assert_error(client.post("/api/v1/auth/token", data={"username": "insurer_b", "password": DEMO_PASSWORD}), 429,
+                 "login_locked")
+    assert key_row(engine, g["id"]).key_sha256 is None and decisions(engine, "api_key.claimed") == []
+    # once the lock is over, the owner's own password claims it, and the count goes back to 0
+    with Session(engine) as s:
+        row = s.exec(select(User).where(User.username == "insurer_b")).one()
+        row.locked_until = datetime.now(UTC) - timedelta(seconds=1)
+        s.add(row)
+        s.commit()
+    r = client.post(g["claim_path"], json=PW, headers=stolen)
+    assert r.status_code == 200 and r.json()["key"].startswith(tokens.API_KEY_PREFIX)
+    assert user_row(engine, "insurer_b").failed_logins == 0
+    # the refused claims are the token holder's refusals in the audit chain; no password is in it
+    refused = [e for e in all_events(engine) if e.action == "api_key.claim" and e.decision == "deny"]
+    assert [(e.actor, e.reason) for e in refused] == (
+        [("insurer_b", "password_required")] * 2 + [("insurer_b", "wrong_password")] * 5
+        + [("insurer_b", "login_locked")])
+    assert all("guess-" not in repr(e.model_dump()) and DEMO_PASSWORD not in repr(e.model_dump())
+               for e in all_events(engine))
+
+
+def _cli(settings, monkeypatch, *args: str):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from pdao.cli import app
+
+    monkeypatch.setenv("PDAO_HOME", str(settings.home))
+    monkeypatch.setenv("PDAO_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("PDAO_SECRET_KEY", "test-signing-key-of-at-least-32-bytes")
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("change", first_also_on_postgresql(["set-password", "disable"]))
+def test_a_password_reset_or_disabling_revokes_the_users_keys_and_grants(client, engine, auth, settings, monkeypatch,
+                                                                        change):
+    """The rest of the attack: a key claimed with a stolen session lived on after the victim logged
+    out everywhere and the admin reset the password. Now a reset (or disabling the account) revokes
+    the user's active keys and pending grants, each in the audit chain under who made the change,
+    in the change's own transaction."""
+    key, key_id = granted_key(client, auth, "insurer_b", label="nightly")
+    pending = grant(client, auth, "insurer_b")
+    other_key, _ = granted_key(client, auth, "insurer_a")
+    lapsed = grant(client, auth, "insurer_b")
+    with Session(engine) as s:   # a grant already lapsed: nothing to revoke
+        row = s.get(ApiKey, lapsed["id"])
+        row.claim_by = datetime.now(UTC) - timedelta(seconds=1)
+        s.add(row)
+        s.commit()
+    assert client.get("/api/v1/me", headers={"X-API-Key": key}).status_code == 200
+    assert client.post("/api/v1/auth/logout", headers=auth("insurer_b")).status_code == 204
+    assert client.get("/api/v1/me", headers={"X-API-Key": key}).status_code == 200   # logout ends tokens only
+    args = ["users", "set-password", "insurer_b", "--password", "a-new-pass-1"] if change == "set-password" \
+        else ["users", "disable", "insurer_b"]
+
+    # the change and its revocations are one transaction: if the audit chain cannot take them,
+    # nothing changes
+    from pdao import audit as audit_module
+
+    def refuse(*_a, **_k):  # noqa: ANN002, ANN003
+        raise RuntimeError("audit down")
+
+    with monkeypatch.context() as m:
+        m.setattr(audit_module, "append", refuse)
+        assert _cli(settings, monkeypatch, *args).exit_code != 0
+    assert client.get("/api/v1/me", headers={"X-API-Key": key}).status_code == 200
+    assert user_row(engine, "insurer_b").is_active and key_row(engine, pending["id"]).revoked_at is None
+
+    out = _cli(settings, monkeypatch, *args)
+    assert out.exit_code == 0, out.output
+    assert f"revoked API key(s) #{key_id}, #{pending['id']}" in out.output
+    assert_error(client.get("/api/v1/me", headers={"X-API-Key": key}), 401, "invalid_api_key")
+    statuses = {k["id"]: k["status"] for k in client.get(API, headers=auth("operator1")).json()}
+    assert statuses[key_id] == statuses[pending["id"]] == "revoked" and statuses[lapsed["id"]] == "lapsed"
+    assert client.get("/api/v1/me", headers={"X-API-Key": other_key}).status_code == 200   # another user's stays
+    if change == "set-password":   # the owner, signed in again, cannot claim the revoked grant either
+        owner = {"Authorization": "Bearer " + client.post("/api/v1/auth/token", data={
+            "username": "insurer_b", "password": "a-new-pass-1"}).json()["access_token"]}
+        assert_error(client.post(pending["claim_path"], json={"password": "a-new-pass-1"}, headers=owner), 409,
+                     "api_key_revoked")
+    because = "password_changed" if change == "set-password" else "user_disabled"
+    revoked = decisions(engine, "api_key.revoked")
+    assert [(e.object, e.actor, e.role, e.auth_method, e.detail["owner"], e.detail["because"], e.detail["was"])
+            for e in revoked] == [
+        (f"api_key:{key_id}", f"cli:{getpass.getuser()}", None, "cli", "insurer_b", because, "active"),
+        (f"api_key:{pending['id']}", f"cli:{getpass.getuser()}", None, "cli", "insurer_b", because, "pending")]
+    command = [e for e in all_events(engine) if e.action.startswith("cli.users.") and e.decision == "allow"]
+    assert len(command) == 1 and command[0].seq > revoked[-1].seq
+    assert audit.verify(engine).ok
 
 
 # --- the migration -------------------------------------------------------------------------------

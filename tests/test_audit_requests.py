@@ -15,6 +15,7 @@ from sqlmodel import Session, select
 from api.deps import caller
 from pdao.audit import AuditEvent
 from tests.conftest import DEMO_PASSWORD
+from tests.test_api_keys import PW
 
 TOKEN_URL = "/api/v1/auth/token"
 
@@ -75,15 +76,16 @@ CASES = [
     Case("wrong_method", lambda c, hs: c.delete("/api/v1/me", headers=hs["insurer_a"]),
          {"status": 405, "decision": "deny", "reason": "method_not_allowed"}),
     Case("failed_login_known_user", lambda c, hs: c.post(TOKEN_URL, data={"username": "insurer_b", "password": "x" * 9}),
-         {"status": 401, "decision": "deny", "actor": "insurer_b", "org": None, "action": "auth.login",
-          "reason": "login_failed"}),
+         {"status": 401, "decision": "deny", "actor": None, "org": None, "action": "auth.login",
+          "reason": "login_failed", "detail": {"attempted_username": "insurer_b"}}),   # nobody signed in
     Case("failed_login_unknown_user", lambda c, hs: c.post(TOKEN_URL, data={"username": "mallory", "password": "x" * 9}),
-         {"status": 401, "decision": "deny", "actor": "mallory", "action": "auth.login", "reason": "login_failed"}),
+         {"status": 401, "decision": "deny", "actor": None, "action": "auth.login", "reason": "login_failed",
+          "detail": {"attempted_username": "mallory"}}),
     Case("login_missing_password", lambda c, hs: c.post(TOKEN_URL, data={"username": "insurer_b"}),
          {"status": 422, "decision": "deny", "action": "auth.login", "reason": "invalid_request"}),
     Case("successful_login", lambda c, hs: c.post(TOKEN_URL, data={"username": "auditor1", "password": DEMO_PASSWORD}),
          {"status": 200, "decision": "allow", "actor": "auditor1", "org": "cac", "role": "auditor",
-          "auth_method": "password", "action": "auth.login", "reason": None}),
+          "auth_method": "password", "action": "auth.login", "reason": None, "detail": None}),
     Case("token_use", lambda c, hs: c.get("/api/v1/datasets", headers=hs["insurer_a"]),
          {"status": 200, "decision": "allow", "actor": "insurer_a", "org": "company_a", "role": "applicant",
           "auth_method": "token", "action": "catalog.read", "reason": None}),
@@ -145,7 +147,7 @@ def test_api_key_grant_claim_and_use_are_audited_under_their_real_actors(client,
                                                                         201, "operator1")
     owner = auth("insurer_b")
     before = count(engine)
-    c = client.post(r.json()["claim_path"], headers=owner)
+    c = client.post(r.json()["claim_path"], json=PW, headers=owner)
     key = c.json()["key"]
     evs = events(engine)[before:]
     # the claim's request event and, committed with the key, its decision event
@@ -165,9 +167,10 @@ def test_a_locked_account_is_audited_with_its_reason(client, engine):
     before = count(engine)
     r = client.post(TOKEN_URL, data={"username": "office2", "password": DEMO_PASSWORD})
     ev = the_one_event(engine, before, r)
-    assert (ev.status, ev.decision, ev.actor, ev.reason) == (429, "deny", "office2", "login_locked")
-    failures = [e for e in events(engine) if e.actor == "office2" and e.reason == "login_failed"]
-    assert len(failures) == 5
+    assert (ev.status, ev.decision, ev.actor, ev.reason, ev.detail) == (
+        429, "deny", None, "login_locked", {"attempted_username": "office2"})
+    failures = [e for e in events(engine) if e.reason == "login_failed"]
+    assert [(e.actor, e.detail) for e in failures] == [(None, {"attempted_username": "office2"})] * 5
 
 
 def _boom(_p: caller("me", "read")):  # noqa: ANN202
@@ -219,6 +222,11 @@ def test_no_credentials_or_query_strings_in_the_audit_log(client, engine, auth):
     secret_q = "640104198801010011"
     client.get("/api/v1/datasets", params={"q": secret_q}, headers=auth("insurer_a"))
     client.post(TOKEN_URL, data={"username": "insurer_a", "password": "my-wrong-secret"})
+    grant = client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=auth("operator1")).json()
+    wrong = client.post(grant["claim_path"], json={"password": "my-wrong-secret"}, headers=auth("insurer_a"))
+    assert wrong.status_code == 403 and wrong.json()["code"] == "wrong_password"
+    right = client.post(grant["claim_path"], json=PW, headers=auth("insurer_a"))
+    assert right.status_code == 200
     dump = "\n".join(str(e.model_dump()) for e in events(engine))
     assert secret_q not in dump and "my-wrong-secret" not in dump and "pdao-demo" not in dump
     assert "Bearer" not in dump

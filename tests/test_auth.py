@@ -12,8 +12,9 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
-from tests.test_api_keys import granted_key
+from tests.test_api_keys import PW, granted_key
 from sqlmodel import Session, select
 
 from pdao.audit import AuditEvent
@@ -295,7 +296,7 @@ def test_api_key_lifecycle(client, engine, auth):
     granted = r.json()
     assert "key" not in granted and granted["status"] == "pending" and granted["prefix"] is None
     key_id = granted["id"]
-    r = client.post(granted["claim_path"], headers=auth("insurer_a"))
+    r = client.post(granted["claim_path"], json=PW, headers=auth("insurer_a"))
     assert r.status_code == 200, r.text
     claimed = r.json()
     key = claimed["key"]
@@ -443,16 +444,37 @@ class _CountingChecks:
         monkeypatch.setattr(passwords, "verify_password", verify)
 
 
-def _parallel_logins(client, username: str, n: int) -> list[int]:
-    """n wrong-password logins for one username through HTTP, all released at once."""
+def from_address(app, address: str) -> TestClient:
+    """A client of the app seen from `address` (the per-address rate limit counts by it)."""
+    return TestClient(app, raise_server_exceptions=False, client=(address, 50000))
+
+
+@pytest.fixture
+def patient_app(settings):
+    """The app with a long wait for a password check's turn (PDAO_LOGIN_HASH_WAIT_SECONDS): every
+    attempt of a burst gets its turn, so the answers show the lockout alone (the 2 slots still
+    bound how many checks run at once)."""
+    import dataclasses
+
+    from api.app import create_app
+
+    application = create_app(dataclasses.replace(settings, login_hash_wait_seconds=120))
+    yield application
+    application.state.engine.dispose()
+
+
+def _parallel_logins(app, username: str, n: int) -> list[int]:
+    """n wrong-password logins for one username through HTTP, all released at once, each from its
+    own client address (so the per-address rate limit plays no part: the lockout alone must hold)."""
     import threading
 
     barrier = threading.Barrier(n)
     answers: list[tuple[int, str]] = []
 
     def attempt(i: int) -> None:
+        c = from_address(app, f"10.1.{i // 200}.{i % 200 + 1}")
         barrier.wait()
-        r = client.post(TOKEN_URL, data={"username": username, "password": f"guess-{i}"})
+        r = c.post(TOKEN_URL, data={"username": username, "password": f"guess-{i}"})
         answers.append((r.status_code, r.json().get("code")))
 
     threads = [threading.Thread(target=attempt, args=(i,)) for i in range(n)]
@@ -465,7 +487,7 @@ def _parallel_logins(client, username: str, n: int) -> list[int]:
     return [status for status, _ in answers]
 
 
-def test_forty_parallel_guesses_get_at_most_five_password_checks(client, engine, settings, monkeypatch,
+def test_forty_parallel_guesses_get_at_most_five_password_checks(patient_app, client, engine, settings, monkeypatch,
                                                                   production_password_hashing):
     """Issue 13, finding 4: 40 parallel logins gave 39 real password checks in one lock window
     (the lock was read before the slow hash and counted after it). Each attempt now takes its place
@@ -478,7 +500,7 @@ def test_forty_parallel_guesses_get_at_most_five_password_checks(client, engine,
     assert password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
     checks = _CountingChecks(monkeypatch)
 
-    statuses = _parallel_logins(client, "auditor1", 40)
+    statuses = _parallel_logins(patient_app, "auditor1", 40)
     assert settings.login_max_failures == 5
     assert 1 <= checks.by_hash.get(password_hash, 0) <= 5, checks.by_hash
     assert statuses.count(401) == checks.by_hash[password_hash]   # every check was a counted failure
@@ -490,12 +512,13 @@ def test_forty_parallel_guesses_get_at_most_five_password_checks(client, engine,
                  "login_locked")
     assert checks.by_hash[password_hash] <= 5
     with Session(engine) as s:
-        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "auth.login", AuditEvent.actor == "auditor1",
+        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "auth.login",
                                                   AuditEvent.reason == "login_locked")).all()
     assert len(refused) == statuses.count(429) + 1   # every refused attempt is audited
+    assert {(e.actor, e.detail["attempted_username"]) for e in refused} == {(None, "auditor1")}
 
 
-def test_forty_parallel_guesses_at_an_unknown_name_count_the_same(client, engine, monkeypatch):
+def test_forty_parallel_guesses_at_an_unknown_name_count_the_same(patient_app, engine, monkeypatch):
     """A made-up username takes the same path (login_throttle): at most 5 checks against the
     dummy hash, the rest 429, so the answers do not tell which names exist."""
     from pdao.identity import passwords
@@ -503,7 +526,7 @@ def test_forty_parallel_guesses_at_an_unknown_name_count_the_same(client, engine
 
     dummy = passwords.dummy_hash()
     checks = _CountingChecks(monkeypatch)
-    statuses = _parallel_logins(client, "no_such_person", 40)
+    statuses = _parallel_logins(patient_app, "no_such_person", 40)
     assert 1 <= checks.by_hash.get(dummy, 0) <= 5, checks.by_hash
     assert statuses.count(401) == checks.by_hash[dummy] and statuses.count(429) == 40 - statuses.count(401)
     with Session(engine) as s:
@@ -532,3 +555,260 @@ def test_a_lock_ends_and_the_count_starts_again(client, engine):
         answers = [client.post(TOKEN_URL, data={"username": name, "password": f"again-{i}"}).status_code
                    for i in range(6)]
         assert answers == [401] * 5 + [429], (name, answers)
+
+
+# --- review r2, finding 1: anyone without an account could keep the CPU busy ----------------------
+#
+# Every made-up name had its own 5 attempts, each a full Argon2id check (~0.36 s of CPU, 64 MiB);
+# nothing limited attempts per client or in total, and waiting logins held the thread pool every
+# sync route shares: 16 anonymous clients took `GET /me` from 22 ms to ~1 s. Now: a token bucket
+# per client address before any hash, at most N checks at once (waiting without a thread), and
+# `login_throttle` rows that expire.
+
+def _app(settings, **changes):  # noqa: ANN202
+    import dataclasses
+
+    from api.app import create_app
+
+    return create_app(dataclasses.replace(settings, **changes))
+
+
+def _throttle_names(engine) -> set[str]:
+    from pdao.identity.models import LoginThrottle
+
+    with Session(engine) as s:
+        return {t.username for t in s.exec(select(LoginThrottle)).all()}
+
+
+def test_fresh_names_from_one_address_get_a_few_checks_then_429_before_any_hash(settings, engine, monkeypatch):
+    app = _app(settings, login_rate_per_minute=5)
+    try:
+        checks = _CountingChecks(monkeypatch)
+        attacker = from_address(app, "203.0.113.7")
+        answers = [attacker.post(TOKEN_URL, data={"username": f"ghost-{i}", "password": "x" * 12}) for i in range(8)]
+        assert [r.status_code for r in answers] == [401] * 5 + [429] * 3
+        assert_error(answers[-1], 429, "login_rate_limited")
+        assert 1 <= int(answers[-1].headers["retry-after"]) <= 12       # a token comes back every 12 s
+        assert sum(checks.by_hash.values()) == 5                        # the refused ones hashed nothing
+        assert _throttle_names(engine) == {f"ghost-{i}" for i in range(5)}   # nor touched the database
+        # another address is not affected; an IPv6 host counts by its /64
+        assert from_address(app, "198.51.100.2").post(
+            TOKEN_URL, data={"username": "office1", "password": DEMO_PASSWORD}).status_code == 200
+        same_host = [from_address(app, f"2001:db8::{i + 1}").post(
+            TOKEN_URL, data={"username": "ghost-v6", "password": f"x-{i}-xxxxx"}).status_code for i in range(6)]
+        assert same_host == [401] * 5 + [429]
+        assert from_address(app, "2001:db8:0:1::1").post(
+            TOKEN_URL, data={"username": "ghost-v6b", "password": "x" * 12}).status_code == 401
+        # the refusals are audited, with the name typed and the address, and no actor
+        with Session(engine) as s:
+            refused = s.exec(select(AuditEvent).where(AuditEvent.reason == "login_rate_limited")).all()
+        assert sorted((e.actor, e.client, e.detail["attempted_username"], e.status) for e in refused) == sorted(
+            [(None, "203.0.113.7", f"ghost-{i}", 429) for i in (5, 6, 7)] + [(None, "2001:db8::6", "ghost-v6", 429)])
+    finally:
+        app.state.engine.dispose()
+
+
+def test_a_refusal_that_checks_nothing_gives_its_token_back(settings, engine, monkeypatch):
+    """A locked name answers 429 login_locked without a hash: it costs the address nothing."""
+    app = _app(settings, login_rate_per_minute=6)
+    try:
+        checks = _CountingChecks(monkeypatch)
+        c = from_address(app, "203.0.113.8")
+        statuses = [c.post(TOKEN_URL, data={"username": "insurer_b", "password": f"nope-{i}-xx"}).status_code
+                    for i in range(9)]
+        assert statuses == [401] * 5 + [429] * 4 and sum(checks.by_hash.values()) == 5
+        assert_error(c.post(TOKEN_URL, data={"username": "insurer_b", "password": "nope"}), 429, "login_locked")
+        assert c.post(TOKEN_URL, data={"username": "ghost-y", "password": "x" * 12}).status_code == 401  # token 6
+        assert_error(c.post(TOKEN_URL, data={"username": "ghost-z", "password": "x" * 12}), 429, "login_rate_limited")
+    finally:
+        app.state.engine.dispose()
+
+
+def test_the_console_login_goes_through_the_same_limit(settings, engine, monkeypatch):
+    from tests.console_support import CONSOLE, csrf_of
+
+    app = _app(settings, login_rate_per_minute=2)
+    try:
+        checks = _CountingChecks(monkeypatch)
+        browser = TestClient(app, raise_server_exceptions=False, follow_redirects=False, client=("203.0.113.9", 1))
+        api = from_address(app, "203.0.113.9")
+        assert api.post(TOKEN_URL, data={"username": "ghost-a", "password": "x" * 12}).status_code == 401
+        form = {"username": "ghost-b", "password": "x" * 12, "csrf_token": csrf_of(browser)}
+        assert browser.post(f"{CONSOLE}/login", data=form).status_code == 401
+        page = browser.post(f"{CONSOLE}/login", data={**form, "username": "insurer_a", "password": DEMO_PASSWORD})
+        assert page.status_code == 429 and "login_rate_limited" in page.text and page.headers["retry-after"]
+        assert "pdao_session" not in page.cookies
+        assert_error(api.post(TOKEN_URL, data={"username": "ghost-c", "password": "x" * 12}), 429, "login_rate_limited")
+        assert sum(checks.by_hash.values()) == 2
+        with Session(engine) as s:
+            ev = s.exec(select(AuditEvent).where(AuditEvent.path == f"{CONSOLE}/login")
+                        .order_by(AuditEvent.seq.desc())).first()
+        assert (ev.actor, ev.reason, ev.detail) == (None, "login_rate_limited", {"attempted_username": "insurer_a"})
+    finally:
+        app.state.engine.dispose()
+
+
+def test_checks_at_once_are_capped_and_waiting_logins_hold_no_thread(settings, engine, monkeypatch):
+    """One slot; the first check hangs (a slow hash). 60 more logins wait for the slot — in the
+    event loop, not on worker threads — so `GET /me` answers at once meanwhile; those that do not
+    get the slot within the wait are 429 login_busy, counted nowhere and hashing nothing."""
+    import threading
+    import time
+
+    from pdao.identity import passwords
+
+    app = _app(settings, login_rate_per_minute=1000, login_max_concurrent_hashes=1, login_hash_wait_seconds=2.0)
+    real = passwords.verify_password
+    entered, release = threading.Event(), threading.Event()
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def verify(password: str, password_hash: str) -> bool:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if not entered.is_set():
+                entered.set()
+                release.wait(10)
+            return real(password, password_hash)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            token = c.post(TOKEN_URL, data={"username": "insurer_a", "password": DEMO_PASSWORD}).json()["access_token"]
+            monkeypatch.setattr(passwords, "verify_password", verify)
+            answers: dict[str, int] = {}
+
+            def attempt(name: str) -> None:
+                r = c.post(TOKEN_URL, data={"username": name, "password": "x" * 12})
+                answers[name] = r.status_code if r.status_code == 401 else r.json()["code"]
+
+            first = threading.Thread(target=attempt, args=("ghost-slow",))
+            first.start()
+            assert entered.wait(10)
+            flood = [threading.Thread(target=attempt, args=(f"ghost-{i}",)) for i in range(60)]
+            for t in flood:
+                t.start()
+            time.sleep(0.5)     # all 60 are waiting for the slot now
+            t0 = time.monotonic()
+            me = c.get("/api/v1/me", headers=bearer(token))
+            took = time.monotonic() - t0
+            assert me.status_code == 200 and took < 1.0, took
+            for t in flood:
+                t.join()
+            release.set()
+            first.join()
+    finally:
+        app.state.engine.dispose()
+    assert answers.pop("ghost-slow") == 401 and set(answers.values()) == {"login_busy"}
+    assert most[0] == 1
+    assert _throttle_names(engine) == {"ghost-slow"}       # a busy refusal counted nothing
+
+
+def test_throttle_rows_expire_once_their_lock_and_window_are_over(client, engine, settings, monkeypatch):
+    """The table holds only names tried within the last window or locked now; a deleted row is
+    exactly a name never tried."""
+    from pdao.identity.models import LoginThrottle
+
+    def fail(name: str, n: int) -> list[int]:
+        return [client.post(TOKEN_URL, data={"username": name, "password": f"nope-{i}-x"}).status_code
+                for i in range(n)]
+
+    fail("ghost-stale", 3)
+    fail("ghost-recent", 2)
+    fail("ghost-ended", 5)
+    fail("ghost-locked", 5)
+    window = timedelta(minutes=settings.login_lock_minutes)
+    now = datetime.now(UTC)
+    with Session(engine) as s:
+        s.get(LoginThrottle, "ghost-stale").locked_until = now - window - timedelta(seconds=1)   # its last attempt
+        s.get(LoginThrottle, "ghost-ended").locked_until = now - timedelta(seconds=1)            # its lock is over
+        s.commit()
+    monkeypatch.setitem(service._sweep, "next", 0.0)   # a sweep is due (at most one a minute)
+    assert fail("ghost-new", 1) == [401]                 # a new name's row: the moment to sweep
+    assert _throttle_names(engine) == {"ghost-recent", "ghost-locked", "ghost-new"}
+    # at most one sweep a minute
+    with Session(engine) as s:
+        s.get(LoginThrottle, "ghost-recent").locked_until = now - window - timedelta(seconds=1)
+        s.commit()
+    fail("ghost-newer", 1)
+    assert "ghost-recent" in _throttle_names(engine)
+    # the deleted names behave exactly as before (a name never tried)
+    assert fail("ghost-stale", 6) == fail("ghost-ended", 6) == [401] * 5 + [429]
+
+
+def test_failures_a_window_old_are_forgotten_for_real_accounts_and_unknown_names_alike(client, engine, settings):
+    """What lets unknown names' rows expire applies to real accounts too, so an old count never
+    tells which names exist: 4 failures, a quiet window, then 5 more attempts before the lock."""
+    from pdao.identity.models import LoginThrottle
+
+    for name in ("insurer_b", "no_such_person"):
+        assert [client.post(TOKEN_URL, data={"username": name, "password": f"nope-{i}"}).status_code
+                for i in range(4)] == [401] * 4
+    assert user_row(engine, "insurer_b").failed_logins == 4
+    old = datetime.now(UTC) - timedelta(minutes=settings.login_lock_minutes, seconds=1)
+    with Session(engine) as s:
+        s.exec(select(User).where(User.username == "insurer_b")).one().locked_until = old
+        s.get(LoginThrottle, "no_such_person").locked_until = old
+        s.commit()
+    answers = {name: [client.post(TOKEN_URL, data={"username": name, "password": f"again-{i}"}).status_code
+                      for i in range(6)] for name in ("insurer_b", "no_such_person")}
+    assert answers["insurer_b"] == answers["no_such_person"] == [401] * 5 + [429]
+
+
+# --- review r2, finding 5: a disabled account confirmed a correct password -----------------------
+
+def test_a_disabled_account_answers_like_a_wrong_password_whatever_the_password(client, engine, monkeypatch):
+    """`user_disabled` for the right password, `login_failed` for a wrong one: anyone could confirm
+    a departed employee's password. Now every answer is the wrong-password answer, after the same
+    one check against the account's hash, and the attempt counts."""
+    with Session(engine) as s:
+        service.create_user(s, "leaver1", "Summer2026!", "company_b", "applicant")
+        s.commit()
+        service.set_active(s, "leaver1", False)
+        s.commit()
+    leaver_hash = user_row(engine, "leaver1").password_hash
+    checks = _CountingChecks(monkeypatch)
+    right = client.post(TOKEN_URL, data={"username": "leaver1", "password": "Summer2026!"})
+    wrong = client.post(TOKEN_URL, data={"username": "leaver1", "password": "Winter2025!"})
+    nobody = client.post(TOKEN_URL, data={"username": "nobody_here", "password": "Summer2026!"})
+    for r in (right, wrong, nobody):
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "access_token" not in r.text
+    assert right.json() == wrong.json() == nobody.json() == {
+        "code": "login_failed", "message": "Wrong username or password.", "message_zh": "用户名或密码错误。"}
+    # the same work for each: one check against the account's hash (the unknown name: the dummy's)
+    assert checks.by_hash[leaver_hash] == 2 and sum(checks.by_hash.values()) == 3
+    # the right password counts like a wrong one, and the account locks like any other
+    assert user_row(engine, "leaver1").failed_logins == 2
+    more = [client.post(TOKEN_URL, data={"username": "leaver1", "password": "Summer2026!"}).status_code
+            for _ in range(4)]
+    assert more == [401, 401, 401, 429]
+    with Session(engine) as s:
+        reasons = [e.reason for e in s.exec(select(AuditEvent).where(AuditEvent.path == TOKEN_URL)).all()]
+    assert "user_disabled" not in reasons
+
+
+def test_the_address_buckets_stay_bounded_and_count_hosts_not_ports():
+    """The pure parts of pdao/identity/throttle.py: whose bucket an address fills, the refill, and
+    that the buckets of a flood from many addresses stay within their bound."""
+    from pdao.errors import PdaoError
+    from pdao.identity.throttle import AddressRate, address_key, refill
+
+    assert address_key("203.0.113.7") == "203.0.113.7" and address_key(None) == "unknown"
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7" and address_key("testclient") == "testclient"
+    assert refill(0.0, 6.0, 30) == 3.0 and refill(29.0, 600.0, 30) == 30.0 and refill(1.0, -5.0, 30) == 1.0
+    rate = AddressRate(2, max_addresses=100)
+    for i in range(1000):
+        rate.take(f"10.0.{i // 250}.{i % 250}", now=float(i))
+        assert len(rate) <= 100
+    rate.take("10.9.9.9", now=2000.0)
+    rate.take("10.9.9.9", now=2000.0)
+    with pytest.raises(PdaoError) as refused:
+        rate.take("10.9.9.9", now=2001.0)
+    assert refused.value.code == "login_rate_limited" and refused.value.headers["Retry-After"] == "29"
+    rate.give_back("10.9.9.9", now=2001.0)
+    rate.take("10.9.9.9", now=2001.0)        # the token given back

@@ -133,3 +133,31 @@ def test_data_verify_finds_an_altered_snapshot(pdao, settings, synth_files):
     assert re.search(r"ALTERED\s+health\.resident\s+prod v1", out) and re.search(r"OK\s+health\.chronic_condition", out)
     assert "1 missing or altered" in out
     assert "0 missing or altered" in pdao("data", "verify", "health.chronic_condition").output
+
+
+def test_the_cli_never_records_a_named_user_as_the_actor(pdao, engine, client, auth):
+    """Review r2, finding 4: `issue-key … --by operator2` recorded `api_key.granted actor=operator2`,
+    `revoke-key … --by insurer_b` recorded `actor=insurer_b`, whoever ran the command. The actor of
+    a command's change is the OS user who ran it; --by is a detail (for issue-key the grant's
+    operator, who must be one)."""
+    import getpass
+
+    me = f"cli:{getpass.getuser()}"
+    pdao("users", "create", "operator2", "--org", "operator", "--role", "operator", "--password", "long-enough-1")
+    out = pdao("users", "issue-key", "insurer_b", "--by", "operator2", "--label", "never asked for by operator2").output
+    key_id = int(re.search(r"#(\d+)", out).group(1))
+    pdao("users", "revoke-key", str(key_id), "--by", "insurer_b")
+    # what the auditor reads, through the API
+    r = client.get("/api/v1/audit/events", params={"order": "desc", "limit": 40}, headers=auth("auditor1"))
+    assert r.status_code == 200, r.text
+    ours = [e for e in r.json()["items"] if e["object"] in (f"api_key:{key_id}", "user:insurer_b")]
+    assert {e["actor"] for e in ours} == {me}, ours
+    assert {e["auth_method"] for e in ours} == {"cli"} and {e["role"] for e in ours} == {None}
+    by_action = {e["action"]: e for e in ours}
+    assert set(by_action) == {"api_key.granted", "api_key.revoked", "cli.users.issue_key", "cli.users.revoke_key"}
+    assert by_action["api_key.granted"]["detail"]["issued_by"] == "operator2"
+    assert by_action["api_key.revoked"]["detail"]["stated_by"] == "insurer_b"
+    with Session(engine) as s:
+        row = s.get(ApiKey, key_id)
+        operator2 = s.exec(select(User).where(User.username == "operator2")).one()
+    assert row.issued_by == operator2.id and row.revoked_by is None   # the grant's operator; nobody's revocation

@@ -71,7 +71,9 @@ def test_a_failed_login_is_a_bilingual_page_counted_and_audited(app, engine):
     r = c.post(f"{CONSOLE}/login", data={"username": "insurer_a", "password": "wrong-password", "csrf_token": token})
     assert r.status_code == 401 and "登录失败" in r.text and "pdao_session" not in c.cookies
     ev = the_one_event(engine, before, r)
-    assert ev.decision == "deny" and ev.actor == "insurer_a" and ev.action == "auth.login"
+    # nobody signed in: the name typed is a detail, not the actor (review r2, finding 2)
+    assert ev.decision == "deny" and ev.actor is None and ev.action == "auth.login"
+    assert ev.detail == {"attempted_username": "insurer_a"} and ev.reason == "login_failed"
     assert "wrong-password" not in str(ev.detail) and "wrong-password" not in r.text
 
 
@@ -821,15 +823,27 @@ def test_the_owner_claims_an_api_key_in_the_console_and_sees_it_once(app, client
     tenant = console_client(app, "insurer_a")
     page = tenant.get(f"{CONSOLE}/api-keys").text
     assert f'id="claim-{key_id}"' in page and "nightly batch" in page
+    assert f'id="claim-password-{key_id}"' in page and 'type="password" name="password"' in page
     assert 'id="grant-form"' not in page
-    assert post_form(console_client(app, "insurer_b"), f"/api-keys/{key_id}/claim").status_code == 404
+    pw = {"password": DEMO_PASSWORD}
+    assert post_form(console_client(app, "insurer_b"), f"/api-keys/{key_id}/claim", pw).status_code == 404
     assert f'data-key="{key_id}"' not in console_client(app, "insurer_b").get(f"{CONSOLE}/api-keys").text
-    r = post_form(operator, f"/api-keys/{key_id}/claim")
+    r = post_form(operator, f"/api-keys/{key_id}/claim", pw)
     assert r.status_code == 403 and "role_not_permitted" in r.text
-    assert tenant.post(f"{CONSOLE}/api-keys/{key_id}/claim", data={}).status_code == 403       # no CSRF token
+    assert tenant.post(f"{CONSOLE}/api-keys/{key_id}/claim", data=pw).status_code == 403       # no CSRF token
+    # the session cookie alone claims nothing (review r2, finding 3): the password, typed again,
+    # is checked and a wrong one counts like a failed login
+    r = post_form(tenant, f"/api-keys/{key_id}/claim")
+    assert r.status_code == 422 and "password_required" in r.text
+    r = post_form(tenant, f"/api-keys/{key_id}/claim", {"password": "not-my-password"})
+    assert r.status_code == 403 and "wrong_password" in r.text and 'id="claimed-key"' not in r.text
+    with Session(engine) as s:
+        from pdao.identity.models import User
+
+        assert s.exec(select(User).where(User.username == "insurer_a")).one().failed_logins == 1
     # the claim: the key once, on an answer nobody stores
     before = count(engine)
-    r = post_form(tenant, f"/api-keys/{key_id}/claim")
+    r = post_form(tenant, f"/api-keys/{key_id}/claim", pw)
     assert r.status_code == 200, r.text
     assert r.headers["cache-control"] == "no-store"
     key = re.search(r'id="claimed-key"[^>]*>([^<]+)<', r.text).group(1)
@@ -842,8 +856,9 @@ def test_the_owner_claims_an_api_key_in_the_console_and_sees_it_once(app, client
         events = s.exec(select(AuditEvent).where(AuditEvent.seq > before)).all()
     assert {e.action for e in events} >= {"api_key.claim", "api_key.claimed"}
     assert all(secret not in str(e.detail) for e in events)
+    assert DEMO_PASSWORD not in str([e.model_dump() for e in events])
     # a second claim (a reload) is refused and shows no key
-    r = post_form(tenant, f"/api-keys/{key_id}/claim")
+    r = post_form(tenant, f"/api-keys/{key_id}/claim", pw)
     assert r.status_code == 409 and "api_key_claimed" in r.text and secret not in r.text
     # no page shows the key again, to the owner or the operator; the operator sees metadata
     for c in (tenant, operator):

@@ -447,9 +447,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # API keys
     "nav.api_keys": ("API 密钥", "API keys"),
     "keys.title": ("API 密钥", "API keys"),
-    "keys.hint_owner": ("运营方授予密钥后，由您本人在此领取：密钥在领取时生成，只显示一次；系统只保存其摘要。",
-                        "The operator grants a key; you claim it here yourself: the key is made when you claim it "
-                        "and shown once; only its digest is kept."),
+    "keys.hint_owner": ("运营方授予密钥后，由您本人在此输入密码领取：密钥在领取时生成，只显示一次；系统只保存其摘要。"
+                        "修改密码或账号停用时，您的密钥和待领取的授予都会被吊销。",
+                        "The operator grants a key; you claim it here yourself with your password: the key is made "
+                        "when you claim it and shown once; only its digest is kept. A password change or a disabled "
+                        "account revokes your keys and pending grants."),
     "keys.hint_operator": ("授予后由密钥所有人本人登录领取；运营方看不到任何密钥，只能看到元数据。",
                            "A grant is claimed by its owner, signed in; the operator never sees a key, only its "
                            "metadata."),
@@ -472,6 +474,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "keys.last_used": ("最近使用", "Last used"),
     "keys.days": ("领取后 {n} 天", "{n} days from the claim"),
     "keys.claim": ("领取", "Claim"),
+    "keys.claim_password": ("您的密码", "Your password"),
     "keys.revoke": ("吊销", "Revoke"),
     "keys.none": ("暂无密钥。", "No keys."),
     "keys.claimed_title": ("您的新 API 密钥", "Your new API key"),

@@ -35,6 +35,7 @@ from api.console.auth import (
 from api.console.i18n import LANGS, pick, translator
 from api.console.render import lang_of, redirect, render, safe_next, set_lang, url
 from api.deps import SessionDep, SettingsDep
+from api.routes.auth import checking_password, password_login
 from catalog import service as catalog_service
 from catalog.descriptor import Category
 from pdao import audit
@@ -76,21 +77,22 @@ def login_page(request: Request, session: SessionDep, settings: SettingsDep, nex
 
 
 @router.post("/login", name="auth.login")
-def login(request: Request, session: SessionDep, settings: SettingsDep,
-          username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=256)],
-          csrf_token: Annotated[str, Form(max_length=128)] = "", next: Annotated[str, Form(max_length=400)] = "") -> Response:  # noqa: A002
-    """The API's login (identity.service.login), its token kept in an HttpOnly SameSite=Strict cookie."""
+async def login(request: Request, username: Annotated[str, Form(max_length=64)],
+                password: Annotated[str, Form(max_length=256)], csrf_token: Annotated[str, Form(max_length=128)] = "",
+                next: Annotated[str, Form(max_length=400)] = "") -> Response:  # noqa: A002
+    """The API's login (`api.routes.auth.password_login`: the same per-address rate, hash slots,
+    lockout and audit), its token kept in an HttpOnly SameSite=Strict cookie."""
     request.state.action = "auth.login"
-    request.state.attempted_actor = username[:64]
+    request.state.audit_detail = {"attempted_username": username[:64]}
     check_csrf(request, csrf_token)
     try:
-        token, principal, expires_at = identity.login(session, settings, username, password)
+        token, principal, expires_at = await password_login(request, username, password)
     except PdaoError as e:
-        session.commit()   # failed attempts count towards the lock, as on the API
         request.state.reason = e.code
-        return render(request, "login.html", http_status=e.status, next=safe_next(next), error=e)
-    session.commit()
-    request.state.principal = principal
+        page_ = render(request, "login.html", http_status=e.status, next=safe_next(next), error=e)
+        if e.headers and "Retry-After" in e.headers:
+            page_.headers["Retry-After"] = e.headers["Retry-After"]
+        return page_
     resp = redirect(request, safe_next(next))
     max_age = max(int((expires_at - datetime.now(UTC)).total_seconds()), 0)
     resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path=PREFIX, max_age=max_age,
@@ -970,16 +972,25 @@ def api_key_grant(request: Request, principal: action("api_key", "issue"), sessi
 
 
 @router.post("/api-keys/{key_id}/claim", name="api_keys.claim")
-def api_key_claim(key_id: int, request: Request, principal: action("api_key", "claim"),
-                  session: SessionDep) -> Response:
-    """`POST /api/v1/api-keys/{id}/claim`: the owner (the console's session is a password login)
-    claims a pending grant; the key is made now and shown on this answer only (`no-store`): a
-    reload posts again and is refused (409 `api_key_claimed`)."""
+async def api_key_claim(key_id: int, request: Request, principal: action("api_key", "claim"),
+                        password: Annotated[str, Form(max_length=256)] = "") -> Response:
+    """`POST /api/v1/api-keys/{id}/claim`: the owner, signed in, claims a pending grant with their
+    password typed again (counted like a login, through the same bounds); the key is made now and
+    shown on this answer only (`no-store`): a reload posts again and is refused (409 `api_key_claimed`)."""
     request.state.object = f"api_key:{key_id}"
-    key, row = identity.claim_api_key(session, principal, key_id, request.state.request_id)
-    session.commit()
-    owner, grantor = _key_names(session, row)
-    resp = render(request, "api_key_claimed.html", key=key, k=_key_view(row, owner, grantor, utcnow()))
+    settings, request_id = request.app.state.settings, request.state.request_id
+
+    def claim(session) -> tuple[str, dict[str, Any]]:  # noqa: ANN001
+        key, row = identity.claim_api_key(session, settings, principal, key_id, password, request_id)
+        session.commit()
+        owner, grantor = _key_names(session, row)
+        return key, _key_view(row, owner, grantor, utcnow())
+
+    def refusals(session) -> None:  # noqa: ANN001 - what is refused before any password check
+        identity.claimable_grant(session, principal, key_id, password)
+
+    key, view = await checking_password(request, claim, before=refusals)
+    resp = render(request, "api_key_claimed.html", key=key, k=view)
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["Pragma"] = "no-cache"
     return resp

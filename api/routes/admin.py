@@ -7,8 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Request, status
 from pydantic import BaseModel, Field
+from sqlmodel import Session
 
 from api.deps import SessionDep, SettingsDep, caller
+from api.routes.auth import checking_password
 from pdao.db import utcnow
 from pdao.identity import service
 from pdao.identity.models import ApiKey, User
@@ -57,7 +59,12 @@ class ApiKeyOut(BaseModel):
 
 
 class ApiKeyGranted(ApiKeyOut):
-    claim_path: str          # where the owner, signed in with their password, claims the key
+    claim_path: str          # where the owner, signed in, claims the key with their password
+
+
+class ApiKeyClaimIn(BaseModel):
+    # the owner's own, typed again (missing: 422 password_required, after the grant's own refusals)
+    password: str | None = Field(default=None, max_length=256)
 
 
 class ApiKeyClaimed(ApiKeyOut):
@@ -91,14 +98,22 @@ def grant_api_key(body: ApiKeyIn, principal: caller("api_key", "issue"), session
 
 
 @router.post("/api-keys/{key_id}/claim", name="api_keys.claim", response_model=ApiKeyClaimed)
-def claim_api_key(key_id: int, principal: caller("api_key", "claim"), session: SessionDep,
-                  request: Request) -> ApiKeyClaimed:
-    """The owner claims a granted key (bearer token from their own password login, not an API
-    key): the key is made now and answered this once."""
+async def claim_api_key(key_id: int, principal: caller("api_key", "claim"), request: Request,
+                        body: ApiKeyClaimIn | None = None) -> ApiKeyClaimed:
+    """The owner claims a granted key: signed in (a bearer token from their own login, not an API
+    key) and with their password typed again, which counts towards the lockout like a login. The
+    key is made now and answered this once."""
     request.state.object = f"api_key:{key_id}"
-    key, row = service.claim_api_key(session, principal, key_id, request.state.request_id)
-    session.commit()
-    return ApiKeyClaimed(key=key, **_key_out(row, *_names(session, row)))
+    settings, request_id = request.app.state.settings, request.state.request_id
+    password = body.password if body is not None else None
+
+    def claim(session: Session) -> ApiKeyClaimed:
+        key, row = service.claim_api_key(session, settings, principal, key_id, password, request_id)
+        session.commit()
+        return ApiKeyClaimed(key=key, **_key_out(row, *_names(session, row)))
+
+    return await checking_password(request, claim, before=lambda session: service.claimable_grant(
+        session, principal, key_id, password))
 
 
 @router.get("/api-keys", name="api_keys.list", response_model=list[ApiKeyOut])

@@ -45,6 +45,9 @@ class User(SQLModel, table=True):
     # Login attempts since the last success or lock, counted when an attempt starts (before the
     # password is checked), so parallel guesses cannot outrun the limit.
     failed_logins: int = 0
+    # With failed_logins 0 and an instant ahead: locked until then. Otherwise the instant the last
+    # attempt was taken: a window (login_lock_minutes) later the count starts again
+    # (pdao/identity/service.py, "The lockout").
     locked_until: datetime | None = None
     # Tokens issued before this instant are refused (password change, disable).
     tokens_valid_after: datetime = Field(default_factory=utcnow)
@@ -78,10 +81,11 @@ class ApiKey(SQLModel, table=True):
 
 class LoginThrottle(SQLModel, table=True):
     """Failed logins for usernames that do not exist, counted and locked exactly like real
-    accounts, so the answers never tell which usernames exist."""
+    accounts, so the answers never tell which usernames exist. A row that no longer counts or
+    locks anything (its lock and window are over) is deleted (service.expire_login_throttle)."""
 
     __tablename__ = "login_throttle"
 
     username: str = Field(primary_key=True, max_length=64)
     failures: int = 0  # attempts since the last lock, counted like User.failed_logins
-    locked_until: datetime | None = None
+    locked_until: datetime | None = None  # as User.locked_until: a lock's end, or the last attempt

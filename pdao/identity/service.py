@@ -3,10 +3,12 @@ do is decided in `policies`."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, literal, null, or_, update
+from sqlalchemy import and_, case, delete, literal, null, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
@@ -37,6 +39,30 @@ class Principal:
 def _principal(user: User, org: Organization, method: str, api_key_id: int | None = None) -> Principal:
     return Principal(user.id, user.username, Role(user.role), org.id, org.code, org.kind, method,  # type: ignore[arg-type]
                      api_key_id)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change, as the audit chain names it: a signed-in user (`actor_of`), or whoever
+    runs a `pdao` command on the server (`cli_actor`: the OS user, `cli:<name>`, no role — a
+    command can name any user, so it is never recorded as one)."""
+
+    name: str
+    org: str | None = None
+    role: str | None = None
+    auth_method: str = "cli"
+    user_id: int | None = None
+
+
+def actor_of(principal: Principal) -> Actor:
+    return Actor(principal.username, principal.org_code, principal.role.value, principal.auth_method,
+                 principal.user_id)
+
+
+def cli_actor() -> Actor:
+    import getpass
+
+    return Actor(f"cli:{getpass.getuser()}"[:64])
 
 
 def _org(session: Session, org_code: str) -> Organization:
@@ -88,7 +114,13 @@ def get_user(session: Session, username: str) -> User:
     return user
 
 
-def set_password(session: Session, username: str, password: str) -> None:
+def set_password(session: Session, username: str, password: str, by: Actor | None = None,
+                 request_id: str | None = None) -> list[int]:
+    """Change a password: every token issued before stops working, the lockout count and lock go,
+    and the user's active API keys and pending grants are revoked (a reset after a suspected
+    compromise must end what the old password could mint). `by` is who changed it (None: the OS
+    user of a `pdao` command); each revocation is appended to the audit chain, so the caller
+    commits the change and its events together. The ids of the revoked keys."""
     _check_password(password)
     user = get_user(session, username)
     user.password_hash = passwords.hash_password(password)
@@ -96,20 +128,31 @@ def set_password(session: Session, username: str, password: str) -> None:
     user.failed_logins = 0
     user.locked_until = None
     session.add(user)
+    session.flush()
+    return revoke_user_keys(session, user, by or cli_actor(), "password_changed", request_id)
 
 
-def set_active(session: Session, username: str, active: bool) -> None:
+def set_active(session: Session, username: str, active: bool, by: Actor | None = None,
+               request_id: str | None = None) -> list[int]:
+    """Enable or disable a user. Disabling ends every token and revokes the user's active API keys
+    and pending grants (appended to the audit chain under `by`, as in `set_password`: the caller
+    commits). The ids of the revoked keys."""
     user = get_user(session, username)
     user.is_active = active
-    if not active:
-        user.tokens_valid_after = utcnow()
+    if active:
+        session.add(user)
+        return []
+    user.tokens_valid_after = utcnow()
     session.add(user)
+    session.flush()
+    return revoke_user_keys(session, user, by or cli_actor(), "user_disabled", request_id)
 
 
 def logout(session: Session, principal: Principal) -> None:
     """End every session of the signed-in user: each bearer token issued until now stops working
     (tokens are signed, not stored, so ending one means ending all issued before). API keys are
-    revoked on their own."""
+    for scripts and stay (they are revoked on their own, by a password change or by disabling the
+    user); claiming one needs the password, not only a token."""
     user = session.get(User, principal.user_id)
     if user is not None:
         user.tokens_valid_after = utcnow()
@@ -136,17 +179,38 @@ def _locked(until: datetime) -> PdaoError:
 # passwords are checked per lock window, and an attempt that never finishes (a crash) cannot
 # leave the account stuck: at worst it locked it for one window. Unknown usernames go through the
 # same statement on `login_throttle`, so a wrong name and a wrong password stay indistinguishable.
+#
+# Both tables hold a count and one instant (`locked_until`). With a count of 0 and an instant
+# ahead, the name is locked until then. Otherwise the instant is when the last attempt was taken
+# (or the last lock ended): once it is a window (`login_lock_minutes`) old, the count starts
+# again. A forgotten count is what lets `login_throttle` rows of names nobody tries any more be
+# deleted (`expire_login_throttle`) — and real accounts forget alike, so neither tells which
+# names exist. (A count with an instant ahead is another attempt's, taken a moment later: never
+# a lock.)
+
+def _lock_window(settings: Settings) -> timedelta:
+    return timedelta(minutes=settings.login_lock_minutes)
+
+
+def is_locked(count: int, locked_until: datetime | None, now: datetime) -> bool:
+    """Whether a name refuses logins now (see above)."""
+    return count == 0 and locked_until is not None and locked_until > now
+
 
 def _take_attempt(count, locked_until, settings: Settings, now: datetime) -> tuple[list, dict]:  # noqa: ANN001
-    """(WHERE, SET) of the one statement that takes an attempt: on an account that is not locked,
-    count + 1 — or, when that reaches the limit, count 0 and locked for `login_lock_minutes` from
-    now. (Every SET expression reads the row as it was before the statement. A count already
-    beyond the limit, after the setting was lowered, locks at the next attempt too.)"""
-    reaches = count + 1 >= settings.login_max_failures
-    lock_end = literal(now + timedelta(minutes=settings.login_lock_minutes), locked_until.type)
-    where = [or_(locked_until.is_(None), locked_until <= now)]
-    values = {count: case((reaches, 0), else_=count + 1),
-              locked_until: case((reaches, lock_end), else_=null())}
+    """(WHERE, SET) of the one statement that takes an attempt: on a name that is not locked,
+    count + 1 (from 0 once the last attempt is a window old) and the instant now — or, when that
+    reaches the limit, count 0 and locked for `login_lock_minutes` from now. (Every SET expression
+    reads the row as it was before the statement. A count already beyond the limit, after the
+    setting was lowered, locks at the next attempt too.)"""
+    window = _lock_window(settings)
+    stale = and_(locked_until.is_not(None), locked_until <= now - window)
+    base = case((stale, 0), else_=count)
+    reaches = base + 1 >= settings.login_max_failures
+    where = [or_(count != 0, locked_until.is_(None), locked_until <= now)]
+    values = {count: case((reaches, 0), else_=base + 1),
+              locked_until: case((reaches, literal(now + window, locked_until.type)),
+                                 else_=literal(now, locked_until.type))}
     return where, values
 
 
@@ -154,7 +218,7 @@ def _refused_until(locked_until: datetime | None, settings: Settings, now: datet
     """When an attempt refused as locked may try again."""
     if locked_until is not None and locked_until > now:
         return locked_until
-    return now + timedelta(minutes=settings.login_lock_minutes)  # (not reached: a refusal means locked)
+    return now + _lock_window(settings)  # (not reached: a refusal means locked)
 
 
 def _reserve_attempt(session: Session, settings: Settings, user_id: int, now: datetime) -> tuple[bool, datetime | None]:
@@ -169,7 +233,36 @@ def _reserve_attempt(session: Session, settings: Settings, user_id: int, now: da
     session.commit()
     if not taken:
         return False, _refused_until(until, settings, now)
-    return True, until if until is not None and until > now else None
+    own_lock = now + _lock_window(settings)
+    return True, own_lock if until == own_lock else None
+
+
+# login_throttle rows are swept at most this often per process, when a new name is tried
+THROTTLE_SWEEP_SECONDS = 60.0
+_sweep = {"next": 0.0}
+_sweep_lock = threading.Lock()
+
+
+def _sweep_due() -> bool:
+    with _sweep_lock:
+        t = time.monotonic()
+        if t < _sweep["next"]:
+            return False
+        _sweep["next"] = t + THROTTLE_SWEEP_SECONDS
+        return True
+
+
+def expire_login_throttle(session: Session, settings: Settings, now: datetime | None = None) -> int:
+    """Delete the `login_throttle` rows that hold nothing a missing row would not: not locked and
+    counting nothing, or whose last attempt (or lock) is a window old. So the table holds only
+    the names tried within the last window or locked now. Commits; the number deleted."""
+    now = now or utcnow()
+    t = LoginThrottle
+    over = or_(and_(t.failures == 0, or_(t.locked_until.is_(None), t.locked_until <= now)),
+               t.locked_until <= now - _lock_window(settings))
+    deleted = session.execute(delete(t).where(over).execution_options(synchronize_session=False)).rowcount
+    session.commit()
+    return deleted
 
 
 def _reserve_unknown_attempt(session: Session, settings: Settings, username: str, now: datetime) -> datetime | None:
@@ -189,22 +282,68 @@ def _reserve_unknown_attempt(session: Session, settings: Settings, username: str
         if row is not None:
             session.rollback()
             return _refused_until(row[1], settings, now)
-        first = LoginThrottle(username=key, failures=1)
+        first = LoginThrottle(username=key, failures=1, locked_until=now)
         if settings.login_max_failures <= 1:
-            first.failures, first.locked_until = 0, now + timedelta(minutes=settings.login_lock_minutes)
+            first.failures, first.locked_until = 0, now + _lock_window(settings)
         try:
             session.add(first)
             session.commit()
-            return None
         except IntegrityError:
             session.rollback()
+            continue
+        if _sweep_due():   # a new row: the moment to drop the ones nobody needs any more
+            expire_login_throttle(session, settings, now)
+        return None
     return _refused_until(None, settings, now)
+
+
+def refuse_if_locked(session: Session, settings: Settings, username: str) -> None:
+    """429 login_locked when the name is locked now — a real account or not, the same reads and the
+    same answer — so a refusal never waits for a password check's turn. Only a shortcut: `login`
+    still takes its attempt atomically."""
+    if "\x00" in username:
+        return                      # login answers it (no name holds NUL)
+    now = utcnow()
+    rows = [session.exec(select(User.failed_logins, User.locked_until).where(User.username == username)).first(),
+            session.exec(select(LoginThrottle.failures, LoginThrottle.locked_until)
+                         .where(LoginThrottle.username == username[:64])).first()]
+    row = rows[0] or rows[1]
+    session.rollback()
+    if row is not None and is_locked(row[0], row[1], now):
+        raise _locked(row[1])
+
+
+def _counted_check(session: Session, settings: Settings, user_id: int, password_hash: str, password: str,
+                   now: datetime) -> tuple[bool, datetime | None]:
+    """Take an attempt on the account (429 login_locked without hashing when locked), then check the
+    password. (matches, the lock this attempt set)."""
+    taken, lock = _reserve_attempt(session, settings, user_id, now)
+    if not taken:
+        raise _locked(lock)         # refused before any hashing
+    return passwords.verify_password(password, password_hash), lock
+
+
+def _give_count_back(session: Session, user_id: int, lock: datetime | None, now: datetime,
+                     signed_in: bool = True) -> None:
+    """After a right password: the count goes back to 0. The lock this attempt set (it was the
+    limit's) is lifted; a lock another attempt set meanwhile (count 0, its end ahead) stays.
+    `signed_in`: a login (`last_login_at`), not a claim's re-check."""
+    other_lock = User.failed_logins == 0
+    if lock is not None:
+        other_lock = and_(other_lock, User.locked_until != literal(lock, User.locked_until.type))
+    values = {"failed_logins": 0, "locked_until": case((other_lock, User.locked_until), else_=null())}
+    if signed_in:
+        values["last_login_at"] = now
+    session.execute(update(User).where(User.id == user_id).values(values)
+                    .execution_options(synchronize_session=False))
 
 
 def login(session: Session, settings: Settings, username: str, password: str) -> tuple[str, Principal, datetime]:
     """Check a password; answer a bearer token. Each attempt is counted before its check (see
     above), for unknown usernames too: a wrong name and a wrong password look the same, locked or
-    not. On success the caller commits (the count reset and `last_login_at`)."""
+    not. A disabled account answers exactly like a wrong password, whatever the password (the same
+    check runs and the attempt stays counted), so a guess at a departed employee's password is
+    never confirmed. On success the caller commits (the count reset and `last_login_at`)."""
     now = utcnow()
     if "\x00" in username or "\x00" in password:
         raise _login_failed()       # no name holds NUL (PostgreSQL refuses it in text)
@@ -216,22 +355,11 @@ def login(session: Session, settings: Settings, username: str, password: str) ->
         passwords.verify_password(password, passwords.dummy_hash())
         raise _login_failed()       # the attempt stays counted
     user_id, password_hash = user.id, user.password_hash
-    taken, lock = _reserve_attempt(session, settings, user_id, now)
-    if not taken:
-        raise _locked(lock)         # refused before any hashing
-    if not passwords.verify_password(password, password_hash):
-        raise _login_failed()       # the attempt stays counted
+    matches, lock = _counted_check(session, settings, user_id, password_hash, password, now)
     user = session.get(User, user_id)
-    if user is None or not user.is_active:
-        raise PdaoError(401, "user_disabled", "This account is disabled.", "该账号已停用。",
-                        headers={"WWW-Authenticate": "Bearer"})
-    # The count goes back to 0. The lock this attempt set (it was the limit's) is lifted; a lock
-    # another attempt set is not: that one stays until it ends.
-    lift = case((User.locked_until == literal(lock, User.locked_until.type), null()), else_=User.locked_until) \
-        if lock is not None else User.locked_until
-    session.execute(update(User).where(User.id == user_id)
-                    .values(failed_logins=0, locked_until=lift, last_login_at=now)
-                    .execution_options(synchronize_session=False))
+    if not matches or user is None or not user.is_active:
+        raise _login_failed()       # the attempt stays counted
+    _give_count_back(session, user_id, lock, now)
     token, claims = tokens.issue_token(user.id, settings.secret_key, timedelta(minutes=settings.token_ttl_minutes))
     org = session.get(Organization, user.org_id)
     return token, _principal(user, org, "password"), claims.expires_at
@@ -269,10 +397,12 @@ def principal_from_api_key(session: Session, key: str) -> Principal:
 
 # --- API keys: granted by an operator, claimed by their owner -----------------------------------
 #
-# An operator grants a key to a user: a row without a secret. The user, signed in with their own
-# password (a bearer token, never another API key), claims it: only then is the key made, answered
-# to them once and stored as a digest. So the operator never holds a usable key of anyone, and
-# every request made with a key is the owner's own. Grant, claim and revocation are each appended
+# An operator grants a key to a user: a row without a secret. The user claims it with a bearer
+# token from their own login (never another API key) AND their password typed again, counted like
+# a login: a token alone — lifted from a proxy log, a shared machine — mints nothing. Only then is
+# the key made, answered to them once and stored as a digest. So the operator never holds a usable
+# key of anyone, and every request made with a key is the owner's own. A password change or
+# disabling the user revokes their keys and grants. Grant, claim and revocation are each appended
 # to the audit chain in the transaction that makes them, naming who really did it.
 
 API_KEY_ROLES = frozenset({Role.applicant, Role.provider})
@@ -307,19 +437,21 @@ def _visible_key(session: Session, principal: Principal, key_id: int) -> ApiKey:
     return row
 
 
-def _key_event(session: Session, by: Principal, action: str, row: ApiKey, owner: str, request_id: str | None,
+def _key_event(session: Session, by: Actor, action: str, row: ApiKey, owner: str, request_id: str | None,
                **detail: object) -> None:
     """The decision in the audit chain, in the change's own transaction (call last, then commit)."""
-    audit.append(session, request_id=request_id, actor=by.username, org=by.org_code, role=by.role.value,
+    audit.append(session, request_id=request_id, actor=by.name, org=by.org, role=by.role,
                  auth_method=by.auth_method, action=action, object=f"api_key:{row.id}", decision="allow",
                  detail={"owner": owner, **detail})
 
 
 def grant_api_key(session: Session, by: Principal, username: str, label: str = "", valid_days: int | None = 365,
                   claim_within: timedelta = timedelta(days=DEFAULT_CLAIM_DAYS),
-                  request_id: str | None = None) -> ApiKey:
-    """An operator grants `username` an API key: a pending row, no secret. The owner claims it
-    (`claim_api_key`) within `claim_within`. The caller commits."""
+                  request_id: str | None = None, actor: Actor | None = None) -> ApiKey:
+    """An operator (`by`, recorded as the grant's `issued_by`) grants `username` an API key: a
+    pending row, no secret. The owner claims it (`claim_api_key`) within `claim_within`. The audit
+    event names `actor` — `by` itself over HTTP; the OS user for `pdao users issue-key`, with the
+    operator it named as `detail.issued_by`. The caller commits."""
     if by.role != Role.operator:
         raise PdaoError(403, "not_operator", "Only an operator grants API keys.", "只有运营方可以授予 API 密钥。")
     user = get_user(session, username)
@@ -332,17 +464,21 @@ def grant_api_key(session: Session, by: Principal, username: str, label: str = "
                  claim_by=now + claim_within, created_at=now)
     session.add(row)
     session.flush()
-    _key_event(session, by, "api_key.granted", row, user.username, request_id, label=label, valid_days=valid_days,
-               claim_by=row.claim_by)
+    named = {"issued_by": by.username} if actor is not None else {}
+    _key_event(session, actor or actor_of(by), "api_key.granted", row, user.username, request_id, label=label,
+               valid_days=valid_days, claim_by=row.claim_by, **named)
     return row
 
 
-def claim_api_key(session: Session, principal: Principal, key_id: int,
-                  request_id: str | None = None) -> tuple[str, ApiKey]:
-    """The owner claims a pending grant: the key is made now and answered once (only its digest is
-    kept). Only with a bearer token from the owner's own password login. Another user's grant is
-    404 like a missing one; a claimed, revoked or lapsed grant 409. Two claims at once: one wins
-    (a conditional UPDATE), the other is 409. The caller commits."""
+def _wrong_password() -> PdaoError:
+    return forbidden("wrong_password", "The password is wrong; claiming an API key needs your own current password.",
+                     "密码错误：领取 API 密钥需要输入您本人的当前密码。")
+
+
+def claimable_grant(session: Session, principal: Principal, key_id: int, password: str | None) -> ApiKey:
+    """The caller's own pending grant, checked before any password: with an API key 403
+    password_login_required (a leaked key mints no more keys); another user's grant 404 like a
+    missing one; a claimed, revoked or lapsed grant 409; no password 422 password_required."""
     if principal.auth_method != "token":
         raise forbidden("password_login_required",
                         "Claim an API key signed in with your own password (a bearer token), not with an API key.",
@@ -350,8 +486,36 @@ def claim_api_key(session: Session, principal: Principal, key_id: int,
     row = _visible_key(session, principal, key_id)
     if row.user_id != principal.user_id:   # the operator sees every grant but claims none
         raise not_found("API key", "API 密钥")
+    status = key_status(row, utcnow())
+    if status != "pending":
+        raise _not_claimable(status)
+    if not password:
+        raise invalid("password_required", "Claiming an API key needs your password: send {\"password\": ...}.",
+                      "领取 API 密钥需要输入您的密码：请提交 {\"password\": ...}。")
+    return row
+
+
+def claim_api_key(session: Session, settings: Settings, principal: Principal, key_id: int, password: str | None,
+                  request_id: str | None = None) -> tuple[str, ApiKey]:
+    """The owner claims a pending grant with their password, typed again: the key is made now and
+    answered once (only its digest is kept). The password check counts towards the lockout like a
+    login (a wrong one 403 wrong_password and the attempt stays counted; locked 429 login_locked
+    without a check; a right one gives the count back). Refusals before it: `claimable_grant`. Two
+    claims at once: one wins (a conditional UPDATE), the other is 409. The caller commits."""
+    claimable_grant(session, principal, key_id, password)
+    if "\x00" in password:
+        raise _wrong_password()
+    user = session.get(User, principal.user_id)
+    if user is None or not user.is_active:
+        raise not_found("API key", "API 密钥")
     now = utcnow()
+    matches, lock = _counted_check(session, settings, user.id, user.password_hash, password, now)
+    if not matches:
+        raise _wrong_password()     # the attempt stays counted
+    _give_count_back(session, user.id, lock, now, signed_in=False)
+    session.commit()                # the right password is a success whatever the claim's outcome
     key, prefix, digest = tokens.new_api_key()
+    row = session.get(ApiKey, key_id)
     expires_at = now + timedelta(days=row.valid_days) if row.valid_days else None
     claimed = session.execute(
         update(ApiKey).where(ApiKey.id == row.id, ApiKey.user_id == principal.user_id, ApiKey.claimed_at.is_(None),
@@ -361,7 +525,7 @@ def claim_api_key(session: Session, principal: Principal, key_id: int,
     session.refresh(row)
     if not claimed:
         raise _not_claimable(key_status(row, now))
-    _key_event(session, principal, "api_key.claimed", row, principal.username, request_id, prefix=prefix,
+    _key_event(session, actor_of(principal), "api_key.claimed", row, principal.username, request_id, prefix=prefix,
                expires_at=expires_at)
     return key, row
 
@@ -377,20 +541,49 @@ def _not_claimable(status: str) -> PdaoError:
                     "该 API 密钥已被领取，密钥只显示一次。")
 
 
-def revoke_api_key(session: Session, by: Principal, key_id: int, request_id: str | None = None) -> ApiKey:
-    """Revoke a key or a pending grant: the operator any, an owner their own (another user's is
-    404). Revoking twice changes nothing. The caller commits."""
-    row = _visible_key(session, by, key_id)
-    now = utcnow()
+def _revoke(session: Session, row: ApiKey, by: Actor, request_id: str | None, **detail: object) -> bool:
+    """Revoke one key or grant (a conditional UPDATE: twice changes nothing) and append the event.
+    Whether this call revoked it."""
     revoked = session.execute(
         update(ApiKey).where(ApiKey.id == row.id, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=now, revoked_by=by.user_id).execution_options(synchronize_session=False)).rowcount
+        .values(revoked_at=utcnow(), revoked_by=by.user_id).execution_options(synchronize_session=False)).rowcount
     session.refresh(row)
     if revoked:
         owner = session.get(User, row.user_id)
         _key_event(session, by, "api_key.revoked", row, owner.username if owner else "",
-                   request_id, was="active" if row.claimed_at is not None else "pending")
+                   request_id, was="active" if row.claimed_at is not None else "pending", **detail)
+    return bool(revoked)
+
+
+def revoke_api_key(session: Session, by: Principal, key_id: int, request_id: str | None = None) -> ApiKey:
+    """Revoke a key or a pending grant: the operator any, an owner their own (another user's is
+    404). Revoking twice changes nothing. The caller commits."""
+    row = _visible_key(session, by, key_id)
+    _revoke(session, row, actor_of(by), request_id)
     return row
+
+
+def revoke_api_key_by_command(session: Session, key_id: int, actor: Actor, stated_by: str | None = None) -> ApiKey:
+    """`pdao users revoke-key`: whoever runs it on the server revokes any key (`actor`, the OS
+    user); the operator it names, if any, is only a stated detail (`stated_by`), never the actor.
+    The caller commits."""
+    row = session.get(ApiKey, key_id) if id_in_range(key_id) else None
+    if row is None:
+        raise not_found("API key", "API 密钥")
+    if stated_by is not None:
+        get_user(session, stated_by)    # a name that exists, at least
+    _revoke(session, row, actor, None, **({"stated_by": stated_by} if stated_by is not None else {}))
+    return row
+
+
+def revoke_user_keys(session: Session, user: User, by: Actor, because: str, request_id: str | None = None) -> list[int]:
+    """Revoke every active key and pending grant of `user` (after a password change, on disable),
+    each with its event naming `by` and `detail.because`. The caller commits. The ids revoked."""
+    now = utcnow()
+    rows = session.exec(select(ApiKey).where(ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None))
+                        .order_by(ApiKey.id)).all()
+    return [row.id for row in rows
+            if key_status(row, now) in ("pending", "active") and _revoke(session, row, by, request_id, because=because)]
 
 
 def list_api_keys(session: Session, principal: Principal) -> list[tuple[ApiKey, str, str | None]]:
