@@ -83,7 +83,7 @@ def test_login_gives_a_bearer_client_and_bad_passwords_raise(server, client, aut
     r = client.post("/api/v1/api-keys", headers=auth("operator1"), json={"username": "insurer_a", "label": "script"})
     assert r.status_code == 201, r.text
     with Client.login(server, "insurer_a", DEMO_PASSWORD) as owner:
-        key = owner.claim_api_key(r.json()["id"])
+        key = owner.claim_api_key(r.json()["id"], DEMO_PASSWORD)
         assert [(k["id"], k["status"]) for k in owner.api_keys()] == [(r.json()["id"], "active")]
     with Client(server, api_key=key) as keyed:
         assert keyed.me()["username"] == "insurer_a" and keyed.me()["auth_method"] == "api_key"

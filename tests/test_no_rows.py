@@ -24,6 +24,7 @@ from pdao.demo import DEMO_USERS
 from policies.enforcer import SceneEnforcers
 from sandbox.store import load_version
 from sandbox.worker import run_one, worker_name
+from tests.conftest import DEMO_PASSWORD
 from tests.scene_helpers import SCENE_ITEMS, active_scene
 
 SENSITIVE_COLUMNS = {
@@ -139,7 +140,8 @@ def test_no_response_and_no_audit_row_contains_a_cell_value(app, client, engine,
         keep(client.get("/api/v1/datasets", params={"q": q[:100]}, headers=tokens["insurer_a"]), 200)
 
     grant = keep(client.post("/api/v1/api-keys", json={"username": "insurer_a"}, headers=tokens["operator1"]), 201).json()
-    key = keep(client.post(grant["claim_path"], headers=tokens["insurer_a"]), 200).json()  # its owner claims it
+    key = keep(client.post(grant["claim_path"], json={"password": DEMO_PASSWORD}, headers=tokens["insurer_a"]),
+               200).json()  # its owner claims it, with its password
 
     # queries through a scene: dev answers (aggregate and masked rows), a prod answer held for review
     ov = "health.outpatient_visit"
