@@ -39,7 +39,7 @@ class Settings:
     dev_query_time_limit_seconds: float = 60.0  # a dev run (synthetic twin) is stopped after this
     query_rate_per_minute: int = 60    # queries one tenant (organization) may submit per minute
     query_jobs_per_tenant: int = 1     # of one tenant's queued queries, this many run at once
-    dev_wait_seconds: float = 10.0     # a dev submission waits this long for its answer before answering 202
+    held_row_answers_per_tenant: int = 20   # prod row answers one organization may have waiting for review
     # A prod run's outcome becomes visible at the end of its timing class: the run's duration rounded
     # up to base × 2^n seconds (sandbox/outcomes.py). 0 turns the padding off (tests only).
     prod_timing_base_seconds: float = 1.0
@@ -79,7 +79,7 @@ class Settings:
             dev_query_time_limit_seconds=float(env.get("PDAO_DEV_QUERY_TIME_LIMIT_SECONDS", "60")),
             query_rate_per_minute=int(env.get("PDAO_QUERY_RATE_PER_MINUTE", "60")),
             query_jobs_per_tenant=int(env.get("PDAO_QUERY_JOBS_PER_TENANT", "1")),
-            dev_wait_seconds=float(env.get("PDAO_DEV_WAIT_SECONDS", "10")),
+            held_row_answers_per_tenant=int(env.get("PDAO_HELD_ROW_ANSWERS_PER_TENANT", "20")),
             prod_timing_base_seconds=float(env.get("PDAO_PROD_TIMING_BASE_SECONDS", "1")),
             company_dataset_epsilon=float(env.get("PDAO_COMPANY_DATASET_EPSILON", "10")),
             company_dataset_delta=float(env.get("PDAO_COMPANY_DATASET_DELTA", "1e-5")),

@@ -789,16 +789,23 @@ def _fetch(execution: Execution, sql: str, on_connection: Callable[[duckdb.DuckD
     return _fetch_all(execution, [sql], on_connection)[0]
 
 
-def run(execution: Execution, *, on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None = None
-        ) -> Answer:
+def run(execution: Execution, *, on_connection: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+        stop: Callable[[], bool] | None = None) -> Answer:
     """Run the query and answer; an aggregate answer spends `epsilon_spent` (charge it first).
-    `on_connection` gets the DuckDB connection before the query starts (progress, interrupt)."""
+    `on_connection` gets the DuckDB connection before the query starts (progress, interrupt);
+    `stop()` is asked between the Python phases (noise, masking), which an engine interrupt does not
+    reach: true raises `duckdb.InterruptException`, like an interrupted statement."""
     if execution.checked.kind == "rows":
-        return _run_rows(execution, on_connection)
-    return _run_aggregate(execution, on_connection)
+        return _run_rows(execution, on_connection, stop)
+    return _run_aggregate(execution, on_connection, stop)
 
 
-def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
+def _check(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise duckdb.InterruptException("INTERRUPT Error: stopped between phases")
+
+
+def _run_aggregate(execution: Execution, on_connection: Any, stop: Callable[[], bool] | None = None) -> Answer:
     checked, meta = execution.checked, execution.dataset
     domains, n = group_cells(execution)
     sqls = [aggregate_sql(execution)]
@@ -811,6 +818,7 @@ def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
         planning = pool.submit(noise_plan, execution, n)
         exact, *stats = _fetch_all(execution, sqls, on_connection)
         plan = planning.result()
+    _check(stop)
 
     cells = list(itertools.product(*domains)) if domains else [()]
     index = {c: i for i, c in enumerate(cells)}
@@ -835,7 +843,9 @@ def _run_aggregate(execution: Execution, on_connection: Any) -> Answer:
             inputs[agg.alias] = [lists[at_row[i]].values.to_numpy(zero_copy_only=False)
                                  if i in at_row and lists[at_row[i]].is_valid else empty for i in range(n)]
 
+    _check(stop)
     released = privacy.apply_noise(plan, inputs)
+    _check(stop)
     columns: dict[str, list[Any]] = {}
     for i, key in enumerate(checked.group_keys):
         if key.alias is not None:
@@ -881,7 +891,7 @@ def _sort_key(v: Any, descending: bool, nulls_first: bool) -> tuple:
     return (null_rank, 0) if v is None else (1 - null_rank, v)
 
 
-def _run_rows(execution: Execution, on_connection: Any) -> Answer:
+def _run_rows(execution: Execution, on_connection: Any, stop: Callable[[], bool] | None = None) -> Answer:
     checked, meta = execution.checked, execution.dataset
     unit_alias = key_alias = None
     if execution.disclosure_stats:   # names no output has
@@ -899,6 +909,7 @@ def _run_rows(execution: Execution, on_connection: Any) -> Answer:
     reference = execution.reference_date or dt.date.today()
     columns = {}
     for out in checked.masked:
+        _check(stop)
         f = meta.fields[out.column.field]
         values = table.column(out.alias).combine_chunks()
         if f.masking == "round" and f.bounds:

@@ -130,3 +130,15 @@ class ResultExport(SQLModel, table=True):
     sha256: str = Field(max_length=64)                # of the bytes sent
     size_bytes: int
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class TenantRate(SQLModel, table=True):
+    """How many queries (and previews) an organization sent in the current minute: one row per
+    organization, moved by conditional UPDATEs so parallel requests can never pass the rate
+    (`sandbox.queries.check_rate`)."""
+
+    __tablename__ = "tenant_rate"
+
+    org_id: int = Field(foreign_key="organization.id", primary_key=True)
+    window_start: datetime                       # the minute counted (UTC, seconds and below zero)
+    count: int = 0

@@ -33,6 +33,7 @@ from sqlalchemy import Engine, func, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
+from catalog.models import Organization
 from pdao import audit
 from pdao.config import Settings
 from pdao.db import utcnow
@@ -114,35 +115,33 @@ def _planned(session: Session, settings: Settings, q: Query) -> PlannedAnswer:
         return PlannedAnswer([], {}, q.epsilon, 0)
 
 
-def _running(mode: Any) -> Any:
-    other = aliased(Query)
-    return (select(func.count()).select_from(other)
-            .where(other.org_id == Query.org_id, other.mode == mode, other.status == "running").scalar_subquery())
-
-
 def claim(session: Session, settings: Settings, worker: str, *, query_id: int | None = None,
           mode: str | None = None) -> Query | None:
     """Take a queued job for this runner, or None: the oldest of the organization that started a
-    job least recently (so one tenant's long queue does not hold the others back), among those with
-    fewer than `query_jobs_per_tenant` jobs of that mode running. `query_id`: that job only."""
+    job least recently (so one tenant's long queue does not hold the others back), and only while
+    that organization has fewer than `query_jobs_per_tenant` jobs of its mode running — decided in
+    the claiming UPDATE itself, under the organization's row lock on PostgreSQL (SQLite's single
+    writer does the same), so parallel claims never pass the limit. `query_id`: that job only."""
     last_start = aliased(Query)
     recency = (select(func.max(last_start.started_at)).where(last_start.org_id == Query.org_id)
                .scalar_subquery())
-    stmt = select(Query.id).where(Query.status == "queued", _running(Query.mode) < settings.query_jobs_per_tenant)
+    stmt = select(Query.id, Query.org_id, Query.mode).where(Query.status == "queued")
     if query_id is not None:
         stmt = stmt.where(Query.id == query_id)
     if mode is not None:
         stmt = stmt.where(Query.mode == mode)
-    stmt = stmt.order_by(recency.asc().nulls_first(), Query.id).limit(1)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True, of=Query)
-    for _ in range(5):
-        qid = session.exec(stmt).first()
-        if qid is None:
-            session.rollback()
-            return None
+    candidates = session.exec(stmt.order_by(recency.asc().nulls_first(), Query.id).limit(20)).all()
+    session.rollback()
+    postgres = session.get_bind().dialect.name == "postgresql"
+    for qid, org_id, qmode in candidates:
+        if postgres:   # one claim per organization at a time: the running count below stays true
+            session.exec(select(Organization.id).where(Organization.id == org_id).with_for_update())
+        other = aliased(Query)
+        running = (select(func.count()).select_from(other)
+                   .where(other.org_id == org_id, other.mode == qmode, other.status == "running").scalar_subquery())
         now = utcnow()
-        won = session.exec(update(Query).where(Query.id == qid, Query.status == "queued").values(
+        won = session.exec(update(Query).where(Query.id == qid, Query.status == "queued",
+                                               running < settings.query_jobs_per_tenant).values(
             status="running", worker=worker, attempts=Query.attempts + 1, started_at=now, progress=0.0,
             lease_until=now + timedelta(seconds=settings.query_lease_seconds))
             .execution_options(synchronize_session=False)).rowcount
@@ -153,7 +152,7 @@ def claim(session: Session, settings: Settings, worker: str, *, query_id: int | 
                          detail={"worker": worker, "mode": q.mode, "attempt": q.attempts})
             session.commit()
             return session.get(Query, qid)
-        session.commit()
+        session.rollback()
     return None
 
 
@@ -247,31 +246,28 @@ def submit_query(session: Session, engine: Engine, settings: Settings, enforcers
     q = queries.submit(session, settings, enforcers, principal, scene, sql, mode, epsilon, request_id)
     session.commit()
     if q.mode == "dev":
-        answer_dev(engine, settings, enforcers, q.id)
-        session.refresh(q)
+        answer_dev(session, engine, settings, enforcers, q.id)
+        try:
+            session.refresh(q)
+        except Exception:  # noqa: BLE001 - committed and queued: answer that, never a 500 saying nothing changed
+            session.rollback()
     return q
 
 
-def answer_dev(engine: Engine, settings: Settings, enforcers: SceneEnforcers, query_id: int,
-               wait_seconds: float | None = None) -> None:
+def answer_dev(session: Session, engine: Engine, settings: Settings, enforcers: SceneEnforcers, query_id: int) -> None:
     """A dev query, from its own request: claim it and run it now if the tenant has no other dev job
-    running (else wait for that, or for a worker that took it), for at most `dev_wait_seconds`; then
-    the request answers with whatever state the job is in (the client polls)."""
-    deadline = time.monotonic() + (settings.dev_wait_seconds if wait_seconds is None else wait_seconds)
+    running; else leave it queued for a worker and answer at once (the client polls). A request
+    never waits for a turn: a burst of one tenant's dev queries would hold the server's threads and
+    database connections from everyone else. Whatever fails here, the job is committed and stays
+    to a worker (a lease that runs out is taken over): the request still answers with its state."""
     name = f"{worker_name()}:request"
-    pause = 0.02
-    with Session(engine, expire_on_commit=False) as session:
-        while True:
-            q = claim(session, settings, name, query_id=query_id, mode="dev")
-            if q is not None:
-                run_claimed(engine, settings, enforcers, session, q, name)
-                return
-            status = session.exec(select(Query.status).where(Query.id == query_id)).first()
-            session.rollback()
-            if status not in ("queued", "running") or time.monotonic() >= deadline:
-                return
-            time.sleep(pause)
-            pause = min(pause * 2, 0.25)
+    try:
+        q = claim(session, settings, name, query_id=query_id, mode="dev")
+        if q is not None:
+            run_claimed(engine, settings, enforcers, session, q, name)
+    except Exception:  # noqa: BLE001 - the job is safe in the queue; the request answers its state
+        session.rollback()
+        log.exception("dev query %s: left to a worker", query_id)
 
 
 def work(engine: Engine, settings: Settings, *, stop: threading.Event | None = None, poll_seconds: float = 1.0,

@@ -965,12 +965,9 @@ def test_link_pseudonyms_round_trips_from_the_application_form(app, client, auth
 
 def test_a_waiting_dev_query_says_so_and_a_prod_runs_progress_stays_hidden(app, client, auth, engine, settings,
                                                                           loaded):
-    import dataclasses
-
     from sandbox.models import Query
     from sandbox.worker import claim
 
-    app.state.settings = dataclasses.replace(settings, dev_wait_seconds=0.2)
     scene = active_scene(client, auth)
     first = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
                         json={"sql": BY_DISTRICT, "mode": "dev"}).json()

@@ -213,7 +213,8 @@ def test_dev_queries_are_rate_limited_per_tenant_and_nothing_is_written_past_the
 
 def test_a_tenants_second_dev_query_waits_for_its_first_and_a_worker_answers_it(client, app, auth, engine, settings,
                                                                                loaded):
-    app.state.settings = dataclasses.replace(settings, dev_wait_seconds=0.3)
+    """The request never waits for a turn (a burst of dev queries held every server thread and
+    database connection in the review): the second answers `queued` at once; a worker runs it."""
     scene = active_scene(client, auth)
     scene_b = active_scene(client, auth, applicant="insurer_b")
     url = f"/api/v1/scenes/{scene['id']}/queries"
@@ -222,8 +223,10 @@ def test_a_tenants_second_dev_query_waits_for_its_first_and_a_worker_answers_it(
         s.get(Query, first["id"]).status = "queued"
         s.commit()
         assert claim(s, settings, "busy", mode="dev").id == first["id"]
+    started = time.monotonic()
     r = client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "dev"})
     assert r.status_code == 202 and r.json()["status"] == "queued" and r.json()["result_id"] is None
+    assert time.monotonic() - started < 2
     # the other tenant is not held back by insurer_a's running job
     r_b = client.post(f"/api/v1/scenes/{scene_b['id']}/queries", headers=auth("insurer_b"),
                       json={"sql": BY_DISTRICT, "mode": "dev"})
@@ -328,3 +331,81 @@ def test_a_cancelled_prod_run_still_ends_at_a_class_end_and_shows_its_charge(cli
         job = s.get(Query, q["id"])
         span = (job.finished_at - job.started_at).total_seconds()
     assert any(c <= span < c + 0.6 for c in (1, 2, 4, 8)), span    # a class end, not when the engine stopped
+
+
+@pytest.mark.default_backend("postgresql")   # the race that matters; SQLite's single writer serialises it anyway
+def test_parallel_submissions_and_previews_never_pass_the_rate(client, app, auth, engine, settings, loaded):
+    """The third review: the rate was counted, then the query inserted later, so 82 of 100 parallel
+    submissions got in against a limit of 60. Previews (they plan noise) counted for nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app.state.settings = dataclasses.replace(settings, query_rate_per_minute=5)
+    scene = active_scene(client, auth)
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    headers = auth("insurer_a")
+
+    def send(i: int) -> int:
+        path = url + "/preview" if i % 2 else url
+        return client.post(path, headers=headers, json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.1}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(send, range(16)))
+    assert sorted(codes).count(429) == 11 and len([c for c in codes if c in (200, 202)]) == 5, codes
+
+
+def test_an_organization_has_at_most_so_many_prod_row_answers_waiting(client, app, auth, engine, settings, loaded):
+    """The third review: prod row answers are free, every one is compared with every other, and 40 of
+    them filled the reviewers' queue."""
+    app.state.settings = dataclasses.replace(settings, held_row_answers_per_tenant=2)
+    items = SCENE_ITEMS + [{"dataset": VISITS, "field": "person_id", "usage": "masked_output"}]
+    scene = active_scene(client, auth, items=items)
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    rows = {"sql": f"SELECT person_id FROM {VISITS} WHERE visit_date >= DATE '2020-01-01' LIMIT 50", "mode": "prod"}
+    assert [client.post(url, headers=auth("insurer_a"), json=rows).status_code for _ in range(2)] == [202, 202]
+    r = client.post(url, headers=auth("insurer_a"), json=rows)
+    assert r.status_code == 429 and r.json()["code"] == "too_many_held_row_answers" and r.json()["message_zh"]
+    # aggregates and dev row answers are not held back by it
+    assert client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod"}).status_code == 202
+    assert client.post(url, headers=auth("insurer_a"), json={**rows, "mode": "dev"}).status_code == 202
+
+
+@pytest.mark.default_backend("postgresql")
+def test_parallel_claims_never_pass_the_jobs_per_tenant(client, auth, engine, settings, loaded):
+    """The third review: the running count was read by the SELECT, the claiming UPDATE only asked for
+    `queued`, and a tenant had 4 dev jobs running at once against a limit of 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scene = active_scene(client, auth)
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    for _ in range(6):
+        assert client.post(url, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod"}).status_code == 202
+
+    def take(i: int):
+        with Session(engine, expire_on_commit=False) as s:
+            q = claim(s, settings, f"w{i}", mode="prod")
+            return None if q is None else q.id
+
+    with ThreadPoolExecutor(6) as pool:
+        won = [x for x in pool.map(take, range(6)) if x is not None]
+    assert len(won) == 1, won
+    with Session(engine) as s:
+        assert len(s.exec(select(Query).where(Query.status == "running")).all()) == 1
+
+
+def test_python_phases_are_stopped_at_the_time_limit_too(client, app, auth, engine, settings, loaded, monkeypatch):
+    """The third review: a 300-median query ran 8 s past a 5 s limit (the heartbeat interrupts only
+    DuckDB); the run now asks between phases whether to stop."""
+    import sandbox.privacy
+
+    real = sandbox.privacy.apply_noise
+
+    def slow_noise(*args, **kwargs):
+        time.sleep(1.2)   # a noise phase past the limit (beats every limit/4 s)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sandbox.privacy, "apply_noise", slow_noise)
+    app.state.settings = dataclasses.replace(settings, dev_query_time_limit_seconds=0.4)
+    scene = active_scene(client, auth)
+    r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
+                    json={"sql": BY_DISTRICT, "mode": "dev"})
+    assert r.status_code == 202 and r.json()["status"] == "failed" and r.json()["error"]["code"] == "time_limit", r.json()

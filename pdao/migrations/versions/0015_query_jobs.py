@@ -16,8 +16,15 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    # queries (and previews) an organization sent in the current minute: the rate, atomically
+    op.create_table('tenant_rate',
+    sa.Column('org_id', sa.Integer(), nullable=False),
+    sa.Column('window_start', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('count', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['org_id'], ['organization.id'], ),
+    sa.PrimaryKeyConstraint('org_id')
+    )
 
 
 def downgrade() -> None:
-    pass
+    op.drop_table('tenant_rate')
