@@ -59,7 +59,9 @@ from sandbox.upload_models import TenantUpload
 
 CHINA = ZoneInfo("Asia/Shanghai")
 DEFAULT_EPSILON = 0.5       # when a query names none (never above the scene's per-query cap)
-MIN_EPSILON = 1e-6          # below this the noise is astronomically wide (and OpenDP's search overflows)
+# Below this an answer is noise only (and at 1e-20 OpenDP's search overflows); it also keeps every
+# repetition of a prod run paid for: a thousand runs cost at least ε 1 (docs/threat-model.md, timing).
+MIN_EPSILON = 1e-3
 
 
 @dataclass

@@ -292,7 +292,7 @@ def test_a_tiny_epsilon_and_an_odd_time_filter_are_clear_refusals_not_crashes(cl
     scene = active_scene(client, auth)
     url = f"/api/v1/scenes/{scene['id']}/queries"
     for path in (url, url + "/preview"):
-        for eps in (1e-300, 1e-20, 1e-7):
+        for eps in (1e-300, 1e-20, 1e-7, 5e-4):
             r = client.post(path, headers=auth("insurer_a"), json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": eps})
             assert r.status_code == 422 and r.json()["code"] == "epsilon_too_small" and r.json()["message_zh"], r.text
     assert budget(client, auth, scene["id"])["epsilon_spent"] == 0
