@@ -562,14 +562,26 @@ class CheckClock:
 
     @contextlib.contextmanager
     def interrupting(self, con: duckdb.DuckDBPyConnection):  # noqa: ANN201
-        """While inside, `con` is interrupted at the deadline (its query raises duckdb.Error)."""
-        timer = threading.Timer(max(self.deadline - time.monotonic(), 0.0), con.interrupt)
-        timer.daemon = True
-        timer.start()
+        """While inside, `con` is interrupted from the deadline on (its query raises
+        duckdb.InterruptException): again and again, since DuckDB forgets an interrupt that came
+        between two queries."""
+        stop = threading.Event()
+
+        def interrupt() -> None:
+            if stop.wait(max(self.deadline - time.monotonic(), 0.0)):
+                return
+            while True:
+                con.interrupt()
+                if stop.wait(0.05):
+                    return
+
+        watch = threading.Thread(target=interrupt, name="upload-check-clock", daemon=True)
+        watch.start()
         try:
             yield con
         finally:
-            timer.cancel()
+            stop.set()
+            watch.join()
 
 
 def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema,
@@ -733,11 +745,13 @@ def scanned_columns(schema: UploadSchema) -> list[ColumnSpec]:
 
 def scanned_text(c: ColumnSpec, src_type: str) -> str:
     """The VARCHAR the PII scan reads of column `c` (of source type `src_type`) in `src AS s`: the
-    value as sent, or for a decimal the integer digits of its typed value (`13812345678.00`,
-    `1.3812345678E10` and `013812345678` all read `13812345678`; cents never hold personal data)."""
+    value as sent; for a decimal also the integer digits of its typed value, after a separator no
+    pattern reads across (`1.3812345678E10`, `+013812345678` and a DOUBLE's 1.3812345678e10 all
+    read `13812345678` there; cents never hold personal data)."""
     col = f"s.{quote_ident(c.name)}"
     if c.type == "decimal":
-        return f"CAST(CAST(trunc({_typed(col, 'decimal', src_type)}) AS BIGINT) AS VARCHAR)"
+        digits = f"CAST(CAST(trunc({_typed(col, 'decimal', src_type)}) AS BIGINT) AS VARCHAR)"
+        return f"(CAST({col} AS VARCHAR) || ' / ' || {digits})"
     return f"CAST({col} AS VARCHAR)"
 
 
