@@ -3,22 +3,28 @@
 A tenant sends a file (CSV or Parquet) with a declared schema (`parse_schema`). `store_upload`
 checks it with DuckDB the way `sandbox.store` checks a dataset version — the source read through a
 staged link, typed parsing, the file refused whole with a report by row (and, for CSV, by line)
-that never holds a cell value — then scans every string or integer column the schema did not
+that never holds a cell value — then scans every string, integer or decimal column the schema did not
 declare as personal data with the project's Presidio recognizers (`sandbox.pii.find_pii_batch`):
 undeclared personal data refuses the file (422 `unexpected_pii`, column, kind and rows/lines, never
 the text). A file that passes becomes the next version of that name in the tenant's own space,
 `PDAO_HOME/tenants/<org>/uploads/<name>/v<n>-<sha12>.parquet` (read-only, SHA-256 recorded), and a
 `TenantUpload` row.
 
-Bounded work (issue #13): a file of more than `Settings.upload_max_rows` data rows is refused
-(413 `too_many_rows`) before any per-row work — a Parquet file by its footer, a CSV file by its line
-breaks and, only when those say more, by a count that stops past the cap — and so is a Parquet
-file whose values unpack to more than a file may hold (413 `values_too_large`). Every check runs in
-DuckDB over whole columns (ID check characters and mobile numbers in SQL; the personal-data scan
-sends Presidio only the distinct values a regular expression pre-filter cannot rule out). An
-organization's stored versions together stay within `tenant_upload_quota_bytes` and
-`tenant_upload_quota_rows` (413 `upload_quota_exceeded`), held by one conditional UPDATE of its
-`TenantUploadUsage` row in the transaction that stores the version.
+Bounded work (issue #13): before its file is read, an upload is counted against its
+organization's rate and concurrency in the database (429 `upload_rate_limited`,
+`upload_in_progress`: `admit_upload`, `UploadSlot`). A file of more than `Settings.upload_max_rows`
+data rows is refused (413 `too_many_rows`) before any per-row work — a Parquet file by its footer, a
+CSV file by its line breaks and, only when those say more, by a count that stops past the cap — and
+so is a Parquet file written with an encoding whose pages do not bound what they decode to (422,
+`encoding`) or whose values unpack to more than a file may hold (413 `values_too_large`, counted
+within a memory limit and stopped past the limit). A bound that cannot be computed refuses the
+file. The checks, the scan and the canonical copy run within `Settings.upload_check_seconds` (413
+`check_time_exceeded`: `CheckClock`). Every check runs in DuckDB over whole columns (ID check
+characters and mobile numbers in SQL; the personal-data scan sends Presidio only the distinct
+values a regular expression pre-filter cannot rule out). An organization's stored versions
+together stay within `tenant_upload_quota_bytes` and `tenant_upload_quota_rows` (413
+`upload_quota_exceeded`), held by one conditional UPDATE of its `TenantUploadUsage` row in the
+transaction that stores the version.
 
 Who sees what (`upload_scope`): a tenant-scoped caller (`policies.visibility.tenant_scoped`: an
 applicant, or anyone in a company — a company's own reviewer too) its own organization's uploads
@@ -487,10 +493,10 @@ def parquet_value_bytes(path: Path, columns: list[str], limit: int, clock: Check
     until the count passes `limit` (then that count, which is more than `limit`): first its pages'
     uncompressed size from the footer (no page read), then, only if that fits, the values
     themselves, every column, streamed a batch at a time on a DuckDB connection of its own whose
-    memory is `SIZING_MEMORY` (and which never spills to disk), so counting stops as soon as it has seen too much, and a page or a
-    batch of values that would decode to more than that memory refuses the file (413
-    `values_too_large`) instead of being decoded. Raises duckdb.Error if the file cannot be read
-    (the caller reports it), 413 `values_too_large` for out of memory; never returns "no bound"."""
+    memory is `SIZING_MEMORY` and which never spills to disk. So counting stops as soon as it has
+    seen too much, and a page or a batch of values that would decode to more than that memory
+    refuses the file (413 `values_too_large`) instead of being decoded. Raises duckdb.Error if the
+    file cannot be read (the caller reports it); never returns "no bound"."""
     lit = quote_literal(duck_path(path))
     con = duckdb.connect(config={"threads": 1, "memory_limit": SIZING_MEMORY, "temp_directory": ""})  # no spilling
     try:
@@ -808,8 +814,9 @@ def scan_pii(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: Uploa
     for c in scanned_columns(schema):
         # row numbers in file order first, then the filter (a filter is never pushed below OVER ())
         cur = con.execute(
-            f"SELECT v, count(*), list(r ORDER BY r)[1:{MAX_EXAMPLES}] FROM (SELECT {scanned_text(c, src_types[c.name])} "
-            f"AS v, row_number() OVER () AS r FROM src AS s) WHERE v IS NOT NULL AND trim(v) <> '' "
+            f"SELECT v, count(*), list(r ORDER BY r)[1:{MAX_EXAMPLES}] FROM (SELECT "
+            f"{scanned_text(c, src_types[c.name])} AS v, row_number() OVER () AS r FROM src AS s) "
+            f"WHERE v IS NOT NULL AND trim(v) <> '' "
             f"AND {pii_prefilter_sql('v')} GROUP BY v")
         hits: dict[str, list] = {}
         while True:

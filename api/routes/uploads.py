@@ -140,8 +140,8 @@ def _store(request, session, settings, principal, schema_text: str | None, name:
         return _check_and_store(request, session, settings, principal, schema_text, name, note, staged)
 
 
-def _check_and_store(request, session, settings, principal, schema_text: str | None, name: str | None,  # noqa: ANN001, ANN202
-                     note: str, staged):  # noqa: ANN001
+def _check_and_store(request, session, settings, principal,  # noqa: ANN001, ANN202
+                     schema_text: str | None, name: str | None, note: str, staged):  # noqa: ANN001
     if schema_text is None and name is not None:
         previous = latest_upload(session, principal.org_id, name)
         if previous is None:

@@ -37,11 +37,11 @@ house numbers and rooms in Chinese numerals ("解放西街十二号"; buildings,
 in Chinese numerals are found: "三号楼二单元", "三组"), full-width digits ("１２号"),
 rural addresses below the village without 组/队/号, house numbers with letters ("12号A"),
 place names containing a stop character, and an administrative part that only reads right when
-extended past a shorter suffix inside it (自治区/自治州 straight after another suffix: "…镇自治州"). Spans can be too long: an address glued to a preceding
-word that has no stop character and opens no gazetteer administrative part takes that word along
-("张伟解放西街12号" as a whole), and one with no boundary before it at all may start a few words
-early. An institution's address (a hospital's) is reported like anyone's: the text cannot tell
-them apart.
+extended past a shorter suffix inside it (自治区/自治州 straight after another suffix: "…镇自治州").
+Spans can be too long: an address glued to a preceding word that has no stop character and opens
+no gazetteer administrative part takes that word along ("张伟解放西街12号" as a whole), and one
+with no boundary before it at all may start a few words early. An institution's address (a
+hospital's) is reported like anyone's: the text cannot tell them apart.
 """
 
 from __future__ import annotations
