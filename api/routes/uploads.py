@@ -20,8 +20,8 @@ from pdao.identity.models import User
 from sandbox.upload_models import TenantUpload
 from sandbox.uploads import (
     MAX_NOTE,
-    UploadSlot,
     PII_MIN_SCORE,
+    UploadSlot,
     check_join_targets,
     get_versions,
     latest_upload,
@@ -101,7 +101,9 @@ async def create_upload(request: Request, principal: Uploader, session: SessionD
     `file` (CSV or Parquet), `schema` (JSON) and optional `note`; or the raw body with `?name=`,
     reusing the schema of the table's latest version. Checked against the schema, scanned for
     undeclared personal data, refused whole with a report by line — or stored in the tenant's own
-    space. The answer is metadata; no cell is ever returned."""
+    space. The answer is metadata; no cell is ever returned. Before the body is read, the upload
+    is counted against the organization's rate and concurrency (429 `upload_rate_limited`,
+    `upload_in_progress`)."""
     request.state.object = "upload"
     settings.ensure_home()
     # counted against the organization's rate and concurrency before a byte of the file is read
