@@ -18,9 +18,9 @@ Speed: a column of ``--strings`` texts (default 100,000) made by cycling through
 in a seeded shuffled order is redacted by ``redact_batch`` (fast path) and by
 ``redact_batch(use_engine=True)`` (``AnalyzerEngine`` + presidio-anonymizer); strings per second is
 the column length over the wall time of one call (the engine and the compiled patterns are built
-before timing). The results are printed as Markdown and appended, with the exact command, the date
-and the machine, to ``bench/RESULTS.md`` under ``## PII recognizers`` (``--no-append`` to only
-print).
+before timing). The results are printed as Markdown and added, with the exact command, the date
+and the machine, at the end of the ``## PII recognizers`` section of ``bench/RESULTS.md``
+(``--no-append`` to only print).
 """
 
 from __future__ import annotations
@@ -141,16 +141,20 @@ def timed(fn) -> float:  # noqa: ANN001
 
 
 def append_results(block: str) -> None:
-    """Append ``block`` under ``## PII recognizers`` (added at the end if the file's last heading
-    is another one). Nothing above is rewritten."""
+    """Add ``block`` at the end of the ``## PII recognizers`` section (the section is added at the
+    end of the file if there is none). Nothing else is rewritten."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n"
-    headings = [ln for ln in text.splitlines() if ln.startswith("## ")]
-    gap = "" if text.endswith("\n\n") else "\n"
-    addition = "" if headings and headings[-1].strip() == HEADING else f"{gap}{HEADING}\n"
-    with RESULTS.open("a", encoding="utf-8") as f:
-        if not text.endswith("\n"):
-            f.write("\n")
-        f.write(addition + "\n" + block + "\n")
+    lines = text.splitlines(keepends=True)
+    try:
+        at = next(i for i, ln in enumerate(lines) if ln.strip() == HEADING)
+    except StopIteration:
+        gap = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        RESULTS.write_text(text + gap + HEADING + "\n\n" + block, encoding="utf-8")
+        return
+    end = next((i for i in range(at + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    before = "".join(lines[:end]).rstrip("\n") + "\n\n"
+    after = "".join(lines[end:])
+    RESULTS.write_text(before + block + ("\n" + after if after else ""), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

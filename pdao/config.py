@@ -22,6 +22,11 @@ class Settings:
     upload_max_rows: int = 1_000_000
     tenant_upload_quota_bytes: int = 2048 * 1024**2
     tenant_upload_quota_rows: int = 50_000_000
+    # How often and how many at once one organization's uploads are checked (counted in the database
+    # before the file is read), and how long one upload's checks and scan may run before refusing.
+    upload_rate_per_hour: int = 20
+    upload_concurrency: int = 1
+    upload_check_seconds: float = 60.0
     login_max_failures: int = 5
     login_lock_minutes: int = 15
     # Password checks (Argon2id, ~0.35 s CPU and 64 MiB each) are bounded before any is computed
@@ -65,6 +70,9 @@ class Settings:
             upload_max_rows=int(env.get("PDAO_UPLOAD_MAX_ROWS", "1000000")),
             tenant_upload_quota_bytes=int(env.get("PDAO_TENANT_UPLOAD_QUOTA_MB", "2048")) * 1024**2,
             tenant_upload_quota_rows=int(env.get("PDAO_TENANT_UPLOAD_QUOTA_ROWS", "50000000")),
+            upload_rate_per_hour=int(env.get("PDAO_UPLOAD_RATE_PER_HOUR", "20")),
+            upload_concurrency=int(env.get("PDAO_UPLOAD_CONCURRENCY", "1")),
+            upload_check_seconds=float(env.get("PDAO_UPLOAD_CHECK_SECONDS", "60")),
             secret_key_override=env.get("PDAO_SECRET_KEY") or None,
             fingerprint_key_override=env.get("PDAO_FINGERPRINT_KEY") or None,
             scene_approvals_required=int(env.get("PDAO_SCENE_APPROVALS", "2")),
@@ -110,11 +118,15 @@ class Settings:
                             ("PDAO_TENANT_UPLOAD_QUOTA_MB", self.tenant_upload_quota_bytes),
                             ("PDAO_TENANT_UPLOAD_QUOTA_ROWS", self.tenant_upload_quota_rows),
                             ("PDAO_LOGIN_RATE_PER_MINUTE", self.login_rate_per_minute),
-                            ("PDAO_LOGIN_CONCURRENT_HASHES", self.login_max_concurrent_hashes)):
+                            ("PDAO_LOGIN_CONCURRENT_HASHES", self.login_max_concurrent_hashes),
+                            ("PDAO_UPLOAD_RATE_PER_HOUR", self.upload_rate_per_hour),
+                            ("PDAO_UPLOAD_CONCURRENCY", self.upload_concurrency)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not (math.isfinite(self.login_hash_wait_seconds) and self.login_hash_wait_seconds >= 0):
             raise ValueError("PDAO_LOGIN_HASH_WAIT_SECONDS must be a finite number, 0 or more (default 1)")
+        if not (math.isfinite(self.upload_check_seconds) and self.upload_check_seconds > 0):
+            raise ValueError("PDAO_UPLOAD_CHECK_SECONDS must be a finite number above 0 (default 60)")
 
     def ensure_home(self) -> None:
         """Create the home and its stores, readable by the server's own account only: the home holds

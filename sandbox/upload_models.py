@@ -56,3 +56,21 @@ class TenantUploadUsage(SQLModel, table=True):
     org_id: int = Field(foreign_key="organization.id", primary_key=True)
     stored_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     stored_rows: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+
+
+class TenantUploadCheck(SQLModel, table=True):
+    """One upload an organization started, counted before its file is read
+    (`sandbox.uploads.admit_upload`): against its rate (`started_at` within the last hour) and,
+    while it runs (`finished_at` null and `lease_until` not passed), against the uploads it may
+    have checked at once. The request renews its lease while it runs, so a process that died
+    mid-check frees the slot when the lease ends. Rows older than the rate's hour are deleted as
+    new ones come; nothing here holds a cell or a file name."""
+
+    __tablename__ = "tenant_upload_check"
+
+    id: int | None = Field(default=None, primary_key=True)
+    org_id: int = Field(foreign_key="organization.id", index=True)
+    user_id: int = Field(foreign_key="app_user.id")
+    started_at: datetime = Field(default_factory=utcnow, index=True)
+    lease_until: datetime
+    finished_at: datetime | None = None

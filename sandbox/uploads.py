@@ -3,22 +3,28 @@
 A tenant sends a file (CSV or Parquet) with a declared schema (`parse_schema`). `store_upload`
 checks it with DuckDB the way `sandbox.store` checks a dataset version — the source read through a
 staged link, typed parsing, the file refused whole with a report by row (and, for CSV, by line)
-that never holds a cell value — then scans every string or integer column the schema did not
+that never holds a cell value — then scans every string, integer or decimal column the schema did not
 declare as personal data with the project's Presidio recognizers (`sandbox.pii.find_pii_batch`):
 undeclared personal data refuses the file (422 `unexpected_pii`, column, kind and rows/lines, never
 the text). A file that passes becomes the next version of that name in the tenant's own space,
 `PDAO_HOME/tenants/<org>/uploads/<name>/v<n>-<sha12>.parquet` (read-only, SHA-256 recorded), and a
 `TenantUpload` row.
 
-Bounded work (issue #13): a file of more than `Settings.upload_max_rows` data rows is refused
-(413 `too_many_rows`) before any per-row work — a Parquet file by its footer, a CSV file by its line
-breaks and, only when those say more, by a count that stops past the cap — and so is a Parquet
-file whose values unpack to more than a file may hold (413 `values_too_large`). Every check runs in
-DuckDB over whole columns (ID check characters and mobile numbers in SQL; the personal-data scan
-sends Presidio only the distinct values a regular expression pre-filter cannot rule out). An
-organization's stored versions together stay within `tenant_upload_quota_bytes` and
-`tenant_upload_quota_rows` (413 `upload_quota_exceeded`), held by one conditional UPDATE of its
-`TenantUploadUsage` row in the transaction that stores the version.
+Bounded work (issue #13): before its file is read, an upload is counted against its
+organization's rate and concurrency in the database (429 `upload_rate_limited`,
+`upload_in_progress`: `admit_upload`, `UploadSlot`). A file of more than `Settings.upload_max_rows`
+data rows is refused (413 `too_many_rows`) before any per-row work — a Parquet file by its footer, a
+CSV file by its line breaks and, only when those say more, by a count that stops past the cap — and
+so is a Parquet file written with an encoding whose pages do not bound what they decode to (422,
+`encoding`) or whose values unpack to more than a file may hold (413 `values_too_large`, counted
+within a memory limit and stopped past the limit). A bound that cannot be computed refuses the
+file. The checks, the scan and the canonical copy run within `Settings.upload_check_seconds` (413
+`check_time_exceeded`: `CheckClock`). Every check runs in DuckDB over whole columns (ID check
+characters and mobile numbers in SQL; the personal-data scan sends Presidio only the distinct
+values a regular expression pre-filter cannot rule out). An organization's stored versions
+together stay within `tenant_upload_quota_bytes` and `tenant_upload_quota_rows` (413
+`upload_quota_exceeded`), held by one conditional UPDATE of its `TenantUploadUsage` row in the
+transaction that stores the version.
 
 Who sees what (`upload_scope`): a tenant-scoped caller (`policies.visibility.tenant_scoped`: an
 applicant, or anyone in a company — a company's own reviewer too) its own organization's uploads
@@ -32,19 +38,25 @@ For the query path (sandbox/queries.py, sandbox/sql.py): `latest_upload`, `uploa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
+import logging
+import math
 import os
 import re
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
-from sqlalchemy import update
+import pyarrow.compute as pc
+from sqlalchemy import Engine, delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
@@ -52,6 +64,7 @@ from catalog.identifiers import CN_ID_CHECK_CHARS, CN_ID_WEIGHTS
 from catalog.models import DatasetField, Organization
 from catalog.service import find_dataset
 from pdao.config import Settings
+from pdao.db import utcnow
 from pdao.errors import PdaoError, invalid, not_found
 from pdao.identity.models import Role
 from policies.catalog_rules import catalog_scope
@@ -71,7 +84,7 @@ from sandbox.store import (
     sniff_format,
     stage_source,
 )
-from sandbox.upload_models import TenantUpload, TenantUploadUsage
+from sandbox.upload_models import TenantUpload, TenantUploadCheck, TenantUploadUsage
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 TYPES = ("string", "integer", "decimal", "date", "boolean")
@@ -422,64 +435,171 @@ def csv_rows_at_most(path: Path) -> int:
     return max(records - 1, 0)
 
 
-def values_too_large(limit: int, unpacked: int) -> PdaoError:
-    """413: a (small) Parquet file whose values unpack to more than a file may hold."""
+def values_too_large(limit: int, unpacked: int | None) -> PdaoError:
+    """413: a (small) Parquet file whose values unpack to more than a file may hold; `unpacked` is
+    what was counted when counting stopped past the limit, or None when a single page or batch of
+    values would not even fit in the memory a check may use."""
+    if unpacked is None:
+        counted, counted_zh = "more than a check may hold in memory", "超出检查可用的内存"
+    else:
+        counted, counted_zh = f"more than {unpacked / 1024**2:,.0f} MB", f"超过 {unpacked / 1024**2:,.0f} MB"
     return PdaoError(413, "values_too_large",
-                     f"The file's values unpack to {unpacked / 1024**2:,.0f} MB; an upload may hold at most "
+                     f"The file's values unpack to {counted}; an upload may hold at most "
                      f"{limit / 1024**2:,.0f} MB (PDAO_MAX_TENANT_UPLOAD_MB), as a CSV file may. Nothing was stored.",
-                     f"文件中的数据解压后达 {unpacked / 1024**2:,.0f} MB，单次上传至多 {limit / 1024**2:,.0f} MB"
+                     f"文件中的数据解压后{counted_zh}，单次上传至多 {limit / 1024**2:,.0f} MB"
                      "（PDAO_MAX_TENANT_UPLOAD_MB，与 CSV 文件相同）。未保存任何数据。",
                      details={"limit_bytes": limit, "unpacked_bytes": unpacked})
 
 
-def parquet_value_bytes(con: duckdb.DuckDBPyConnection, path: Path, text_columns: list[str], limit: int
-                        ) -> int | None:
-    """What a Parquet file's values unpack to, at least: its pages' uncompressed size (from the
-    footer: no page read), and only if that is within `limit`, the larger of it and the bytes of
-    its text values, which a dictionary may repeat far beyond its pages (summed by DuckDB from
-    each value's length, on pages the first bound has limited). None if it cannot be read (the
-    checks then say why)."""
+#: Parquet encodings an upload may use: those whose pages bound what they decode to (plain and
+#: length-prefixed values, fixed-width numbers, dictionary indices; a dictionary's repeats are
+#: counted below). DELTA_BYTE_ARRAY is not among them: each value repeats a prefix of the one
+#: before it, so a few KB of pages decode to gigabytes (the review's 8.8 KB "bomb" decoded
+#: 10,000 values of 1 MB). pyarrow, pandas, polars and DuckDB never write it unless told to.
+PARQUET_ENCODINGS = frozenset({"PLAIN", "PLAIN_DICTIONARY", "RLE_DICTIONARY", "RLE", "BIT_PACKED",
+                               "DELTA_BINARY_PACKED", "DELTA_LENGTH_BYTE_ARRAY", "BYTE_STREAM_SPLIT"})
+#: What the count of a Parquet file's values may hold in memory at once, on its own DuckDB
+#: connection: a page or a batch of values decoding to more is refused, not spilled or retried.
+SIZING_MEMORY = "256MB"
+_SIZING_BATCH = 8192
+
+
+def parquet_encoding_problems(con: duckdb.DuckDBPyConnection, path: Path) -> list[dict[str, Any]]:
+    """Columns of a Parquet file written with an encoding outside `PARQUET_ENCODINGS`, as problems
+    of the report (from the footer: no page read). What a lying footer hides is caught by the
+    count of the values (`parquet_value_bytes`), which runs within a memory limit."""
     lit = quote_literal(duck_path(path))
+    found: dict[str, set[str]] = {}
+    for column, encodings, stats in con.execute(
+            f"SELECT path_in_schema, encodings, encoding_stats FROM parquet_metadata({lit})").fetchall():
+        used = {e.strip() for e in (encodings or "").split(",") if e.strip()}
+        used |= {str(st["encoding"]) for st in (stats or []) if st and st.get("encoding")}
+        found.setdefault(column, set()).update(used - PARQUET_ENCODINGS)
+    problems = []
+    for column, bad in sorted(found.items()):
+        if not bad:
+            continue
+        shown = column if NAME_RE.fullmatch(column) else None
+        names = ", ".join(sorted(e for e in bad if re.fullmatch(r"[A-Z_]{1,40}", e)) or ["?"])
+        problems.append({"check": "encoding", "column": shown, "encodings": names.split(", "),
+                         "message": f"column '{shown or '?'}' is written with the Parquet encoding {names}, which "
+                                    "an upload may not use (write the file with PLAIN or dictionary encoding, the "
+                                    "default of pyarrow, pandas, polars and DuckDB)"})
+    return problems
+
+
+def parquet_value_bytes(path: Path, columns: list[str], limit: int, clock: CheckClock | None = None) -> int:
+    """What a Parquet file's values take written out as text, as a CSV file of them would, counted
+    until the count passes `limit` (then that count, which is more than `limit`): first its pages'
+    uncompressed size from the footer (no page read), then, only if that fits, the values
+    themselves, every column, streamed a batch at a time on a DuckDB connection of its own whose
+    memory is `SIZING_MEMORY` and which never spills to disk. So counting stops as soon as it has
+    seen too much, and a page or a batch of values that would decode to more than that memory
+    refuses the file (413 `values_too_large`) instead of being decoded. Raises duckdb.Error if the
+    file cannot be read (the caller reports it); never returns "no bound"."""
+    lit = quote_literal(duck_path(path))
+    con = duckdb.connect(config={"threads": 1, "memory_limit": SIZING_MEMORY, "temp_directory": ""})  # no spilling
     try:
-        pages = int(con.execute(f"SELECT coalesce(sum(total_uncompressed_size), 0) FROM parquet_metadata({lit})"
-                                ).fetchone()[0])
-        if pages > limit or not text_columns:
-            return pages
-        sums = ", ".join(f"coalesce(sum(strlen({quote_ident(c)})), 0)" for c in text_columns)
-        return max(pages, int(sum(con.execute(f"SELECT {sums} FROM src").fetchone())))
-    except duckdb.Error:
-        return None
+        with clock.interrupting(con) if clock else contextlib.nullcontext():
+            pages = int(con.execute(f"SELECT coalesce(sum(total_uncompressed_size), 0) FROM parquet_metadata({lit})"
+                                    ).fetchall()[0][0])
+            if pages > limit or not columns:
+                return pages
+            size = " + ".join(f"coalesce(strlen(CAST({quote_ident(c)} AS VARCHAR)), 0)" for c in columns)
+            total = 0
+            try:
+                reader = con.sql(f"SELECT CAST({size} AS BIGINT) AS n FROM read_parquet({lit})"
+                                 ).to_arrow_reader(_SIZING_BATCH)
+                for batch in reader:
+                    total += pc.sum(batch.column(0)).as_py() or 0
+                    if total > limit:
+                        return total
+            except duckdb.OutOfMemoryException:
+                raise values_too_large(limit, None) from None
+            return max(pages, total)
+    finally:
+        con.close()
 
 
-def rows_up_to(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, limit: int) -> int | None:
+def rows_up_to(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, limit: int) -> int:
     """The data rows of the file bound as `src` — exactly, or some number above `limit` where
-    counting stopped — or None if they cannot be counted (the checks then say why). Parquet: the
-    footer's counts (DuckDB reads no more rows than its row groups declare); CSV: the line breaks,
-    then, only if they allow more than `limit`, DuckDB's own reading of at most `limit` + 1 rows."""
+    counting stopped. Parquet: the footer's counts (DuckDB reads no more rows than its row groups
+    declare); CSV: the line breaks, then, only if they allow more than `limit`, DuckDB's own
+    reading of at most `limit` + 1 rows. Raises duckdb.Error or OSError if they cannot be counted:
+    the caller refuses the file (a count that failed is never read as "no bound")."""
     lit = quote_literal(duck_path(path))
-    try:
-        if fmt == "parquet":
-            declared = con.execute(f"SELECT num_rows FROM parquet_file_metadata({lit})").fetchone()[0]
-            in_groups = con.execute(
-                "SELECT coalesce(sum(n), 0) FROM (SELECT DISTINCT row_group_id, row_group_num_rows AS n "
-                f"FROM parquet_metadata({lit}))").fetchone()[0]
-            return max(int(declared or 0), int(in_groups))
-        at_most = csv_rows_at_most(path)
-        if at_most <= limit:
-            return at_most
-        return con.execute(f"SELECT count(*) FROM (SELECT 1 FROM src LIMIT {limit + 1})").fetchone()[0]
-    except (duckdb.Error, OSError):
-        return None
+    if fmt == "parquet":
+        declared = con.execute(f"SELECT num_rows FROM parquet_file_metadata({lit})").fetchone()[0]
+        in_groups = con.execute(
+            "SELECT coalesce(sum(n), 0) FROM (SELECT DISTINCT row_group_id, row_group_num_rows AS n "
+            f"FROM parquet_metadata({lit}))").fetchone()[0]
+        return max(int(declared or 0), int(in_groups))
+    at_most = csv_rows_at_most(path)
+    if at_most <= limit:
+        return at_most
+    return con.execute(f"SELECT count(*) FROM (SELECT 1 FROM src LIMIT {limit + 1})").fetchone()[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds: the time one upload's checks may take
+
+def check_time_exceeded(seconds: float) -> PdaoError:
+    """413: the file's checks and scan did not finish within the time one upload may take."""
+    return PdaoError(413, "check_time_exceeded",
+                     f"The file could not be checked within {seconds:g} s (PDAO_UPLOAD_CHECK_SECONDS); nothing was "
+                     "stored. Send a smaller file, or one with fewer long free-text values.",
+                     f"文件未能在 {seconds:g} 秒内完成检查（PDAO_UPLOAD_CHECK_SECONDS），未保存任何数据。"
+                     "请上传更小的文件，或减少较长的自由文本。",
+                     details={"limit_seconds": seconds})
+
+
+class CheckClock:
+    """One upload's time budget (`Settings.upload_check_seconds`) for its checks, its scan and its
+    canonical copy, from the moment they start: a DuckDB query still running when it ends is
+    interrupted (`interrupting`), the PII scan stops at it (`deadline`), and the file is refused
+    (413 `check_time_exceeded`). A time.monotonic() clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    @contextlib.contextmanager
+    def interrupting(self, con: duckdb.DuckDBPyConnection):  # noqa: ANN201
+        """While inside, `con` is interrupted from the deadline on (its query raises
+        duckdb.InterruptException): again and again, since DuckDB forgets an interrupt that came
+        between two queries."""
+        stop = threading.Event()
+
+        def interrupt() -> None:
+            if stop.wait(max(self.deadline - time.monotonic(), 0.0)):
+                return
+            while True:
+                con.interrupt()
+                if stop.wait(0.05):
+                    return
+
+        watch = threading.Thread(target=interrupt, name="upload-check-clock", daemon=True)
+        watch.start()
+        try:
+            yield con
+        finally:
+            stop.set()
+            watch.join()
 
 
 def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema,
-                 today: date | None = None, max_rows: int | None = None, max_bytes: int | None = None
-                 ) -> UploadReport:
+                 today: date | None = None, max_rows: int | None = None, max_bytes: int | None = None,
+                 clock: CheckClock | None = None) -> UploadReport:
     """Bind `path` as `src` and compare it with the schema (refusals in `problems`, notes in
     `warnings`). With `max_rows`, a file of more data rows is refused first (413 `too_many_rows`),
     before anything reads its rows; with `max_bytes`, a Parquet file whose values unpack to more
-    bytes than that (413 `values_too_large`), before any per-row check. Does not scan for personal
-    data (`scan_pii`)."""
+    bytes than that (413 `values_too_large`), before any per-row check. A bound that cannot be
+    computed refuses the file too (a `readable` problem, or 413): it is never taken for "no bound".
+    A Parquet file written with an encoding outside `PARQUET_ENCODINGS` is refused (`encoding`).
+    Does not scan for personal data (`scan_pii`)."""
     report = UploadReport(format=fmt)
     try:
         names = _bind(con, path, fmt, report)
@@ -487,7 +607,7 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
             return report
         if max_rows is not None:   # before any per-row work, the reading of the whole CSV included
             counted = rows_up_to(con, path, fmt, max_rows)
-            if counted is not None and counted > max_rows:
+            if counted > max_rows:
                 raise too_many_rows(max_rows, counted if fmt == "parquet" else None)
         src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
         if fmt == "csv":
@@ -497,7 +617,7 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
             _rejects(con, report)
             if report.problems:
                 return report
-    except duckdb.Error:
+    except (duckdb.Error, OSError):
         report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
         return report
     wanted = [c.name for c in schema.columns]
@@ -517,11 +637,18 @@ def check_upload(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: U
                                     "message": f"column '{c.name}' is {src_types[c.name]}, the schema says {c.type}"})
     if report.problems:
         return report
-    if max_bytes is not None and fmt == "parquet":   # what its values unpack to, before reading them
-        unpacked = parquet_value_bytes(con, path, [c.name for c in schema.columns
-                                                   if _base_type(src_types[c.name]) == "VARCHAR"], max_bytes)
-        if unpacked is not None and unpacked > max_bytes:
-            raise values_too_large(max_bytes, unpacked)
+    if fmt == "parquet":   # how its values are encoded and what they unpack to, before reading them
+        try:
+            report.problems += parquet_encoding_problems(con, path)
+            if report.problems:
+                return report
+            if max_bytes is not None:
+                unpacked = parquet_value_bytes(path, wanted, max_bytes, clock)
+                if unpacked > max_bytes:
+                    raise values_too_large(max_bytes, unpacked)
+        except duckdb.Error:
+            report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
+            return report
 
     today = today or date.today()
     checks: list[tuple[str, str, str, bool]] = []   # (column, check, condition, warning?)
@@ -616,9 +743,22 @@ def _add_lines(path: Path, fmt: str, ncols: int, items: list[dict[str, Any]], ro
 
 
 def scanned_columns(schema: UploadSchema) -> list[ColumnSpec]:
-    """Columns the PII scan reads: every string or integer column without a declared pii_kind
-    (an 11- or 18-digit integer can be a phone or an ID number as well as a string can)."""
-    return [c for c in schema.columns if c.pii_kind is None and c.type in ("string", "integer")]
+    """Columns the PII scan reads: every string, integer or decimal column without a declared
+    pii_kind (an 11- or 18-digit integer can be a phone or an ID number as well as a string can,
+    and a decimal's 16 integer digits hold a phone, a 15-digit ID number or a card number)."""
+    return [c for c in schema.columns if c.pii_kind is None and c.type in ("string", "integer", "decimal")]
+
+
+def scanned_text(c: ColumnSpec, src_type: str) -> str:
+    """The VARCHAR the PII scan reads of column `c` (of source type `src_type`) in `src AS s`: the
+    value as sent; for a decimal also the integer digits of its typed value, after a separator no
+    pattern reads across (`1.3812345678E10`, `+013812345678` and a DOUBLE's 1.3812345678e10 all
+    read `13812345678` there; cents never hold personal data)."""
+    col = f"s.{quote_ident(c.name)}"
+    if c.type == "decimal":
+        digits = f"CAST(CAST(trunc({_typed(col, 'decimal', src_type)}) AS BIGINT) AS VARCHAR)"
+        return f"(CAST({col} AS VARCHAR) || ' / ' || {digits})"
+    return f"CAST({col} AS VARCHAR)"
 
 
 def _re2_literal(word: str) -> str:
@@ -661,27 +801,29 @@ def pii_prefilter_sql(v: str = "v") -> str:
 
 
 def scan_pii(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, schema: UploadSchema,
-             row_count: int | None = None) -> list[dict[str, Any]]:
+             row_count: int | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
     """Personal data the schema did not declare: per (column, kind), how many rows and the first
     rows (lines for CSV; `row_count`, the file's data rows if known, may spare reading it again for
     them). Each distinct value that the pre-filter (`pii_prefilter_sql`, in DuckDB, over whole
-    columns) cannot rule out is scanned once; no value leaves this function."""
+    columns) cannot rule out is scanned once; no value leaves this function. Past `deadline` (a
+    time.monotonic() instant), TimeoutError, even inside one long value."""
     from sandbox.pii import find_pii_batch
 
+    src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
     out: list[dict[str, Any]] = []
     for c in scanned_columns(schema):
-        col = f"s.{quote_ident(c.name)}"
         # row numbers in file order first, then the filter (a filter is never pushed below OVER ())
         cur = con.execute(
-            f"SELECT v, count(*), list(r ORDER BY r)[1:{MAX_EXAMPLES}] FROM (SELECT CAST({col} AS VARCHAR) AS v, "
-            f"row_number() OVER () AS r FROM src AS s) WHERE v IS NOT NULL AND trim(v) <> '' "
+            f"SELECT v, count(*), list(r ORDER BY r)[1:{MAX_EXAMPLES}] FROM (SELECT "
+            f"{scanned_text(c, src_types[c.name])} AS v, row_number() OVER () AS r FROM src AS s) "
+            f"WHERE v IS NOT NULL AND trim(v) <> '' "
             f"AND {pii_prefilter_sql('v')} GROUP BY v")
         hits: dict[str, list] = {}
         while True:
             chunk = cur.fetchmany(PII_CHUNK)
             if not chunk:
                 break
-            findings = find_pii_batch([v for v, _, _ in chunk])
+            findings = find_pii_batch([v for v, _, _ in chunk], deadline=deadline)
             for (_, n, rows), fs in zip(chunk, findings, strict=True):
                 for kind in {f.kind for f in fs if f.score >= PII_MIN_SCORE}:
                     h = hits.setdefault(kind, [0, []])
@@ -740,46 +882,64 @@ def _pii_refused(report: UploadReport) -> PdaoError:
 
 def write_upload(settings: Settings, src: Path, schema: UploadSchema, today: date | None = None
                  ) -> tuple[Path, UploadReport]:
-    """Check and scan `src`, then write its canonical Parquet to staging (the caller removes it).
-    Refuses the file whole (413 `too_many_rows` / `values_too_large`, 422 `upload_invalid` /
-    `unexpected_pii`). Touches no database."""
+    """Check and scan `src`, then write its canonical Parquet to staging (the caller removes it),
+    all within `settings.upload_check_seconds`. Refuses the file whole (413 `too_many_rows` /
+    `values_too_large` / `check_time_exceeded`, 422 `upload_invalid` / `unexpected_pii`). Touches no
+    database."""
     settings.ensure_home()
     fmt = sniff_format(src)
     tmp = settings.staging_dir / f"tenant-{uuid.uuid4().hex}.parquet"
     staged = stage_source(settings, src)
+    clock = CheckClock(settings.upload_check_seconds)
     con = None
     try:
         con = _connect(settings)
-        report = check_upload(con, staged, fmt, schema, today, max_rows=settings.upload_max_rows,
-                              max_bytes=settings.max_tenant_upload_bytes)
-        if report.problems:
-            raise _refused(report, schema)
-        try:
-            report.pii = scan_pii(con, staged, fmt, schema, report.row_count)
-        except duckdb.Error:
-            report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
-            raise _refused(report, schema) from None
-        if report.pii:
-            raise _pii_refused(report)
-        src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
-        exprs = []
-        for c in schema.columns:
-            e = _typed(quote_ident(c.name), c.type, src_types[c.name], strict=True)
-            if c.pii_kind == "cn_id":
-                e = f"upper(trim({e}))"   # 'x' typed by hand joins the catalog's 'X'
-            exprs.append(f"{e} AS {quote_ident(c.name)}")
-        try:
-            con.execute(f"COPY (SELECT {', '.join(exprs)} FROM src) TO {quote_literal(str(tmp))} "
-                        "(FORMAT parquet, COMPRESSION zstd)")
-        except duckdb.Error:
-            tmp.unlink(missing_ok=True)
-            report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
-            raise _refused(report, schema) from None
+        with clock.interrupting(con):
+            report = _check_scan_copy(con, staged, fmt, schema, today, settings, clock, tmp)
+    except (PdaoError, TimeoutError) as e:
+        tmp.unlink(missing_ok=True)
+        # refused after the time ran out, whatever said so (an interrupted query reads as unreadable)
+        if isinstance(e, TimeoutError) or clock.expired():
+            raise check_time_exceeded(settings.upload_check_seconds) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         if con is not None:
             con.close()
         staged.unlink(missing_ok=True)
     return tmp, report
+
+
+def _check_scan_copy(con: duckdb.DuckDBPyConnection, staged: Path, fmt: str, schema: UploadSchema,
+                     today: date | None, settings: Settings, clock: CheckClock, tmp: Path) -> UploadReport:
+    """`write_upload`'s work on its connection: the checks, the scan, the canonical copy to `tmp`."""
+    report = check_upload(con, staged, fmt, schema, today, max_rows=settings.upload_max_rows,
+                          max_bytes=settings.max_tenant_upload_bytes, clock=clock)
+    if report.problems:
+        raise _refused(report, schema)
+    try:
+        report.pii = scan_pii(con, staged, fmt, schema, report.row_count, deadline=clock.deadline)
+    except duckdb.Error:
+        report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
+        raise _refused(report, schema) from None
+    if report.pii:
+        raise _pii_refused(report)
+    src_types = {r[0]: r[1] for r in con.execute("DESCRIBE src").fetchall()}
+    exprs = []
+    for c in schema.columns:
+        e = _typed(quote_ident(c.name), c.type, src_types[c.name], strict=True)
+        if c.pii_kind == "cn_id":
+            e = f"upper(trim({e}))"   # 'x' typed by hand joins the catalog's 'X'
+        exprs.append(f"{e} AS {quote_ident(c.name)}")
+    try:
+        con.execute(f"COPY (SELECT {', '.join(exprs)} FROM src) TO {quote_literal(str(tmp))} "
+                    "(FORMAT parquet, COMPRESSION zstd)")
+    except duckdb.Error:
+        report.problems.append({"check": "readable", "message": f"the file cannot be read as {fmt}"})
+        raise _refused(report, schema) from None
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -854,6 +1014,149 @@ def claim_quota(session: Session, org_id: int, adding: Usage, limit: Usage) -> N
         # it fits now: the row was made (or changed) by a concurrent upload between the two statements
     raise PdaoError(409, "concurrent_change", "Other uploads of your organization were stored at the same time; "
                     "send it again.", "贵机构的其他上传同时写入，请重新上传。")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds: how often, and how many at once, one organization's uploads are checked
+
+RATE_WINDOW = timedelta(hours=1)
+#: A running upload's slot lasts this long unless renewed; `UploadSlot` renews it every quarter of
+#: it while the request runs, so only a process that died mid-upload lets it run out.
+UPLOAD_LEASE_SECONDS = 120.0
+_IN_PROGRESS_RETRY_SECONDS = 10
+
+log = logging.getLogger("pdao.uploads")
+
+
+def upload_in_progress(limit: int) -> PdaoError:
+    """429: the organization already has as many uploads being checked as it may."""
+    return PdaoError(429, "upload_in_progress",
+                     f"Your organization already has {limit} upload(s) being received or checked, as many as it may "
+                     "at once (PDAO_UPLOAD_CONCURRENCY). Nothing was read or stored; send it again when that one has "
+                     "finished.",
+                     f"贵机构已有 {limit} 个上传正在接收或检查，已达同时上传上限（PDAO_UPLOAD_CONCURRENCY）。"
+                     "未读取也未保存任何数据；请待其完成后重新上传。",
+                     details={"limit_concurrent": limit, "retry_after_seconds": _IN_PROGRESS_RETRY_SECONDS},
+                     headers={"Retry-After": str(_IN_PROGRESS_RETRY_SECONDS)})
+
+
+def upload_rate_limited(limit: int, retry_after: int) -> PdaoError:
+    """429: the organization started as many uploads in the last hour as it may."""
+    return PdaoError(429, "upload_rate_limited",
+                     f"Your organization started {limit} uploads in the last hour, as many as it may "
+                     f"(PDAO_UPLOAD_RATE_PER_HOUR). Nothing was read or stored; try again in {retry_after} s.",
+                     f"贵机构最近一小时已发起 {limit} 次上传，已达上限（PDAO_UPLOAD_RATE_PER_HOUR）。"
+                     f"未读取也未保存任何数据；请于 {retry_after} 秒后重试。",
+                     details={"limit_per_hour": limit, "retry_after_seconds": retry_after},
+                     headers={"Retry-After": str(retry_after)})
+
+
+def admission_refusal(started: list[datetime], running: int, settings: Settings, now: datetime
+                      ) -> PdaoError | None:
+    """Why a new upload of an organization may not start now, or None: `running` of its uploads
+    are being checked, and `started` (oldest first) are when its uploads of the last hour started."""
+    if running >= settings.upload_concurrency:
+        return upload_in_progress(settings.upload_concurrency)
+    if len(started) >= settings.upload_rate_per_hour:
+        # when enough of them have left the hour for one more
+        frees = started[len(started) - settings.upload_rate_per_hour] + RATE_WINDOW
+        return upload_rate_limited(settings.upload_rate_per_hour, max(1, math.ceil((frees - now).total_seconds())))
+    return None
+
+
+def admit_upload(engine: Engine, settings: Settings, org_id: int, user_id: int, now: datetime | None = None) -> int:
+    """Count an upload against its organization's rate and concurrency, before its file is read,
+    committed at once (the id of its `TenantUploadCheck`), or raise 429 (`upload_in_progress`,
+    `upload_rate_limited`) and count nothing. One organization's admissions take turns on its
+    `TenantUploadUsage` row (an UPDATE that changes nothing, as `claim_quota` takes it: PostgreSQL
+    locks the row, SQLite its one writer), so two uploads never both take the last slot."""
+    now = now or utcnow()
+    usage, check = TenantUploadUsage, TenantUploadCheck
+    with Session(engine) as s:
+        for _attempt in range(5):
+            held = s.exec(update(usage).where(usage.org_id == org_id).values(stored_rows=usage.stored_rows)
+                          .execution_options(synchronize_session=False)).rowcount
+            if not held:   # the organization's first upload: make its row, then take it
+                s.add(usage(org_id=org_id, stored_bytes=0, stored_rows=0))
+                try:
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()
+                continue
+            running = s.exec(select(func.count()).select_from(check).where(
+                check.org_id == org_id, check.finished_at.is_(None), check.lease_until > now)).one()
+            started = list(s.exec(select(check.started_at).where(
+                check.org_id == org_id, check.started_at > now - RATE_WINDOW).order_by(check.started_at)).all())
+            refusal = admission_refusal(started, running, settings, now)
+            if refusal is not None:
+                s.rollback()
+                raise refusal
+            s.exec(delete(check).where(check.org_id == org_id, check.started_at <= now - RATE_WINDOW,
+                                       or_(check.finished_at.is_not(None), check.lease_until <= now)))
+            row = check(org_id=org_id, user_id=user_id, started_at=now,
+                        lease_until=now + timedelta(seconds=UPLOAD_LEASE_SECONDS))
+            s.add(row)
+            s.commit()
+            return row.id
+    raise PdaoError(409, "concurrent_change", "Other uploads of your organization started at the same time; send it "
+                    "again.", "贵机构的其他上传同时开始，请重新上传。")
+
+
+def renew_upload(engine: Engine, check_id: int, now: datetime | None = None) -> None:
+    """Extend a running upload's lease (`UPLOAD_LEASE_SECONDS` from now)."""
+    now = now or utcnow()
+    c = TenantUploadCheck
+    with Session(engine) as s:
+        s.exec(update(c).where(c.id == check_id, c.finished_at.is_(None))
+               .values(lease_until=now + timedelta(seconds=UPLOAD_LEASE_SECONDS))
+               .execution_options(synchronize_session=False))
+        s.commit()
+
+
+def finish_upload(engine: Engine, check_id: int, now: datetime | None = None) -> None:
+    """The upload is over (stored or refused): its slot is free; it still counts against the rate."""
+    c = TenantUploadCheck
+    with Session(engine) as s:
+        s.exec(update(c).where(c.id == check_id, c.finished_at.is_(None)).values(finished_at=now or utcnow())
+               .execution_options(synchronize_session=False))
+        s.commit()
+
+
+class UploadSlot:
+    """One admitted upload (`admit_upload`), its lease renewed by a thread of its own until
+    `release()`. If releasing fails, the lease runs out by itself."""
+
+    def __init__(self, engine: Engine, check_id: int) -> None:
+        self.engine, self.check_id = engine, check_id
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._renew, name=f"upload-lease-{check_id}", daemon=True)
+        self._beat.start()
+
+    @classmethod
+    def take(cls, engine: Engine, settings: Settings, org_id: int, user_id: int) -> UploadSlot:
+        return cls(engine, admit_upload(engine, settings, org_id, user_id))
+
+    def _renew(self) -> None:
+        while not self._stop.wait(UPLOAD_LEASE_SECONDS / 4):
+            try:
+                renew_upload(self.engine, self.check_id)
+            except Exception:  # noqa: BLE001 - the lease then runs out: the slot is freed, never held
+                log.warning("could not renew upload check %s", self.check_id, exc_info=True)
+
+    def release(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            finish_upload(self.engine, self.check_id)
+        except Exception:  # noqa: BLE001
+            log.warning("could not finish upload check %s; its lease will run out", self.check_id, exc_info=True)
+
+    def __enter__(self) -> UploadSlot:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
 
 
 def store_upload(session: Session, settings: Settings, *, org: Organization, user_id: int, schema: UploadSchema,
@@ -997,4 +1300,6 @@ __all__ = ["ColumnSpec", "UploadSchema", "UploadReport", "parse_schema", "parse_
            "visible_uploads", "get_versions", "latest_upload", "tenant_upload_columns", "join_key_of", "upload_roles",
            "split_join_target", "DUCK_TYPES", "Usage", "upload_usage", "claim_quota", "fits_quota", "quota_limits",
            "too_many_rows", "rows_up_to", "values_too_large", "parquet_value_bytes", "cn_id_ok_sql", "phone_ok_sql",
-           "pii_prefilter_sql"]
+           "pii_prefilter_sql", "parquet_encoding_problems", "PARQUET_ENCODINGS", "CheckClock", "check_time_exceeded",
+           "scanned_columns", "scanned_text", "admit_upload", "renew_upload", "finish_upload", "UploadSlot",
+           "admission_refusal", "upload_in_progress", "upload_rate_limited"]

@@ -113,7 +113,7 @@ def test_the_review_row_bomb_is_refused_before_any_per_row_work(client, auth, en
     assert upload_rows(engine) == 0 and files_under(settings) == []
     assert [p for p in settings.staging_dir.iterdir() if not p.name.startswith("duckdb")] == []
     assert audit_reasons(engine) == ["too_many_rows"]
-    assert usage_matches_the_versions(engine) == {}
+    assert set(usage_matches_the_versions(engine).values()) <= {(0, 0)}   # nothing counted
 
 
 @pytest.mark.parametrize("dictionary", [True, False], ids=["dictionary", "plain"])

@@ -21,6 +21,7 @@ from sandbox.upload_models import TenantUpload
 from sandbox.uploads import (
     MAX_NOTE,
     PII_MIN_SCORE,
+    UploadSlot,
     check_join_targets,
     get_versions,
     latest_upload,
@@ -100,9 +101,14 @@ async def create_upload(request: Request, principal: Uploader, session: SessionD
     `file` (CSV or Parquet), `schema` (JSON) and optional `note`; or the raw body with `?name=`,
     reusing the schema of the table's latest version. Checked against the schema, scanned for
     undeclared personal data, refused whole with a report by line — or stored in the tenant's own
-    space. The answer is metadata; no cell is ever returned."""
+    space. The answer is metadata; no cell is ever returned. Before the body is read, the upload
+    is counted against the organization's rate and concurrency (429 `upload_rate_limited`,
+    `upload_in_progress`)."""
     request.state.object = "upload"
     settings.ensure_home()
+    # counted against the organization's rate and concurrency before a byte of the file is read
+    slot = await run_in_threadpool(UploadSlot.take, session.get_bind(), settings, principal.org_id, principal.user_id)
+    request.state.upload_slot = slot
     staged = settings.staging_dir / f"upload-{uuid.uuid4().hex}"
     try:
         try:
@@ -117,6 +123,7 @@ async def create_upload(request: Request, principal: Uploader, session: SessionD
                                                received.fields.get("schema"), form_name, note, staged)
     finally:
         staged.unlink(missing_ok=True)
+        await run_in_threadpool(slot.release)
     request.state.object = f"upload:{principal.org_code}/{row.name}/v{row.version}"
     request.state.audit_detail = {"upload": row.name, "version": row.version, "rows": row.row_count,
                                   "sha256": row.sha256, "format": row.format}
@@ -125,6 +132,18 @@ async def create_upload(request: Request, principal: Uploader, session: SessionD
 
 def _store(request, session, settings, principal, schema_text: str | None, name: str | None, note: str,  # noqa: ANN001, ANN202
            staged):  # noqa: ANN001
+    """Check and store a received file (the API's route and the console's form). A request not yet
+    counted against its organization's rate and concurrency (the console's form, which reads its
+    body first) is counted here, before any check runs."""
+    if getattr(request.state, "upload_slot", None) is not None:
+        return _check_and_store(request, session, settings, principal, schema_text, name, note, staged)
+    with UploadSlot.take(session.get_bind(), settings, principal.org_id, principal.user_id) as slot:
+        request.state.upload_slot = slot
+        return _check_and_store(request, session, settings, principal, schema_text, name, note, staged)
+
+
+def _check_and_store(request, session, settings, principal,  # noqa: ANN001, ANN202
+                     schema_text: str | None, name: str | None, note: str, staged):  # noqa: ANN001
     if schema_text is None and name is not None:
         previous = latest_upload(session, principal.org_id, name)
         if previous is None:
