@@ -779,11 +779,14 @@ async def upload_create(request: Request, principal: page("upload", "create"), s
     from api.routes.uploads import _store
     from api.uploads import receive_file
     from pdao.errors import too_large
-    from sandbox.uploads import MAX_NOTE
+    from sandbox.uploads import MAX_NOTE, UploadSlot
 
     request.state.object = "upload"
     check_origin(request)
     settings.ensure_home()
+    # counted against the organization's upload rate and concurrency before a byte of the file is read
+    slot = await run_in_threadpool(UploadSlot.take, session.get_bind(), settings, principal.org_id, principal.user_id)
+    request.state.upload_slot = slot
     staged = settings.staging_dir / f"upload-{uuid.uuid4().hex}"
     try:
         try:
@@ -801,6 +804,7 @@ async def upload_create(request: Request, principal: page("upload", "create"), s
                                                note, staged)
     finally:
         staged.unlink(missing_ok=True)
+        await run_in_threadpool(slot.release)
     request.state.object = f"upload:{principal.org_code}/{row.name}/v{row.version}"
     request.state.audit_detail = {"upload": row.name, "version": row.version, "rows": row.row_count,
                                   "sha256": row.sha256, "format": row.format}
