@@ -628,15 +628,26 @@ def write_json(out: BinaryIO, schema: pa.Schema, pieces: Pieces, stamp: dict[str
     names = _unique_names(schema.names)
     first = True
     for table in _tables(schema, pieces):
-        cols = [[None if v is None else float(v) for v in _column_values(c)]
-                if pa.types.is_float16(c.type) or pa.types.is_float32(c.type) else _column_values(c)
-                for c in table.columns]
+        cols = [_json_column(c) for c in table.columns]
         if not cols or not table.num_rows:
             continue
-        text = ", ".join(_json_text_of(dict(zip(names, (_json_cell(v) for v in vals)))) for vals in zip(*cols))
+        # one dumps of the piece's rows as a list, its brackets cut: the rows joined by ", "
+        text = _json_text_of([dict(zip(names, vals)) for vals in zip(*cols)])[1:-1]
         out.write(((", " if not first else "") + text).encode("utf-8"))
         first = False
     out.write(b"]}")
+
+
+def _json_column(col: pa.ChunkedArray) -> list[Any]:
+    """A column's values as `json_bytes` writes them (`_json_cell`; booleans, integers and texts are
+    already what it gives)."""
+    t = col.type
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return [_json_cell(None if v is None else float(v)) for v in _column_values(col)]
+    values = _column_values(col)
+    if pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        return values
+    return [_json_cell(v) for v in values]
 
 
 def csv_bytes(table: pa.Table, stamp: dict[str, Any], *, bom: bool = False) -> bytes:
