@@ -303,3 +303,40 @@ def test_a_prod_run_failing_inside_the_domain_ends_its_row_held(client, auth, en
     assert r.status_code == 201 and r.json()["status"] == "held"
     [q] = _queries(engine)
     assert q.status == "held" and q.lease_until is None
+
+
+def test_simultaneous_runs_of_one_tenant_admit_exactly_one(client, auth, engine, health, monkeypatch):
+    """The count and the insert are one step under the tenant's lock (PostgreSQL: its organization's
+    row; SQLite: the write lock), so runs sent at the same instant cannot all see an empty slot."""
+    upload(client, auth("insurer_a"), applicants(health[:5]))
+    url = _template_scene(client, auth)
+    a = auth("insurer_a")
+    release = threading.Event()
+    real = export.content_fp
+
+    def held(*args, **kwargs):
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "content_fp", held)
+    start = threading.Barrier(4)
+    out: list = []
+
+    def send():
+        start.wait(10)
+        out.append(client.post(url, headers=a, json={"upload": "applicants", "mode": "dev"}))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(out) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(r.status_code for r in out) == [429, 429, 429]
+        assert [q.status for q in _queries(engine)] == ["running"]
+    finally:
+        release.set()
+        for t in threads:
+            t.join(60)
+    assert sorted(r.status_code for r in out) == [201, 429, 429, 429]
