@@ -36,7 +36,7 @@ import hashlib
 import hmac
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,7 +55,7 @@ from policies.models import Scene, SceneReview
 from policies.scenes import lock as lock_scene
 from policies.schemas import ReleasePolicy
 from policies.visibility import tenant_scoped
-from sandbox import disclosure, fingerprint
+from sandbox import disclosure, fingerprint, read_slots
 from sandbox.execute import Answer, Execution
 from sandbox.models import Query, QueryResult, ResultExport, ResultReview
 from sandbox.upload_models import TenantUpload
@@ -833,46 +833,76 @@ def _recheck(session: Session, settings: Settings, parent: QueryResult, scene: S
 
 @dataclass
 class ExportFile:
+    """A download: its bytes (`data`), or with `spool=True` an open file of them (`file`, already
+    removed from the staging folder: it is gone once closed) and their `size`."""
+
     data: bytes
     media_type: str
     filename: str
     export: ResultExport
     synthetic: bool
+    file: BinaryIO | None = None
+    size: int = 0
+
+
+EXPORT_BATCH_ROWS = 16_384     # rows of a result read, converted and written at a time by a download
 
 
 def export(session: Session, settings: Settings, principal: Principal, result_id: int, fmt: str,
-           request_id: str | None = None) -> ExportFile:
+           request_id: str | None = None, *, spool: bool = False) -> ExportFile:
     """A stamped file of a released result (or the tenant's own dev answer), recorded with its hash
-    and its audit event in one transaction. Commits."""
+    and its audit event in one transaction. Commits.
+
+    The file is written into the staging folder a batch of rows at a time (`fingerprint.write_*`:
+    the same bytes as the whole table at once), then hashed, recorded, and handed back as bytes or,
+    with `spool`, as an open file for the route to stream: memory stays at a batch whatever the
+    result's size. A user runs at most `read_slots.MAX_READS_PER_USER` downloads and reads at once
+    (429 `too_many_reads`)."""
     r = get_result(session, principal, result_id)
     if not (principal.role is Role.applicant and cells_visible(principal, r)):
         raise forbidden("result_not_released", "Only released results (or your own dev answers) can be downloaded.",
                         "只能下载已放行的结果（或本单位的开发模式结果）。")
-    table = pq.read_table(settings.results_dir / r.storage_path)
-    key = fingerprint_key(settings)
-    content = r.content_fp or fingerprint.content_fingerprint(key, table)
-    export_id = f"ex-{uuid.uuid4().hex[:20]}"
-    stamp = {"export_id": export_id, "fingerprint": fingerprint.export_stamp(key, export_id, content),
-             "result_id": r.id, "query_id": r.query_id, "version": r.version, "synthetic": r.synthetic}
-    table = table.replace_schema_metadata(None)
-    if fmt == "parquet":
-        data = fingerprint.parquet_bytes(table, stamp)
-    elif fmt == "json":
-        data = fingerprint.json_bytes(table, stamp, {"result_id": r.id, "query_id": r.query_id,
-                                                     "synthetic": r.synthetic, "noise": r.noise})
-    else:
-        data = fingerprint.csv_bytes(table, stamp)
-    row = ResultExport(export_id=export_id, result_id=r.id, user_id=principal.user_id, org_id=principal.org_id,
-                       format=fmt, fingerprint=stamp["fingerprint"], content_fp=content,
-                       sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
-    session.add(row)
-    session.flush()
-    audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
-                 role=principal.role.value, auth_method=principal.auth_method, action="result.export",
-                 object=f"export:{export_id}", scene_id=r.scene_id, decision="allow", reason=None,
-                 detail={"result_id": r.id, "format": fmt, "sha256": row.sha256, "synthetic": r.synthetic})
-    session.commit()
-    return ExportFile(data, FORMATS[fmt], f"result-{r.id}-{export_id}.{fmt}", row, r.synthetic)
+    source = settings.results_dir / r.storage_path
+    with read_slots.held(principal):
+        key = fingerprint_key(settings)
+        content = r.content_fp or fingerprint.content_fingerprint(key, pq.read_table(source))
+        export_id = f"ex-{uuid.uuid4().hex[:20]}"
+        stamp = {"export_id": export_id, "fingerprint": fingerprint.export_stamp(key, export_id, content),
+                 "result_id": r.id, "query_id": r.query_id, "version": r.version, "synthetic": r.synthetic}
+        settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        staged = settings.staging_dir / f"{export_id}.{fmt}"
+        try:
+            with pq.ParquetFile(source) as f, staged.open("wb") as out:
+                schema = f.schema_arrow.remove_metadata()
+                batches = (b.replace_schema_metadata(None) for b in f.iter_batches(batch_size=EXPORT_BATCH_ROWS))
+                if fmt == "parquet":
+                    fingerprint.write_parquet(out, schema, batches, stamp)
+                elif fmt == "json":
+                    fingerprint.write_json(out, schema, batches, stamp, {"result_id": r.id, "query_id": r.query_id,
+                                                                          "synthetic": r.synthetic, "noise": r.noise})
+                else:
+                    fingerprint.write_csv(out, schema, batches, stamp)
+            with staged.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            size = staged.stat().st_size
+            row = ResultExport(export_id=export_id, result_id=r.id, user_id=principal.user_id, org_id=principal.org_id,
+                               format=fmt, fingerprint=stamp["fingerprint"], content_fp=content, sha256=digest,
+                               size_bytes=size)
+            session.add(row)
+            session.flush()
+            audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
+                         role=principal.role.value, auth_method=principal.auth_method, action="result.export",
+                         object=f"export:{export_id}", scene_id=r.scene_id, decision="allow", reason=None,
+                         detail={"result_id": r.id, "format": fmt, "sha256": row.sha256, "synthetic": r.synthetic})
+            session.commit()
+            handle = staged.open("rb") if spool else None
+            data = b"" if spool else staged.read_bytes()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            staged.unlink(missing_ok=True)     # an open handle still reads it; the name is gone
+    return ExportFile(data, FORMATS[fmt], f"result-{r.id}-{export_id}.{fmt}", row, r.synthetic, handle, size)
 
 
 # ---------------------------------------------------------------------------------------------

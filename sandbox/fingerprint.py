@@ -40,9 +40,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, ROUND_UP, Context, Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -51,7 +52,8 @@ import pyarrow.parquet as pq
 __all__ = [
     "SIGNIFICANT_DIGITS", "MAX_FOUND_BYTES", "MAX_FOUND_ROWS", "FoundFileError", "Found",
     "derive_key", "canonical_cell", "canonical_rows", "normalize_rows", "row_digest", "content_fingerprint",
-    "export_stamp", "verify_stamp", "csv_bytes", "parquet_bytes", "json_bytes", "read_found",
+    "export_stamp", "verify_stamp", "csv_bytes", "parquet_bytes", "json_bytes", "write_csv", "write_parquet",
+    "write_json", "read_found",
     "match_candidates", "similarity",
 ]
 
@@ -317,19 +319,25 @@ def canonical_cell(v: Any) -> str:
     return _canon_text(str(v))
 
 
-def _column_values(col: pa.ChunkedArray | pa.Array) -> list[Any]:
+def _arrow_values(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """The column with the values `canonical_cell` reads: dictionaries decoded, float32 as text,
+    nanoseconds as microseconds."""
     t = col.type
     if pa.types.is_dictionary(t):
         col = col.cast(t.value_type)
         t = t.value_type
     if pa.types.is_float16(t) or pa.types.is_float32(t):
         # the shortest text of the float32 value, as every CSV writer prints it
-        return pc.cast(col, pa.string()).to_pylist()
+        return pc.cast(col, pa.string())
     if pa.types.is_timestamp(t) and t.unit == "ns":
         col = pc.cast(col, pa.timestamp("us", t.tz), safe=False)
     elif pa.types.is_time64(t) and t.unit == "ns":
         col = pc.cast(col, pa.time64("us"), safe=False)
-    return col.to_pylist()
+    return col
+
+
+def _column_values(col: pa.ChunkedArray | pa.Array) -> list[Any]:
+    return _arrow_values(col).to_pylist()
 
 
 def canonical_rows(table: pa.Table) -> list[tuple[str, ...]]:
@@ -346,8 +354,30 @@ def canonical_rows(table: pa.Table) -> list[tuple[str, ...]]:
     * lists and structs → compact JSON with sorted keys; bytes → UTF-8 text (or hex);
     * anything else: the stripped text.
     """
-    cols = [[canonical_cell(v) for v in _column_values(c)] for c in table.columns]
+    cols = [_canonical_column(c) for c in table.columns]
     return list(zip(*cols)) if cols else [() for _ in range(table.num_rows)]
+
+
+def _canonical_column(col: pa.ChunkedArray | pa.Array) -> list[str]:
+    """`canonical_cell` of every value of one column, each distinct value computed once (a column
+    of flags or bands holds a handful). Values are keyed with their type, so 1 and True never share
+    a canonical string; unhashable ones (lists, structs) are computed each time."""
+    seen: dict[tuple[type, Any], str] = {}
+    out = []
+    for v in _column_values(col):
+        if v is None:
+            out.append("")
+            continue
+        key = (v.__class__, v)
+        try:
+            c = seen.get(key)
+        except TypeError:
+            out.append(canonical_cell(v))
+            continue
+        if c is None:
+            c = seen[key] = canonical_cell(v)
+        out.append(c)
+    return out
 
 
 def normalize_rows(rows: Iterable[Sequence[str]]) -> list[tuple[str, ...]]:
@@ -374,11 +404,16 @@ def row_digest(row: Sequence[str]) -> bytes:
 
 
 def _fingerprint_of_digests(key: bytes, ncols: int, digests: list[bytes]) -> str:
+    return _fingerprint_of_blob(key, ncols, len(digests), b"".join(sorted(digests)))
+
+
+def _fingerprint_of_blob(key: bytes, ncols: int, count: int, sorted_digests: bytes) -> str:
+    """HMAC over the column count, the row count and the sorted row digests (one update of them
+    all: the same bytes as one update per digest)."""
     mac = hmac.new(key, _CONTENT_TAG, hashlib.sha256)
     mac.update(ncols.to_bytes(8, "big"))
-    mac.update(len(digests).to_bytes(8, "big"))
-    for d in sorted(digests):
-        mac.update(d)
+    mac.update(count.to_bytes(8, "big"))
+    mac.update(sorted_digests)
     return mac.hexdigest()
 
 
@@ -387,9 +422,83 @@ def content_fingerprint(key: bytes, table_or_rows: pa.Table | Iterable[Sequence[
     independent of the header, the column names and the row order. `table_or_rows` is a table, or rows
     that are already canonical (`canonical_rows`, `Found.candidates`)."""
     key = _check_key(key)
-    rows = canonical_rows(table_or_rows) if isinstance(table_or_rows, pa.Table) else table_or_rows
-    norm = normalize_rows(rows)
+    if isinstance(table_or_rows, pa.Table):
+        width, digests = _table_digests(table_or_rows)
+        return _fingerprint_of_blob(key, width, len(digests) // 32, _sorted_digests(digests))
+    norm = normalize_rows(table_or_rows)
     return _fingerprint_of_digests(key, len(norm[0]) if norm else 0, [row_digest(r) for r in norm])
+
+
+_EMPTY_CELL = (0).to_bytes(8, "big")     # an empty canonical cell as `row_digest` hashes it
+_DIGEST_ROWS = 65_536                    # rows joined and hashed at a time (bounds the memory)
+
+
+def _cell_pieces(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """One column as `row_digest` feeds it to SHA-256: (pieces, empty, indices) — the length-prefixed
+    canonical text of each distinct value once (`pieces`, binary), whether it is the empty cell
+    (`empty`), and each row's index into them. The canonical text of a value depends on the value
+    alone, so computing it once per distinct value changes nothing."""
+    arr = _arrow_values(col)
+    try:
+        enc = pc.dictionary_encode(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+        values = enc.dictionary
+        canon = (_canonical_texts(values) if pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
+                 else [canonical_cell(v) for v in values.to_pylist()])
+        indices = enc.indices
+    except (pa.ArrowException, TypeError):   # a type Arrow cannot hash (lists, structs): value by value
+        canon = _canonical_column(col)
+        indices = pa.array(range(len(canon)), pa.int64())
+    blobs = [c.encode("utf-8", "surrogatepass") for c in canon] + [b""]      # the last: NULL
+    pieces = [len(b).to_bytes(8, "big") + b for b in blobs]
+    indices = pc.fill_null(indices, len(pieces) - 1)
+    return (pa.array(pieces, pa.binary()), pa.array([p == _EMPTY_CELL for p in pieces], pa.bool_()),
+            indices)
+
+
+# A text that starts with a letter, is printable ASCII with no whitespace at its ends, and is not a
+# word `_canon_text` reads (a missing-value text, a boolean, infinity) is its own canonical text:
+# no number, date or JSON starts with a letter, NFC leaves ASCII alone, and it holds no CR.
+_PLAIN_TEXT = r"^[A-Za-z_]$|^[A-Za-z_][ -~]*[!-~]$"
+_WORDS = pa.array(sorted({t.lower() for t in _NULL_TEXTS if t[:1].isalpha()} | {"true", "false", "inf", "infinity"}))
+
+
+def _canonical_texts(values: pa.Array) -> list[str]:
+    """`canonical_cell` of distinct texts (no NULL among them), the plain ones found in Arrow."""
+    plain = pc.and_(pc.match_substring_regex(values, _PLAIN_TEXT),
+                    pc.invert(pc.is_in(pc.utf8_lower(values), value_set=_WORDS))).to_pylist()
+    return [t if ok else _canon_text(t) for t, ok in zip(values.to_pylist(), plain)]
+
+
+def _table_digests(table: pa.Table) -> tuple[int, bytearray]:
+    """(width, the row digests, 32 bytes each, one after the other) of `normalize_rows(canonical_rows(table))`, computed column by column
+    in Arrow: each row's length-prefixed cells are joined (`binary_join_element_wise`) and hashed in
+    one call, the same bytes `row_digest` feeds SHA-256 piece by piece. A table's rows all have its
+    width, and a row that is dropped holds only empty cells, so the trailing columns dropped are
+    those empty in every row."""
+    columns = [_cell_pieces(c) for c in table.columns]
+    empties = [pc.take(empty, indices) for _, empty, indices in columns]
+    width = len(columns)
+    while width > 0 and pc.all(empties[width - 1]).as_py() in (True, None):
+        width -= 1
+    if width == 0:
+        return 0, bytearray()
+    head, sha, digests = width.to_bytes(4, "big"), hashlib.sha256, bytearray()
+    for start in range(0, table.num_rows, _DIGEST_ROWS):
+        n = min(_DIGEST_ROWS, table.num_rows - start)
+        parts = [pc.take(pieces, indices.slice(start, n)) for pieces, _, indices in columns[:width]]
+        joined = pc.binary_join_element_wise(*parts, b"")
+        blank = empties[0].slice(start, n)
+        for e in empties[1:width]:
+            blank = pc.and_(blank, e.slice(start, n))
+        for row in pc.filter(joined, pc.invert(blank)).to_pylist():
+            digests += sha(head + row).digest()
+    return width, digests
+
+
+def _sorted_digests(digests: bytes | bytearray) -> bytes:
+    """32-byte digests, one after the other, in the order `sorted` gives them as bytes (NumPy
+    compares fixed-width byte strings as memcmp does)."""
+    return np.sort(np.frombuffer(bytes(digests), dtype="S32")).tobytes()
 
 
 def export_stamp(key: bytes, export_id: str, content_fp: str) -> str:
@@ -467,6 +576,80 @@ def _csv_safe(table: pa.Table) -> pa.Table:
     return table
 
 
+Pieces = Iterable[pa.RecordBatch | pa.Table]     # a table's rows, a batch or a table at a time
+
+
+def _tables(schema: pa.Schema, pieces: Pieces) -> Iterable[pa.Table]:
+    for piece in pieces:
+        yield (pa.Table.from_batches([piece]) if isinstance(piece, pa.RecordBatch) else piece).cast(schema)
+
+
+def write_csv(out: BinaryIO, schema: pa.Schema, pieces: Pieces, stamp: dict[str, Any], *, bom: bool = False) -> None:
+    """`csv_bytes`, written to `out` a piece at a time (the header once): the same bytes, in the
+    memory of one piece."""
+    if bom:
+        out.write(codecs.BOM_UTF8)
+    out.write((_stamp_comment(stamp) + "\n").encode("utf-8"))
+    if stamp.get("synthetic"):
+        out.write((_SYNTHETIC_NOTICE + "\n").encode("utf-8"))
+    safe = _csv_safe(schema.empty_table()).schema
+    writer = pacsv.CSVWriter(out, safe)
+    for table in _tables(schema, pieces):
+        writer.write_table(_csv_safe(table))
+    writer.close()
+
+
+def write_parquet(out: BinaryIO, schema: pa.Schema, pieces: Pieces, stamp: dict[str, Any]) -> None:
+    """`parquet_bytes`, written to `out` a piece at a time (each piece one or more row groups)."""
+    _stamp_comment(stamp)    # the same checks as for CSV
+    meta = {k: v for k, v in (schema.metadata or {}).items() if k != b"pdao"}
+    meta[b"pdao"] = json.dumps(stamp, ensure_ascii=False, default=str).encode("utf-8")
+    schema = schema.with_metadata(meta)
+    with pq.ParquetWriter(out, schema) as writer:
+        for table in _tables(schema, pieces):
+            writer.write_table(table)
+
+
+def _json_text_of(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
+def write_json(out: BinaryIO, schema: pa.Schema, pieces: Pieces, stamp: dict[str, Any],
+               extra: dict[str, Any] | None = None) -> None:
+    """`json_bytes`, written to `out` a piece at a time: the object up to `"rows": [`, the rows of
+    each piece, then `]}` — the text `json.dumps` gives the whole object (its `", "` and `": "`
+    separators), so the bytes are the same."""
+    _stamp_comment(stamp)
+    extra = dict(extra or {})
+    if "export" in extra or "rows" in extra:
+        raise ValueError("extra must not contain 'export' or 'rows'")
+    head = _json_text_of({"export": _json_cell(stamp), **{str(k): _json_cell(v) for k, v in extra.items()}})
+    out.write((head[:-1] + ', "rows": [').encode("utf-8"))
+    names = _unique_names(schema.names)
+    first = True
+    for table in _tables(schema, pieces):
+        cols = [_json_column(c) for c in table.columns]
+        if not cols or not table.num_rows:
+            continue
+        # one dumps of the piece's rows as a list, its brackets cut: the rows joined by ", "
+        text = _json_text_of([dict(zip(names, vals)) for vals in zip(*cols)])[1:-1]
+        out.write(((", " if not first else "") + text).encode("utf-8"))
+        first = False
+    out.write(b"]}")
+
+
+def _json_column(col: pa.ChunkedArray) -> list[Any]:
+    """A column's values as `json_bytes` writes them (`_json_cell`; booleans, integers and texts are
+    already what it gives)."""
+    t = col.type
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return [_json_cell(None if v is None else float(v)) for v in _column_values(col)]
+    values = _column_values(col)
+    if pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        return values
+    return [_json_cell(v) for v in values]
+
+
 def csv_bytes(table: pa.Table, stamp: dict[str, Any], *, bom: bool = False) -> bytes:
     """The CSV download: `# pdao export <export_id> fingerprint <fp> <key> <value> …` first, a second
     `#` line if `stamp["synthetic"]` (a dev answer can never pass for real data), then the header and
@@ -474,23 +657,15 @@ def csv_bytes(table: pa.Table, stamp: dict[str, Any], *, bom: bool = False) -> b
     Excel needs to show Chinese text (pandas and `read_found` accept both). Readers skip the comment
     lines with pandas' `comment="#"` (or `skiprows`), DuckDB's `comment='#'`."""
     buf = io.BytesIO()
-    if bom:
-        buf.write(codecs.BOM_UTF8)
-    buf.write((_stamp_comment(stamp) + "\n").encode("utf-8"))
-    if stamp.get("synthetic"):
-        buf.write((_SYNTHETIC_NOTICE + "\n").encode("utf-8"))
-    pacsv.write_csv(_csv_safe(table), buf)
+    write_csv(buf, table.schema, [table], stamp, bom=bom)
     return buf.getvalue()
 
 
 def parquet_bytes(table: pa.Table, stamp: dict[str, Any]) -> bytes:
     """The Parquet download: the table with the stamp as JSON under the schema metadata key `pdao`
     (replacing the result store's own `pdao` entry; other metadata kept)."""
-    _stamp_comment(stamp)    # the same checks as for CSV
-    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pdao"}
-    meta[b"pdao"] = json.dumps(stamp, ensure_ascii=False, default=str).encode("utf-8")
     buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(meta), buf)
+    write_parquet(buf, table.schema, [table], stamp)
     return buf.getvalue()
 
 
@@ -533,17 +708,9 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 def json_bytes(table: pa.Table, stamp: dict[str, Any], extra: dict[str, Any] | None = None) -> bytes:
     """The JSON download: `{"export": {stamp}, **extra, "rows": [{column: value}, …]}` (UTF-8, strict
     JSON: NaN → null, ±infinity → "inf"/"-inf", dates ISO, decimals as exact strings)."""
-    _stamp_comment(stamp)
-    extra = dict(extra or {})
-    if "export" in extra or "rows" in extra:
-        raise ValueError("extra must not contain 'export' or 'rows'")
-    names = _unique_names(table.column_names)
-    cols = [[None if v is None else float(v) for v in _column_values(c)]
-            if pa.types.is_float16(c.type) or pa.types.is_float32(c.type) else _column_values(c)
-            for c in table.columns]
-    rows = [dict(zip(names, (_json_cell(v) for v in vals))) for vals in zip(*cols)] if cols else []
-    body = {"export": _json_cell(stamp), **{str(k): _json_cell(v) for k, v in extra.items()}, "rows": rows}
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, default=_json_default).encode("utf-8")
+    buf = io.BytesIO()
+    write_json(buf, table.schema, [table], stamp, extra)
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------- found files

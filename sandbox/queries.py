@@ -50,7 +50,7 @@ from policies import scenes, states
 from policies.enforcer import SceneEnforcers
 from policies.models import Scene, SceneItem
 from policies.rules import item_verdict
-from sandbox import export, ledger, outcomes, uploads
+from sandbox import export, ledger, outcomes, read_slots, uploads
 from sandbox.execute import Answer, DatasetMeta, Execution, PlannedAnswer, answer_columns, preview as plan_preview
 from sandbox.models import Query, QueryResult, TenantRate
 from sandbox.sql import CheckedQuery, check_query
@@ -583,8 +583,44 @@ def list_queries(session: Session, principal: Principal, scene_id: int | None = 
     return list(session.exec(stmt.order_by(Query.id.desc()).limit(limit)).all())
 
 
-def read_table(settings: Settings, r: QueryResult) -> pa.Table:
-    return pq.read_table(settings.results_dir / r.storage_path)
+PAGE_ROWS = 1_000          # rows of a result one read answers unless it asks for another page size
+MAX_PAGE_ROWS = 10_000     # and at most
+_PAGE_BATCH_ROWS = 8_192   # rows decoded at a time while a page is read
+
+
+def read_table(settings: Settings, r: QueryResult, offset: int = 0, limit: int | None = None) -> pa.Table:
+    """The result's rows from `offset`, at most `limit` of them (all when None)."""
+    return read_page(settings, r, offset, limit)[0]
+
+
+def read_page(settings: Settings, r: QueryResult, offset: int, limit: int | None) -> tuple[pa.Table, int]:
+    """(rows [offset, offset + limit) of the result, its number of rows), read from its Parquet file:
+    only the row groups that hold them, a batch at a time, so a page of a large answer never
+    decodes the whole file."""
+    with pq.ParquetFile(settings.results_dir / r.storage_path) as f:
+        meta, schema = f.metadata, f.schema_arrow
+        total = meta.num_rows
+        end = total if limit is None else min(total, offset + max(limit, 0))
+        groups, first, start = [], 0, 0
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            if start < end and start + n > offset:
+                if not groups:
+                    first = start
+                groups.append(i)
+            start += n
+        skip, need, batches = offset - first, end - offset, []
+        if groups and need > 0:
+            for b in f.iter_batches(batch_size=_PAGE_BATCH_ROWS, row_groups=groups):
+                if skip >= b.num_rows:
+                    skip -= b.num_rows
+                    continue
+                b = b.slice(skip, need)
+                skip, need = 0, need - b.num_rows
+                batches.append(b)
+                if need == 0:
+                    break
+    return pa.Table.from_batches(batches, schema=schema), total
 
 
 def rows_of(table: pa.Table) -> list[dict[str, Any]]:
@@ -629,7 +665,11 @@ def report_view(principal: Principal, r: QueryResult) -> dict[str, Any] | None:
 
 
 def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with_rows: bool = True,
-               session: Session) -> dict[str, Any]:
+               session: Session, offset: int = 0, limit: int = PAGE_ROWS) -> dict[str, Any]:
+    """A result as `principal` may see it. `rows` (when the cells are visible and `with_rows`): a
+    page of at most `limit` (≤ MAX_PAGE_ROWS) rows from `offset`, with `rows_total` and
+    `next_offset` (None after the last page) — given only with the cells, where the caller sees
+    the size anyway. Reading a page takes one of the user's read slots (`sandbox.read_slots`)."""
     if not export.is_staff(principal):   # a tenant sees the decision, not the deliberation
         r = export.as_tenant_sees(session, r)
     decided = principal.role is Role.reviewer and export.decided_by(session, principal, r)
@@ -656,5 +696,12 @@ def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with
     if r.synthetic:
         out["notice"] = "synthetic: computed on the dev twin, not on real data"
         out["notice_zh"] = "合成数据：基于开发孪生数据计算，并非真实数据"
-    out["rows"] = rows_of(read_table(settings, r)) if visible and with_rows else None
+    out.update(rows=None, rows_total=None, offset=None, next_offset=None)
+    if visible and with_rows:
+        offset, limit = max(offset, 0), min(max(limit, 1), MAX_PAGE_ROWS)
+        with read_slots.held(principal):
+            page, total = read_page(settings, r, offset, limit)
+            rows = rows_of(page)
+        out.update(rows=rows, rows_total=total, offset=offset,
+                   next_offset=offset + len(rows) if offset + len(rows) < total else None)
     return out

@@ -42,7 +42,8 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -2008,14 +2009,31 @@ def _mismatch(en: str, zh: str) -> PdaoError:
                      f"分析模板的结果被拦截：{zh}")
 
 
+@contextmanager
+def _attached(con: Any, on_connection: Callable[[Any], None] | None) -> Iterator[None]:
+    """Hand the open connection to `on_connection`, and take it back before the connection closes."""
+    if on_connection is None:
+        yield
+        return
+    on_connection(con)
+    try:
+        yield
+    finally:
+        on_connection(None)
+
+
 def run_template(template: Template, params: Mapping[str, Any] | None, snapshots: Mapping[str, Path],
                  upload: Path, *, as_of: dt.date, catalog: Mapping[str, Any] | None = None,
-                 threads: int = 2, memory_limit: str = "1GB") -> TemplateAnswer:
+                 threads: int = 2, memory_limit: str = "1GB",
+                 on_connection: Callable[[Any], None] | None = None) -> TemplateAnswer:
     """Run a checked template inside the domain.
 
     snapshots: dataset code -> Parquet snapshot (only those the template reads are bound);
     upload: the tenant's upload as Parquet; as_of: the date consent must be valid on (and the
-    template's `as_of` parameter when not given in params)."""
+    template's `as_of` parameter when not given in params). on_connection: called with the DuckDB
+    connection once it is open and with None before it closes, so that another thread (the run's
+    heartbeat: time limit, cancel) can `interrupt()` it; an interrupted run fails like any
+    (`template_failed`), and the caller, which interrupted it, knows why."""
     upload = Path(upload)
     try:
         names = pq.read_schema(upload).names
@@ -2056,7 +2074,8 @@ def run_template(template: Template, params: Mapping[str, Any] | None, snapshots
     excl_sql = exp.Select(expressions=[exp.Star()]).from_(excl.subquery("e")).where(
         exp.Not(this=exp.Is(this=_col("reason", "e"), expression=exp.Null()))).order_by(_col("ref", "e"))
     try:
-        with domain_connection(views, threads=threads, memory_limit=memory_limit) as con:
+        with domain_connection(views, threads=threads, memory_limit=memory_limit) as con, \
+                _attached(con, on_connection):
             for statement in restrict:
                 con.execute(statement)
             total, non_null, distinct = con.sql(stats.sql(dialect=DIALECT, identify=True)).fetchall()[0]

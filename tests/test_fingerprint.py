@@ -609,3 +609,66 @@ def test_a_ten_thousand_row_export_is_traced_quickly():
     data = pandas_resave(csv_bytes(t, stamp_for(t)))
     traced(data, t)
     assert time.perf_counter() - start < 10
+
+
+def _reference_fingerprint(key: bytes, t: pa.Table) -> str:
+    """The fingerprint as the module defines it, cell by cell: canonical rows, normalized, a digest per row."""
+    cells = [[canonical_cell(v) for v in fp._column_values(c)] for c in t.columns]
+    rows = list(zip(*cells)) if cells else [() for _ in range(t.num_rows)]
+    assert canonical_rows(t) == rows
+    return content_fingerprint(key, rows)
+
+
+def test_property_a_tables_fingerprint_is_that_of_its_canonical_rows():
+    """A table's fingerprint is computed column by column in Arrow (each distinct value once, plain
+    texts found by a regular expression, rows hashed in one call): the same value as cell by cell,
+    on random tables, texts made to sit on the plain-text rule's edges, empty rows and columns."""
+    rng = random.Random(11)
+    edges = ["NA", "Na", "nA", "N/A", "n/a", "INF", "Infinity", "nULL", "None", "TRUE", "tRuE", "x ", " x", "a\x1c",
+             "\x1fa", "Z", "_", "a-b", "e1", "E5", "a\r\nb", "é", "a\u3000", "[1]", "{}", "", " ", "A0000001"]
+    for i in range(300):
+        t = random_table(rng)
+        if i % 3 == 0:
+            n = rng.randint(0, 12)
+            t = pa.table({"edge": [rng.choice(edges + [None]) for _ in range(n)],
+                          "blank": pa.array([None] * n, pa.string()),
+                          "mixed": [rng.choice([None, "", "k"]) for _ in range(n)]})
+        assert content_fingerprint(KEY, t) == _reference_fingerprint(KEY, t), t.to_pydict()
+    for t in (rows_table(), aggregate_table(), pa.table({"a": pa.array([], pa.string())}),
+              pa.table({"l": [[1, 2], None, []], "d": pa.array(["x", "y", "x"]).dictionary_encode(),
+                        "f": pa.array([1.5, None, float("nan")], pa.float32()),
+                        "ts": pa.array([1, 2, 3], pa.timestamp("ns", "UTC")), "dec": pa.array(
+                            [decimal.Decimal("1.10"), None, decimal.Decimal("-0")], pa.decimal128(5, 2))})):
+        assert content_fingerprint(KEY, t) == _reference_fingerprint(KEY, t)
+
+
+def test_the_writers_give_the_same_bytes_a_piece_at_a_time():
+    """Downloads are written a batch at a time (bounded memory): the CSV and JSON bytes are those of
+    the whole table at once, and the Parquet file reads back as the same table and stamp."""
+    rng = random.Random(12)
+    for t in [rows_table(), aggregate_table(), rows_table().slice(0, 0)] + [random_table(rng) for _ in range(20)]:
+        stamp = stamp_for(t)
+        for size in (1, 2, 7):
+            pieces = t.to_batches(max_chunksize=size)
+            out = io.BytesIO()
+            fp.write_csv(out, t.schema, pieces, stamp)
+            assert out.getvalue() == csv_bytes(t, stamp)
+            out = io.BytesIO()
+            fp.write_json(out, t.schema, pieces, stamp, {"result_id": 7})
+            assert out.getvalue() == json_bytes(t, stamp, {"result_id": 7})
+            assert json.loads(out.getvalue())["rows"] == json.loads(json_bytes(t, stamp, {"result_id": 7}))["rows"]
+            out = io.BytesIO()
+            fp.write_parquet(out, t.schema, pieces, stamp)
+            back = pq.read_table(io.BytesIO(out.getvalue()))
+            whole = pq.read_table(io.BytesIO(parquet_bytes(t, stamp)))
+            assert back.schema == whole.schema and back.schema.metadata == whole.schema.metadata
+            assert content_fingerprint(KEY, back) == content_fingerprint(KEY, whole) == content_fingerprint(KEY, t)
+
+
+def test_a_large_tables_fingerprint_is_fast():
+    n = 200_000
+    t = pa.table({"ref": [f"A{i:07d}" for i in range(n)], "flag": [i % 3 == 0 for i in range(n)],
+                  "band": [["0", "1", "2-3", "4+"][i % 4] for i in range(n)]})
+    start = time.perf_counter()
+    content_fingerprint(KEY, t)
+    assert time.perf_counter() - start < 5

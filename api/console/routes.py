@@ -477,13 +477,17 @@ def _on(request: Request, result_id: int, scene_id: int | None = None) -> None:
         request.state.scene_id = scene_id
 
 
+CONSOLE_PAGE_ROWS = 500     # rows of a result one console page shows (the API's page is `?limit=`)
+
+
 @router.get("/results/{result_id}", name="console.result")
 def result_page(result_id: int, request: Request, principal: page("result", "read"), session: SessionDep,
-                settings: SettingsDep) -> Response:
+                settings: SettingsDep, offset: Annotated[int, QueryParam(ge=0, le=2_147_483_647)] = 0) -> Response:
     _on(request, result_id)
     r = export.get_result(session, principal, result_id)
     _on(request, result_id, r.scene_id)
-    out = queries.result_out(settings, principal, r, session=session)   # rows: None unless cells_visible
+    # rows: None unless cells_visible; a page of them from `offset` (the API's paging)
+    out = queries.result_out(settings, principal, r, session=session, offset=offset, limit=CONSOLE_PAGE_ROWS)
     may_review = _may(principal, "result", "review") and export.may_review(session, principal, r)
     may_download = _may(principal, "result", "download") and out["cells_visible"]
     # the picker: only for the reviewer who may decide, on an aggregate (rows are suppressed by class)
@@ -496,7 +500,7 @@ def result_page(result_id: int, request: Request, principal: page("result", "rea
     # reviewer is offered the override too (a form control; the service decides)
     rechecked = may_review and r.kind == "rows" and "template" not in (r.report or {})
     return render(request, "result.html", r=out, may_review=may_review, may_download=may_download,
-                  failing=failing, release=release, rechecked_at_release=rechecked)
+                  failing=failing, release=release, rechecked_at_release=rechecked, page_rows=CONSOLE_PAGE_ROWS)
 
 
 @router.post("/results/{result_id}/review", name="results.review")

@@ -4,9 +4,11 @@ prod answer; every file carries an export id and a keyed fingerprint."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Iterator
+from typing import Annotated, Any, BinaryIO, Literal
 
-from fastapi import APIRouter, File, Query as QueryParam, Request, Response, UploadFile
+from fastapi import APIRouter, File, Query as QueryParam, Request, UploadFile
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, caller
@@ -16,6 +18,7 @@ from sandbox import export, queries
 router = APIRouter(tags=["results"])
 
 MAX_TRACE_BYTES = 50 * 1024 * 1024
+MAX_OFFSET = 2_147_483_647
 
 
 class ReviewIn(BaseModel):
@@ -65,13 +68,15 @@ def review_queue(principal: caller("result", "review"), session: SessionDep, set
 
 @router.get("/results/{result_id}", name="results.read")
 def get_result(result_id: int, principal: caller("result", "read"), session: SessionDep, settings: SettingsDep,
-               request: Request) -> dict[str, Any]:
+               request: Request, offset: Annotated[int, QueryParam(ge=0, le=MAX_OFFSET)] = 0,
+               limit: Annotated[int, QueryParam(ge=1, le=queries.MAX_PAGE_ROWS)] = queries.PAGE_ROWS) -> dict[str, Any]:
     """Metadata, noise, the disclosure-check report; the cells only for the tenant's own dev answers
-    or released ones, and for a reviewer while the result waits for them."""
+    or released ones, and for a reviewer while the result waits for them: a page of `rows`, at most
+    `limit` from `offset`, with `rows_total` and `next_offset` (null after the last page)."""
     _on(request, result_id)
     r = export.get_result(session, principal, result_id)
     _on(request, result_id, r.scene_id)
-    return queries.result_out(settings, principal, r, session=session)
+    return queries.result_out(settings, principal, r, session=session, offset=offset, limit=limit)
 
 
 @router.post("/results/{result_id}/review", name="results.review")
@@ -100,15 +105,27 @@ def revise_result(result_id: int, body: RevisionIn, principal: caller("result", 
 @router.get("/results/{result_id}/download", name="results.download")
 def download_result(result_id: int, principal: caller("result", "download"), session: SessionDep,
                     settings: SettingsDep, request: Request,
-                    format: Annotated[Literal["csv", "parquet", "json"], QueryParam()] = "csv") -> Response:
+                    format: Annotated[Literal["csv", "parquet", "json"], QueryParam()] = "csv") -> StreamingResponse:
+    """The stamped file (recorded before it is sent), streamed from the staging folder: the server
+    holds a chunk of it at a time."""
     _on(request, result_id)
-    f = export.export(session, settings, principal, result_id, format, request.state.request_id)
+    f = export.export(session, settings, principal, result_id, format, request.state.request_id, spool=True)
     r = f.export
     request.state.audit_detail = {"export_id": r.export_id, "format": format, "sha256": r.sha256}
     headers = {"X-Pdao-Result": str(r.result_id), "X-Pdao-Export": r.export_id, "X-Pdao-Fingerprint": r.fingerprint,
-               "X-Pdao-Synthetic": "true" if f.synthetic else "false",
+               "X-Pdao-Synthetic": "true" if f.synthetic else "false", "Content-Length": str(f.size),
                "Content-Disposition": f'attachment; filename="{f.filename}"'}
-    return Response(f.data, media_type=f.media_type, headers=headers)
+    return StreamingResponse(chunks(f.file), media_type=f.media_type, headers=headers)
+
+
+def chunks(file: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    """A spooled download's bytes, a chunk at a time; the file is closed at the end (or when the
+    client went away and the response's iterator is closed)."""
+    try:
+        while block := file.read(size):
+            yield block
+    finally:
+        file.close()
 
 
 @router.get("/results/{result_id}/lineage", name="results.lineage")
