@@ -369,7 +369,13 @@ class Client:
     def result(self, result_id: int) -> dict[str, Any]:
         """The result's metadata and noise report; `rows` only when the cells are visible to the caller
         (the tenant's own dev answers, or once export review released them)."""
-        return self._request("GET", f"/results/{int(result_id)}")
+        res = self._request("GET", f"/results/{int(result_id)}", params={"limit": 10_000})
+        while res.get("rows") is not None and res.get("next_offset") is not None:   # every page
+            page = self._request("GET", f"/results/{int(result_id)}",
+                                 params={"limit": 10_000, "offset": res["next_offset"]})
+            res["rows"] += page["rows"]
+            res["next_offset"] = page["next_offset"]
+        return res
 
     def frame(self, result_id: int) -> Any:
         """A result as a DataFrame (`ResultHeld` while it awaits export review)."""

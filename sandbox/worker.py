@@ -80,7 +80,11 @@ def requeue_expired(session: Session, settings: Settings) -> int:
 def _end_lost(session: Session, settings: Settings, q: Query, now: Any) -> int:
     held = None
     if q.mode == "prod":
-        held = outcomes.held_failure(settings, q, _planned(session, settings, q), "worker_lost", kind=q.kind)
+        if q.kind == "template":   # what a held failure of that run shows (imported here: it imports us)
+            from sandbox import template_runs
+            held = template_runs.lost_run_result(session, settings, q)
+        else:
+            held = outcomes.held_failure(settings, q, _planned(session, settings, q), "worker_lost", kind=q.kind)
         session.add(held)
         session.flush()
         values: dict[str, Any] = {"status": "held", "result_id": held.id, "epsilon_spent": held.epsilon_spent}

@@ -340,3 +340,29 @@ def test_simultaneous_runs_of_one_tenant_admit_exactly_one(client, auth, engine,
         for t in threads:
             t.join(60)
     assert sorted(r.status_code for r in out) == [201, 429, 429, 429]
+
+
+def test_the_worker_ends_a_lost_prod_run_as_any_held_run(client, auth, engine, settings, health):  # noqa: F811
+    """A prod run whose request died is ended by the worker's lease expiry, and its tenant sees what
+    any held run shows (not a bare held failure without the template's columns and report)."""
+    from datetime import timedelta
+
+    from pdao.db import utcnow
+
+    upload(client, auth("insurer_a"), applicants(health[:10]))
+    url = _template_scene(client, auth)
+    ok, other = (client.post(url, headers=auth("insurer_a"), json={"upload": "applicants", "mode": "prod"}).json()
+                 for _ in range(2))
+    with Session(engine) as s:   # the other run, as if its request had died while running
+        s.delete(s.get(QueryResult, other["result_id"]))
+        q = s.get(Query, other["id"])
+        q.status, q.result_id, q.lease_until = "running", None, utcnow() - timedelta(seconds=1)
+        s.commit()
+        assert worker.requeue_expired(s, settings) == 1
+    got = client.get(f"/api/v1/queries/{other['id']}", headers=auth("insurer_a")).json()
+    assert got["status"] == "held" and got["result_id"]
+    identity = {"id", "query_id", "result_id", "created_at", "started_at", "finished_at"}
+    views = [client.get(f"/api/v1/results/{rid}", headers=auth("insurer_a")).json()
+             for rid in (ok["result_id"], got["result_id"])]
+    assert [{k: v for k, v in v.items() if k not in identity} for v in views][0] == \
+           {k: v for k, v in views[1].items() if k not in identity}
