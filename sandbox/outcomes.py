@@ -59,6 +59,8 @@ def wait_for_class_end(started: float, base: float, *, at_least: float = 0.0,
     its duration, or of `at_least` seconds (what the plan predicts, `planned_seconds`) when that is
     longer — so a run that fails fast shows when a run of the same plan that succeeds would. False
     when `stop()` became true first."""
+    if base <= 0:   # classes off (tests only): no padding at all
+        return True
     end = started + timing_class_end(max(time.monotonic() - started, at_least), base)
     while True:
         left = end - time.monotonic()

@@ -111,6 +111,10 @@ def test_timing_classes():
     started = time.monotonic()
     assert outcomes.wait_for_class_end(started, 0.2) and time.monotonic() - started >= 0.2
     assert not outcomes.wait_for_class_end(time.monotonic(), 5.0, stop=lambda: True)
+    started = time.monotonic()   # the plan's floor: a run predicted to take 0.5 s shows at its class, 0.8 s
+    assert outcomes.wait_for_class_end(started, 0.2, at_least=0.5) and time.monotonic() - started >= 0.8
+    started = time.monotonic()   # classes off: no padding, floor or not
+    assert outcomes.wait_for_class_end(started, 0.0, at_least=5.0) and time.monotonic() - started < 0.5
 
 
 def test_a_prod_outcome_shows_at_the_end_of_its_timing_class_whether_it_failed_or_not(

@@ -379,8 +379,6 @@ def test_personal_data_in_a_decimal_column_is_refused(client, auth, engine, sett
         "csv with cents": (csv_text.replace("\n", ".00\n").replace("policy_amount.00", "policy_amount").encode(), "p.csv"),
         "parquet decimal": (_parquet({"id_number": [IDS[0]] * 3, "policy_amount": pa.array(
             [Decimal(v) for v in REVIEW_DECIMALS], pa.decimal128(18, 2))}), "p.parquet"),
-        "parquet double": (_parquet({"id_number": [IDS[0]] * 3, "policy_amount": [float(v) for v in REVIEW_DECIMALS]}),
-                           "p.parquet"),
         "parquet bigint": (_parquet({"id_number": [IDS[0]] * 3, "policy_amount": [int(v) for v in REVIEW_DECIMALS]}),
                            "p.parquet"),
     }
@@ -393,6 +391,12 @@ def test_personal_data_in_a_decimal_column_is_refused(client, auth, engine, sett
         assert found == {("policy_amount", "bank_card", 1), ("policy_amount", "cn_id", 1),
                          ("policy_amount", "phone", 1)}, label
         assert not any(v in r.text for v in REVIEW_DECIMALS), label
+    # as doubles, the 16-digit card number is beyond what a double holds to the cent: refused as a type
+    # before any scan (sandbox/store.py), never stored rounded
+    data = _parquet({"id_number": [IDS[0]] * 3, "policy_amount": [float(v) for v in REVIEW_DECIMALS]})
+    r = post(client, a, data, POLICIES, "p.parquet")
+    assert r.status_code == 422 and r.json()["code"] in ("upload_invalid", "unexpected_pii"), r.text
+    assert not any(v in r.text for v in REVIEW_DECIMALS)
     assert nothing_stored(engine, settings)
     amounts = "id_number,policy_amount\n" + "".join(f"{IDS[i]},{v}\n" for i, v in enumerate(
         ["1234.56", "0", "99999999.99", "-15.5", "10000000000.00"]))
