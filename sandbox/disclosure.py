@@ -5,7 +5,9 @@ Pure functions: no I/O, no database, no clock. Every check returns a ``Check`` �
 cells, as dicts of their *key* values: public domain values, fine to show), ``counts`` (how many
 cells or classes the check flags) and ``columns`` (which output columns it concerns). A check never
 carries a statistic of the data — no count, total or value of a cell — only thresholds, cells and
-how many cells (one exception, for staff: ``differencing`` says how many persons the rows two answers differ by belong to). ``report()`` bundles checks into ``{"verdict", "checks", "summary", "summary_zh"}``.
+how many cells (one exception, for staff: ``differencing`` says how many persons the rows two
+answers differ by belong to). ``report()`` bundles checks into ``{"verdict", "checks", "summary",
+"summary_zh"}``.
 
 Thresholds (``Thresholds``) default to ACRO's (cell count 10, (n, k) = (2, 0.9), p = 10%, zeros
 disclosive) plus k-anonymity 5 and l-diversity 2 for row outputs; a scene may only make them

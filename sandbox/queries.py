@@ -312,8 +312,8 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
         q.budget_entry_id = entry.id
     # the job and its reservation, in the chain with them (the log's lock last: the caller commits)
     audit.append(session, request_id=request_id, actor=principal.username, org=principal.org_code,
-                 role=principal.role.value, auth_method=principal.auth_method, action="query.queue", object=f"query:{q.id}", scene_id=scene.id,
-                 decision="allow", reason="queued",
+                 role=principal.role.value, auth_method=principal.auth_method, action="query.queue",
+                 object=f"query:{q.id}", scene_id=scene.id, decision="allow", reason="queued",
                  detail={"mode": mode, "kind": q.kind, "dataset": q.dataset, "epsilon_reserved":
                          q.epsilon if q.budget_entry_id is not None else 0.0, "budget_entry": q.budget_entry_id})
     return q

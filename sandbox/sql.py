@@ -62,7 +62,8 @@ UploadSchemas = Mapping[str, Mapping[str, str]]
 
 # A number column's type -> (its storage type, the decimal places it holds (None: any), the largest
 # magnitude accepted): sandbox.store.DUCK_TYPES, which catalog snapshots and uploads share.
-NUMBER_TYPES = {"integer": ("BIGINT", 0, Decimal(2**63 - 1)), "decimal": ("DECIMAL(18,2)", 2, Decimal("9999999999999999.99")),
+NUMBER_TYPES = {"integer": ("BIGINT", 0, Decimal(2**63 - 1)),
+                "decimal": ("DECIMAL(18,2)", 2, Decimal("9999999999999999.99")),
                 "float": ("DOUBLE", None, Decimal("1e300"))}
 
 # A column's type -> the kind of literal it may be compared with (catalog and upload types alike).

@@ -45,7 +45,8 @@ def list_events(
         raise invalid("bad_cursor", "after_seq pages order=asc, before_seq pages order=desc.",
                       "after_seq 用于 order=asc 分页，before_seq 用于 order=desc 分页。")
     flt = audit.EventFilter(actor=actor, org=org, scene=scene, action=action, decision=decision,
-                            since=utc_instant(since, "since"), until=utc_instant(until, "until"), after_seq=after_seq, before_seq=before_seq, newest_first=order == "desc",
+                            since=utc_instant(since, "since"), until=utc_instant(until, "until"), after_seq=after_seq,
+                            before_seq=before_seq, newest_first=order == "desc",
                             limit=limit)
     request.state.object = "audit_log"
     request.state.audit_detail = {"filters": {k: _plain(v) for k, v in vars(flt).items()
