@@ -117,6 +117,8 @@ def test_timing_classes():
     assert outcomes.wait_for_class_end(started, 0.0, at_least=5.0) and time.monotonic() - started < 0.5
 
 
+# By default on sqlite only (timing in the worker; the same path on PostgreSQL: test_a_prod_run_that_fails_reading_the_data_shows_its_tenant_what_any_held_run_shows).
+@pytest.mark.default_backend("sqlite")
 def test_a_prod_outcome_shows_at_the_end_of_its_timing_class_whether_it_failed_or_not(
         client, auth, engine, settings, loaded, monkeypatch):
     import sandbox.execute
@@ -176,6 +178,8 @@ def slow_engine(monkeypatch):
     monkeypatch.setattr(sandbox.execute, "domain_connection", slow)
 
 
+# By default on sqlite only (the heartbeat's limit; on PostgreSQL: tests/test_template_run_bounds.py::test_simultaneous_runs_of_one_tenant_admit_exactly_one runs the same heartbeat).
+@pytest.mark.default_backend("sqlite")
 def test_a_run_past_its_time_limit_is_stopped_dev_told_prod_held(client, app, auth, engine, settings, loaded,
                                                                 slow_engine):
     limited = dataclasses.replace(settings, dev_query_time_limit_seconds=0.3, query_time_limit_seconds=0.3)
@@ -243,6 +247,8 @@ def test_a_tenants_second_dev_query_waits_for_its_first_and_a_worker_answers_it(
     assert got["status"] == "done" and got["result_id"]
 
 
+# By default on sqlite only (refused before any write).
+@pytest.mark.default_backend("sqlite")
 def test_a_query_above_the_cost_limit_is_refused_before_anything_runs(client, auth, engine, loaded):
     """The review's CPU exhaustion: eight medians over every day × district, in dev, at no ε."""
     items = SCENE_ITEMS + [{"dataset": VISITS, "field": "visit_date", "usage": "group_by"}]
@@ -291,6 +297,8 @@ def test_every_status_and_ledger_change_of_a_job_is_in_the_audit_chain(client, a
     assert client.get("/api/v1/audit/verify", headers=auth("auditor1")).json()["ok"] is True
 
 
+# By default on sqlite only (refusals before any write).
+@pytest.mark.default_backend("sqlite")
 def test_a_tiny_epsilon_and_an_odd_time_filter_are_clear_refusals_not_crashes(client, auth, engine, loaded):
     """The second review: ε 1e-20 crashed the noise plan, a time at the calendar's edge the audit filters."""
     scene = active_scene(client, auth)
@@ -310,6 +318,8 @@ def test_a_tiny_epsilon_and_an_odd_time_filter_are_clear_refusals_not_crashes(cl
         assert r.status_code == 422 and r.json()["code"] == "bad_time", (path, params, r.text)
 
 
+# By default on sqlite only (timing in the worker; cancels on PostgreSQL: tests/test_query_jobs.py::test_cancel_a_running_query_stops_it_and_refunds).
+@pytest.mark.default_backend("sqlite")
 def test_a_cancelled_prod_run_still_ends_at_a_class_end_and_shows_its_charge(client, auth, engine, settings, loaded,
                                                                             slow_engine):
     """The second review: a cancel let the outcome show the moment the computation ended (its exact
@@ -396,6 +406,8 @@ def test_parallel_claims_never_pass_the_jobs_per_tenant(client, auth, engine, se
         assert len(s.exec(select(Query).where(Query.status == "running")).all()) == 1
 
 
+# By default on sqlite only (in-process phases; no database difference).
+@pytest.mark.default_backend("sqlite")
 def test_python_phases_are_stopped_at_the_time_limit_too(client, app, auth, engine, settings, loaded, monkeypatch):
     """The third review: a 300-median query ran 8 s past a 5 s limit (the heartbeat interrupts only
     DuckDB); the run now asks between phases whether to stop."""

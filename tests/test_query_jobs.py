@@ -103,6 +103,8 @@ def test_a_killed_workers_job_is_retried_and_charged_once(client, auth, engine, 
     assert budget(client, auth, scene["id"])["epsilon_spent"] == pytest.approx(0.5)
 
 
+# By default on postgresql only (a killed worker process; SQLite's lease expiry: test_an_expired_lease_is_requeued_with_an_audit_event).
+@pytest.mark.default_backend("postgresql")
 def test_a_job_whose_worker_keeps_dying_is_held_charged_and_audited(client, auth, engine, settings, loaded, tmp_path):
     """A run that keeps killing its worker may do so because of the data: it ends like any run that
     failed reading the data (held, charged; sandbox/outcomes.py), and the lease's expiry is audited."""

@@ -139,6 +139,8 @@ def test_a_user_runs_at_most_so_many_downloads_and_reads_at_once(client, auth, e
         assert len(s.exec(select(ResultExport)).all()) == limit
 
 
+# By default on sqlite only (file writing; downloads on PostgreSQL: tests/test_export_review.py).
+@pytest.mark.default_backend("sqlite")
 @pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
 def test_a_download_is_written_a_batch_at_a_time_and_recorded_with_the_hash_of_its_bytes(client, auth, engine,
                                                                                           settings, runs,
@@ -165,6 +167,8 @@ def test_a_download_is_written_a_batch_at_a_time_and_recorded_with_the_hash_of_i
     assert list(settings.staging_dir.iterdir()) == []         # the spooled file is gone
 
 
+# By default on sqlite only (a page over the same service; paging on PostgreSQL: test_rows_are_answered_a_page_at_a_time).
+@pytest.mark.default_backend("sqlite")
 def test_the_consoles_result_page_shows_a_page_of_rows_with_links_to_the_others(app, client, auth, runs, monkeypatch):
     import re
 
