@@ -145,7 +145,10 @@ def test_the_walk_office_applicant_reviewer_auditor(browser, live_server, client
     # 2. the applicant: a dev query (instant, synthetic) and a prod query (held for review)
     ctx, page = _login(browser, base, "insurer_a")
     page.goto(f"{base}/console/scenes/{sid}")
-    assert page.locator("svg.gauge").count() == 1
+    # the scene's budget, and the company's budget on each dataset the scene reads
+    datasets = {i["dataset"] for i in scene["items"]}
+    assert page.locator("#company-budgets svg.gauge").count() == len(datasets)
+    assert page.locator("svg.gauge").count() == 1 + len(datasets)
     page.fill("#sql", BY_DISTRICT)
     page.select_option("#mode", "dev")
     page.click("#run-query")
