@@ -255,13 +255,17 @@ def check_rate(session: Session, settings: Settings, org_id: int) -> None:
             if took:
                 s.commit()
                 return
-            if s.get(TenantRate, org_id) is not None:
-                s.rollback()
+            current = s.exec(select(TenantRate.window_start, TenantRate.count)
+                             .where(TenantRate.org_id == org_id)).first()
+            s.rollback()
+            if current is not None and current.window_start >= window and current.count >= limit:
                 raise PdaoError(429, "rate_limited",
                                 f"Your organization sent {limit} queries or previews this minute, the most accepted. "
                                 "Try again in a minute.",
                                 f"贵单位本分钟已提交 {limit} 条查询或预览，已达上限，请一分钟后重试。",
                                 details={"limit_per_minute": limit}, headers={"Retry-After": "60"})
+            if current is not None:   # another request started this minute between the two UPDATEs: count again
+                continue
             try:
                 s.add(TenantRate(org_id=org_id, window_start=window, count=1))
                 s.commit()

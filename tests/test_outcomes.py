@@ -219,6 +219,35 @@ def test_dev_queries_are_rate_limited_per_tenant_and_nothing_is_written_past_the
     assert r.status_code == 202 and r.json()["status"] == "done"
 
 
+def test_parallel_requests_at_a_new_minute_are_all_counted_none_refused(engine, settings):
+    """The minute turns while requests race: the first to move the row starts the new minute, the
+    others count on it. (On PostgreSQL the others re-read the row after the first's commit, found the
+    minute already started, and were refused with `rate_limited` far below the rate.)"""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+
+    from pdao.db import utcnow
+    from pdao.identity import service as identities
+    from sandbox.models import TenantRate
+    from sandbox.queries import check_rate
+
+    with Session(engine) as s:
+        org_id = identities.principal_for(s, "insurer_a").org_id
+        s.add(TenantRate(org_id=org_id, window_start=utcnow().replace(second=0, microsecond=0) - timedelta(minutes=1),
+                         count=settings.query_rate_per_minute))     # last minute, full
+        s.commit()
+
+    def one(_):
+        with Session(engine) as s:
+            check_rate(s, settings, org_id)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(16)))      # raises if any was refused
+    with Session(engine) as s:
+        row = s.get(TenantRate, org_id)
+        assert row.count in (16, *range(1, 16))   # the minute may turn again mid-test: then it restarted
+        assert row.window_start >= utcnow().replace(second=0, microsecond=0) - timedelta(minutes=1)
+
+
 def test_a_tenants_second_dev_query_waits_for_its_first_and_a_worker_answers_it(client, app, auth, engine, settings,
                                                                                loaded):
     """The request never waits for a turn (a burst of dev queries held every server thread and
