@@ -843,6 +843,16 @@ class ExportFile:
     synthetic: bool
     file: BinaryIO | None = None
     size: int = 0
+    slot: read_slots.Slot | None = None   # with `file`: the user's read slot, held until the stream ends
+
+    def close(self) -> None:
+        """The stream ended (sent, cut or failed): the file goes, the read slot comes back."""
+        try:
+            if self.file is not None:
+                self.file.close()
+        finally:
+            if self.slot is not None:
+                self.slot.release()
 
 
 EXPORT_BATCH_ROWS = 16_384     # rows of a result read, converted and written at a time by a download
@@ -857,13 +867,14 @@ def export(session: Session, settings: Settings, principal: Principal, result_id
     the same bytes as the whole table at once), then hashed, recorded, and handed back as bytes or,
     with `spool`, as an open file for the route to stream: memory stays at a batch whatever the
     result's size. A user runs at most `read_slots.MAX_READS_PER_USER` downloads and reads at once
-    (429 `too_many_reads`)."""
+    (429 `too_many_reads`); a spooled download keeps its slot until the caller's `ExportFile.close()`."""
     r = get_result(session, principal, result_id)
     if not (principal.role is Role.applicant and cells_visible(principal, r)):
         raise forbidden("result_not_released", "Only released results (or your own dev answers) can be downloaded.",
                         "只能下载已放行的结果（或本单位的开发模式结果）。")
     source = settings.results_dir / r.storage_path
-    with read_slots.held(principal):
+    slot = read_slots.take(principal)
+    try:
         key = fingerprint_key(settings)
         content = r.content_fp or fingerprint.content_fingerprint(key, pq.read_table(source))
         export_id = f"ex-{uuid.uuid4().hex[:20]}"
@@ -902,7 +913,13 @@ def export(session: Session, settings: Settings, principal: Principal, result_id
             raise
         finally:
             staged.unlink(missing_ok=True)     # an open handle still reads it; the name is gone
-    return ExportFile(data, FORMATS[fmt], f"result-{r.id}-{export_id}.{fmt}", row, r.synthetic, handle, size)
+    except BaseException:
+        slot.release()
+        raise
+    if not spool:
+        slot.release()
+    return ExportFile(data, FORMATS[fmt], f"result-{r.id}-{export_id}.{fmt}", row, r.synthetic, handle, size,
+                      slot if spool else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""How many reads of result cells one user runs at once: downloads (`sandbox.export.export`) and pages
-of rows (`sandbox.queries.result_out`). Each is bounded in memory on its own (a page is at most
-`queries.MAX_PAGE_ROWS` rows; a download is written to a file a batch at a time), and this bounds
-how many of them one user can make a server process do in parallel: past `MAX_READS_PER_USER`, 429
-`too_many_reads`, nothing read, nothing written. The count lives in the process whose memory it
-protects (`pdao serve --workers N` has N of them).
+"""How many reads of result cells one user, and one organization, run at once: downloads
+(`sandbox.export.export`, held until the last byte is sent or the stream is cut) and pages of rows
+(`sandbox.queries.result_out`). Each is bounded in memory on its own (a page is at most
+`queries.MAX_PAGE_ROWS` rows; a download is written to a staged file a batch at a time and streamed
+a chunk at a time), and this bounds how many of them a server process holds in parallel: past
+`MAX_READS_PER_USER` for the user or `MAX_READS_PER_ORG` for its organization, 429
+`too_many_reads`, nothing read, nothing written. A download keeps its slot while it streams (the
+review stalled 100 downloads of 14 MB each and pinned 1.4 GB of staged files when the slot ended
+with the staging). The count lives in the process whose memory it protects (`pdao serve --workers N`
+has N of them).
 """
 
 from __future__ import annotations
@@ -16,39 +20,70 @@ from pdao.errors import PdaoError
 from pdao.identity.service import Principal
 
 MAX_READS_PER_USER = 2
+MAX_READS_PER_ORG = 6
 RETRY_AFTER_SECONDS = 2
 
 _lock = threading.Lock()
-_running: dict[int, int] = {}      # user id -> reads running
+_by_user: dict[int, int] = {}      # user id -> reads running
+_by_org: dict[int, int] = {}       # organization id -> reads running
 
 
 def in_use(principal: Principal) -> int:
     """The reads this user runs now, in this process."""
     with _lock:
-        return _running.get(principal.user_id, 0)
+        return _by_user.get(principal.user_id, 0)
 
 
-@contextmanager
-def held(principal: Principal, limit: int = MAX_READS_PER_USER) -> Iterator[None]:
-    """One of the user's read slots while the block runs; 429 `too_many_reads` when all are taken."""
-    who = principal.user_id
+class Slot:
+    """One read slot of a user and its organization; `release()` gives it back (once, whoever calls)."""
+
+    def __init__(self, user_id: int, org_id: int) -> None:
+        self._user_id, self._org_id, self._held = user_id, org_id, True
+
+    def release(self) -> None:
+        with _lock:
+            if not self._held:
+                return
+            self._held = False
+            for counts, key in ((_by_user, self._user_id), (_by_org, self._org_id)):
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+
+
+def take(principal: Principal, limit: int = MAX_READS_PER_USER, org_limit: int = MAX_READS_PER_ORG) -> Slot:
+    """One of the user's read slots, until `release()`; 429 `too_many_reads` when the user's or its
+    organization's are all taken."""
+    who, org = principal.user_id, principal.org_id
     with _lock:
-        if _running.get(who, 0) >= limit:
+        if _by_user.get(who, 0) >= limit:
             raise PdaoError(429, "too_many_reads",
                             f"You already have {limit} downloads or result reads in progress; at most {limit} run at "
                             "once. Try again when one has finished.",
                             f"您已有 {limit} 个下载或结果读取正在进行，同时最多 {limit} 个，请待其结束后重试。",
                             details={"limit": limit}, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        _running[who] = _running.get(who, 0) + 1
+        if _by_org.get(org, 0) >= org_limit:
+            raise PdaoError(429, "too_many_reads",
+                            f"Your organization already has {org_limit} downloads or result reads in progress; at most "
+                            f"{org_limit} run at once. Try again when one has finished.",
+                            f"贵单位已有 {org_limit} 个下载或结果读取正在进行，同时最多 {org_limit} 个，请待其结束后重试。",
+                            details={"limit": org_limit, "scope": "organization"},
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        _by_user[who] = _by_user.get(who, 0) + 1
+        _by_org[org] = _by_org.get(org, 0) + 1
+    return Slot(who, org)
+
+
+@contextmanager
+def held(principal: Principal, limit: int = MAX_READS_PER_USER) -> Iterator[Slot]:
+    """One of the user's read slots while the block runs (see `take`)."""
+    slot = take(principal, limit)
     try:
-        yield
+        yield slot
     finally:
-        with _lock:
-            left = _running[who] - 1
-            if left:
-                _running[who] = left
-            else:
-                del _running[who]
+        slot.release()
 
 
-__all__ = ["MAX_READS_PER_USER", "held", "in_use"]
+__all__ = ["MAX_READS_PER_ORG", "MAX_READS_PER_USER", "Slot", "held", "in_use", "take"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,38 +48,6 @@ def browser() -> Iterator[object]:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b
         b.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def live_server(app, engine, settings) -> Iterator[str]:
-    """The app served by uvicorn on a free port in a thread, with one query worker (as `pdao serve`)."""
-    import uvicorn
-
-    from sandbox.worker import start_in_thread
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           server_header=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    worker, stop = start_in_thread(engine, settings)
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        server.should_exit = True
-        thread.join(timeout=15)
-        worker.join(timeout=15)
 
 
 @pytest.fixture(scope="module")

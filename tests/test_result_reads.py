@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import socket
 import threading
+import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session, select
@@ -189,3 +192,54 @@ def test_the_consoles_result_page_shows_a_page_of_rows_with_links_to_the_others(
     assert seen == [7, 7, 6]
     held = tenant.get(f"{CONSOLE}/results/{runs['prod']}").text
     assert 'id="result-cells"' not in held and 'id="result-pager"' not in held
+
+
+def _stalled_download(base: str, path: str, token: str) -> socket.socket:
+    """A client that asks for a download, reads its first bytes and then never reads again."""
+    host, port = base.removeprefix("http://").split(":")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((host, int(port)))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    assert b"200 OK" in s.recv(4096)
+    return s
+
+
+# On sqlite only: the slots and the send timeout live in the web process, not in the database.
+@pytest.mark.default_backend("sqlite")
+def test_a_stalled_download_keeps_its_read_slot_until_it_is_cut_off(live_server, auth, engine, settings, runs,
+                                                                    monkeypatch):
+    """Review r5 #1: the read slot ended when the staged file was written, so one tenant opened 100
+    downloads of a 14 MB answer, read 4 KB of each and stopped: 1.4 GB of unlinked staged files and
+    200 descriptors pinned, nothing refused, nothing timed out. Now a download keeps its slot while it
+    streams (a third, stalled or not, is refused) and a client that takes no data for the send timeout
+    is cut off, which gives the slot and the file back."""
+    import httpx
+
+    import api.downloads
+
+    monkeypatch.setattr(api.downloads, "SEND_TIMEOUT_SECONDS", 2.0)
+    with Session(engine) as s:       # the dev answer, made large (16 MB as CSV): more than socket buffers hold
+        res = s.get(QueryResult, runs["dev"])
+        res.content_fp = None
+        s.commit()
+        path = settings.results_dir / res.storage_path
+    pq.write_table(pa.table({"h": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(250_000)]}), path)
+    a = auth("insurer_a")
+    token = a["Authorization"].removeprefix("Bearer ")
+    url = f"/api/v1/results/{runs['dev']}/download"
+    stalled = [_stalled_download(live_server, url, token) for _ in range(read_slots.MAX_READS_PER_USER)]
+    try:
+        busy = httpx.get(live_server + url, headers=a, timeout=30)
+        assert busy.status_code == 429 and busy.json()["code"] == "too_many_reads", busy.text
+        deadline = time.monotonic() + 30          # cut off after 2 s without progress
+        while True:
+            r = httpx.get(live_server + url, headers=a, timeout=60)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.status_code == 200 and len(r.content) == int(r.headers["content-length"]) > 16_000_000
+    finally:
+        for s in stalled:
+            s.close()
+    assert list(settings.staging_dir.iterdir()) == []

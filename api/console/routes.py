@@ -602,18 +602,13 @@ def _failing_cells(out: dict[str, Any]) -> list[dict[str, Any]]:
 def result_download(result_id: int, request: Request, principal: page("result", "download"), session: SessionDep,
                     settings: SettingsDep, format: Literal["csv", "parquet", "json"] = "csv") -> Response:  # noqa: A002
     """The API's download: released (or the tenant's own dev) answers only, stamped and recorded."""
-    from fastapi.responses import StreamingResponse
-
-    from api.routes.results import chunks
+    from api.downloads import SpooledDownload, download_headers
 
     _on(request, result_id)
     f = export.export(session, settings, principal, result_id, format, request.state.request_id, spool=True)
     r = f.export
     request.state.audit_detail = {"export_id": r.export_id, "format": format, "sha256": r.sha256}
-    headers = {"X-Pdao-Result": str(r.result_id), "X-Pdao-Export": r.export_id, "X-Pdao-Fingerprint": r.fingerprint,
-               "X-Pdao-Synthetic": "true" if f.synthetic else "false", "Cache-Control": "no-store",
-               "Content-Length": str(f.size), "Content-Disposition": f'attachment; filename="{f.filename}"'}
-    return StreamingResponse(chunks(f.file), media_type=f.media_type, headers=headers)
+    return SpooledDownload(f, download_headers(f, **{"Cache-Control": "no-store"}))
 
 
 @router.get("/results/{result_id}/lineage", name="console.lineage")

@@ -4,14 +4,13 @@ prod answer; every file carries an export id and a keyed fingerprint."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Query as QueryParam, Request, UploadFile
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, caller
+from api.downloads import SpooledDownload, download_headers
 from pdao.errors import PdaoError
 from sandbox import export, queries
 
@@ -105,27 +104,14 @@ def revise_result(result_id: int, body: RevisionIn, principal: caller("result", 
 @router.get("/results/{result_id}/download", name="results.download")
 def download_result(result_id: int, principal: caller("result", "download"), session: SessionDep,
                     settings: SettingsDep, request: Request,
-                    format: Annotated[Literal["csv", "parquet", "json"], QueryParam()] = "csv") -> StreamingResponse:
+                    format: Annotated[Literal["csv", "parquet", "json"], QueryParam()] = "csv") -> SpooledDownload:
     """The stamped file (recorded before it is sent), streamed from the staging folder: the server
     holds a chunk of it at a time."""
     _on(request, result_id)
     f = export.export(session, settings, principal, result_id, format, request.state.request_id, spool=True)
     r = f.export
     request.state.audit_detail = {"export_id": r.export_id, "format": format, "sha256": r.sha256}
-    headers = {"X-Pdao-Result": str(r.result_id), "X-Pdao-Export": r.export_id, "X-Pdao-Fingerprint": r.fingerprint,
-               "X-Pdao-Synthetic": "true" if f.synthetic else "false", "Content-Length": str(f.size),
-               "Content-Disposition": f'attachment; filename="{f.filename}"'}
-    return StreamingResponse(chunks(f.file), media_type=f.media_type, headers=headers)
-
-
-def chunks(file: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
-    """A spooled download's bytes, a chunk at a time; the file is closed at the end (or when the
-    client went away and the response's iterator is closed)."""
-    try:
-        while block := file.read(size):
-            yield block
-    finally:
-        file.close()
+    return SpooledDownload(f, download_headers(f))
 
 
 @router.get("/results/{result_id}/lineage", name="results.lineage")
