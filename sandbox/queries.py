@@ -446,12 +446,15 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, enforcers: 
                                     at_least=outcomes.planned_seconds(execution))
     final = "done" if q.mode == "dev" else ("released" if releasable else "held")
     try:
+        # the result's time is the outcome's, after the timing class (stamped when the engine was done,
+        # it showed the tenant the run's real duration)
+        finished = result.created_at = utcnow()
         session.add(result)
         session.flush()
         # Only while this worker still holds the job and nobody asked to cancel it: a cancel that
         # was acknowledged is never followed by a result.
         owned = session.exec(update(Query).where(*_held_by(q, worker), Query.cancel_requested == False).values(  # noqa: E712
-            status=final, result_id=result.id, progress=1.0, finished_at=utcnow(), epsilon_spent=result.epsilon_spent,
+            status=final, result_id=result.id, progress=1.0, finished_at=finished, epsilon_spent=result.epsilon_spent,
             lease_until=None).execution_options(synchronize_session=False)).rowcount
         if owned != 1:
             raise _LostLease()

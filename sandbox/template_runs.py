@@ -437,11 +437,12 @@ def _finish(session: Session, settings: Settings, principal: Principal, q: Query
     """The result, the query's outcome and their audit event in one transaction — only while this
     run still holds its row and nobody asked to cancel it (the file removed otherwise)."""
     try:
+        finished = result.created_at = utcnow()    # the outcome's time, after the timing class (see queries.run)
         session.add(result)
         session.flush()
         owned = session.exec(update(Query).where(Query.id == q.id, Query.status == "running", Query.worker == runner,
                                                  Query.cancel_requested == False)  # noqa: E712
-                             .values(status=status, result_id=result.id, progress=1.0, finished_at=utcnow(),
+                             .values(status=status, result_id=result.id, progress=1.0, finished_at=finished,
                                      lease_until=None)
                              .execution_options(synchronize_session=False)).rowcount
         if owned != 1:

@@ -85,6 +85,7 @@ def _end_lost(session: Session, settings: Settings, q: Query, now: Any) -> int:
             held = template_runs.lost_run_result(session, settings, q)
         else:
             held = outcomes.held_failure(settings, q, _planned(session, settings, q), "worker_lost", kind=q.kind)
+        held.created_at = now
         session.add(held)
         session.flush()
         values: dict[str, Any] = {"status": "held", "result_id": held.id, "epsilon_spent": held.epsilon_spent}

@@ -140,6 +140,44 @@ def test_a_prod_outcome_shows_at_the_end_of_its_timing_class_whether_it_failed_o
     assert all(1.0 <= span < 1.9 for span in spans), spans   # both in the first class (the run itself: ms)
 
 
+def _times(obj) -> list[str]:
+    """Every timestamp in a JSON answer (keys ending in `_at`, and `at`)."""
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if (k == "at" or k.endswith("_at")) and isinstance(v, str)] + \
+            [t for v in obj.values() for t in _times(v)]
+    if isinstance(obj, list):
+        return [t for v in obj for t in _times(v)]
+    return []
+
+
+# By default on sqlite only (timing in the worker; the same path on PostgreSQL: test_a_prod_run_that_fails_reading_the_data_shows_its_tenant_what_any_held_run_shows).
+@pytest.mark.default_backend("sqlite")
+def test_no_time_a_tenant_sees_of_a_held_answer_falls_inside_its_timing_class(client, auth, engine, settings, loaded):
+    """Review r4 #1: the held result's `created_at` was stamped when the engine was done, before the
+    wait for the class end, so `created_at - started_at` gave the run's real duration to the
+    millisecond (and, through masking time, the hidden size of a row answer). Every time the tenant
+    sees of the query, its result and its lineage is before the run started (its submission, the
+    scene's approvals, the data's loading), the claim, or at or after the class end."""
+    from datetime import datetime, timedelta
+
+    timed = dataclasses.replace(settings, prod_timing_base_seconds=1.0)
+    scene = active_scene(client, auth)
+    a = auth("insurer_a")
+    q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=a,
+                    json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.2}).json()
+    assert work_once(engine, timed)
+    got = client.get(f"/api/v1/queries/{q['id']}", headers=a).json()
+    assert got["status"] == "held"
+    views = [got, client.get(f"/api/v1/results/{got['result_id']}", headers=a).json(),
+             client.get(f"/api/v1/results/{got['result_id']}/lineage", headers=a).json(),
+             client.get("/api/v1/results", headers=a).json()]
+    started = datetime.fromisoformat(got["started_at"])
+    seen = [datetime.fromisoformat(t) for v in views for t in _times(v)]
+    assert len(seen) >= 4
+    inside = [t for t in seen if started < t < started + timedelta(seconds=1.0)]
+    assert inside == [], (started, inside)
+
+
 class _SlowConnection:
     """A DuckDB connection whose statements run until interrupted (a query slower than its limit)."""
 

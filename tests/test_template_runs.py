@@ -218,3 +218,30 @@ def test_consent_is_read_from_the_declared_role_column_not_a_namesake(client, au
     assert r.status_code == 201, r.text
     seen = client.get(f"/api/v1/results/{r.json()['result_id']}", headers=auth("reviewer1")).json()
     assert seen["rows"] == [] and seen["report"]["template"]["excluded_by_reason"]["expired"] == 6
+
+
+# By default on sqlite only (timing in the run; the same final transaction on PostgreSQL: test_underwriting_end_to_end).
+@pytest.mark.default_backend("sqlite")
+def test_no_time_a_tenant_sees_of_a_held_template_run_falls_inside_its_timing_class(app, client, auth, settings,
+                                                                                     health):
+    """Review r4 #1, for template runs: the result's time is the outcome's, after the class end."""
+    import dataclasses
+    from datetime import datetime, timedelta
+
+    from tests.test_outcomes import _times
+
+    app.state.settings = dataclasses.replace(settings, prod_timing_base_seconds=1.0)
+    a = auth("insurer_a")
+    upload(client, a, applicants(health[:10]))
+    scene = active_scene(client, auth, scene_type="underwriting", items=underwriting_items(),
+                         templates=[{"library": "underwriting"}])
+    run = client.post(f"/api/v1/scenes/{scene['id']}/templates/underwriting/runs", headers=a,
+                      json={"upload": "applicants"}).json()
+    assert run["status"] == "held"
+    views = [run, client.get(f"/api/v1/results/{run['result_id']}", headers=a).json(),
+             client.get(f"/api/v1/results/{run['result_id']}/lineage", headers=a).json()]
+    started = datetime.fromisoformat(run["started_at"])
+    submitted = datetime.fromisoformat(run["created_at"])     # the tenant's own act, as the run is admitted
+    inside = [t for t in (datetime.fromisoformat(x) for v in views for x in _times(v))
+              if started < t < started + timedelta(seconds=1.0) and t != submitted]
+    assert inside == [], (started, inside)
