@@ -446,13 +446,26 @@ def visible_rows(stmt: Any, principal: Principal, org_column: Any) -> Any:
 
 
 def list_results(session: Session, principal: Principal, status: str | None, limit: int = 100) -> list[QueryResult]:
+    """The results a principal may list, newest first. A tenant's `status` filter is on the status it
+    is shown (`as_tenant_sees`), never the stored one: filtering on the stored status told a tenant
+    that a reviewer had revised its held answer (it left `held` for `superseded`; review r4 #2)."""
     stmt = visible_rows(select(QueryResult), principal, QueryResult.org_id)
     if stmt is None:
         return []
-    if status is not None:
-        stmt = stmt.where(QueryResult.status == status)
-    return [r for r in session.exec(stmt.order_by(QueryResult.id.desc()).limit(limit)).all()
-            if not hidden_from(principal, session, r)]
+    stmt = stmt.order_by(QueryResult.id.desc())
+    if not _tenant_scoped(principal):
+        if status is not None:
+            stmt = stmt.where(QueryResult.status == status)
+        return list(session.exec(stmt.limit(limit)).all())
+    out: list[QueryResult] = []
+    for r in session.exec(stmt).all():
+        if hidden_from(principal, session, r):
+            continue
+        if status is None or as_tenant_sees(session, r).status == status:
+            out.append(r)
+            if len(out) == limit:
+                break
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -266,6 +266,11 @@ def test_suppression_makes_a_new_checked_version(client, auth, engine, settings,
     lin = client.get(f"/api/v1/results/{rid}/lineage", headers=auth("insurer_a")).json()
     assert [(v["version"], v["status"], v["revision"]) for v in lin["versions"]] == [(1, "held", None)]
     assert v2["id"] not in [x["id"] for x in client.get("/api/v1/results", headers=auth("insurer_a")).json()]
+    # nor do the tenant's status filters tell (review r4 #2: it left `?status=held` for `superseded`)
+    listed = {st: [x["id"] for x in client.get("/api/v1/results", headers=auth("insurer_a"),
+                                               params={"status": st}).json()]
+              for st in ("held", "released", "rejected", "superseded")}
+    assert listed == {"held": [rid], "released": [], "rejected": [], "superseded": []}
     # a superseded version can be neither reviewed nor downloaded
     assert review(client, auth("reviewer1"), rid).status_code == 409
     # the same reviewer may release the new version (their revision is not a decision on it)
