@@ -162,16 +162,43 @@ def _text(value: Any, limit: int) -> str:
     return _clean(value if isinstance(value, str) else str(value))[:limit]
 
 
-def _plain(value: Any) -> Any:
-    """`detail` reduced to what JSON round-trips unchanged on both databases."""
+# Bounds of an event's `detail`, whatever a caller put in it (a request's own JSON is copied into
+# some details): a value nested 900 deep overflowed the recursion and the request was answered 503
+# with no event at all (review r5 #6). Past a bound the value is cut, with a marker; a cut value is
+# within the bounds, so normalizing it again changes nothing.
+DETAIL_MAX_DEPTH = 16
+DETAIL_MAX_ITEMS = 1000          # per list or mapping
+DETAIL_MAX_CHARS = 21_000        # per string (a query's SQL is at most 20,000)
+
+
+def _cut_text(s: str) -> str:
+    s = _clean(s)
+    return s if len(s) <= DETAIL_MAX_CHARS else s[:DETAIL_MAX_CHARS - 1] + "…"
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """`detail` reduced to what JSON round-trips unchanged on both databases, within the bounds above."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
-        return _clean(value)
+        return _cut_text(value)
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)) and depth >= DETAIL_MAX_DEPTH:
+        return "…(nested deeper)"
     if isinstance(value, Mapping):
-        return {_clean(str(k)): _plain(v) for k, v in value.items()}
+        items = list(value.items())
+        out = {_cut_text(str(k)): _plain(v, depth + 1) for k, v in items[:DETAIL_MAX_ITEMS - 1]}
+        if len(items) >= DETAIL_MAX_ITEMS:
+            if len(items) == DETAIL_MAX_ITEMS:
+                k, v = items[-1]
+                out[_cut_text(str(k))] = _plain(v, depth + 1)
+            else:
+                out["…"] = f"{len(items) - DETAIL_MAX_ITEMS + 1} more"
+        return out
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
+        seq = list(value)
+        if len(seq) <= DETAIL_MAX_ITEMS:
+            return [_plain(v, depth + 1) for v in seq]
+        return [_plain(v, depth + 1) for v in seq[:DETAIL_MAX_ITEMS - 1]] + [f"…{len(seq) - DETAIL_MAX_ITEMS + 1} more"]
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
@@ -179,7 +206,7 @@ def _plain(value: Any) -> Any:
         return f if math.isfinite(f) else str(f)
     if isinstance(value, datetime):
         return format_at(value) if value.tzinfo is not None else value.isoformat()
-    return str(value)
+    return _cut_text(str(value))
 
 
 def normalize(fields: Mapping[str, Any]) -> dict[str, Any]:

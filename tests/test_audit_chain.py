@@ -132,6 +132,29 @@ def timezone_plus8():  # noqa: ANN201
     return timezone(timedelta(hours=8))
 
 
+def test_any_detail_is_recorded_within_bounds_and_its_hash_holds(engine):
+    """Review r5 #6: a request's JSON nested 900 deep made the detail overflow the recursion, and
+    the request got 503 with no event. Any detail is cut to the bounds (depth, items, characters),
+    with a marker, and the chain verifies."""
+    deep: dict = {}
+    x = deep
+    for _ in range(900):
+        x["a"] = {}
+        x = x["a"]
+    detail = {"deep": deep, "many": list(range(5000)), "wide": {str(i): i for i in range(5000)}, "long": "x" * 50_000}
+    with Session(engine) as s:
+        audit.append(s, actor="t", action="test.detail", object="x", decision="allow", detail=detail)
+        s.commit()
+    stored = row(engine, head(engine)[0])["detail"]
+    assert len(stored["many"]) == audit.DETAIL_MAX_ITEMS and stored["many"][-1].endswith("more")
+    assert len(stored["wide"]) == audit.DETAIL_MAX_ITEMS and len(stored["long"]) == audit.DETAIL_MAX_CHARS
+    depth, node = 0, stored["deep"]
+    while isinstance(node, dict):
+        depth, node = depth + 1, node["a"]
+    assert depth == audit.DETAIL_MAX_DEPTH - 1 and node.startswith("…")
+    assert audit.verify(engine).ok
+
+
 def test_bad_events_are_refused(engine):
     with pytest.raises(TypeError):
         audit.record(engine, action="x", decision="allow", seq=5)
@@ -547,6 +570,11 @@ def test_export_endpoint_ranges_and_head(client, engine, auth):
     assert client.get(f"{API}/audit/verify", headers=auditor,
                       params={"anchor_seq": 2, "anchor_hash": row(engine, 2)["hash"]}).json()["ok"] is True
     assert client.get(f"{API}/audit/verify", headers=auditor, params={"anchor_seq": 2}).status_code == 422
+    # seqs past what the databases store are refused as input (review r5 #6: 500, and a 200 that broke mid-stream)
+    for path, params in (("verify", {"from_seq": 10**20}), ("verify", {"anchor_seq": 10**20, "anchor_hash": "0" * 64}),
+                         ("export", {"from_seq": 10**20}), ("export", {"to_seq": 10**20})):
+        r = client.get(f"{API}/audit/{path}", headers=auditor, params=params)
+        assert r.status_code == 422 and r.json()["message_zh"], (path, params, r.text)
 
 
 @pytest.fixture

@@ -63,8 +63,8 @@ def list_events(
 @router.get("/audit/verify", name="audit.verify")
 def verify_chain(
     _principal: Auditor, session: SessionDep, request: Request,
-    from_seq: Annotated[int | None, Query(ge=1, description="start here (its prev_hash is taken as given)")] = None,
-    anchor_seq: Annotated[int | None, Query(ge=0, description="a head published earlier …")] = None,
+    from_seq: Annotated[int | None, Query(ge=1, le=MAX_ID, description="start here (its prev_hash is taken as given)")] = None,
+    anchor_seq: Annotated[int | None, Query(ge=0, le=MAX_ID, description="a head published earlier …")] = None,
     anchor_hash: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="… and its hash")] = None,
 ) -> dict[str, Any]:
     """Walk the chain (from `from_seq`, default 1) and answer `{ok, checked, first_bad_seq,
@@ -84,8 +84,8 @@ def verify_chain(
 @router.get("/audit/export", name="audit.export")
 def export_chain(
     _principal: Auditor, session: SessionDep, request: Request,
-    from_seq: Annotated[int | None, Query(ge=1)] = None,
-    to_seq: Annotated[int | None, Query(ge=1)] = None,
+    from_seq: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    to_seq: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> StreamingResponse:
     """The log as JSON lines, streamed from one snapshot: a header line (`format`, `from_seq`,
     `to_seq`, `head_seq`, `head_hash`, `exported_at`), then one event a line in seq order. Check
