@@ -45,6 +45,11 @@ class Settings:
     query_rate_per_minute: int = 60    # queries one tenant (organization) may submit per minute
     query_jobs_per_tenant: int = 1     # of one tenant's queued queries, this many run at once
     held_row_answers_per_tenant: int = 20   # prod row answers one organization may have waiting for review
+    # Dev answers (synthetic) are kept this many days, then their files go; what one organization's
+    # kept dev answers may hold together. (Prod answers are bounded by the rate and the review, not by
+    # a quota: their size depends on the data, and a refusal would tell it.)
+    dev_answer_days: int = 7
+    dev_answer_quota_bytes: int = 1024 * 1024**2
     # A prod run's outcome becomes visible at the end of its timing class: the run's duration rounded
     # up to base × 2^n seconds (sandbox/outcomes.py). 0 turns the padding off (tests only).
     prod_timing_base_seconds: float = 1.0
@@ -88,6 +93,8 @@ class Settings:
             query_rate_per_minute=int(env.get("PDAO_QUERY_RATE_PER_MINUTE", "60")),
             query_jobs_per_tenant=int(env.get("PDAO_QUERY_JOBS_PER_TENANT", "1")),
             held_row_answers_per_tenant=int(env.get("PDAO_HELD_ROW_ANSWERS_PER_TENANT", "20")),
+            dev_answer_days=int(env.get("PDAO_DEV_ANSWER_DAYS", "7")),
+            dev_answer_quota_bytes=int(env.get("PDAO_DEV_ANSWER_QUOTA_MB", "1024")) * 1024**2,
             prod_timing_base_seconds=float(env.get("PDAO_PROD_TIMING_BASE_SECONDS", "1")),
             company_dataset_epsilon=float(env.get("PDAO_COMPANY_DATASET_EPSILON", "10")),
             company_dataset_delta=float(env.get("PDAO_COMPANY_DATASET_DELTA", "1e-5")),
@@ -120,7 +127,9 @@ class Settings:
                             ("PDAO_LOGIN_RATE_PER_MINUTE", self.login_rate_per_minute),
                             ("PDAO_LOGIN_CONCURRENT_HASHES", self.login_max_concurrent_hashes),
                             ("PDAO_UPLOAD_RATE_PER_HOUR", self.upload_rate_per_hour),
-                            ("PDAO_UPLOAD_CONCURRENCY", self.upload_concurrency)):
+                            ("PDAO_UPLOAD_CONCURRENCY", self.upload_concurrency),
+                            ("PDAO_DEV_ANSWER_DAYS", self.dev_answer_days),
+                            ("PDAO_DEV_ANSWER_QUOTA_MB", self.dev_answer_quota_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not (math.isfinite(self.login_hash_wait_seconds) and self.login_hash_wait_seconds >= 0):

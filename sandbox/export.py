@@ -885,6 +885,8 @@ def export(session: Session, settings: Settings, principal: Principal, result_id
     if not (principal.role is Role.applicant and cells_visible(principal, r)):
         raise forbidden("result_not_released", "Only released results (or your own dev answers) can be downloaded.",
                         "只能下载已放行的结果（或本单位的开发模式结果）。")
+    if r.expired_at is not None:
+        raise answer_expired(r)
     source = settings.results_dir / r.storage_path
     slot = read_slots.take(principal)
     try:
@@ -1198,6 +1200,32 @@ def _stamp_view(stamp: dict[str, Any] | None) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------------------------
 # Housekeeping
+
+
+def expire_dev_answers(session: Session, settings: Settings, now: dt.datetime | None = None) -> int:
+    """Remove the files of dev answers made more than `dev_answer_days` ago; their rows stay, marked
+    `expired_at` (rows and downloads then answer 410 `answer_expired`). Commits; how many expired."""
+    now = now or utcnow()
+    old = session.exec(select(QueryResult).where(QueryResult.synthetic == True,  # noqa: E712
+                                                 QueryResult.expired_at.is_(None),
+                                                 QueryResult.created_at < now - dt.timedelta(days=settings.dev_answer_days))
+                       .limit(1000)).all()
+    for r in old:
+        r.expired_at = now
+        session.add(r)
+    session.commit()       # marked first: a file is never missing under a row that says it is there
+    for r in old:
+        for rel in (r.storage_path, r.stats_path):
+            if rel:
+                (settings.results_dir / rel).unlink(missing_ok=True)
+    return len(old)
+
+
+def answer_expired(r: QueryResult) -> PdaoError:
+    return PdaoError(410, "answer_expired",
+                     "This dev answer was removed (dev answers are kept for a limited time); run the query again.",
+                     "该开发模式结果已删除（开发模式结果仅保留一段时间），请重新运行查询。",
+                     details={"expired_at": r.expired_at.isoformat() if r.expired_at else None})
 
 
 def sweep_orphans(session: Session, settings: Settings, older_than_seconds: float = 24 * 3600) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Text, UniqueConstraint, false
+from sqlalchemy import JSON, BigInteger, Column, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 from pdao.db import utcnow
@@ -93,6 +93,10 @@ class QueryResult(SQLModel, table=True):
     released_by: str | None = Field(default=None, max_length=20)   # policy | reviewers
     decided_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    # a dev answer's stored bytes (its file), counted against its organization's quota, and when its
+    # file was removed as older than PDAO_DEV_ANSWER_DAYS (sandbox.export.expire_dev_answers)
+    size_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    expired_at: datetime | None = None
 
 
 class ResultReview(SQLModel, table=True):

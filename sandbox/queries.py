@@ -275,6 +275,26 @@ def check_rate(session: Session, settings: Settings, org_id: int) -> None:
     raise PdaoError(503, "rate_unavailable", "The request could not be counted; try again.", "请求无法计数，请重试。")
 
 
+def check_dev_storage(session: Session, settings: Settings, org_id: int) -> None:
+    """A dev answer is stored (and kept `dev_answer_days`): past `dev_answer_quota_bytes` of the
+    organization's kept dev answers, 429 `dev_answers_full` before anything runs. (A tenant that sent
+    dev answers at its rate stored 22 GB a day; review r5 #7.) Dev answers only: they are synthetic,
+    so their sizes may be told; a prod answer's size depends on the data."""
+    used = session.exec(select(func.coalesce(func.sum(QueryResult.size_bytes), 0)).where(
+        QueryResult.org_id == org_id, QueryResult.synthetic == True,  # noqa: E712
+        QueryResult.expired_at.is_(None))).one()
+    quota = settings.dev_answer_quota_bytes
+    if used >= quota:
+        mb = quota // 1024**2
+        raise PdaoError(429, "dev_answers_full",
+                        f"Your organization's dev answers hold {used / 1024**2:.0f} MB, the most kept ({mb} MB); "
+                        f"they are removed {settings.dev_answer_days} days after they were made. Try again then, "
+                        "or ask for fewer rows.",
+                        f"贵单位开发模式结果已占用 {used / 1024**2:.0f} MB，已达上限（{mb} MB）；结果在生成 "
+                        f"{settings.dev_answer_days} 天后删除，届时再试，或减少返回行数。",
+                        details={"used_bytes": int(used), "quota_bytes": quota, "days": settings.dev_answer_days})
+
+
 def check_held_rows(session: Session, settings: Settings, org_id: int) -> None:
     """A prod row answer waits for a reviewer (never released by policy) and is compared with every
     other on its dataset: an organization has at most `held_row_answers_per_tenant` of them queued,
@@ -301,6 +321,8 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
         plan_preview(p.execution)   # refuse a query DP cannot answer, or too costly, before anything is written
     elif mode == "prod":
         check_held_rows(session, settings, scene.org_id)
+    if mode == "dev":
+        check_dev_storage(session, settings, scene.org_id)
     q = Query(scene_id=scene.id, org_id=scene.org_id, requester_id=principal.user_id, mode=mode, kind=p.checked.kind,
               sql_text=sql, checked_sql=p.checked.sql, dataset=p.checked.dataset, version_id=p.version.id,
               # the ε the noise is calibrated to; only a prod query's is reserved and charged
@@ -412,6 +434,7 @@ def run_and_store(session: Session, settings: Settings, q: Query, *, enforcers: 
         answer = run(execution, on_connection=on_connection, stop=stop)
         path, digest = write_answer(settings, answer, q)
         result = result_row(q, answer, path, digest)
+        result.size_bytes = (settings.results_dir / path).stat().st_size
         result.content_fp = export.content_fp(settings, answer.table)
         if stop is not None and stop():
             raise duckdb.InterruptException("INTERRUPT Error: stopped before export review")
@@ -703,8 +726,8 @@ def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with
     if r.synthetic:
         out["notice"] = "synthetic: computed on the dev twin, not on real data"
         out["notice_zh"] = "合成数据：基于开发孪生数据计算，并非真实数据"
-    out.update(rows=None, rows_total=None, offset=None, next_offset=None)
-    if visible and with_rows:
+    out.update(rows=None, rows_total=None, offset=None, next_offset=None, expired_at=r.expired_at)
+    if visible and with_rows and r.expired_at is None:
         offset, limit = max(offset, 0), min(max(limit, 1), MAX_PAGE_ROWS)
         with read_slots.held(principal):
             page, total = read_page(settings, r, offset, limit)

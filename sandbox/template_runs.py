@@ -161,6 +161,8 @@ def _plan(session: Session, settings: Settings, principal: Principal, scene: Sce
         raise conflict("scene_not_active", f"The scene is {status}, not active: no template can run.",
                        f"场景状态为 {status}，未生效，不能运行分析模板。", details={"status": status})
     queries.check_rate(session, settings, scene.org_id)     # a run is a query: the tenant's rate
+    if mode == "dev":
+        queries.check_dev_storage(session, settings, scene.org_id)
     _check_in_flight(session, settings, scene.org_id)       # cheap early answer; decided again at admission
     row, template = _template(session, scene, name)
     reads = templates.template_reads(template)
@@ -367,7 +369,8 @@ def _compute(settings: Settings, plan: _Plan, q: Query, beat: Any) -> tuple[Quer
                          row_count=answer.table.num_rows, noise={}, epsilon_spent=0.0,
                          notes=[f"template {template.name} v{template.version}; {answer.excluded} upload row(s) left "
                                 "out for consent"],
-                         storage_path=path, sha256=digest, report=report if held else None, content_fp=fp)
+                         storage_path=path, sha256=digest, report=report if held else None, content_fp=fp,
+                         size_bytes=(settings.results_dir / path).stat().st_size)
     return result, {"params": tpl_report["params"], "persons": answer.persons, "excluded": answer.excluded}
 
 

@@ -39,7 +39,7 @@ from pdao.config import Settings
 from pdao.db import utcnow
 from pdao.errors import PdaoError
 from policies.enforcer import SceneEnforcers
-from sandbox import ledger, outcomes, queries
+from sandbox import export, ledger, outcomes, queries
 from sandbox.execute import PlannedAnswer, planned_answer
 from sandbox.models import Query
 from sandbox.queries import finish_failed, query_plan, run_and_store
@@ -275,6 +275,9 @@ def answer_dev(session: Session, engine: Engine, settings: Settings, enforcers: 
         log.exception("dev query %s: left to a worker", query_id)
 
 
+EXPIRY_EVERY_SECONDS = 600.0
+
+
 def work(engine: Engine, settings: Settings, *, stop: threading.Event | None = None, poll_seconds: float = 1.0,
          once: bool = False) -> None:
     """Run queued queries until `stop` is set (or the queue is empty, with `once`)."""
@@ -282,8 +285,13 @@ def work(engine: Engine, settings: Settings, *, stop: threading.Event | None = N
     enforcers = SceneEnforcers(engine)
     name = worker_name()
     log.info("worker %s started", name)
+    next_expiry = 0.0
     while not stop.is_set():
         try:
+            if time.monotonic() >= next_expiry:    # dev answers past their days: files removed
+                with Session(engine) as session:
+                    export.expire_dev_answers(session, settings)
+                next_expiry = time.monotonic() + EXPIRY_EVERY_SECONDS
             busy = run_one(engine, settings, enforcers, name)
         except Exception:  # noqa: BLE001 - keep serving; the job's lease will expire and be retried
             log.exception("worker %s: unexpected error", name)

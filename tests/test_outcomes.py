@@ -286,6 +286,46 @@ def test_parallel_requests_at_a_new_minute_are_all_counted_none_refused(engine, 
         assert row.window_start >= utcnow().replace(second=0, microsecond=0) - timedelta(minutes=1)
 
 
+def test_dev_answers_are_kept_within_a_quota_and_for_so_many_days(client, app, auth, engine, settings, loaded):
+    """Review r5 #7: dev answers were kept forever with no quota (20 answers in 5 s stored 5.2 MB;
+    at the rate, 22 GB a day). Each records its bytes; past the organization's quota the next dev
+    query is refused before it runs (bilingual 429, nothing written), another company is not
+    affected; after `dev_answer_days` the files go and reading one answers 410."""
+    from datetime import timedelta
+
+    from pdao.db import utcnow
+    from sandbox import export
+    from sandbox.models import QueryResult
+
+    scene = active_scene(client, auth)
+    scene_b = active_scene(client, auth, applicant="insurer_b")
+    url = f"/api/v1/scenes/{scene['id']}/queries"
+    a = auth("insurer_a")
+    first = client.post(url, headers=a, json={"sql": BY_DISTRICT, "mode": "dev"}).json()
+    assert first["status"] == "done"
+    with Session(engine) as s:
+        stored = s.get(QueryResult, first["result_id"])
+        assert stored.size_bytes == (settings.results_dir / stored.storage_path).stat().st_size > 0
+    app.state.settings = dataclasses.replace(settings, dev_answer_quota_bytes=stored.size_bytes + 1)
+    assert client.post(url, headers=a, json={"sql": BY_DISTRICT, "mode": "dev"}).json()["status"] == "done"
+    r = client.post(url, headers=a, json={"sql": BY_DISTRICT, "mode": "dev"})
+    assert r.status_code == 429 and r.json()["code"] == "dev_answers_full" and r.json()["message_zh"], r.text
+    with Session(engine) as s:
+        assert len(s.exec(select(Query).where(Query.org_id == stored.org_id)).all()) == 2
+    r = client.post(f"/api/v1/scenes/{scene_b['id']}/queries", headers=auth("insurer_b"),
+                    json={"sql": BY_DISTRICT, "mode": "dev"})
+    assert r.status_code == 202 and r.json()["status"] == "done"
+    # a week on, the files go; the rows say so; the quota is free again
+    with Session(engine) as s:
+        assert export.expire_dev_answers(s, settings, utcnow() + timedelta(days=settings.dev_answer_days, seconds=1)) == 3
+    assert not (settings.results_dir / stored.storage_path).exists()
+    got = client.get(f"/api/v1/results/{first['result_id']}", headers=a).json()
+    assert got["expired_at"] and got["rows"] is None
+    r = client.get(f"/api/v1/results/{first['result_id']}/download", headers=a)
+    assert r.status_code == 410 and r.json()["code"] == "answer_expired" and r.json()["message_zh"]
+    assert client.post(url, headers=a, json={"sql": BY_DISTRICT, "mode": "dev"}).json()["status"] == "done"
+
+
 def test_a_tenants_second_dev_query_waits_for_its_first_and_a_worker_answers_it(client, app, auth, engine, settings,
                                                                                loaded):
     """The request never waits for a turn (a burst of dev queries held every server thread and
