@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +17,7 @@ from api import console
 from api.console.errors import error_page, internal_error_page, is_console
 from api.errors import error_response, install_error_handlers, internal_error_response, nul_refusal
 from api.limits import BodySizeLimit, limits_by_path
+from api.refusals import AnonymousRefusals, Summary, has_credentials
 from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes, uploads
 from api.routes import budgets
 from pdao import __version__, audit
@@ -31,7 +35,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     settings.ensure_home()
     settings.sweep_staging()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(_write_summaries, app, app.state.refusals.flush_all())
+
     app = FastAPI(
+        lifespan=lifespan,
         title="pdao — public-data authorized-operation sandbox",
         description="公共数据授权运营沙箱。Metadata, scenes, queries and results; never raw rows.",
         version=__version__,
@@ -41,6 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
+    app.state.refusals = AnonymousRefusals(settings.anonymous_audited_per_minute,
+                                           settings.anonymous_refusals_per_minute)
+    app.state.refusals_checked = time.monotonic()
     install_error_handlers(app)
     app.state.scene_enforcers = SceneEnforcers(app.state.engine)
     for router in (health.router, auth.router, datasets.router, scenes.router, queries.router, results.router,
@@ -63,6 +77,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def audit_every_request(request: Request, call_next) -> Response:  # noqa: ANN001
         request.state.request_id = uuid.uuid4().hex  # ours: unique; a client's own id goes in the detail
+        refusals: AnonymousRefusals = request.app.state.refusals
+        client = request.client.host if request.client else "unknown"
+        anonymous = not has_credentials(request.headers, request.cookies)
+        if anonymous and not refusals.admit(client):   # a flood that names nobody: not even run
+            refusals.refused(client, 429, request.url.path)
+            err = PdaoError(429, "too_many_refused_requests",
+                            "Too many refused requests from your address this minute; try again in a minute.",
+                            "您的地址本分钟内被拒绝的请求过多，请一分钟后重试。", headers={"Retry-After": "60"})
+            response = error_page(request, err) if is_console(request) else error_response(err)
+            response.headers["X-Request-ID"] = request.state.request_id
+            await _summaries_due(request.app)
+            return response
         try:
             if _has_nul(request):
                 # PostgreSQL refuses NUL in text: a clear 422 here, not a database error later
@@ -79,7 +105,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 response = error_page(request, nul) if is_console(request) else error_response(nul)
             else:
                 response = internal_error_page(request) if is_console(request) else internal_error_response(request)
-        if not await run_in_threadpool(_record, request, response.status_code):
+        one_by_one = True
+        if anonymous and response.status_code >= 400 and getattr(request.state, "principal", None) is None:
+            one_by_one = refusals.refused(client, response.status_code, request.url.path)
+        await _summaries_due(request.app)
+        if one_by_one and not await run_in_threadpool(_record, request, response.status_code):
             # Fail closed: an answer that cannot be audited is not given.
             response = error_response(PdaoError(
                 503, "audit_unavailable", "The audit log cannot be written; the request was not answered.",
@@ -155,6 +185,28 @@ def _record(request: Request, status: int) -> bool:
         log.exception("AUDIT WRITE FAILED for request %s", state.request_id)
         return False
     return True
+
+
+SUMMARY_CHECK_SECONDS = 5.0
+
+
+async def _summaries_due(app: FastAPI) -> None:
+    """Write the summaries of anonymous refusals whose minute is over (looked at every few seconds)."""
+    now = time.monotonic()
+    if now - app.state.refusals_checked < SUMMARY_CHECK_SECONDS:
+        return
+    app.state.refusals_checked = now
+    due = app.state.refusals.due()
+    if due:
+        await run_in_threadpool(_write_summaries, app, due)
+
+
+def _write_summaries(app: FastAPI, summaries: list[Summary]) -> None:
+    for s in summaries:
+        try:
+            audit.record(app.state.engine, request_id=uuid.uuid4().hex, **s.audit_fields())
+        except Exception:  # noqa: BLE001 - never hide an audit failure
+            log.exception("AUDIT WRITE FAILED for a summary of %s refusals from %s", s.count, s.client)
 
 
 def _route_action(request: Request) -> str:

@@ -135,6 +135,13 @@ class QueryRecord:
     kind: str | None = None           # aggregate | rows | template (Query.kind)
 
 
+# What computing the alerts may read and answer, whatever a flood put into the log (review r5 #5: a
+# week of refused logins from one client was ~97M events read into the server's memory): the newest
+# ALERT_MAX_EVENTS events of each kind in the window, and ALERT_MAX_SEQS seqs listed per alert.
+ALERT_MAX_EVENTS = 50_000
+ALERT_MAX_SEQS = 100
+
+
 @dataclass(frozen=True)
 class Alert:
     kind: str
@@ -162,7 +169,8 @@ class Alert:
         out["key"] = self.key
         for k in ("first_at", "last_at"):
             out[k] = out[k].isoformat() if out[k] is not None else None
-        out["audit_seqs"] = list(self.audit_seqs)
+        out["audit_seqs"] = list(self.audit_seqs[:ALERT_MAX_SEQS])    # the first ones; `count` says how many
+        out["audit_seqs_more"] = max(0, len(self.audit_seqs) - ALERT_MAX_SEQS)
         out["query_ids"] = list(self.query_ids)
         return out
 
@@ -819,14 +827,18 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
             AuditEvent.org, AuditEvent.role, AuditEvent.scene_id, AuditEvent.object, AuditEvent.status,
             AuditEvent.reason, AuditEvent.client)
     in_window = (AuditEvent.at >= since, AuditEvent.at <= now)
+    newest = (AuditEvent.seq.desc(),)
     denial_rows = session.exec(select(*cols).where(*in_window, AuditEvent.decision == "deny",
                                                    AuditEvent.actor.is_not(None),
-                                                   AuditEvent.action != LOGIN_ACTION)).all()
+                                                   AuditEvent.action != LOGIN_ACTION)
+                               .order_by(*newest).limit(ALERT_MAX_EVENTS)).all()
     login_rows = session.exec(select(*cols, AuditEvent.detail).where(*in_window, AuditEvent.decision == "deny",
-                                                                      AuditEvent.action == LOGIN_ACTION)).all()
+                                                                      AuditEvent.action == LOGIN_ACTION)
+                              .order_by(*newest).limit(ALERT_MAX_EVENTS)).all()
     download_rows = session.exec(select(*cols).where(
         *in_window, AuditEvent.decision == "allow",
-        or_(*(AuditEvent.action.startswith(a) for a in DOWNLOAD_ACTIONS)))).all()
+        or_(*(AuditEvent.action.startswith(a) for a in DOWNLOAD_ACTIONS)))
+        .order_by(*newest).limit(ALERT_MAX_EVENTS)).all()
 
     result_ids = {rid for row in download_rows if (rid := _result_id(row.object)) is not None}
     synthetic: dict[int, bool] = {}

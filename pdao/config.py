@@ -35,6 +35,11 @@ class Settings:
     login_rate_per_minute: int = 30
     login_max_concurrent_hashes: int = 2
     login_hash_wait_seconds: float = 1.0
+    # Refused requests that name nobody, per client address and minute (api/refusals.py): audited one
+    # by one up to the first number, then counted into one summary event; past the second, answered
+    # 429 before they run.
+    anonymous_audited_per_minute: int = 30
+    anonymous_refusals_per_minute: int = 600
     api_key_claim_days: int = 7        # an API key grant waits this long for its owner to claim it
     scene_approvals_required: int = 2  # distinct office approvers per scene
     scene_max_validity_days: int = 366
@@ -88,6 +93,8 @@ class Settings:
             login_rate_per_minute=int(env.get("PDAO_LOGIN_RATE_PER_MINUTE", "30")),
             login_max_concurrent_hashes=int(env.get("PDAO_LOGIN_CONCURRENT_HASHES", "2")),
             login_hash_wait_seconds=float(env.get("PDAO_LOGIN_HASH_WAIT_SECONDS", "1")),
+            anonymous_audited_per_minute=int(env.get("PDAO_ANONYMOUS_AUDITED_PER_MINUTE", "30")),
+            anonymous_refusals_per_minute=int(env.get("PDAO_ANONYMOUS_REFUSALS_PER_MINUTE", "600")),
             query_time_limit_seconds=float(env.get("PDAO_QUERY_TIME_LIMIT_SECONDS", "600")),
             dev_query_time_limit_seconds=float(env.get("PDAO_DEV_QUERY_TIME_LIMIT_SECONDS", "60")),
             query_rate_per_minute=int(env.get("PDAO_QUERY_RATE_PER_MINUTE", "60")),
@@ -129,6 +136,8 @@ class Settings:
                             ("PDAO_UPLOAD_RATE_PER_HOUR", self.upload_rate_per_hour),
                             ("PDAO_UPLOAD_CONCURRENCY", self.upload_concurrency),
                             ("PDAO_DEV_ANSWER_DAYS", self.dev_answer_days),
+                            ("PDAO_ANONYMOUS_AUDITED_PER_MINUTE", self.anonymous_audited_per_minute),
+                            ("PDAO_ANONYMOUS_REFUSALS_PER_MINUTE", self.anonymous_refusals_per_minute),
                             ("PDAO_DEV_ANSWER_QUOTA_MB", self.dev_answer_quota_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")

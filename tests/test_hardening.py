@@ -85,3 +85,36 @@ def test_the_home_is_readable_by_the_servers_own_account_only(tmp_path):
     home.mkdir(mode=0o755)
     Settings(home=home, database_url=f"sqlite:///{home / 'pdao.db'}").ensure_home()
     assert home.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_flood_of_anonymous_refusals_is_audited_in_summaries_and_cut_off(app, engine, settings):
+    """Review r5 #4: every anonymous refusal was one chained event (269 a second from one client,
+    22 GB a day, under the log's lock). Per address and minute: the first few are audited one by one,
+    the rest counted into one summary event, and past a second number answered 429 before they run;
+    a request with credentials from the same address is untouched."""
+    from fastapi.testclient import TestClient
+
+    from api.refusals import SUMMARY_ACTION, AnonymousRefusals
+    from tests.conftest import login
+
+    app.state.refusals = AnonymousRefusals(audited_per_minute=5, answered_per_minute=20)
+    with Session(engine) as s:
+        before = s.exec(select(AuditEvent.seq).order_by(AuditEvent.seq.desc())).first() or 0
+    with TestClient(app, raise_server_exceptions=False) as c:     # its end writes what is held (shutdown)
+        token = login(c, "insurer_a")
+        got = [c.get("/api/v1/scenes").status_code for _ in range(25)]
+        assert got == [401] * 20 + [429] * 5
+        r = c.get("/api/v1/scenes")
+        assert r.json()["code"] == "too_many_refused_requests" and r.json()["message_zh"] and r.headers["retry-after"]
+        me = c.get("/api/v1/me", headers=token)      # credentials: run and audited
+        assert me.status_code == 200
+    with Session(engine) as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.seq > before).order_by(AuditEvent.seq)).all()
+    one_by_one = [e for e in events if e.path == "/api/v1/scenes"]
+    summaries = [e for e in events if e.action == SUMMARY_ACTION]
+    assert len(one_by_one) == 5 and {e.status for e in one_by_one} == {401}
+    assert sum(e.detail["count"] for e in summaries) == 21
+    assert sum(e.detail["statuses"].get("401", 0) for e in summaries) == 15
+    assert sum(e.detail["statuses"].get("429", 0) for e in summaries) == 6
+    assert all(e.client == "testclient" and e.decision == "deny" and e.actor is None for e in summaries)
+    assert any(e.path == "/api/v1/me" and e.actor == "insurer_a" for e in events)
