@@ -27,7 +27,8 @@ class Settings:
     upload_rate_per_hour: int = 20
     upload_concurrency: int = 1
     upload_check_seconds: float = 60.0
-    login_max_failures: int = 5
+    login_max_failures: int = 5            # per (name, client address) and lock window
+    login_max_failures_per_name: int = 10  # per name across addresses, for addresses it never signed in from
     login_lock_minutes: int = 15
     # Password checks (Argon2id, ~0.35 s CPU and 64 MiB each) are bounded before any is computed
     # (pdao/identity/throttle.py): per client address per minute, and how many run at once in this
@@ -91,6 +92,7 @@ class Settings:
             query_max_attempts=int(env.get("PDAO_QUERY_MAX_ATTEMPTS", "3")),
             api_key_claim_days=int(env.get("PDAO_API_KEY_CLAIM_DAYS", "7")),
             login_rate_per_minute=int(env.get("PDAO_LOGIN_RATE_PER_MINUTE", "30")),
+            login_max_failures_per_name=int(env.get("PDAO_LOGIN_MAX_FAILURES_PER_NAME", "10")),
             login_max_concurrent_hashes=int(env.get("PDAO_LOGIN_CONCURRENT_HASHES", "2")),
             login_hash_wait_seconds=float(env.get("PDAO_LOGIN_HASH_WAIT_SECONDS", "1")),
             anonymous_audited_per_minute=int(env.get("PDAO_ANONYMOUS_AUDITED_PER_MINUTE", "30")),

@@ -446,3 +446,26 @@ def live_server(app, engine, settings) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=15)
         worker.join(timeout=15)
+
+
+def throttle(engine, name: str, address: str | None = "testclient"):
+    """The login lockout's row of (name, address) (`"*"`: the name across addresses), or None."""
+    from sqlmodel import Session
+
+    from pdao.identity.models import LoginThrottle
+    from pdao.identity.service import throttle_key
+
+    with Session(engine) as s:
+        return s.get(LoginThrottle, throttle_key(name, address))
+
+
+def set_throttle_instant(engine, name: str, instant) -> None:  # noqa: ANN001
+    """Move every lockout row of a name to `instant` (a lock's end, or its last attempt)."""
+    from sqlalchemy import update
+    from sqlmodel import Session
+
+    from pdao.identity.models import LoginThrottle
+
+    with Session(engine) as s:
+        s.execute(update(LoginThrottle).where(LoginThrottle.name == name).values(locked_until=instant))
+        s.commit()

@@ -22,7 +22,7 @@ from pdao import audit
 from pdao.audit import AuditEvent
 from pdao.identity import tokens
 from pdao.identity.models import ApiKey, User
-from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql
+from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, set_throttle_instant, throttle
 
 API = "/api/v1/api-keys"
 PW = {"password": DEMO_PASSWORD}   # a claim's body: the owner's password, typed again
@@ -293,12 +293,12 @@ def test_a_token_alone_claims_no_key_and_a_wrong_password_counts_like_a_login(cl
     # the token alone: refused, nothing made, nothing counted
     assert_error(client.post(g["claim_path"], headers=stolen), 422, "password_required")
     assert_error(client.post(g["claim_path"], json={}, headers=stolen), 422, "password_required")
-    assert user_row(engine, "insurer_b").failed_logins == 0
+    assert throttle(engine, "insurer_b") is None
     # guesses: each one checked and counted like a failed login
     for i in range(4):
         assert_error(client.post(g["claim_path"], json={"password": f"guess-{i}-xx"}, headers=stolen), 403,
                      "wrong_password")
-        assert user_row(engine, "insurer_b").failed_logins == i + 1
+        assert throttle(engine, "insurer_b").failures == i + 1
     # the fifth locks the account: claims and logins alike, the right password included
     assert_error(client.post(g["claim_path"], json={"password": "guess-4-xx"}, headers=stolen), 403, "wrong_password")
     assert_error(client.post(g["claim_path"], json=PW, headers=stolen), 429, "login_locked")
@@ -306,14 +306,10 @@ def test_a_token_alone_claims_no_key_and_a_wrong_password_counts_like_a_login(cl
                  "login_locked")
     assert key_row(engine, g["id"]).key_sha256 is None and decisions(engine, "api_key.claimed") == []
     # once the lock is over, the owner's own password claims it, and the count goes back to 0
-    with Session(engine) as s:
-        row = s.exec(select(User).where(User.username == "insurer_b")).one()
-        row.locked_until = datetime.now(UTC) - timedelta(seconds=1)
-        s.add(row)
-        s.commit()
+    set_throttle_instant(engine, "insurer_b", datetime.now(UTC) - timedelta(seconds=1))
     r = client.post(g["claim_path"], json=PW, headers=stolen)
     assert r.status_code == 200 and r.json()["key"].startswith(tokens.API_KEY_PREFIX)
-    assert user_row(engine, "insurer_b").failed_logins == 0
+    assert throttle(engine, "insurer_b") is None
     # the refused claims are the token holder's refusals in the audit chain; no password is in it
     refused = [e for e in all_events(engine) if e.action == "api_key.claim" and e.decision == "deny"]
     assert [(e.actor, e.reason) for e in refused] == (

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
+from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login, set_throttle_instant, throttle
 from tests.test_api_keys import PW, granted_key
 from sqlmodel import Session, select
 
@@ -93,9 +93,9 @@ def test_five_failures_lock_the_account_and_the_count_is_committed(client, engin
         assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": f"nope-{i}"}), 401,
                      "login_failed")
         # the count survives the error response: it was committed, and another session sees it
-        assert user_row(engine, "insurer_b").failed_logins == i
+        assert throttle(engine, "insurer_b").failures == i
     assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": "nope-5"}), 401, "login_failed")
-    row = user_row(engine, "insurer_b")
+    row = throttle(engine, "insurer_b")
     assert row.locked_until is not None and row.locked_until > datetime.now(UTC)
     # now even the right password is refused
     body = assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD}), 429,
@@ -113,9 +113,9 @@ def test_five_failures_lock_the_account_and_the_count_is_committed(client, engin
 def test_a_success_resets_the_failure_count(client, engine):
     for _ in range(3):
         client.post(TOKEN_URL, data={"username": "office2", "password": "nope-nope"})
-    assert user_row(engine, "office2").failed_logins == 3
+    assert throttle(engine, "office2").failures == 3
     login(client, "office2")
-    assert user_row(engine, "office2").failed_logins == 0
+    assert throttle(engine, "office2") is None          # counting nothing: the row went
 
 
 def test_the_right_password_as_the_fifth_attempt_gets_in(client, engine):
@@ -125,8 +125,7 @@ def test_the_right_password_as_the_fifth_attempt_gets_in(client, engine):
         assert_error(client.post(TOKEN_URL, data={"username": "office2", "password": f"nope-{i}"}), 401,
                      "login_failed")
     login(client, "office2")
-    row = user_row(engine, "office2")
-    assert (row.failed_logins, row.locked_until) == (0, None)
+    assert throttle(engine, "office2") is None
 
 
 def test_a_lowered_limit_locks_a_count_already_beyond_it(settings, engine):
@@ -138,10 +137,11 @@ def test_a_lowered_limit_locks_a_count_already_beyond_it(settings, engine):
 
     from api.app import create_app
 
+    from pdao.identity.models import LoginThrottle
+
     with Session(engine) as s:
-        row = s.exec(select(User).where(User.username == "office2")).one()
-        row.failed_logins = 4
-        s.add(row)
+        s.add(LoginThrottle(username=service.throttle_key("office2", "testclient"), name="office2", failures=4,
+                            locked_until=datetime.now(UTC)))
         s.commit()
     app = create_app(dataclasses.replace(settings, login_max_failures=3))
     try:
@@ -151,8 +151,8 @@ def test_a_lowered_limit_locks_a_count_already_beyond_it(settings, engine):
                          "login_locked")
     finally:
         app.state.engine.dispose()
-    row = user_row(engine, "office2")
-    assert row.failed_logins == 0 and row.locked_until > datetime.now(UTC)
+    row = throttle(engine, "office2")
+    assert row.failures == 0 and row.locked_until > datetime.now(UTC)
 
 
 def test_a_success_does_not_lift_a_lock_that_parallel_guesses_set(client, engine, monkeypatch):
@@ -173,8 +173,8 @@ def test_a_success_does_not_lift_a_lock_that_parallel_guesses_set(client, engine
     r = client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD})
     assert r.status_code == 200, r.text
     assert during == [401, 401, 401, 401, 429]   # the owner's attempt was the first of five
-    row = user_row(engine, "insurer_b")
-    assert row.locked_until is not None and row.locked_until > datetime.now(UTC) and row.failed_logins == 0
+    row = throttle(engine, "insurer_b")
+    assert row.locked_until is not None and row.locked_until > datetime.now(UTC) and row.failures == 0
     assert_error(client.post(TOKEN_URL, data={"username": "insurer_b", "password": DEMO_PASSWORD}), 429,
                  "login_locked")
 
@@ -491,7 +491,9 @@ def test_forty_parallel_guesses_get_at_most_five_password_checks(patient_app, cl
                                                                   production_password_hashing):
     """Issue 13, finding 4: 40 parallel logins gave 39 real password checks in one lock window
     (the lock was read before the slow hash and counted after it). Each attempt now takes its place
-    before the check, atomically: at most the policy's 5 checks, the other 35 are 429 unhashed."""
+    before the check, atomically. From 40 addresses the user never signed in from: at most the
+    name's 10 checks across such addresses (each address alone would lock at 5), the other 30 are
+    429 unhashed."""
     # a hash at the production cost: each check takes long enough for all attempts to overlap
     with Session(engine) as s:
         service.set_password(s, "auditor1", DEMO_PASSWORD)
@@ -501,16 +503,16 @@ def test_forty_parallel_guesses_get_at_most_five_password_checks(patient_app, cl
     checks = _CountingChecks(monkeypatch)
 
     statuses = _parallel_logins(patient_app, "auditor1", 40)
-    assert settings.login_max_failures == 5
-    assert 1 <= checks.by_hash.get(password_hash, 0) <= 5, checks.by_hash
+    assert settings.login_max_failures_per_name == 10
+    assert 1 <= checks.by_hash.get(password_hash, 0) <= 10, checks.by_hash
     assert statuses.count(401) == checks.by_hash[password_hash]   # every check was a counted failure
     assert statuses.count(429) == 40 - statuses.count(401)
-    row = user_row(engine, "auditor1")
+    row = throttle(engine, "auditor1", "*")
     assert row.locked_until is not None and row.locked_until > datetime.now(UTC)
-    # the right password is refused while locked, without a check
+    # the right password is refused while locked, without a check, from an address not signed in from
     assert_error(client.post(TOKEN_URL, data={"username": "auditor1", "password": DEMO_PASSWORD}), 429,
                  "login_locked")
-    assert checks.by_hash[password_hash] <= 5
+    assert checks.by_hash[password_hash] <= 10
     with Session(engine) as s:
         refused = s.exec(select(AuditEvent).where(AuditEvent.action == "auth.login",
                                                   AuditEvent.reason == "login_locked")).all()
@@ -519,19 +521,42 @@ def test_forty_parallel_guesses_get_at_most_five_password_checks(patient_app, cl
 
 
 def test_forty_parallel_guesses_at_an_unknown_name_count_the_same(patient_app, engine, monkeypatch):
-    """A made-up username takes the same path (login_throttle): at most 5 checks against the
+    """A made-up username takes the same path (login_throttle): at most 10 checks against the
     dummy hash, the rest 429, so the answers do not tell which names exist."""
     from pdao.identity import passwords
-    from pdao.identity.models import LoginThrottle
 
     dummy = passwords.dummy_hash()
     checks = _CountingChecks(monkeypatch)
     statuses = _parallel_logins(patient_app, "no_such_person", 40)
-    assert 1 <= checks.by_hash.get(dummy, 0) <= 5, checks.by_hash
+    assert 1 <= checks.by_hash.get(dummy, 0) <= 10, checks.by_hash
     assert statuses.count(401) == checks.by_hash[dummy] and statuses.count(429) == 40 - statuses.count(401)
-    with Session(engine) as s:
-        throttle = s.get(LoginThrottle, "no_such_person")
-    assert throttle.locked_until is not None and throttle.locked_until > datetime.now(UTC)
+    row = throttle(engine, "no_such_person", "*")
+    assert row.locked_until is not None and row.locked_until > datetime.now(UTC)
+
+
+def test_guesses_cannot_lock_the_owner_out_of_the_address_they_sign_in_from(settings, engine):
+    """Review r5 #2: 5 wrong logins per name locked office1, office2, reviewer1, auditor1 and a
+    competitor's analyst everywhere, the right password refused for 15 minutes (renewable at will).
+    Now a lock holds per (name, address): guesses from one address lock the name from there; and
+    the name's count across addresses (10) locks only addresses the owner has not signed in from."""
+    app = _app(settings)
+    try:
+        office = from_address(app, "198.51.100.20")           # where office1 works
+        assert office.post(TOKEN_URL, data={"username": "office1", "password": DEMO_PASSWORD}).status_code == 200
+        attacker = [from_address(app, f"203.0.113.{i}") for i in (31, 32, 33)]
+        tries = [[c.post(TOKEN_URL, data={"username": "office1", "password": f"guess-{i}-{n}"}).status_code
+                  for n in range(6)] for i, c in enumerate(attacker)]
+        # 5 from the first address lock it there; 5 more from the second reach the name's 10
+        assert tries == [[401] * 5 + [429], [401] * 5 + [429], [429] * 6], tries
+        # the owner, from where they signed in before: in, with the right password
+        assert office.post(TOKEN_URL, data={"username": "office1", "password": DEMO_PASSWORD}).status_code == 200
+        # from an address office1 never used: refused while the name is locked across addresses
+        r = from_address(app, "192.0.2.77").post(TOKEN_URL, data={"username": "office1", "password": DEMO_PASSWORD})
+        assert_error(r, 429, "login_locked")
+        # another account is untouched, from the attacker's own address too
+        assert attacker[0].post(TOKEN_URL, data={"username": "office2", "password": DEMO_PASSWORD}).status_code == 200
+    finally:
+        app.state.engine.dispose()
 
 
 def test_a_lock_ends_and_the_count_starts_again(client, engine):
@@ -542,15 +567,8 @@ def test_a_lock_ends_and_the_count_starts_again(client, engine):
                          "login_failed")
         assert_error(client.post(TOKEN_URL, data={"username": name, "password": "nope"}), 429, "login_locked")
     past = datetime.now(UTC) - timedelta(seconds=1)
-    with Session(engine) as s:
-        from pdao.identity.models import LoginThrottle
-
-        row = s.exec(select(User).where(User.username == "insurer_b")).one()
-        row.locked_until = past
-        throttle = s.get(LoginThrottle, "no_such_person")
-        throttle.locked_until = past
-        s.add_all([row, throttle])
-        s.commit()
+    for name in ("insurer_b", "no_such_person"):
+        set_throttle_instant(engine, name, past)
     for name in ("insurer_b", "no_such_person"):
         answers = [client.post(TOKEN_URL, data={"username": name, "password": f"again-{i}"}).status_code
                    for i in range(6)]
@@ -577,7 +595,7 @@ def _throttle_names(engine) -> set[str]:
     from pdao.identity.models import LoginThrottle
 
     with Session(engine) as s:
-        return {t.username for t in s.exec(select(LoginThrottle)).all()}
+        return {t.name for t in s.exec(select(LoginThrottle)).all()}
 
 
 def test_fresh_names_from_one_address_get_a_few_checks_then_429_before_any_hash(settings, engine, monkeypatch):
@@ -713,8 +731,6 @@ def test_checks_at_once_are_capped_and_waiting_logins_hold_no_thread(settings, e
 def test_throttle_rows_expire_once_their_lock_and_window_are_over(client, engine, settings, monkeypatch):
     """The table holds only names tried within the last window or locked now; a deleted row is
     exactly a name never tried."""
-    from pdao.identity.models import LoginThrottle
-
     def fail(name: str, n: int) -> list[int]:
         return [client.post(TOKEN_URL, data={"username": name, "password": f"nope-{i}-x"}).status_code
                 for i in range(n)]
@@ -725,17 +741,14 @@ def test_throttle_rows_expire_once_their_lock_and_window_are_over(client, engine
     fail("ghost-locked", 5)
     window = timedelta(minutes=settings.login_lock_minutes)
     now = datetime.now(UTC)
-    with Session(engine) as s:
-        s.get(LoginThrottle, "ghost-stale").locked_until = now - window - timedelta(seconds=1)   # its last attempt
-        s.get(LoginThrottle, "ghost-ended").locked_until = now - timedelta(seconds=1)            # its lock is over
-        s.commit()
+    set_throttle_instant(engine, "ghost-stale", now - window - timedelta(seconds=1))   # its last attempt
+    set_throttle_instant(engine, "ghost-ended", now - timedelta(seconds=1))            # its lock is over
     monkeypatch.setitem(service._sweep, "next", 0.0)   # a sweep is due (at most one a minute)
     assert fail("ghost-new", 1) == [401]                 # a new name's row: the moment to sweep
-    assert _throttle_names(engine) == {"ghost-recent", "ghost-locked", "ghost-new"}
+    # (ghost-ended's count across addresses, 5 of 10, is still within its window)
+    assert _throttle_names(engine) == {"ghost-recent", "ghost-ended", "ghost-locked", "ghost-new"}
     # at most one sweep a minute
-    with Session(engine) as s:
-        s.get(LoginThrottle, "ghost-recent").locked_until = now - window - timedelta(seconds=1)
-        s.commit()
+    set_throttle_instant(engine, "ghost-recent", now - window - timedelta(seconds=1))
     fail("ghost-newer", 1)
     assert "ghost-recent" in _throttle_names(engine)
     # the deleted names behave exactly as before (a name never tried)
@@ -745,17 +758,13 @@ def test_throttle_rows_expire_once_their_lock_and_window_are_over(client, engine
 def test_failures_a_window_old_are_forgotten_for_real_accounts_and_unknown_names_alike(client, engine, settings):
     """What lets unknown names' rows expire applies to real accounts too, so an old count never
     tells which names exist: 4 failures, a quiet window, then 5 more attempts before the lock."""
-    from pdao.identity.models import LoginThrottle
-
     for name in ("insurer_b", "no_such_person"):
         assert [client.post(TOKEN_URL, data={"username": name, "password": f"nope-{i}"}).status_code
                 for i in range(4)] == [401] * 4
-    assert user_row(engine, "insurer_b").failed_logins == 4
+    assert throttle(engine, "insurer_b").failures == 4
     old = datetime.now(UTC) - timedelta(minutes=settings.login_lock_minutes, seconds=1)
-    with Session(engine) as s:
-        s.exec(select(User).where(User.username == "insurer_b")).one().locked_until = old
-        s.get(LoginThrottle, "no_such_person").locked_until = old
-        s.commit()
+    for name in ("insurer_b", "no_such_person"):
+        set_throttle_instant(engine, name, old)
     answers = {name: [client.post(TOKEN_URL, data={"username": name, "password": f"again-{i}"}).status_code
                       for i in range(6)] for name in ("insurer_b", "no_such_person")}
     assert answers["insurer_b"] == answers["no_such_person"] == [401] * 5 + [429]
@@ -784,7 +793,7 @@ def test_a_disabled_account_answers_like_a_wrong_password_whatever_the_password(
     # the same work for each: one check against the account's hash (the unknown name: the dummy's)
     assert checks.by_hash[leaver_hash] == 2 and sum(checks.by_hash.values()) == 3
     # the right password counts like a wrong one, and the account locks like any other
-    assert user_row(engine, "leaver1").failed_logins == 2
+    assert throttle(engine, "leaver1").failures == 2
     more = [client.post(TOKEN_URL, data={"username": "leaver1", "password": "Summer2026!"}).status_code
             for _ in range(4)]
     assert more == [401, 401, 401, 429]

@@ -847,10 +847,9 @@ def test_the_owner_claims_an_api_key_in_the_console_and_sees_it_once(app, client
     assert r.status_code == 422 and "password_required" in r.text
     r = post_form(tenant, f"/api-keys/{key_id}/claim", {"password": "not-my-password"})
     assert r.status_code == 403 and "wrong_password" in r.text and 'id="claimed-key"' not in r.text
-    with Session(engine) as s:
-        from pdao.identity.models import User
+    from tests.conftest import throttle
 
-        assert s.exec(select(User).where(User.username == "insurer_a")).one().failed_logins == 1
+    assert throttle(engine, "insurer_a").failures == 1
     # the claim: the key once, on an answer nobody stores
     before = count(engine)
     r = post_form(tenant, f"/api-keys/{key_id}/claim", pw)

@@ -35,7 +35,7 @@ from api.console.auth import (
 from api.console.i18n import LANGS, pick, translator
 from api.console.render import lang_of, redirect, render, safe_next, set_lang, url
 from api.deps import SessionDep, SettingsDep
-from api.routes.auth import checking_password, password_login
+from api.routes.auth import checking_password, client_address, password_login
 from catalog import service as catalog_service
 from catalog.descriptor import Category
 from pdao import audit
@@ -988,7 +988,8 @@ async def api_key_claim(key_id: int, request: Request, principal: action("api_ke
     settings, request_id = request.app.state.settings, request.state.request_id
 
     def claim(session) -> tuple[str, dict[str, Any]]:  # noqa: ANN001
-        key, row = identity.claim_api_key(session, settings, principal, key_id, password, request_id)
+        key, row = identity.claim_api_key(session, settings, principal, key_id, password, request_id,
+                                          client_address(request))
         session.commit()
         owner, grantor = _key_names(session, row)
         return key, _key_view(row, owner, grantor, utcnow())

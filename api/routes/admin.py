@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from api.deps import SessionDep, SettingsDep, caller
-from api.routes.auth import checking_password
+from api.routes.auth import checking_password, client_address
 from pdao.db import utcnow
 from pdao.identity import service
 from pdao.identity.models import ApiKey, User
@@ -108,7 +108,8 @@ async def claim_api_key(key_id: int, principal: caller("api_key", "claim"), requ
     password = body.password if body is not None else None
 
     def claim(session: Session) -> ApiKeyClaimed:
-        key, row = service.claim_api_key(session, settings, principal, key_id, password, request_id)
+        key, row = service.claim_api_key(session, settings, principal, key_id, password, request_id,
+                                         client_address(request))
         session.commit()
         return ApiKeyClaimed(key=key, **_key_out(row, *_names(session, row)))
 

@@ -36,6 +36,12 @@ def login_guard(app: FastAPI) -> LoginGuard:
     return guard
 
 
+def client_address(request: Request) -> str | None:
+    """The address a login is counted from: the connection's peer (`pdao serve` trusts no
+    forwarding header, so a client cannot choose it)."""
+    return request.client.host if request.client else None
+
+
 async def checking_password(request: Request, check: Callable[[Session], T],
                             before: Callable[[Session], None] | None = None) -> T:
     """Run `check` — work that checks a password (Argon2id) — within the bounds: first a token of
@@ -74,13 +80,15 @@ async def password_login(request: Request, username: str, password: str) -> tupl
     request.state.action = "auth.login"
     request.state.audit_detail = {"attempted_username": username[:64]}
 
+    address = client_address(request)
+
     def check(session: Session) -> tuple[str, Principal, datetime]:
-        out = service.login(session, settings, username, password)
+        out = service.login(session, settings, username, password, address)
         session.commit()
         return out
 
     token, principal, expires_at = await checking_password(
-        request, check, before=lambda session: service.refuse_if_locked(session, settings, username))
+        request, check, before=lambda session: service.refuse_if_locked(session, settings, username, address))
     request.state.principal = principal
     request.state.audit_detail = None
     return token, principal, expires_at

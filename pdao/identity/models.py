@@ -79,13 +79,26 @@ class ApiKey(SQLModel, table=True):
     last_used_at: datetime | None = None
 
 
+class LoginAddress(SQLModel, table=True):
+    """An address a user signed in from (a digest of it) and when last: while the name is locked
+    across addresses by guesses from elsewhere, the user still signs in from a known address."""
+
+    __tablename__ = "login_address"
+
+    user_id: int = Field(foreign_key="app_user.id", primary_key=True)
+    address_key: str = Field(primary_key=True, max_length=64)
+    last_login_at: datetime
+
+
 class LoginThrottle(SQLModel, table=True):
-    """Failed logins for usernames that do not exist, counted and locked exactly like real
-    accounts, so the answers never tell which usernames exist. A row that no longer counts or
-    locks anything (its lock and window are over) is deleted (service.expire_login_throttle)."""
+    """Login attempts per (typed name, client address), real names and unknown ones alike, so the
+    answers never tell which usernames exist (service: "The lockout counts ..."). A row that no
+    longer counts or locks anything (its lock and window are over) is deleted
+    (service.expire_login_throttle)."""
 
     __tablename__ = "login_throttle"
 
-    username: str = Field(primary_key=True, max_length=64)
-    failures: int = 0  # attempts since the last lock, counted like User.failed_logins
-    locked_until: datetime | None = None  # as User.locked_until: a lock's end, or the last attempt
+    username: str = Field(primary_key=True, max_length=64)   # the key: service.throttle_key(name, address)
+    name: str | None = Field(default=None, max_length=64, index=True)   # the name typed (a reset clears its rows)
+    failures: int = 0  # attempts since the last lock
+    locked_until: datetime | None = None  # a lock's end (failures 0), or the last attempt

@@ -3,6 +3,7 @@ do is decided in `policies`."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pdao import audit
 from pdao.db import id_in_range, utcnow
 from pdao.errors import PdaoError, conflict, forbidden, invalid, not_found, unauthorized
 from pdao.identity import passwords, tokens
-from pdao.identity.models import ROLE_ORG_KINDS, ApiKey, LoginThrottle, Role, User
+from pdao.identity.models import ROLE_ORG_KINDS, ApiKey, LoginAddress, LoginThrottle, Role, User
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,9 @@ def set_password(session: Session, username: str, password: str, by: Actor | Non
     user.failed_logins = 0
     user.locked_until = None
     session.add(user)
+    # the name's locks, from every address, go with the old password
+    session.execute(delete(LoginThrottle).where(LoginThrottle.name == username[:64])
+                    .execution_options(synchronize_session=False))
     session.flush()
     return revoke_user_keys(session, user, by or cli_actor(), "password_changed", request_id)
 
@@ -170,35 +174,49 @@ def _locked(until: datetime) -> PdaoError:
                      f"登录失败次数过多，请于 {until.isoformat(timespec='seconds')}（UTC）后重试。")
 
 
-# The lockout counts an attempt when it starts, not when its password check has failed. One
-# conditional UPDATE, before the slow hash, takes the attempt while the account is not locked;
-# the attempt that reaches the limit locks the account in that same statement
-# (and the count starts again for after the lock). rowcount 0 = locked: 429 without hashing. A
-# failed check keeps its attempt; a success gives the count back (0) and lifts the lock only if its
-# own attempt set it. So N guesses in parallel cost N attempts, at most `login_max_failures`
-# passwords are checked per lock window, and an attempt that never finishes (a crash) cannot
-# leave the account stuck: at worst it locked it for one window. Unknown usernames go through the
-# same statement on `login_throttle`, so a wrong name and a wrong password stay indistinguishable.
+# The lockout counts an attempt when it starts, not when its password check has failed, at two
+# levels. Per (name, client address): `login_max_failures` (5) wrong passwords from one address
+# lock the name *from that address* for `login_lock_minutes`. Per name across addresses:
+# `login_max_failures_per_name` (10) attempts from addresses the user has not signed in from
+# lately lock the name for every such address — but not for the addresses the user did sign in
+# from (`login_address`). So a guesser spread over many addresses gets 10 guesses per window in
+# all, and still cannot lock the owner out of their usual machine. (Locking the name everywhere let
+# anyone lock the office, the auditors or a competitor's analysts out with 25 requests and keep
+# them out; review r5 #2.) The `failed_logins` alert reports the name's bursts.
 #
-# Both tables hold a count and one instant (`locked_until`). With a count of 0 and an instant
-# ahead, the name is locked until then. Otherwise the instant is when the last attempt was taken
-# (or the last lock ended): once it is a window (`login_lock_minutes`) old, the count starts
-# again. A forgotten count is what lets `login_throttle` rows of names nobody tries any more be
-# deleted (`expire_login_throttle`) — and real accounts forget alike, so neither tells which
-# names exist. (A count with an instant ahead is another attempt's, taken a moment later: never
-# a lock.)
+# One conditional UPDATE of the (name, address) row of `login_throttle`, before the slow hash,
+# takes the attempt while it is not locked; the attempt that reaches the limit locks it in that
+# same statement (and the count starts again for after the lock). rowcount 0 = locked: 429 without
+# hashing. A failed check keeps its attempt; a success gives the count back (0) and lifts the lock
+# only if its own attempt set it. So N guesses in parallel cost N attempts, at most
+# `login_max_failures` passwords are checked per address and window, and an attempt that never
+# finishes (a crash) cannot leave a name stuck: at worst it locked it for one window. Real and
+# unknown names go through the same rows, so a wrong name and a wrong password stay
+# indistinguishable.
+#
+# A row holds a count and one instant (`locked_until`). With a count of 0 and an instant ahead,
+# it is locked until then. Otherwise the instant is when the last attempt was taken (or the last
+# lock ended): once it is a window old, the count starts again, and the row can be deleted
+# (`expire_login_throttle`). (A count with an instant ahead is another attempt's, taken a moment
+# later: never a lock.) A password reset deletes the name's rows: an operator's reset unlocks.
 
 def _lock_window(settings: Settings) -> timedelta:
     return timedelta(minutes=settings.login_lock_minutes)
 
 
+def throttle_key(username: str, address: str | None) -> str:
+    """The `login_throttle` row of a name tried from an address (None: outside HTTP)."""
+    return hashlib.sha256(f"{username}\x00{address or ''}".encode("utf-8", "replace")).hexdigest()
+
+
 def is_locked(count: int, locked_until: datetime | None, now: datetime) -> bool:
-    """Whether a name refuses logins now (see above)."""
+    """Whether a row refuses logins now (see above)."""
     return count == 0 and locked_until is not None and locked_until > now
 
 
-def _take_attempt(count, locked_until, settings: Settings, now: datetime) -> tuple[list, dict]:  # noqa: ANN001
-    """(WHERE, SET) of the one statement that takes an attempt: on a name that is not locked,
+def _take_attempt(count, locked_until, settings: Settings, now: datetime,  # noqa: ANN001
+                  limit: int | None = None) -> tuple[list, dict]:
+    """(WHERE, SET) of the one statement that takes an attempt: on a row that is not locked,
     count + 1 (from 0 once the last attempt is a window old) and the instant now — or, when that
     reaches the limit, count 0 and locked for `login_lock_minutes` from now. (Every SET expression
     reads the row as it was before the statement. A count already beyond the limit, after the
@@ -206,7 +224,7 @@ def _take_attempt(count, locked_until, settings: Settings, now: datetime) -> tup
     window = _lock_window(settings)
     stale = and_(locked_until.is_not(None), locked_until <= now - window)
     base = case((stale, 0), else_=count)
-    reaches = base + 1 >= settings.login_max_failures
+    reaches = base + 1 >= (settings.login_max_failures if limit is None else limit)
     where = [or_(count != 0, locked_until.is_(None), locked_until <= now)]
     values = {count: case((reaches, 0), else_=base + 1),
               locked_until: case((reaches, literal(now + window, locked_until.type)),
@@ -221,23 +239,7 @@ def _refused_until(locked_until: datetime | None, settings: Settings, now: datet
     return now + _lock_window(settings)  # (not reached: a refusal means locked)
 
 
-def _reserve_attempt(session: Session, settings: Settings, user_id: int, now: datetime) -> tuple[bool, datetime | None]:
-    """Take an attempt on a real account before its password is checked, committed at once.
-    (taken, lock): `lock` is the lock this attempt set by reaching the limit, or — when not
-    taken — the instant the lock ends."""
-    session.rollback()  # end the read transaction: a write must start from a fresh snapshot (SQLite WAL)
-    where, values = _take_attempt(User.failed_logins, User.locked_until, settings, now)
-    taken = session.execute(update(User).where(User.id == user_id, *where).values(values)
-                            .execution_options(synchronize_session=False)).rowcount
-    until = session.exec(select(User.locked_until).where(User.id == user_id)).first()
-    session.commit()
-    if not taken:
-        return False, _refused_until(until, settings, now)
-    own_lock = now + _lock_window(settings)
-    return True, own_lock if until == own_lock else None
-
-
-# login_throttle rows are swept at most this often per process, when a new name is tried
+# login_throttle rows are swept at most this often per process, when a new row is made
 THROTTLE_SWEEP_SECONDS = 60.0
 _sweep = {"next": 0.0}
 _sweep_lock = threading.Lock()
@@ -255,7 +257,7 @@ def _sweep_due() -> bool:
 def expire_login_throttle(session: Session, settings: Settings, now: datetime | None = None) -> int:
     """Delete the `login_throttle` rows that hold nothing a missing row would not: not locked and
     counting nothing, or whose last attempt (or lock) is a window old. So the table holds only
-    the names tried within the last window or locked now. Commits; the number deleted."""
+    the (name, address) pairs tried within the last window or locked now. Commits; the number deleted."""
     now = now or utcnow()
     t = LoginThrottle
     over = or_(and_(t.failures == 0, or_(t.locked_until.is_(None), t.locked_until <= now)),
@@ -265,26 +267,31 @@ def expire_login_throttle(session: Session, settings: Settings, now: datetime | 
     return deleted
 
 
-def _reserve_unknown_attempt(session: Session, settings: Settings, username: str, now: datetime) -> datetime | None:
-    """`_reserve_attempt` for a username that does not exist (see LoginThrottle): None when taken,
-    else the instant the lock ends."""
-    session.rollback()
-    key = username[:64]
-    where, values = _take_attempt(LoginThrottle.failures, LoginThrottle.locked_until, settings, now)
+def _reserve_attempt(session: Session, settings: Settings, username: str, address: str | None,
+                     now: datetime, limit: int | None = None) -> tuple[bool, datetime | None]:
+    """Take an attempt on (name, address) before its password is checked, committed at once.
+    (taken, lock): `lock` is the lock this attempt set by reaching the limit (`login_max_failures`
+    unless given), or — when not taken — the instant the lock ends."""
+    session.rollback()  # end the read transaction: a write must start from a fresh snapshot (SQLite WAL)
+    key = throttle_key(username, address)
+    limit = settings.login_max_failures if limit is None else limit
+    own_lock = now + _lock_window(settings)
+    where, values = _take_attempt(LoginThrottle.failures, LoginThrottle.locked_until, settings, now, limit)
     for _ in range(2):  # insert the first time; a racing insert makes us update instead
         taken = session.execute(update(LoginThrottle).where(LoginThrottle.username == key, *where).values(values)
                                 .execution_options(synchronize_session=False)).rowcount
         if taken:
+            until = session.exec(select(LoginThrottle.locked_until).where(LoginThrottle.username == key)).first()
             session.commit()
-            return None
+            return True, own_lock if until == own_lock else None
         row = session.exec(select(LoginThrottle.username, LoginThrottle.locked_until)
                            .where(LoginThrottle.username == key)).first()
         if row is not None:
             session.rollback()
-            return _refused_until(row[1], settings, now)
-        first = LoginThrottle(username=key, failures=1, locked_until=now)
-        if settings.login_max_failures <= 1:
-            first.failures, first.locked_until = 0, now + _lock_window(settings)
+            return False, _refused_until(row[1], settings, now)
+        first = LoginThrottle(username=key, name=username[:64], failures=1, locked_until=now)
+        if limit <= 1:
+            first.failures, first.locked_until = 0, own_lock
         try:
             session.add(first)
             session.commit()
@@ -293,73 +300,128 @@ def _reserve_unknown_attempt(session: Session, settings: Settings, username: str
             continue
         if _sweep_due():   # a new row: the moment to drop the ones nobody needs any more
             expire_login_throttle(session, settings, now)
-        return None
-    return _refused_until(None, settings, now)
+        return True, own_lock if first.failures == 0 else None
+    return False, _refused_until(None, settings, now)
 
 
-def refuse_if_locked(session: Session, settings: Settings, username: str) -> None:
-    """429 login_locked when the name is locked now — a real account or not, the same reads and the
-    same answer — so a refusal never waits for a password check's turn. Only a shortcut: `login`
-    still takes its attempt atomically."""
+ANY_ADDRESS = "*"            # the name's row across addresses (a real address never reads so)
+KNOWN_ADDRESS_DAYS = 90      # an address the user signed in from within this many days is known
+
+
+def _address_key(address: str) -> str:
+    return hashlib.sha256(address.encode("utf-8", "replace")).hexdigest()
+
+
+def _known_address(session: Session, user_id: int | None, address: str | None, now: datetime) -> bool:
+    """Whether the user signed in from this address lately (then a lock on the name from other
+    addresses does not keep them out)."""
+    if user_id is None or address is None:
+        return False
+    last = session.exec(select(LoginAddress.last_login_at).where(
+        LoginAddress.user_id == user_id, LoginAddress.address_key == _address_key(address))).first()
+    return last is not None and last > now - timedelta(days=KNOWN_ADDRESS_DAYS)
+
+
+def _remember_address(session: Session, user_id: int, address: str | None, now: datetime) -> None:
+    if address is None:
+        return
+    key = _address_key(address)
+    moved = session.execute(update(LoginAddress).where(LoginAddress.user_id == user_id, LoginAddress.address_key == key)
+                            .values(last_login_at=now).execution_options(synchronize_session=False)).rowcount
+    if not moved:
+        try:
+            with session.begin_nested():
+                session.add(LoginAddress(user_id=user_id, address_key=key, last_login_at=now))
+        except IntegrityError:   # a parallel login of the same user from the same address
+            pass
+
+
+def refuse_if_locked(session: Session, settings: Settings, username: str, address: str | None = None) -> None:
+    """429 login_locked when the name is locked from this address now (its own lock, or the name's
+    lock across addresses when this one is not known) — a real account or not, the same reads and
+    the same answer — so a refusal never waits for a password check's turn. Only a shortcut:
+    `login` still takes its attempts atomically."""
     if "\x00" in username:
         return                      # login answers it (no name holds NUL)
     now = utcnow()
-    rows = [session.exec(select(User.failed_logins, User.locked_until).where(User.username == username)).first(),
-            session.exec(select(LoginThrottle.failures, LoginThrottle.locked_until)
-                         .where(LoginThrottle.username == username[:64])).first()]
-    row = rows[0] or rows[1]
+    keys = [throttle_key(username, address)]
+    if address is not None:
+        user_id = session.exec(select(User.id).where(User.username == username)).first()
+        if not _known_address(session, user_id, address, now):
+            keys.append(throttle_key(username, ANY_ADDRESS))
+    rows = session.exec(select(LoginThrottle.failures, LoginThrottle.locked_until)
+                        .where(LoginThrottle.username.in_(keys))).all()
     session.rollback()
-    if row is not None and is_locked(row[0], row[1], now):
-        raise _locked(row[1])
+    for row in rows:
+        if is_locked(row[0], row[1], now):
+            raise _locked(row[1])
 
 
-def _counted_check(session: Session, settings: Settings, user_id: int, password_hash: str, password: str,
-                   now: datetime) -> tuple[bool, datetime | None]:
-    """Take an attempt on the account (429 login_locked without hashing when locked), then check the
-    password. (matches, the lock this attempt set)."""
-    taken, lock = _reserve_attempt(session, settings, user_id, now)
+def _counted_check(session: Session, settings: Settings, username: str, user_id: int | None, address: str | None,
+                   password_hash: str, password: str, now: datetime) -> tuple[bool, datetime | None]:
+    """Take an attempt on (name, address) — and, from an address the user has not signed in from
+    lately, one on the name across addresses (`login_max_failures_per_name`) — then check the
+    password (429 login_locked without hashing when either is locked). (matches, the lock this
+    attempt set on (name, address))."""
+    taken, lock = _reserve_attempt(session, settings, username, address, now)
     if not taken:
         raise _locked(lock)         # refused before any hashing
+    if address is not None and not _known_address(session, user_id, address, now):
+        taken, until = _reserve_attempt(session, settings, username, ANY_ADDRESS, now,
+                                        limit=settings.login_max_failures_per_name)
+        if not taken:
+            raise _locked(until)
     return passwords.verify_password(password, password_hash), lock
 
 
-def _give_count_back(session: Session, user_id: int, lock: datetime | None, now: datetime,
-                     signed_in: bool = True) -> None:
-    """After a right password: the count goes back to 0. The lock this attempt set (it was the
-    limit's) is lifted; a lock another attempt set meanwhile (count 0, its end ahead) stays.
-    `signed_in`: a login (`last_login_at`), not a claim's re-check."""
-    other_lock = User.failed_logins == 0
+def _give_count_back(session: Session, user_id: int, username: str, address: str | None, lock: datetime | None,
+                     now: datetime, signed_in: bool = True, across: bool = False) -> None:
+    """After a right password: the (name, address) count goes back to 0. The lock this attempt set
+    (it was the limit's) is lifted; a lock another attempt set meanwhile (count 0, its end ahead)
+    stays. With `across`, the attempt it took on the name across addresses is given back too (that
+    count's lock stays). Rows left holding nothing go. `signed_in`: a login (`last_login_at`), not
+    a claim's re-check."""
+    t = LoginThrottle
+    other_lock = t.failures == 0
     if lock is not None:
-        other_lock = and_(other_lock, User.locked_until != literal(lock, User.locked_until.type))
-    values = {"failed_logins": 0, "locked_until": case((other_lock, User.locked_until), else_=null())}
-    if signed_in:
-        values["last_login_at"] = now
-    session.execute(update(User).where(User.id == user_id).values(values)
+        other_lock = and_(other_lock, t.locked_until != literal(lock, t.locked_until.type))
+    own = throttle_key(username, address)
+    session.execute(update(t).where(t.username == own)
+                    .values({"failures": 0, "locked_until": case((other_lock, t.locked_until), else_=null())})
                     .execution_options(synchronize_session=False))
+    keys = [own]
+    if across:
+        keys.append(throttle_key(username, ANY_ADDRESS))
+        session.execute(update(t).where(t.username == keys[-1], t.failures > 0).values(failures=t.failures - 1)
+                        .execution_options(synchronize_session=False))
+    session.execute(delete(t).where(t.username.in_(keys), t.failures == 0,
+                                    or_(t.locked_until.is_(None), t.locked_until <= literal(now, t.locked_until.type)))
+                    .execution_options(synchronize_session=False))
+    if signed_in:
+        session.execute(update(User).where(User.id == user_id).values(last_login_at=now)
+                        .execution_options(synchronize_session=False))
+    _remember_address(session, user_id, address, now)
 
 
-def login(session: Session, settings: Settings, username: str, password: str) -> tuple[str, Principal, datetime]:
-    """Check a password; answer a bearer token. Each attempt is counted before its check (see
-    above), for unknown usernames too: a wrong name and a wrong password look the same, locked or
-    not. A disabled account answers exactly like a wrong password, whatever the password (the same
-    check runs and the attempt stays counted), so a guess at a departed employee's password is
-    never confirmed. On success the caller commits (the count reset and `last_login_at`)."""
+def login(session: Session, settings: Settings, username: str, password: str,
+          address: str | None = None) -> tuple[str, Principal, datetime]:
+    """Check a password; answer a bearer token. Each attempt is counted before its check, per
+    (name, client `address`) (see above), for unknown usernames too: a wrong name and a wrong
+    password look the same, locked or not. A disabled account answers exactly like a wrong
+    password, whatever the password (the same check runs and the attempt stays counted), so a
+    guess at a departed employee's password is never confirmed. On success the caller commits
+    (the count reset and `last_login_at`)."""
     now = utcnow()
     if "\x00" in username or "\x00" in password:
         raise _login_failed()       # no name holds NUL (PostgreSQL refuses it in text)
     user = session.exec(select(User).where(User.username == username)).first()
-    if user is None:
-        until = _reserve_unknown_attempt(session, settings, username, now)
-        if until is not None:
-            raise _locked(until)
-        passwords.verify_password(password, passwords.dummy_hash())
-        raise _login_failed()       # the attempt stays counted
-    user_id, password_hash = user.id, user.password_hash
-    matches, lock = _counted_check(session, settings, user_id, password_hash, password, now)
-    user = session.get(User, user_id)
+    user_id, password_hash = (user.id, user.password_hash) if user is not None else (None, passwords.dummy_hash())
+    known = _known_address(session, user_id, address, now)
+    matches, lock = _counted_check(session, settings, username, user_id, address, password_hash, password, now)
+    user = session.get(User, user_id) if user_id is not None else None
     if not matches or user is None or not user.is_active:
         raise _login_failed()       # the attempt stays counted
-    _give_count_back(session, user_id, lock, now)
+    _give_count_back(session, user_id, username, address, lock, now, across=not known and address is not None)
     token, claims = tokens.issue_token(user.id, settings.secret_key, timedelta(minutes=settings.token_ttl_minutes))
     org = session.get(Organization, user.org_id)
     return token, _principal(user, org, "password"), claims.expires_at
@@ -496,7 +558,7 @@ def claimable_grant(session: Session, principal: Principal, key_id: int, passwor
 
 
 def claim_api_key(session: Session, settings: Settings, principal: Principal, key_id: int, password: str | None,
-                  request_id: str | None = None) -> tuple[str, ApiKey]:
+                  request_id: str | None = None, address: str | None = None) -> tuple[str, ApiKey]:
     """The owner claims a pending grant with their password, typed again: the key is made now and
     answered once (only its digest is kept). The password check counts towards the lockout like a
     login (a wrong one 403 wrong_password and the attempt stays counted; locked 429 login_locked
@@ -509,10 +571,13 @@ def claim_api_key(session: Session, settings: Settings, principal: Principal, ke
     if user is None or not user.is_active:
         raise not_found("API key", "API 密钥")
     now = utcnow()
-    matches, lock = _counted_check(session, settings, user.id, user.password_hash, password, now)
+    known = _known_address(session, user.id, address, now)
+    matches, lock = _counted_check(session, settings, user.username, user.id, address, user.password_hash, password,
+                                   now)
     if not matches:
         raise _wrong_password()     # the attempt stays counted
-    _give_count_back(session, user.id, lock, now, signed_in=False)
+    _give_count_back(session, user.id, user.username, address, lock, now, signed_in=False,
+                     across=not known and address is not None)
     session.commit()                # the right password is a success whatever the claim's outcome
     key, prefix, digest = tokens.new_api_key()
     row = session.get(ApiKey, key_id)
