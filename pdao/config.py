@@ -49,6 +49,7 @@ class Settings:
     query_time_limit_seconds: float = 600.0     # a prod run is stopped after this (then held, like any failure)
     dev_query_time_limit_seconds: float = 60.0  # a dev run (synthetic twin) is stopped after this
     query_rate_per_minute: int = 60    # queries one tenant (organization) may submit per minute
+    read_rows_per_minute: int = 200_000  # rows of result pages and downloads one organization reads a minute
     query_jobs_per_tenant: int = 1     # of one tenant's queued queries, this many run at once
     held_row_answers_per_tenant: int = 20   # prod row answers one organization may have waiting for review
     # Dev answers (synthetic) are kept this many days, then their files go; what one organization's
@@ -100,6 +101,7 @@ class Settings:
             query_time_limit_seconds=float(env.get("PDAO_QUERY_TIME_LIMIT_SECONDS", "600")),
             dev_query_time_limit_seconds=float(env.get("PDAO_DEV_QUERY_TIME_LIMIT_SECONDS", "60")),
             query_rate_per_minute=int(env.get("PDAO_QUERY_RATE_PER_MINUTE", "60")),
+            read_rows_per_minute=int(env.get("PDAO_READ_ROWS_PER_MINUTE", "200000")),
             query_jobs_per_tenant=int(env.get("PDAO_QUERY_JOBS_PER_TENANT", "1")),
             held_row_answers_per_tenant=int(env.get("PDAO_HELD_ROW_ANSWERS_PER_TENANT", "20")),
             dev_answer_days=int(env.get("PDAO_DEV_ANSWER_DAYS", "7")),
@@ -138,6 +140,7 @@ class Settings:
                             ("PDAO_UPLOAD_RATE_PER_HOUR", self.upload_rate_per_hour),
                             ("PDAO_UPLOAD_CONCURRENCY", self.upload_concurrency),
                             ("PDAO_DEV_ANSWER_DAYS", self.dev_answer_days),
+                            ("PDAO_READ_ROWS_PER_MINUTE", self.read_rows_per_minute),
                             ("PDAO_ANONYMOUS_AUDITED_PER_MINUTE", self.anonymous_audited_per_minute),
                             ("PDAO_ANONYMOUS_REFUSALS_PER_MINUTE", self.anonymous_refusals_per_minute),
                             ("PDAO_DEV_ANSWER_QUOTA_MB", self.dev_answer_quota_bytes)):

@@ -887,6 +887,7 @@ def export(session: Session, settings: Settings, principal: Principal, result_id
                         "只能下载已放行的结果（或本单位的开发模式结果）。")
     if r.expired_at is not None:
         raise answer_expired(r)
+    read_slots.charge_rows(principal, r.row_count, settings)
     source = settings.results_dir / r.storage_path
     slot = read_slots.take(principal)
     try:

@@ -361,7 +361,10 @@ def query_plan(session: Session, settings: Settings, q: Query) -> Execution:
     checked = check_query(q.sql_text, effective_grants(session, scene), [meta.info()], uploads=schemas)
     return Execution(checked, meta, snapshot_path(settings, version), epsilon=q.epsilon or None,
                      max_contributions=q.max_contributions, pseudonym_key=answer_pseudonym_key(settings, scene, q.id),
-                     reference_date=_today(), disclosure_stats=q.mode == "prod", uploads=_upload_files(settings, upload))
+                     reference_date=_today(), disclosure_stats=q.mode == "prod", uploads=_upload_files(settings, upload),
+                     # a dev answer may run in its tenant's own request: one core, the other stays
+                     # free for everyone else's requests (review r5 #3)
+                     threads=1 if q.mode == "dev" else 2)
 
 
 def execution_for(session: Session, settings: Settings, enforcers: SceneEnforcers, q: Query) -> Execution:
@@ -729,6 +732,7 @@ def result_out(settings: Settings, principal: Principal, r: QueryResult, *, with
     out.update(rows=None, rows_total=None, offset=None, next_offset=None, expired_at=r.expired_at)
     if visible and with_rows and r.expired_at is None:
         offset, limit = max(offset, 0), min(max(limit, 1), MAX_PAGE_ROWS)
+        read_slots.charge_rows(principal, min(limit, max(r.row_count - offset, 0)), settings)
         with read_slots.held(principal):
             page, total = read_page(settings, r, offset, limit)
             rows = rows_of(page)

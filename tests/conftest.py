@@ -231,6 +231,7 @@ def make_settings(home: Path, url: str, **kw) -> Settings:
     # The per-organization rate (60 a minute) is its own tests' subject (tests/test_outcomes.py); tests
     # that submit many queries in one minute are about something else.
     kw.setdefault("query_rate_per_minute", 10_000)
+    kw.setdefault("read_rows_per_minute", 100_000_000)
     return Settings(home=home, database_url=url, demo_password=DEMO_PASSWORD, secret_key_override="test-signing-key-of-at-least-32-bytes",
                     **kw)
 

@@ -243,3 +243,25 @@ def test_a_stalled_download_keeps_its_read_slot_until_it_is_cut_off(live_server,
         for s in stalled:
             s.close()
     assert list(settings.staging_dir.iterdir()) == []
+
+
+def test_an_organization_reads_so_many_result_rows_a_minute(app, client, auth, engine, settings, runs):
+    """Review r5 #3: one tenant reading 10,000-row pages in a loop (279 in 30 s) slowed every other
+    tenant 5-10x within every limit. Pages and downloads now cost their rows against the
+    organization's budget a minute (`PDAO_READ_ROWS_PER_MINUTE`): past it, 429 `read_rate_limited`
+    with the wait, nothing read or recorded; another company reads on."""
+    import dataclasses
+
+    app.state.settings = dataclasses.replace(settings, read_rows_per_minute=45)   # the dev answer has 20 rows
+    a = auth("insurer_a")
+    assert _get(client, a, runs["dev"], limit=20).status_code == 200            # 20
+    assert client.get(f"/api/v1/results/{runs['dev']}/download", headers=a).status_code == 200   # 40
+    r = _get(client, a, runs["dev"], limit=10)
+    assert r.status_code == 429 and r.json()["code"] == "read_rate_limited" and r.json()["message_zh"], r.text
+    assert int(r.headers["retry-after"]) >= 1
+    r = client.get(f"/api/v1/results/{runs['dev']}/download", headers=a)
+    assert r.status_code == 429 and r.json()["code"] == "read_rate_limited"
+    with Session(engine) as s:
+        assert len(s.exec(select(ResultExport)).all()) == 1
+    # metadata without cells costs nothing
+    assert client.get("/api/v1/results", headers=a).status_code == 200
