@@ -18,12 +18,13 @@ from api.console.errors import error_page, internal_error_page, is_console
 from api.errors import error_response, install_error_handlers, internal_error_response, nul_refusal
 from api.limits import BodySizeLimit, limits_by_path
 from api.refusals import AnonymousRefusals, Summary, has_credentials
-from api.routes import admin, alerts, audit as audit_routes, auth, datasets, health, queries, results, scenes, uploads
-from api.routes import budgets
-from pdao import __version__, audit
-from pdao.config import Settings
-from pdao.errors import PdaoError, invalid
-from pdao.db import make_engine
+from api.routes import admin, alerts, auth, budgets, datasets, health, queries, results, scenes, uploads
+from api.routes import audit as audit_routes
+from pdao import __version__
+from pdao.kernel import audit
+from pdao.kernel.config import Settings
+from pdao.kernel.db import make_engine
+from pdao.kernel.errors import PdaoError, invalid
 from policies.enforcer import SceneEnforcers
 
 log = logging.getLogger("pdao.api")

@@ -15,13 +15,13 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
 
-from pdao.config import Settings
-from pdao.db import id_in_range
-from pdao.errors import PdaoError, forbidden, invalid, unauthorized
-from pdao.identity.service import Principal, principal_from_api_key, principal_from_token
+from pdao.kernel.config import Settings
+from pdao.kernel.db import id_in_range
+from pdao.kernel.errors import PdaoError, forbidden, invalid, unauthorized
+from pdao.kernel.identity.service import Principal, principal_from_api_key, principal_from_token
 from policies.enforcer import role_may
-from policies.models import Scene
-from policies.scenes import get_visible
+from sandbox.scenes.models import Scene
+from sandbox.scenes.service import get_visible
 
 # auto_error=False: a missing token is our own 401 JSON, and API keys are an alternative.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)

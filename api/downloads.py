@@ -1,4 +1,4 @@
-"""Streaming a spooled download (`sandbox.export.ExportFile`) to the client: a chunk at a time, each
+"""Streaming a spooled download (`sandbox.results.export.ExportFile`) to the client: a chunk at a time, each
 chunk read off the event loop; a client that stops reading for `SEND_TIMEOUT_SECONDS` is cut off,
 and however the response ends (sent, cut, client gone, never sent) the staged file is closed and the
 user's read slot given back. Without both, one tenant stalled 100 downloads of 14 MB, each pinning
@@ -15,7 +15,7 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from sandbox.export import ExportFile
+from sandbox.results.export import ExportFile
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import BodyTooLarge
-from pdao.errors import PdaoError, invalid
+from pdao.kernel.errors import PdaoError, invalid
 
 log = logging.getLogger("pdao.api")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pdao.errors import too_large
+from pdao.kernel.errors import too_large
 
 
 class BodyTooLarge(StarletteHTTPException):

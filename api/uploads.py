@@ -16,7 +16,7 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from pdao.errors import PdaoError, bad_request, too_large
+from pdao.kernel.errors import PdaoError, bad_request, too_large
 
 MAX_FIELD_BYTES = 4096
 RAW_TYPES = {b"", b"application/octet-stream", b"text/csv", b"application/csv", b"text/plain",

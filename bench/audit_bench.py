@@ -1,4 +1,4 @@
-"""Benchmark of the hash-chained audit log (pdao/audit.py, docs/audit.md) on SQLite and PostgreSQL.
+"""Benchmark of the hash-chained audit log (pdao/kernel/audit.py, docs/audit.md) on SQLite and PostgreSQL.
 
     python bench/audit_bench.py                          # 3 rounds of 1,000 appends a process; 500,000 events
     python bench/audit_bench.py --verify-events 1000000  # what bench/RESULTS.md shows
@@ -33,7 +33,6 @@ appends them, with the command line, date and machine, to bench/RESULTS.md under
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import os
@@ -96,7 +95,7 @@ def pg_admin(url: str, sql: str) -> None:
 def fresh_database(backend: str, args, work: Path) -> str:  # noqa: ANN001
     from sqlalchemy.engine import make_url
 
-    from pdao.db import migrate
+    from pdao.kernel.db import migrate
 
     if backend == "sqlite":
         db = work / "audit-bench.db"
@@ -125,7 +124,7 @@ def plain_table():  # noqa: ANN201
     """audit_event's shape and indexes without the chain: the baseline's table."""
     from sqlalchemy import Column, Index, MetaData, Table
 
-    from pdao.audit import AuditEvent
+    from pdao.kernel.audit import AuditEvent
 
     md = MetaData()
     cols = [Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
@@ -137,7 +136,7 @@ def plain_table():  # noqa: ANN201
 
 
 def make_plain(url: str):  # noqa: ANN201
-    from pdao.db import make_engine
+    from pdao.kernel.db import make_engine
 
     engine = make_engine(url)
     plain_table().metadata.create_all(engine)
@@ -148,12 +147,11 @@ def make_plain(url: str):  # noqa: ANN201
 
 def _appender(url: str, method: str, n: int, offset: int, ready, start, out) -> None:  # noqa: ANN001
     from sqlalchemy import insert
+    from sqlalchemy.orm import registry
     from sqlmodel import Session
 
-    from pdao import audit
-    from pdao.db import make_engine, utcnow
-
-    from sqlalchemy.orm import registry
+    from pdao.kernel import audit
+    from pdao.kernel.db import make_engine, utcnow
 
     engine = make_engine(url)
     table = plain_table()
@@ -213,8 +211,8 @@ def bulk_chain(url: str, n: int) -> float:
     """Empty the log, then n chained events computed here and bulk-inserted; the head set. Seconds."""
     from sqlalchemy import text
 
-    from pdao import audit
-    from pdao.db import make_engine
+    from pdao.kernel import audit
+    from pdao.kernel.db import make_engine
 
     engine = make_engine(url)
     cols = list(audit.CHAINED_FIELDS) + ["hash"]
@@ -260,8 +258,8 @@ def bulk_chain(url: str, n: int) -> float:
 def _step(kind: str, url: str, path: str, out) -> None:  # noqa: ANN001 - a child process
     from sqlalchemy import select
 
-    from pdao import audit
-    from pdao.db import make_engine
+    from pdao.kernel import audit
+    from pdao.kernel.db import make_engine
 
     engine = make_engine(url)
     t0 = time.perf_counter()
@@ -330,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from importlib.metadata import version
 
-    from pdao import audit
+    from pdao.kernel import audit
 
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -412,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{cmd}`. Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, Python "
         f"{platform.python_version()}, SQLAlchemy {version('sqlalchemy')}, psycopg {version('psycopg')}, SQLite "
-        f"{_sqlite_version()}{pg} (both local; SQLite in WAL mode with synchronous=FULL as `pdao.db.make_engine` "
+        f"{_sqlite_version()}{pg} (both local; SQLite in WAL mode with synchronous=FULL as `pdao.kernel.db.make_engine` "
         f"sets it, PostgreSQL with its default synchronous_commit=on: every append is a durable commit). "
         f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after; whole run {wall:.0f} s.",
         "",
@@ -442,7 +440,7 @@ _ENGINES: list = []
 
 
 def _engine(url: str):  # noqa: ANN202
-    from pdao.db import make_engine
+    from pdao.kernel.db import make_engine
 
     e = make_engine(url)
     _ENGINES.append(e)
@@ -464,7 +462,7 @@ def _pg_version(url: str) -> str:
     from sqlalchemy import text
 
     try:
-        from pdao.db import make_engine
+        from pdao.kernel.db import make_engine
 
         e = make_engine(url.rsplit("/", 1)[0] + "/postgres")
         with e.connect() as c:

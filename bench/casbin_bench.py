@@ -3,7 +3,7 @@
 
     python bench/casbin_bench.py                     # 10,000 scenes, 100 datasets, 2,000 requests
 
-A SQLite metadata database (migrated with `pdao.db.migrate`) receives the casbin rows of N active
+A SQLite metadata database (migrated with `pdao.kernel.db.migrate`) receives the casbin rows of N active
 scenes (`policies.enforcer.scene_policy_rows`: one `g` line for the tenant, one `p` line per item;
 8–12 items per scene drawn from 100 synthetic dataset codes × 6 fields × the 5 usages), inserted in
 bulk. Then random requests (org, scene, dataset, field, usage), half allowed and half denied (of the
@@ -87,9 +87,9 @@ def build(url: str, scenes: int, datasets: int, seed: int) -> tuple[dict[int, st
     tenant and items."""
     from sqlalchemy import insert
 
-    from pdao.db import make_engine, migrate
+    from pdao.kernel.db import make_engine, migrate
     from policies.enforcer import scene_policy_rows
-    from policies.models import CasbinRule
+    from sandbox.scenes.models import CasbinRule
 
     migrate(url)
     rnd = random.Random(seed)
@@ -161,9 +161,9 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
     import casbin
     from casbin_sqlalchemy_adapter import Adapter
 
-    from pdao.db import make_engine
+    from pdao.kernel.db import make_engine
     from policies.enforcer import SCENE_MODEL, SceneEnforcers, item_object, org_subject, scene_domain
-    from policies.models import CasbinRule
+    from sandbox.scenes.models import CasbinRule
 
     work = Path(tempfile.mkdtemp(prefix="casbin-bench-"))
     url = f"sqlite:///{work / 'bench.db'}"
@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests > args.scenes:
         ap.error("--requests must not exceed --scenes (each request touches a different scene)")
     args.bare_requests = min(args.bare_requests, args.requests)
-    import casbin  # noqa: F401
     from importlib.metadata import version
+
+    import casbin  # noqa: F401
 
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Recall, precision and throughput of the ``sandbox.pii`` recognizers on the labelled corpus.
+"""Recall, precision and throughput of the ``sandbox.engine.pii`` recognizers on the labelled corpus.
 
     python bench/pii_bench.py                    # corpus tests/data/pii_corpus.jsonl, 100,000 strings
     python bench/pii_bench.py --errors           # also print every miss and false alarm
@@ -84,7 +84,7 @@ class Score:
 
 def evaluate(records: list[dict], findings: list[list]) -> dict[str, Score]:
     """Per-kind scores (and ``"all"``) of ``findings`` (one list of ``Finding`` per record)."""
-    from sandbox.pii import KIND_PRIORITY
+    from sandbox.engine.pii import KIND_PRIORITY
 
     scores = {k: Score() for k in (*KIND_PRIORITY, "all")}
     for rec, found in zip(records, findings, strict=True):
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from importlib.metadata import version
 
-    from sandbox import pii
+    from sandbox.engine import pii
 
     records = load_corpus(args.corpus)
     texts = [r["text"] for r in records]

@@ -8,7 +8,7 @@ size (``ru_maxrss`` of that one child, from ``os.wait4``), and each child times 
 (what the table's "query s" is: the process start and imports are not in it):
 
 (a) ``generate``  — ``sandbox.synth.generate(dir, scale, seed)`` (the other four files are dropped);
-(b) ``load``      — ``sandbox.store.load_version`` of the visit file through the real store path:
+(b) ``load``      — ``sandbox.engine.store.load_version`` of the visit file through the real store path:
                     a temporary ``PDAO_HOME`` under bench/.data with a SQLite catalog, the packaged
                     descriptors imported. It writes the snapshot the engine reads: the descriptor's
                     columns plus ``__pdao_rank`` (each row's rank within its person), sorted by person,
@@ -19,7 +19,7 @@ Then, for each query — ``COUNT(*), SUM(fee), AVG(fee)`` ``GROUP BY district``,
 
 (c) ``raw duckdb`` — the baseline: the same exact query in plain DuckDB on the snapshot (2 threads,
                     the engine's memory limit): no bounding, no clamping, no noise;
-(d) ``engine``     — ``sandbox.sql.check_query`` + ``sandbox.execute.run`` at ε = 1 and 10
+(d) ``engine``     — ``sandbox.engine.sql.check_query`` + ``sandbox.engine.execute.run`` at ε = 1 and 10
                     contributions per person (2 threads): rank filter, clamped cents, every cell of
                     the public domain, OpenDP noise. Each answer is checked afterwards (outside the
                     timed child) against the exact bounded aggregates: how many cells' noisy COUNT,
@@ -125,10 +125,10 @@ def child_generate(a: dict) -> dict:
 
 
 def child_load(a: dict) -> dict:
-    from pdao.config import Settings
-    from pdao.db import session_scope
-    from pdao.demo import import_catalog, prepare_home
-    from sandbox.store import load_version, snapshot_path
+    from pdao.cli.demo import import_catalog, prepare_home
+    from pdao.kernel.config import Settings
+    from pdao.kernel.db import session_scope
+    from sandbox.engine.store import load_version, snapshot_path
 
     settings = Settings.from_env()
     engine = prepare_home(settings)
@@ -167,8 +167,8 @@ def _descriptor():
 
 
 def child_engine(a: dict) -> dict:
-    from sandbox.execute import DatasetMeta, Execution, run
-    from sandbox.sql import check_query
+    from sandbox.engine.execute import DatasetMeta, Execution, run
+    from sandbox.engine.sql import check_query
 
     d = _descriptor()
     snapshot = Path(a["snapshot"])

@@ -6,7 +6,7 @@ The city is made once with ``sandbox.synth.generate`` at ``--visits`` outpatient
 residents, chronic conditions and inpatient stays scale with it); the applicants are the first
 ``--applicants`` residents' ID numbers, 90% with valid consent. Then, alternating, ``--runs`` times:
 
-- ``template``: ``sandbox.templates.run_template`` — the checked template, regenerated SQL with the
+- ``template``: ``sandbox.templates.library.run_template`` — the checked template, regenerated SQL with the
   sandbox's consent filter, DuckDB locked to the given files (2 threads, 1 GB), the answer checked
   (one row per consented applicant, only declared labels);
 - ``raw duckdb``: the baseline — the same rendered SQL in plain DuckDB (2 threads, 1 GB) over views
@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from sandbox import templates  # noqa: E402
-from sandbox.sql import upload_view_name, view_name  # noqa: E402
+from sandbox.engine.sql import upload_view_name, view_name  # noqa: E402
 from sandbox.synth import generate  # noqa: E402
+from sandbox.templates import library as templates  # noqa: E402
 
 
 def applicants(resident: Path, n: int, out: Path, as_of: dt.date) -> Path:

@@ -196,7 +196,7 @@ class Problem:
 
 Loc = tuple[str | int, ...]
 
-# What the domain store can hold (sandbox/store.py DUCK_TYPES): bounds outside these would be
+# What the domain store can hold (sandbox/engine/store.py DUCK_TYPES): bounds outside these would be
 # accepted here and make every later load fail on the cast.
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 DECIMAL_SCALE = 2

@@ -1,4 +1,4 @@
-"""Catalog tables: organizations, datasets, their fields and immutable versions (metadata only)."""
+"""Catalog tables: datasets, their fields and immutable versions (metadata only)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, UniqueConstraint, event
 from sqlmodel import Field, SQLModel
 
-from pdao.db import utcnow
-
-
-class Organization(SQLModel, table=True):
-    __tablename__ = "organization"
-
-    id: int | None = Field(default=None, primary_key=True)
-    code: str = Field(index=True, unique=True, max_length=64)
-    name_zh: str = Field(max_length=200)
-    name_en: str = Field(max_length=200)
-    kind: str = Field(max_length=20)  # department | company | office | operator | regulator
-    credit_code: str | None = Field(default=None, max_length=18)  # GB 32100 unified social credit code
-    created_at: datetime = Field(default_factory=utcnow)
+from pdao.kernel.db import utcnow
 
 
 class Dataset(SQLModel, table=True):

@@ -26,7 +26,7 @@ from catalog.descriptor import (
     shape_changes,
     state_of,
 )
-from catalog.models import Dataset, DatasetField, DatasetRevision, DatasetVersion, Organization
+from catalog.models import Dataset, DatasetField, DatasetRevision, DatasetVersion
 from catalog.schemas import (
     DatasetOut,
     DatasetPage,
@@ -35,8 +35,9 @@ from catalog.schemas import (
     OrganizationOut,
     VersionOut,
 )
-from pdao.db import utcnow
-from pdao.errors import PdaoError, conflict, invalid, not_found
+from pdao.kernel.db import utcnow
+from pdao.kernel.errors import PdaoError, conflict, invalid, not_found
+from pdao.kernel.identity.models import Organization
 from policies.catalog_rules import CatalogScope
 
 

@@ -1,3 +1,3 @@
-from pdao.cli import app
+from pdao.cli.main import app
 
 app(prog_name="pdao")

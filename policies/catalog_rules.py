@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdao.identity.models import Role
+from pdao.kernel.identity.models import Role
 from policies.visibility import tenant_scoped
 
 OPEN_CLASSES = frozenset({"unconditional", "conditional"})

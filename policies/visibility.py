@@ -2,20 +2,20 @@
 the kind of the caller's organization, used by every visibility rule that separates tenants.
 
 A tenant is a data-using company. Its analysts are applicants, but a company may also name its own
-compliance reviewer (`pdao.identity.models.ROLE_ORG_KINDS`: reviewers sit in the office, the
+compliance reviewer (`pdao.kernel.identity.models.ROLE_ORG_KINDS`: reviewers sit in the office, the
 operating entity or a company). Deciding by role alone would give that reviewer the office's view of
 every company's objects. So anyone in a company is tenant-scoped whatever their role, and so is an
 applicant whatever organization it sits in (an applicant's organization is always a company; the
 role alone is enough to scope it).
 
-Used by the uploads (`sandbox.uploads.upload_scope`) and the catalog
-(`policies.catalog_rules.catalog_scope`). `sandbox.export._tenant_scoped(principal)` means exactly
+Used by the uploads (`sandbox.uploads.service.upload_scope`) and the catalog
+(`policies.catalog_rules.catalog_scope`). `sandbox.results.export._tenant_scoped(principal)` means exactly
 `tenant_scoped(principal.role, principal.org_kind)`.
 """
 
 from __future__ import annotations
 
-from pdao.identity.models import Role
+from pdao.kernel.identity.models import Role
 
 TENANT_ORG_KIND = "company"
 

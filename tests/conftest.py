@@ -24,9 +24,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from pdao.config import Settings
-from pdao.db import make_engine
-from pdao.identity import passwords
+from pdao.kernel.config import Settings
+from pdao.kernel.db import make_engine
+from pdao.kernel.identity import passwords
 
 PG_ADMIN_URL = os.environ.get("PDAO_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DEMO_PASSWORD = "pdao-demo"
@@ -216,7 +216,7 @@ _pg_copies: dict[str, _PgCopies] = {}
 
 
 def _build_template(settings: Settings) -> None:
-    from pdao.demo import ensure_demo_identities, import_catalog, prepare_home
+    from pdao.cli.demo import ensure_demo_identities, import_catalog, prepare_home
 
     engine = prepare_home(settings)
     import_catalog(engine)
@@ -358,7 +358,7 @@ def synth_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
 def _load_visits(engine, settings: Settings, synth_files) -> None:
     from sqlmodel import Session
 
-    from sandbox.store import load_version
+    from sandbox.engine.store import load_version
 
     with Session(engine) as s:
         for env in ("prod", "dev"):
@@ -407,7 +407,7 @@ def loaded(engine, settings, synth_files):
     from sqlmodel import Session, select
 
     from catalog.models import Dataset, DatasetVersion
-    from sandbox.store import snapshot_path, verify_snapshot
+    from sandbox.engine.store import snapshot_path, verify_snapshot
 
     with Session(engine) as s:
         versions = s.exec(select(DatasetVersion).join(Dataset, Dataset.id == DatasetVersion.dataset_id)
@@ -428,7 +428,7 @@ def live_server(app, engine, settings) -> Iterator[str]:
     """The app served by uvicorn on a free port in a thread, with one query worker (as `pdao serve`)."""
     import uvicorn
 
-    from sandbox.worker import start_in_thread
+    from sandbox.queries.worker import start_in_thread
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
@@ -453,8 +453,8 @@ def throttle(engine, name: str, address: str | None = "testclient"):
     """The login lockout's row of (name, address) (`"*"`: the name across addresses), or None."""
     from sqlmodel import Session
 
-    from pdao.identity.models import LoginThrottle
-    from pdao.identity.service import throttle_key
+    from pdao.kernel.identity.models import LoginThrottle
+    from pdao.kernel.identity.service import throttle_key
 
     with Session(engine) as s:
         return s.get(LoginThrottle, throttle_key(name, address))
@@ -465,7 +465,7 @@ def set_throttle_instant(engine, name: str, instant) -> None:  # noqa: ANN001
     from sqlalchemy import update
     from sqlmodel import Session
 
-    from pdao.identity.models import LoginThrottle
+    from pdao.kernel.identity.models import LoginThrottle
 
     with Session(engine) as s:
         s.execute(update(LoginThrottle).where(LoginThrottle.name == name).values(locked_until=instant))

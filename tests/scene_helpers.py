@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import Any
 
-from pdao.db import utcnow
-from policies.states import today_in_city
+from pdao.kernel.db import utcnow
+from sandbox.scenes.states import today_in_city
 
 SCENE_ITEMS = [
     {"dataset": "health.outpatient_visit", "field": "district", "usage": "group_by"},

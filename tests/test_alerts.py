@@ -11,13 +11,25 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from sqlmodel import Session, select
 
-from pdao import audit
-from pdao.alerts import (
-    Alert, AlertThresholds, EventRecord, QueryRecord, SceneRecord, budgets_nearly_spent, decide_alerts,
-    denial_bursts, differencing_suspects, in_office_hours, is_download, near_identical, off_hours_downloads,
-    off_hours_stretch, sql_shape,
+from pdao.kernel import audit
+from pdao.kernel.audit import AuditEvent
+from sandbox.alerts import (
+    Alert,
+    AlertThresholds,
+    EventRecord,
+    QueryRecord,
+    SceneRecord,
+    budgets_nearly_spent,
+    decide_alerts,
+    denial_bursts,
+    differencing_suspects,
+    in_office_hours,
+    is_download,
+    near_identical,
+    off_hours_downloads,
+    off_hours_stretch,
+    sql_shape,
 )
-from pdao.audit import AuditEvent
 from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene
 from tests.test_upload_joins import residents  # noqa: F401 - a fixture: the residents loaded (prod and dev)
 
@@ -205,11 +217,11 @@ def test_sql_that_is_not_one_select_from_a_table_has_no_shape(sql):
     assert sql_shape(sql) is None
 
 
-# The checked SQL, as sandbox/sql.py regenerates it for a scene over the packaged catalog
+# The checked SQL, as sandbox/engine/sql.py regenerates it for a scene over the packaged catalog
 @functools.cache
 def _dataset_info(code: str):
     from catalog.descriptor import PACKAGED_DESCRIPTORS, parse_descriptor_text
-    from sandbox.sql import DatasetInfo
+    from sandbox.engine.sql import DatasetInfo
 
     desc, problems = parse_descriptor_text((PACKAGED_DESCRIPTORS / f"{code}.yaml").read_text(encoding="utf-8"),
                                            f"{code}.yaml")
@@ -224,7 +236,7 @@ APPLICANTS_COLUMNS = {"applicant_ref": "string", "id_number": "string", "consent
 
 
 def checked(sql: str, code: str = VISITS) -> str:
-    from sandbox.sql import check_query
+    from sandbox.engine.sql import check_query
 
     info = _dataset_info(code)
     grants = {(code, f): ("aggregate", "group_by", "filter", "masked_output", "join_key") for f in info.fields}
@@ -678,7 +690,7 @@ def failed_login(seq, at, name="insurer_b", client="203.0.113.7", reason="login_
 
 
 def test_failed_logins_are_their_own_alert_naming_the_target_and_the_addresses_not_an_actor():
-    from pdao.alerts import failed_login_bursts
+    from sandbox.alerts import failed_login_bursts
 
     events = ([failed_login(i, T0 + timedelta(minutes=i)) for i in range(5)]
               + [failed_login(5 + i, T0 + timedelta(minutes=5 + i), reason="login_locked") for i in range(4)]
@@ -706,11 +718,11 @@ def test_a_flood_of_refused_logins_keeps_the_alerts_bounded(client, auth, engine
     listed every seq of a burst (4,803 refused logins took the page from 63 to 531 ms, ~97M a week).
     The alerts read the newest ALERT_MAX_EVENTS events of each kind and list ALERT_MAX_SEQS seqs per
     alert, saying how many more."""
-    import pdao.alerts
-    from pdao import audit
+    import sandbox.alerts
+    from pdao.kernel import audit
 
-    monkeypatch.setattr(pdao.alerts, "ALERT_MAX_EVENTS", 40)
-    monkeypatch.setattr(pdao.alerts, "ALERT_MAX_SEQS", 7)
+    monkeypatch.setattr(sandbox.alerts, "ALERT_MAX_EVENTS", 40)
+    monkeypatch.setattr(sandbox.alerts, "ALERT_MAX_SEQS", 7)
     with Session(engine) as s:
         for i in range(60):
             audit.append(s, actor=None, action="auth.login", object=None, decision="deny", reason="login_failed",
@@ -741,7 +753,7 @@ def test_anonymous_guesses_no_longer_name_their_victim_in_many_denials(client, a
     assert {e.actor for e in logins if e.decision == "deny"} == {None}
     # the real user's own refusals are still theirs
     with Session(engine) as s:   # (the guesses locked insurer_b: an operator resets the password)
-        from pdao.identity.service import set_password
+        from pdao.kernel.identity.service import set_password
 
         set_password(s, "insurer_b", "a-new-pass-1")
         s.commit()

@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 
 from api.deps import SessionDep, caller
 from catalog.descriptor import PACKAGED_DESCRIPTORS
-from pdao.identity.models import User
+from pdao.kernel.identity.models import User
 from tests.conftest import DEMO_PASSWORD, login
 
 ERROR_KEYS = {"code", "message", "message_zh"}

@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from pdao import audit
-from pdao.audit import AuditEvent
-from pdao.identity import tokens
-from pdao.identity.models import ApiKey, User
+from pdao.kernel import audit
+from pdao.kernel.audit import AuditEvent
+from pdao.kernel.identity import tokens
+from pdao.kernel.identity.models import ApiKey, User
 from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, set_throttle_instant, throttle
 
 API = "/api/v1/api-keys"
@@ -244,7 +244,7 @@ def test_owners_list_and_revoke_their_own_keys_the_operator_any(client, engine, 
 def test_cli_issue_key_grants_and_prints_no_key(client, engine, auth, settings, monkeypatch):
     from typer.testing import CliRunner
 
-    from pdao.cli import app
+    from pdao.cli.main import app
 
     monkeypatch.setenv("PDAO_HOME", str(settings.home))
     monkeypatch.setenv("PDAO_DATABASE_URL", settings.database_url)
@@ -322,7 +322,7 @@ def test_a_token_alone_claims_no_key_and_a_wrong_password_counts_like_a_login(cl
 def _cli(settings, monkeypatch, *args: str):  # noqa: ANN202
     from typer.testing import CliRunner
 
-    from pdao.cli import app
+    from pdao.cli.main import app
 
     monkeypatch.setenv("PDAO_HOME", str(settings.home))
     monkeypatch.setenv("PDAO_DATABASE_URL", settings.database_url)
@@ -354,7 +354,7 @@ def test_a_password_reset_or_disabling_revokes_the_users_keys_and_grants(client,
 
     # the change and its revocations are one transaction: if the audit chain cannot take them,
     # nothing changes
-    from pdao import audit as audit_module
+    from pdao.kernel import audit as audit_module
 
     def refuse(*_a, **_k):  # noqa: ANN002, ANN003
         raise RuntimeError("audit down")
@@ -395,7 +395,7 @@ def test_the_migration_revokes_keys_the_operator_was_given(empty_url):
     them. A downgrade drops the grants the old schema cannot hold (no key)."""
     from alembic import command
 
-    from pdao.db import alembic_config, make_engine, migrate
+    from pdao.kernel.db import alembic_config, make_engine, migrate
 
     migrate(empty_url, "0010")
     engine = make_engine(empty_url)

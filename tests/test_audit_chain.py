@@ -23,10 +23,10 @@ from sqlalchemy import inspect, text
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from pdao import audit
-from pdao.audit import GENESIS_HASH, AuditChainError
-from pdao.cli import app as cli_app
-from pdao.db import alembic_config, make_engine, migrate
+from pdao.cli.main import app as cli_app
+from pdao.kernel import audit
+from pdao.kernel.audit import GENESIS_HASH, AuditChainError
+from pdao.kernel.db import alembic_config, make_engine, migrate
 
 REPO = Path(__file__).resolve().parents[1]
 API = "/api/v1"

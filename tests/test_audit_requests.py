@@ -13,7 +13,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from api.deps import caller
-from pdao.audit import AuditEvent
+from pdao.kernel.audit import AuditEvent
 from tests.conftest import DEMO_PASSWORD
 from tests.test_api_keys import PW
 

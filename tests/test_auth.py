@@ -13,13 +13,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login, set_throttle_instant, throttle
-from tests.test_api_keys import PW, granted_key
 from sqlmodel import Session, select
 
-from pdao.audit import AuditEvent
-from pdao.identity import service, tokens
-from pdao.identity.models import ApiKey, User
+from pdao.kernel.audit import AuditEvent
+from pdao.kernel.identity import service, tokens
+from pdao.kernel.identity.models import ApiKey, User
+from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login, set_throttle_instant, throttle
+from tests.test_api_keys import PW, granted_key
 
 TOKEN_URL = "/api/v1/auth/token"
 SIGNING_KEY = "test-signing-key-of-at-least-32-bytes"  # conftest.make_settings
@@ -136,8 +136,7 @@ def test_a_lowered_limit_locks_a_count_already_beyond_it(settings, engine):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-
-    from pdao.identity.models import LoginThrottle
+    from pdao.kernel.identity.models import LoginThrottle
 
     with Session(engine) as s:
         s.add(LoginThrottle(username=service.throttle_key("office2", "testclient"), name="office2", failures=4,
@@ -158,7 +157,7 @@ def test_a_lowered_limit_locks_a_count_already_beyond_it(settings, engine):
 def test_a_success_does_not_lift_a_lock_that_parallel_guesses_set(client, engine, monkeypatch):
     """While the owner's right password is being checked, guesses reach the limit and lock the
     account: the owner gets in (their attempt was taken before the lock), the lock stays."""
-    from pdao.identity import passwords
+    from pdao.kernel.identity import passwords
 
     real = passwords.verify_password
     during: list[int] = []
@@ -430,7 +429,7 @@ class _CountingChecks:
     def __init__(self, monkeypatch) -> None:
         import threading
 
-        from pdao.identity import passwords
+        from pdao.kernel.identity import passwords
 
         self.by_hash: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -523,7 +522,7 @@ def test_forty_parallel_guesses_get_at_most_five_password_checks(patient_app, cl
 def test_forty_parallel_guesses_at_an_unknown_name_count_the_same(patient_app, engine, monkeypatch):
     """A made-up username takes the same path (login_throttle): at most 10 checks against the
     dummy hash, the rest 429, so the answers do not tell which names exist."""
-    from pdao.identity import passwords
+    from pdao.kernel.identity import passwords
 
     dummy = passwords.dummy_hash()
     checks = _CountingChecks(monkeypatch)
@@ -592,7 +591,7 @@ def _app(settings, **changes):  # noqa: ANN202
 
 
 def _throttle_names(engine) -> set[str]:
-    from pdao.identity.models import LoginThrottle
+    from pdao.kernel.identity.models import LoginThrottle
 
     with Session(engine) as s:
         return {t.name for t in s.exec(select(LoginThrottle)).all()}
@@ -675,7 +674,7 @@ def test_checks_at_once_are_capped_and_waiting_logins_hold_no_thread(settings, e
     import threading
     import time
 
-    from pdao.identity import passwords
+    from pdao.kernel.identity import passwords
 
     app = _app(settings, login_rate_per_minute=1000, login_max_concurrent_hashes=1, login_hash_wait_seconds=2.0)
     real = passwords.verify_password
@@ -803,10 +802,10 @@ def test_a_disabled_account_answers_like_a_wrong_password_whatever_the_password(
 
 
 def test_the_address_buckets_stay_bounded_and_count_hosts_not_ports():
-    """The pure parts of pdao/identity/throttle.py: whose bucket an address fills, the refill, and
+    """The pure parts of pdao/kernel/identity/throttle.py: whose bucket an address fills, the refill, and
     that the buckets of a flood from many addresses stay within their bound."""
-    from pdao.errors import PdaoError
-    from pdao.identity.throttle import AddressRate, address_key, refill
+    from pdao.kernel.errors import PdaoError
+    from pdao.kernel.identity.throttle import AddressRate, address_key, refill
 
     assert address_key("203.0.113.7") == "203.0.113.7" and address_key(None) == "unknown"
     assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"

@@ -13,7 +13,7 @@ import yaml
 from sqlmodel import Session
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS
-from pdao.identity import service as identities
+from pdao.kernel.identity import service as identities
 from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
 
 OPEN_HEALTH = {"health.resident", "health.chronic_condition", "health.outpatient_visit", "health.inpatient_stay",

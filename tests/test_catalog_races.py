@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, func, select
 
-import sandbox.store as store
+import sandbox.engine.store as store
 from catalog.descriptor import PACKAGED_DESCRIPTORS, DatasetDescriptor, parse_descriptor_text
 from catalog.models import Dataset, DatasetField, DatasetRevision, DatasetVersion
 from catalog.service import apply_descriptor
-from pdao.errors import PdaoError
-from sandbox.store import load_version
+from pdao.kernel.errors import PdaoError
+from sandbox.engine.store import load_version
 from tests.test_store import resident_table, write
 
 RESIDENT = (PACKAGED_DESCRIPTORS / "health.resident.yaml").read_text(encoding="utf-8")

@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pdao.errors import PdaoError
-from sandbox import execute
-from sandbox.execute import DatasetMeta, Execution, FieldMeta
-from sandbox.sql import check_query
-from sandbox.store import RANK_COLUMN
+from pdao.kernel.errors import PdaoError
+from sandbox.engine import execute
+from sandbox.engine.execute import DatasetMeta, Execution, FieldMeta
+from sandbox.engine.sql import check_query
+from sandbox.engine.store import RANK_COLUMN
 
 CODE = "health.test_visit"
 SEXES = ("F", "M")

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS
 from catalog.models import Dataset, DatasetVersion
-from pdao.cli import app
-from pdao.identity.models import ApiKey, User
+from pdao.cli.main import app
+from pdao.kernel.identity.models import ApiKey, User
 
 # `pdao synth` and `pdao data verify` generate, load and hash files; loading on PostgreSQL is
 # tests/test_store.py's, and the command itself on PostgreSQL is run by the other tests here. These
@@ -59,7 +59,7 @@ def test_synth_loads_prod_and_dev_twin_deterministically(pdao, engine, settings,
     monkeypatch.setenv("PDAO_HOME", str(other))
     monkeypatch.setenv("PDAO_DATABASE_URL", f"sqlite:///{other / 'pdao.db'}")
     pdao("synth", "--scale", "2000", "--seed", "5")
-    from pdao.db import make_engine
+    from pdao.kernel.db import make_engine
 
     eng2 = make_engine(f"sqlite:///{other / 'pdao.db'}")
     with Session(eng2) as s:
@@ -107,7 +107,7 @@ def test_users_and_api_keys(pdao, engine):
 
 
 def test_cli_changes_are_audited(pdao, engine):
-    from pdao.audit import AuditEvent
+    from pdao.kernel.audit import AuditEvent
 
     pdao("users", "create", "analyst9", "--org", "company_b", "--role", "applicant", "--password", "long-enough-1")
     pdao("users", "issue-key", "office1", "--by", "operator1", ok=False)

@@ -13,7 +13,7 @@ import uvicorn
 
 from pdao import client as client_mod
 from pdao.client import Client, PdaoClientError, QueryFailed, QueryTimeout, ResultHeld
-from sandbox.worker import start_in_thread
+from sandbox.queries.worker import start_in_thread
 from tests.conftest import DEMO_PASSWORD
 from tests.scene_helpers import BY_DISTRICT, VISITS, active_scene
 from tests.scene_helpers import DISTRICTS as DISTRICT_DOMAIN
@@ -186,12 +186,12 @@ def test_prod_queries_preview_budget_refusal_held_and_failed(client, auth, loade
     # run fails may depend on the data, so its tenant learns nothing of it before a reviewer decides
     import duckdb
 
-    import sandbox.execute
+    import sandbox.engine.execute
 
     def broken(*args, **kwargs):
         raise duckdb.IOException("the engine broke")
 
-    monkeypatch.setattr(sandbox.execute, "domain_connection", broken)
+    monkeypatch.setattr(sandbox.engine.execute, "domain_connection", broken)
     with pytest.raises(ResultHeld) as e:
         a.query(scene["id"], BY_DISTRICT, mode="prod", epsilon=0.2, progress=False, poll=0.05, timeout=60)
     assert e.value.query_status == "held" and e.value.result["row_count"] == 6 and "broke" not in str(e.value.result)

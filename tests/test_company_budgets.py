@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from sandbox import ledger
-from sandbox.models import Query
+from sandbox.budgets import ledger
+from sandbox.queries.models import Query
 from tests.scene_helpers import BY_DISTRICT, VISITS, active_scene, approve, budget, create
 
 RESIDENTS = "health.resident"
@@ -230,9 +230,9 @@ def test_the_migration_counts_what_companies_spent_before_it(client, auth, engin
     dataset and tenant, and the reserved and charged ones (not the refunded) become the company's spent."""
     from alembic import command
 
-    from pdao.db import alembic_config, migrate
+    from pdao.kernel.db import alembic_config, migrate
     from policies.enforcer import SceneEnforcers
-    from sandbox.worker import run_one, worker_name
+    from sandbox.queries.worker import run_one, worker_name
 
     a_scene = active_scene(client, auth)["id"]
     b_scene = active_scene(client, auth, applicant="insurer_b")["id"]

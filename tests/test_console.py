@@ -5,18 +5,17 @@ page shows a cell to a role that may not see it."""
 
 from __future__ import annotations
 
-import pytest
-
 import re
 from datetime import timedelta
 
+import pytest
 from sqlmodel import Session, select
 
 from api.console.i18n import MESSAGES, VALUES
-from pdao.audit import AuditEvent
-from sandbox.models import QueryResult
-from tests.console_support import CONSOLE, MISSING_MARK, console_client, csrf_of, post_form
+from pdao.kernel.audit import AuditEvent
+from sandbox.queries.models import QueryResult
 from tests.conftest import DEMO_PASSWORD
+from tests.console_support import CONSOLE, MISSING_MARK, console_client, csrf_of, post_form
 from tests.scene_helpers import BY_DISTRICT, active_scene, create, today
 from tests.test_audit_requests import count, the_one_event
 from tests.test_export_review import BY_DISTRICT_FEES, held_result, review
@@ -181,7 +180,7 @@ def test_another_tenant_gets_404_for_scenes_queries_results_lineage_and_download
 
 def _cell_texts(settings, engine, rid: int) -> list[str]:
     """How the result's cells would print on a page (long numbers: no accidental match)."""
-    from sandbox.queries import read_table
+    from sandbox.queries.service import read_table
 
     with Session(engine) as s:
         table = read_table(settings, s.get(QueryResult, rid))
@@ -381,11 +380,11 @@ def test_an_unexpected_error_is_a_page_without_a_trace_and_is_audited(app, engin
 
 def test_every_message_and_every_known_value_has_both_languages():
     from catalog.descriptor import Category, Masking, OpeningClass, Sensitivity, UpdateCycle
-    from pdao.identity.models import Role
+    from pdao.kernel.identity.models import Role
     from policies.rules import Usage
-    from policies.schemas import SceneType
-    from policies.states import TRANSITIONS
-    from sandbox.models import RESULT_STATES
+    from sandbox.queries.models import RESULT_STATES
+    from sandbox.scenes.schemas import SceneType
+    from sandbox.scenes.states import TRANSITIONS
 
     for key, (zh, en) in MESSAGES.items():
         assert zh.strip() and en.strip(), key
@@ -781,7 +780,7 @@ def test_a_differenced_row_answer_needs_two_reviewers_overrides_in_the_console(a
 def test_a_failed_run_offers_no_release_in_the_console(app, client, auth, engine, settings, loaded, monkeypatch):
     import duckdb
 
-    import sandbox.execute
+    import sandbox.engine.execute
 
     scene = active_scene(client, auth)
     r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
@@ -791,7 +790,7 @@ def test_a_failed_run_offers_no_release_in_the_console(app, client, auth, engine
     def failing_on_a_row(*args, **kwargs):
         raise duckdb.ConversionException("Could not convert string '兴庆区' to INT32")
 
-    monkeypatch.setattr(sandbox.execute, "domain_connection", failing_on_a_row)
+    monkeypatch.setattr(sandbox.engine.execute, "domain_connection", failing_on_a_row)
     assert work_once(engine, settings)
     rid = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth("insurer_a")).json()["result_id"]
     reviewer = console_client(app, "reviewer1")
@@ -980,8 +979,8 @@ def test_link_pseudonyms_round_trips_from_the_application_form(app, client, auth
 @pytest.mark.default_backend("sqlite")
 def test_a_waiting_dev_query_says_so_and_a_prod_runs_progress_stays_hidden(app, client, auth, engine, settings,
                                                                           loaded):
-    from sandbox.models import Query
-    from sandbox.worker import claim
+    from sandbox.queries.models import Query
+    from sandbox.queries.worker import claim
 
     scene = active_scene(client, auth)
     first = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session
 
-from pdao.demo import DEMO_USERS
-from sandbox.models import QueryResult
-from sandbox.store import load_version
+from pdao.cli.demo import DEMO_USERS
+from sandbox.engine.store import load_version
+from sandbox.queries.models import QueryResult
 from tests.console_support import CONSOLE, console_client
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_export_review import BY_DISTRICT_FEES, _prod_result_id, held_result, review
@@ -41,7 +41,7 @@ SKIP = ("/static", "/lang/", "/login")          # the stylesheet, the language s
 def result_cells(settings, engine, rid: int) -> set[str]:
     """How a result's distinctive cells would print on a page: long numbers (noisy sums, means) and
     long strings (pseudonyms); short ones (a district, a count band) prove nothing."""
-    from sandbox.queries import read_table
+    from sandbox.queries.service import read_table
 
     with Session(engine) as s:
         table = read_table(settings, s.get(QueryResult, rid))

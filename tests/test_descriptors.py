@@ -17,9 +17,10 @@ from catalog.descriptor import (
     reclassification_changes,
     state_of,
 )
-from catalog.models import Dataset, DatasetRevision, Organization
+from catalog.models import Dataset, DatasetRevision
 from catalog.service import DescriptorsRefused, apply_descriptor, import_descriptors
-from pdao.errors import PdaoError
+from pdao.kernel.errors import PdaoError
+from pdao.kernel.identity.models import Organization
 
 GOOD = (PACKAGED_DESCRIPTORS / "health.inpatient_stay.yaml").read_text(encoding="utf-8")
 
@@ -265,9 +266,8 @@ def test_masking_none_and_public_are_loosening():
 
 def _load_inpatient(engine, settings, tmp_path):
     """Load one small version of health.inpatient_stay (from the test of the domain store's data)."""
+    from sandbox.engine.store import load_version
     from tests.test_store import stay_table, write
-
-    from sandbox.store import load_version
 
     with Session(engine) as session:
         v, _ = load_version(session, settings, "health.inpatient_stay", write(stay_table(5), tmp_path / "s.parquet"))

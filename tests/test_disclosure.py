@@ -1,4 +1,4 @@
-"""sandbox/disclosure.py: the automatic disclosure checks, cell by cell against ACRO's own verdicts.
+"""sandbox/results/disclosure.py: the automatic disclosure checks, cell by cell against ACRO's own verdicts.
 
 The crafted microdata are in tests/data/disclosure (tables.json says how each file is grouped and
 under which thresholds); ACRO's verdicts on the same tables, recorded by
@@ -18,12 +18,12 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from sandbox.disclosure import (
+from sandbox.results.disclosure import (
+    AUTO_RELEASE_CHECKS,
     DEFAULTS,
     Check,
     Thresholds,
     aggregate_checks,
-    AUTO_RELEASE_CHECKS,
     auto_releasable,
     budget_check,
     cell_stats_from_frame,

@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from sandbox.engine import domain_connection
+from sandbox.engine.connection import domain_connection
 
 
 @pytest.fixture

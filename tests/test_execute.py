@@ -11,11 +11,11 @@ import pytest
 from sqlmodel import Session
 
 from catalog.models import Dataset
-from pdao.errors import PdaoError
-from sandbox import execute
-from sandbox.queries import dataset_meta
-from sandbox.sql import check_query
-from sandbox.store import RANK_COLUMN, load_version, snapshot_path
+from pdao.kernel.errors import PdaoError
+from sandbox.engine import execute
+from sandbox.engine.sql import check_query
+from sandbox.engine.store import RANK_COLUMN, load_version, snapshot_path
+from sandbox.queries.service import dataset_meta
 from tests.scene_helpers import DISTRICTS, SCENE_ITEMS, VISITS, active_scene
 
 ALL_USES = ("aggregate", "group_by", "filter", "masked_output")

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session, select
 
-from pdao.audit import AuditEvent
-from pdao.identity import service as identities
-from sandbox.models import Query, QueryResult, ResultExport
+from pdao.kernel.audit import AuditEvent
+from pdao.kernel.identity import service as identities
+from sandbox.queries.models import Query, QueryResult, ResultExport
 from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_cli import pdao  # noqa: F401 - the `pdao` command fixture
@@ -367,7 +367,7 @@ def test_a_rows_answer_failing_k_anonymity_is_fixed_by_suppressing_its_small_cla
     assert {c["name"]: c["verdict"] for c in v2["report"]["checks"]}["k_anonymity"] == "pass"
     assert {x["visit_date"] for x in v2["rows"]} < months and v2["row_count"] < res["row_count"]
     # the new version keeps the identities of the rows it kept, in its own file beside it
-    from sandbox import export
+    from sandbox.results import export
     with Session(engine) as s:
         new, old = s.get(QueryResult, v2["id"]), s.get(QueryResult, res["id"])
         kept, before = export.stored_row_keys(settings, new), export.stored_row_keys(settings, old)
@@ -428,8 +428,8 @@ def test_decisions_on_one_result_run_one_after_the_other(engine, settings, clien
     released: the result row is taken first, on SQLite as on PostgreSQL."""
     import threading
 
-    from pdao.errors import PdaoError
-    from sandbox import export
+    from pdao.kernel.errors import PdaoError
+    from sandbox.results import export
 
     scene = active_scene(client, auth)
     rid = held_result(client, auth, engine, settings, scene["id"])["id"]
@@ -555,7 +555,7 @@ def test_orphan_result_files_are_swept_and_referenced_ones_kept(client, auth, en
     import os
     import time
 
-    from sandbox import export
+    from sandbox.results import export
 
     scene = active_scene(client, auth)
     res = held_result(client, auth, engine, settings, scene["id"])

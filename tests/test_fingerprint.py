@@ -1,4 +1,4 @@
-"""sandbox/fingerprint.py: canonical cells, content fingerprints, export stamps, the three writers, and
+"""sandbox/results/fingerprint.py: canonical cells, content fingerprints, export stamps, the three writers, and
 reading a file found outside after the re-saves that happen to real files (pandas, spreadsheets).
 Pure: no database, no server."""
 
@@ -18,10 +18,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sandbox import fingerprint as fp
-from sandbox.fingerprint import (
-    Found, FoundFileError, canonical_cell, canonical_rows, content_fingerprint, csv_bytes, export_stamp,
-    json_bytes, match_candidates, normalize_rows, parquet_bytes, read_found, similarity, verify_stamp,
+from sandbox.results import fingerprint as fp
+from sandbox.results.fingerprint import (
+    Found,
+    FoundFileError,
+    canonical_cell,
+    canonical_rows,
+    content_fingerprint,
+    csv_bytes,
+    export_stamp,
+    json_bytes,
+    match_candidates,
+    normalize_rows,
+    parquet_bytes,
+    read_found,
+    similarity,
+    verify_stamp,
 )
 
 KEY = bytes(range(32))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from sqlmodel import Session, select
 
-from pdao.audit import AuditEvent
+from pdao.kernel.audit import AuditEvent
 from tests.conftest import DEMO_PASSWORD
 
 
@@ -52,7 +52,7 @@ def test_logout_ends_the_tokens_issued_so_far(client):
 
 
 def test_a_lone_surrogate_in_an_audit_detail_is_still_audited(engine):
-    from pdao import audit
+    from pdao.kernel import audit
 
     audit.record(engine, actor="insurer_a", action="template.run", decision="deny", reason="x",
                  detail={"params": {"as_of": "\ud800", "\udc00key": "a\x00b"}})
@@ -79,7 +79,7 @@ def test_nul_in_a_json_string_is_a_422_on_both_backends(client, auth, engine):
 def test_the_home_is_readable_by_the_servers_own_account_only(tmp_path):
     """The second review: snapshots, held answers with their exact statistics and the SQLite database
     (password hashes, the audit log) were readable by every local account."""
-    from pdao.config import Settings
+    from pdao.kernel.config import Settings
 
     home = tmp_path / "home"
     home.mkdir(mode=0o755)

@@ -10,10 +10,10 @@ import threading
 import pytest
 from sqlmodel import Session, select
 
-from pdao.errors import PdaoError
-from policies.models import Scene
-from sandbox import ledger
-from sandbox.ledger import CompanyDatasetBudget
+from pdao.kernel.errors import PdaoError
+from sandbox.budgets import ledger
+from sandbox.budgets.ledger import CompanyDatasetBudget
+from sandbox.scenes.models import Scene
 from tests.scene_helpers import VISITS, active_scene
 
 

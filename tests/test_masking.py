@@ -1,4 +1,4 @@
-"""Tests for sandbox.masking: every Masking kind on Python values, lists and pyarrow arrays, nulls,
+"""Tests for sandbox.engine.masking: every Masking kind on Python values, lists and pyarrow arrays, nulls,
 and the pseudonym's two-keys property."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 
 from catalog.descriptor import Masking
 from catalog.identifiers import cn_id_check_char
-from sandbox import masking as m
-from sandbox.masking import mask
+from sandbox.engine import masking as m
+from sandbox.engine.masking import mask
 
 KEY_A = b"scene-a-secret-key-0123456789abc"
 KEY_B = b"scene-b-secret-key-0123456789abc"

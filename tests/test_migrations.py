@@ -9,9 +9,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
-from pdao.db import alembic_config, import_all_models, make_engine, migrate
-
-
+from pdao.kernel.db import alembic_config, make_engine, migrate
+from pdao.models import import_all_models
 
 
 def test_migrations_match_the_models_and_roll_back(empty_url):

@@ -20,10 +20,10 @@ from sqlmodel import Session
 from starlette.routing import Route
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS
-from pdao.demo import DEMO_USERS
+from pdao.cli.demo import DEMO_USERS
 from policies.enforcer import SceneEnforcers
-from sandbox.store import load_version
-from sandbox.worker import run_one, worker_name
+from sandbox.engine.store import load_version
+from sandbox.queries.worker import run_one, worker_name
 from tests.conftest import DEMO_PASSWORD
 from tests.scene_helpers import SCENE_ITEMS, active_scene
 

@@ -10,13 +10,13 @@ import itertools
 import pytest
 from sqlmodel import Session
 
-from pdao.identity import service as identities
-from pdao.identity.models import ROLE_ORG_KINDS, Role
-from pdao.identity.service import Principal
+from pdao.kernel.identity import service as identities
+from pdao.kernel.identity.models import ROLE_ORG_KINDS, Role
+from pdao.kernel.identity.service import Principal
 from policies.catalog_rules import ALL_CLASSES, OPEN_CLASSES, catalog_scope
 from policies.visibility import tenant_scoped
-from sandbox import export
-from sandbox.uploads import upload_scope
+from sandbox.results import export
+from sandbox.uploads.service import upload_scope
 from tests.conftest import DEMO_PASSWORD, login
 from tests.console_support import CONSOLE, console_client
 from tests.test_catalog_api import ALL, OPEN_HEALTH, PROHIBITED, codes
@@ -101,7 +101,7 @@ def _principal(role: Role, kind: str) -> Principal:
 
 
 def test_one_predicate_for_every_role_and_organization_kind():
-    """`tenant_scoped` means what `sandbox.export` decides queries and results by, for every role in
+    """`tenant_scoped` means what `sandbox.results.export` decides queries and results by, for every role in
     every kind of organization (possible or not), and the uploads and the catalog follow it."""
     for role, kind in itertools.product(Role, ORG_KINDS):
         scoped = tenant_scoped(role, kind)

@@ -1,4 +1,4 @@
-"""What a tenant can observe about a prod run (rule 6; sandbox/outcomes.py, docs/threat-model.md).
+"""What a tenant can observe about a prod run (rule 6; sandbox/queries/outcomes.py, docs/threat-model.md).
 
 The review's critical finding, run as it was described: a prod query whose failure depended on the
 data (a literal compared with a text column of the tenant's upload) told the tenant, for free, the
@@ -17,11 +17,13 @@ import pytest
 from sqlmodel import Session, select
 
 from policies.enforcer import SceneEnforcers
-from sandbox import ledger, outcomes
-from sandbox.models import Query
-from sandbox.worker import claim, run_one, worker_name
+from sandbox.budgets import ledger
+from sandbox.queries import outcomes
+from sandbox.queries.models import Query
+from sandbox.queries.worker import claim, run_one, worker_name
 from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene, budget
-from tests.test_upload_joins import ITEMS as JOIN_ITEMS, RESIDENTS, residents, upload_applicants  # noqa: F401
+from tests.test_upload_joins import ITEMS as JOIN_ITEMS  # noqa: F401
+from tests.test_upload_joins import RESIDENTS, upload_applicants
 
 # What differs between two runs of the same query whatever happens: who they are and when.
 RUN_IDENTITY = {"id", "query_id", "result_id", "created_at", "started_at", "finished_at", "decided_at"}
@@ -60,7 +62,7 @@ def test_the_reviews_failing_query_probe_is_refused_before_anything_runs(client,
 
 def test_a_prod_run_that_fails_reading_the_data_shows_its_tenant_what_any_held_run_shows(
         client, auth, engine, settings, loaded, monkeypatch):
-    import sandbox.execute
+    import sandbox.engine.execute
 
     scene = active_scene(client, auth)
     ids = []
@@ -71,14 +73,14 @@ def test_a_prod_run_that_fails_reading_the_data_shows_its_tenant_what_any_held_r
         ids.append(r.json()["id"])
     assert work_once(engine, settings)                 # the first runs as usual
 
-    real = sandbox.execute.domain_connection
+    real = sandbox.engine.execute.domain_connection
 
     def failing_on_a_row(*args, **kwargs):   # as a cast failing on some row of the data would
         raise duckdb.ConversionException("Could not convert string '兴庆区' to INT32")
 
-    monkeypatch.setattr(sandbox.execute, "domain_connection", failing_on_a_row)
+    monkeypatch.setattr(sandbox.engine.execute, "domain_connection", failing_on_a_row)
     assert work_once(engine, settings)                 # the second fails inside the domain
-    monkeypatch.setattr(sandbox.execute, "domain_connection", real)
+    monkeypatch.setattr(sandbox.engine.execute, "domain_connection", real)
 
     ok, failed = tenant_view(client, auth, ids[0]), tenant_view(client, auth, ids[1])
     assert ok == failed and ok[0]["status"] == "held" and ok[1]["status"] == "held"
@@ -121,7 +123,7 @@ def test_timing_classes():
 @pytest.mark.default_backend("sqlite")
 def test_a_prod_outcome_shows_at_the_end_of_its_timing_class_whether_it_failed_or_not(
         client, auth, engine, settings, loaded, monkeypatch):
-    import sandbox.execute
+    import sandbox.engine.execute
 
     timed = dataclasses.replace(settings, prod_timing_base_seconds=1.0)
     scene = active_scene(client, auth)
@@ -130,7 +132,7 @@ def test_a_prod_outcome_shows_at_the_end_of_its_timing_class_whether_it_failed_o
         q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
                         json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.2}).json()
         if broken:
-            monkeypatch.setattr(sandbox.execute, "domain_connection", lambda *a, **k: 1 / 0)
+            monkeypatch.setattr(sandbox.engine.execute, "domain_connection", lambda *a, **k: 1 / 0)
         assert work_once(engine, timed)
         got = client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()
         assert got["status"] == "held" and got["attempts"] is None
@@ -204,16 +206,16 @@ class _SlowConnection:
 def slow_engine(monkeypatch):
     from contextlib import contextmanager
 
-    import sandbox.execute
+    import sandbox.engine.execute
 
-    real = sandbox.execute.domain_connection
+    real = sandbox.engine.execute.domain_connection
 
     @contextmanager
     def slow(*args, **kwargs):
         with real(*args, **kwargs) as con:
             yield _SlowConnection(con)
 
-    monkeypatch.setattr(sandbox.execute, "domain_connection", slow)
+    monkeypatch.setattr(sandbox.engine.execute, "domain_connection", slow)
 
 
 # By default on sqlite only (the heartbeat's limit; on PostgreSQL: tests/test_template_run_bounds.py::test_simultaneous_runs_of_one_tenant_admit_exactly_one runs the same heartbeat).
@@ -264,10 +266,10 @@ def test_parallel_requests_at_a_new_minute_are_all_counted_none_refused(engine, 
     from concurrent.futures import ThreadPoolExecutor
     from datetime import timedelta
 
-    from pdao.db import utcnow
-    from pdao.identity import service as identities
-    from sandbox.models import TenantRate
-    from sandbox.queries import check_rate
+    from pdao.kernel.db import utcnow
+    from pdao.kernel.identity import service as identities
+    from sandbox.queries.models import TenantRate
+    from sandbox.queries.service import check_rate
 
     with Session(engine) as s:
         org_id = identities.principal_for(s, "insurer_a").org_id
@@ -293,9 +295,9 @@ def test_dev_answers_are_kept_within_a_quota_and_for_so_many_days(client, app, a
     affected; after `dev_answer_days` the files go and reading one answers 410."""
     from datetime import timedelta
 
-    from pdao.db import utcnow
-    from sandbox import export
-    from sandbox.models import QueryResult
+    from pdao.kernel.db import utcnow
+    from sandbox.queries.models import QueryResult
+    from sandbox.results import export
 
     scene = active_scene(client, auth)
     scene_b = active_scene(client, auth, applicant="insurer_b")
@@ -378,7 +380,7 @@ def test_a_query_above_the_cost_limit_is_refused_before_anything_runs(client, au
 def test_every_status_and_ledger_change_of_a_job_is_in_the_audit_chain(client, auth, engine, settings, loaded):
     """Queued with its reservation, started, ended (charged), or cancelled while queued (refunded): each
     appended in the transaction that makes the change, by its real actor."""
-    from pdao.audit import AuditEvent
+    from pdao.kernel.audit import AuditEvent
 
     scene = active_scene(client, auth)
     url = f"/api/v1/scenes/{scene['id']}/queries"
@@ -518,15 +520,15 @@ def test_parallel_claims_never_pass_the_jobs_per_tenant(client, auth, engine, se
 def test_python_phases_are_stopped_at_the_time_limit_too(client, app, auth, engine, settings, loaded, monkeypatch):
     """The third review: a 300-median query ran 8 s past a 5 s limit (the heartbeat interrupts only
     DuckDB); the run now asks between phases whether to stop."""
-    import sandbox.privacy
+    import sandbox.engine.privacy
 
-    real = sandbox.privacy.apply_noise
+    real = sandbox.engine.privacy.apply_noise
 
     def slow_noise(*args, **kwargs):
         time.sleep(1.2)   # a noise phase past the limit (beats every limit/4 s)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sandbox.privacy, "apply_noise", slow_noise)
+    monkeypatch.setattr(sandbox.engine.privacy, "apply_noise", slow_noise)
     app.state.settings = dataclasses.replace(settings, dev_query_time_limit_seconds=0.4)
     scene = active_scene(client, auth)
     r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),

@@ -1,4 +1,4 @@
-"""Tests for sandbox.pii: the Chinese Presidio recognizers, the offline analyzer, redaction, and the
+"""Tests for sandbox.engine.pii: the Chinese Presidio recognizers, the offline analyzer, redaction, and the
 fast batch path (which must give exactly the engine's findings)."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from catalog.identifiers import (
     luhn_valid,
     uscc_check_char,
 )
-from sandbox import pii
-from sandbox.pii import Finding, find_pii, find_pii_batch, redact, redact_batch
-from sandbox.pii.cn_name_recognizer import STOP_CHARS, SURNAMES
+from sandbox.engine import pii
+from sandbox.engine.pii import Finding, find_pii, find_pii_batch, redact, redact_batch
+from sandbox.engine.pii.cn_name_recognizer import STOP_CHARS, SURNAMES
 
 # ----------------------------------------------------------------------------- fixtures by hand
 
@@ -524,7 +524,7 @@ def _backtracking_address_patterns() -> list:
     """The address patterns as they were before their administrative parts became atomic."""
     import regex
 
-    from sandbox.pii import cn_address_recognizer as a
+    from sandbox.engine.pii import cn_address_recognizer as a
 
     admin = "(?:" + a._ADMIN + ")"
     flags = regex.DOTALL | regex.MULTILINE
@@ -535,9 +535,9 @@ def _backtracking_address_patterns() -> list:
 def test_the_linear_address_patterns_find_what_the_backtracking_ones_found(synth_texts, corpus):
     """Atomic administrative parts change no finding on the labelled corpus, the synthetic free
     texts and the fuzz (they could only where 自治区/自治州 follows another suffix directly)."""
-    from sandbox.pii.cn_address_recognizer import CnAddressRecognizer
-
     import regex
+
+    from sandbox.engine.pii.cn_address_recognizer import CnAddressRecognizer
 
     texts, _ = synth_texts
     sample = [r["text"] for r in corpus] + texts + _fuzz(random.Random(11), 5000)
@@ -651,7 +651,7 @@ def test_fast_path_clean_up_is_presidios():
     (engine) does, on random candidate sets with nested, equal and overlapping spans."""
     from presidio_analyzer import EntityRecognizer, RecognizerResult
 
-    from sandbox.pii import _drop_contained
+    from sandbox.engine.pii import _drop_contained
 
     rng = random.Random(3)
     kinds_ = list(pii.KIND_PRIORITY[:3])

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pdao.cli import app
-from sandbox.pii import find_pii_batch, redact_batch
+from pdao.cli.main import app
+from sandbox.engine.pii import find_pii_batch, redact_batch
 
 CORPUS = Path(__file__).parent / "data" / "pii_corpus.jsonl"
 PDAO = Path(sys.executable).parent / "pdao"
@@ -106,8 +106,8 @@ def test_help_lists_both_commands():
 
 
 def test_the_command_module_does_not_import_presidio():
-    code = ("import sys, pdao.cli_pii; "
-            "sys.exit(int(any(m.startswith(('sandbox.pii', 'presidio')) for m in sys.modules)))")
+    code = ("import sys, pdao.cli.pii; "
+            "sys.exit(int(any(m.startswith(('sandbox.engine.pii', 'presidio')) for m in sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

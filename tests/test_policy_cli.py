@@ -9,7 +9,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from pdao.cli import app
+from pdao.cli.main import app
 from policies.rules import MAX_GRADE, NEVER_REASON, Usage, rule_table
 from tests.scene_helpers import approve, create
 

@@ -1,4 +1,4 @@
-"""Differential privacy (sandbox/privacy.py): OpenDP's noise on the engine's bounded aggregates.
+"""Differential privacy (sandbox/engine/privacy.py): OpenDP's noise on the engine's bounded aggregates.
 
 - The oracle (issue 4, item 3): for every supported aggregate, the noise scale the plan uses equals
   what OpenDP's own Polars `dp.Context` reports in `summarize()` for the equivalent query — one
@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS, parse_descriptor_text
-from sandbox.privacy import NoisePlanError, apply_noise, plan_noise, preview, quantile_candidates
-from sandbox.sql import Aggregate, ColumnRef, DatasetInfo, check_query
+from sandbox.engine.privacy import NoisePlanError, apply_noise, plan_noise, preview, quantile_candidates
+from sandbox.engine.sql import Aggregate, ColumnRef, DatasetInfo, check_query
 from tests.conftest import ahead
 
 OV = "health.outpatient_visit"
@@ -47,8 +47,8 @@ def agg(function: str, field: str | None = None, q: float | None = None, alias: 
 
 def _oracle_unavailable() -> str | None:
     try:
-        import polars as pl  # noqa: F401
         import opendp.prelude as dp
+        import polars as pl  # noqa: F401
         from opendp.extras.polars import Margin  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"OpenDP's Polars Context is not importable ({type(e).__name__}: {e}); install opendp[polars]"

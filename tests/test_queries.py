@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 from sqlmodel import Session, select
 
-from sandbox import ledger
-from sandbox.models import Query
-from sandbox.worker import run_one, worker_name
 from policies.enforcer import SceneEnforcers
+from sandbox.budgets import ledger
+from sandbox.queries.models import Query
+from sandbox.queries.worker import run_one, worker_name
 from tests.scene_helpers import BY_DISTRICT, DISTRICTS, SCENE_ITEMS, VISITS, active_scene, budget
+
 
 def work_once(engine, settings):
     return run_one(engine, settings, SceneEnforcers(engine), worker_name())
@@ -140,7 +141,7 @@ def test_a_job_failing_in_the_engine_is_held_and_charged_and_never_shows_engine_
     charged like one (tests/test_outcomes.py: the whole tenant view compared with a successful run)."""
     import duckdb
 
-    import sandbox.execute
+    import sandbox.engine.execute
 
     scene = active_scene(client, auth)
     r = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
@@ -150,7 +151,7 @@ def test_a_job_failing_in_the_engine_is_held_and_charged_and_never_shows_engine_
     def broken(*args, **kwargs):
         raise duckdb.IOException(f"Could not read file: {DISTRICTS[0]}")   # engine text that names a value
 
-    monkeypatch.setattr(sandbox.execute, "domain_connection", broken)
+    monkeypatch.setattr(sandbox.engine.execute, "domain_connection", broken)
     assert work_once(engine, settings)
     q = client.get(f"/api/v1/queries/{r.json()['id']}", headers=auth("insurer_a")).json()
     assert q["status"] == "held" and q["error"] is None and q["result_id"], q

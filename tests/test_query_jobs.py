@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from datetime import timedelta
 import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import update
 from sqlmodel import Session, select
 
-from pdao.audit import AuditEvent
-from pdao.db import utcnow
+from pdao.kernel.audit import AuditEvent
+from pdao.kernel.db import utcnow
 from policies.enforcer import SceneEnforcers
-from sandbox import ledger
-from sandbox.models import Query
-from sandbox.worker import requeue_expired, run_one, worker_name
+from sandbox.budgets import ledger
+from sandbox.queries.models import Query
+from sandbox.queries.worker import requeue_expired, run_one, worker_name
 from tests.scene_helpers import BY_DISTRICT, active_scene, budget
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_a_killed_workers_job_is_retried_and_charged_once(client, auth, engine, 
 @pytest.mark.default_backend("postgresql")
 def test_a_job_whose_worker_keeps_dying_is_held_charged_and_audited(client, auth, engine, settings, loaded, tmp_path):
     """A run that keeps killing its worker may do so because of the data: it ends like any run that
-    failed reading the data (held, charged; sandbox/outcomes.py), and the lease's expiry is audited."""
+    failed reading the data (held, charged; sandbox/queries/outcomes.py), and the lease's expiry is audited."""
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
                     json={"sql": BY_DISTRICT, "mode": "prod", "epsilon": 0.5}).json()
@@ -131,7 +131,7 @@ def test_a_job_whose_worker_keeps_dying_is_held_charged_and_audited(client, auth
 
 
 def test_an_expired_lease_is_requeued_with_an_audit_event(client, auth, engine, settings, loaded):
-    from sandbox.worker import claim
+    from sandbox.queries.worker import claim
 
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
@@ -170,7 +170,7 @@ def test_cancel_a_running_query_stops_it_and_refunds(client, auth, engine, setti
 
 
 def test_the_heartbeat_interrupts_the_engine_on_cancel_and_at_the_time_limit(client, auth, engine, settings, loaded):
-    from sandbox.worker import _Heartbeat, claim
+    from sandbox.queries.worker import _Heartbeat, claim
 
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
@@ -191,7 +191,7 @@ def test_the_heartbeat_interrupts_the_engine_on_cancel_and_at_the_time_limit(cli
     beat = _Heartbeat(engine, settings, job.id, "me", time_limit=3600)
     beat.con = Connection()
     beat.beat()
-    # staff see the progress; the tenant does not while a prod run runs (a timing signal, sandbox/outcomes.py)
+    # staff see the progress; the tenant does not while a prod run runs (a timing signal, sandbox/queries/outcomes.py)
     assert client.get(f"/api/v1/queries/{q['id']}", headers=auth("auditor1")).json()["progress"] == pytest.approx(0.42)
     assert client.get(f"/api/v1/queries/{q['id']}", headers=auth("insurer_a")).json()["progress"] is None
     assert beat.con.interrupted == 0 and beat.reason is None
@@ -212,9 +212,9 @@ def test_the_heartbeat_interrupts_the_engine_on_cancel_and_at_the_time_limit(cli
 def test_a_cancel_acknowledged_while_the_answer_is_being_stored_leaves_no_result_and_is_charged(client, auth, engine,
                                                                                              settings, loaded):
     """A running prod job that its tenant cancels read the data: it ends `cancelled`, with no result,
-    charged (a refund would depend on whether the data had been read in time: sandbox/outcomes.py)."""
-    from sandbox.queries import run_and_store
-    from sandbox.worker import claim
+    charged (a refund would depend on whether the data had been read in time: sandbox/queries/outcomes.py)."""
+    from sandbox.queries.service import run_and_store
+    from sandbox.queries.worker import claim
 
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session, select
 
-from pdao.audit import AuditEvent
-from sandbox import export
-from sandbox.models import QueryResult, ResultReview
+from pdao.kernel.audit import AuditEvent
+from sandbox.queries.models import QueryResult, ResultReview
+from sandbox.results import export
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_export_review import _org_of, held_result, make_user, review
 from tests.test_queries import work_once
@@ -248,9 +248,9 @@ def test_an_override_where_nothing_fails_is_refused(client, auth, engine, settin
 
 
 def test_a_failed_run_is_never_released(client, auth, engine, settings, synth_files, monkeypatch):
-    from pdao.errors import PdaoError
-    from sandbox import templates
-    from sandbox.store import load_version
+    from pdao.kernel.errors import PdaoError
+    from sandbox.engine.store import load_version
+    from sandbox.templates import library as templates
     from tests.conftest import login
     from tests.test_scene_templates import underwriting_items
     from tests.test_template_runs import DATASETS, applicants, upload
@@ -320,8 +320,8 @@ def test_two_close_row_answers_released_at_once_are_checked_one_after_the_other(
     is its own, so the scene's row is taken too, and the second release sees the first."""
     import threading
 
-    from pdao.errors import PdaoError
-    from pdao.identity import service as identities
+    from pdao.kernel.errors import PdaoError
+    from pdao.kernel.identity import service as identities
 
     second_reviewer(engine, settings)
     day = one_visit_day(synth_files)

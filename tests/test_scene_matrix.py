@@ -39,7 +39,8 @@ from sqlalchemy import func, or_
 from sqlmodel import Session, select, update
 
 from policies.enforcer import scene_domain
-from policies.models import CasbinRule, Scene, SceneEvent, SceneItem, SceneReview
+from policies.models import CasbinRule
+from sandbox.scenes.models import Scene, SceneEvent, SceneItem, SceneReview
 from tests.conftest import _pg_admin, _pg_url, login, make_settings
 from tests.scene_helpers import application, today
 

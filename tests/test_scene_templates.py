@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import copy
 
-from sandbox.templates import library_template, template_digest
+from sandbox.templates.library import library_template, template_digest
 from tests.scene_helpers import active_scene, application
 
 RES, CHRONIC, STAY = "health.resident", "health.chronic_condition", "health.inpatient_stay"
 
 
 def underwriting_items() -> list[dict]:
-    from sandbox.templates import template_reads
+    from sandbox.templates.library import template_reads
 
     reads = sorted(template_reads(library_template("underwriting")))
     return [{"dataset": d, "field": f, "usage": "join_key" if f in ("id_number", "person_id") else "filter"} for d, f in reads]

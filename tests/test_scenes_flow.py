@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlmodel import Session, select, update
 
-from policies.models import Scene
+from sandbox.scenes.models import Scene
 from tests.scene_helpers import active_scene, application, approve, create, today
 
 
@@ -141,9 +141,8 @@ def test_emergency_stop_by_dataset(client, auth):
 
 
 def _principal(session, username):
-    from catalog.models import Organization
-    from pdao.identity.models import User
-    from pdao.identity.service import _principal as make
+    from pdao.kernel.identity.models import Organization, User
+    from pdao.kernel.identity.service import _principal as make
 
     user = session.exec(select(User).where(User.username == username)).one()
     return make(user, session.get(Organization, user.org_id), "token")
@@ -153,8 +152,8 @@ def test_simultaneous_last_approvals_approve_exactly_once(client, auth, engine, 
     """Two office members approving at the same moment: the scene ends active, not stuck."""
     import threading
 
-    from policies import scenes as svc
-    from policies.schemas import ReviewIn
+    from sandbox.scenes import service as svc
+    from sandbox.scenes.schemas import ReviewIn
 
     for _ in range(3):
         a = auth("insurer_a")
@@ -201,9 +200,9 @@ def test_the_applicants_own_organization_never_approves(client, auth, engine, se
 
     import pytest
 
-    from pdao.errors import PdaoError
-    from policies import scenes as svc
-    from policies.schemas import ReviewIn
+    from pdao.kernel.errors import PdaoError
+    from sandbox.scenes import service as svc
+    from sandbox.scenes.schemas import ReviewIn
 
     a = auth("insurer_a")
     sid = create(client, a)["id"]
@@ -235,7 +234,7 @@ def test_a_dataset_closed_after_approval_is_refused_at_once(client, auth):
 
 
 def test_scene_requests_are_audited_with_their_scene(client, auth, engine):
-    from pdao.audit import AuditEvent
+    from pdao.kernel.audit import AuditEvent
 
     sid = active_scene(client, auth)["id"]
     for who, expected in (("insurer_a", 200), ("insurer_b", 404)):
@@ -253,7 +252,7 @@ def test_scene_requests_are_audited_with_their_scene(client, auth, engine):
 
 def test_emergency_stop_returns_pending_applications_and_is_audited(client, auth, engine):
     """A scene waiting for its last approval cannot go live right after a stop."""
-    from pdao.audit import AuditEvent
+    from pdao.kernel.audit import AuditEvent
 
     a = auth("insurer_a")
     pending = create(client, a)["id"]
@@ -271,7 +270,7 @@ def test_emergency_stop_returns_pending_applications_and_is_audited(client, auth
 
 
 def test_an_approval_by_someone_since_disabled_does_not_count(client, auth, engine):
-    from pdao.identity.service import set_active
+    from pdao.kernel.identity.service import set_active
 
     a = auth("insurer_a")
     sid = create(client, a)["id"]
@@ -286,7 +285,7 @@ def test_an_approval_by_someone_since_disabled_does_not_count(client, auth, engi
 
 
 def test_review_decisions_are_in_the_audit(client, auth, engine):
-    from pdao.audit import AuditEvent
+    from pdao.kernel.audit import AuditEvent
 
     a = auth("insurer_a")
     s = create(client, a)

@@ -1,4 +1,4 @@
-"""User SQL, checked (sandbox/sql.py): the accepted subset regenerates SQL that runs and means the
+"""User SQL, checked (sandbox/engine/sql.py): the accepted subset regenerates SQL that runs and means the
 same as the input; everything else is refused with the construct and the missing item named.
 
 Pure: no metadata database. DuckDB runs in memory over small tables built from the packaged
@@ -19,7 +19,7 @@ from sqlglot import exp
 from sqlglot.tokens import TokenType
 
 from catalog.descriptor import PACKAGED_DESCRIPTORS, parse_descriptor_text
-from sandbox.sql import (
+from sandbox.engine.sql import (
     Aggregate,
     CheckedQuery,
     ColumnRef,
@@ -34,7 +34,7 @@ from sandbox.sql import (
     upload_view_name,
     view_name,
 )
-from sandbox.store import DUCK_TYPES
+from sandbox.engine.store import DUCK_TYPES
 
 OV, RES, INP = "health.outpatient_visit", "health.resident", "health.inpatient_stay"
 UPLOAD = "my_customers"

@@ -17,8 +17,8 @@ import pytest
 from sqlmodel import Session, func, select
 
 from catalog.models import DatasetVersion
-from pdao.errors import PdaoError
-from sandbox.store import load_version, snapshot_path
+from pdao.kernel.errors import PdaoError
+from sandbox.engine.store import load_version, snapshot_path
 
 DISTRICTS = ["兴庆区", "金凤区", "西夏区", "永宁县", "贺兰县", "灵武市"]
 
@@ -253,8 +253,8 @@ _SNAPSHOT_IN_TZ = """
 import sys
 from pathlib import Path
 from sqlmodel import Session
-from pdao.db import make_engine
-from sandbox.store import load_version
+from pdao.kernel.db import make_engine
+from sandbox.engine.store import load_version
 from tests.conftest import make_settings
 settings = make_settings(Path(sys.argv[1]), sys.argv[2])
 engine = make_engine(settings.database_url)
@@ -332,7 +332,7 @@ def test_a_file_name_with_glob_characters_reads_only_that_file(engine, settings,
 
 
 def test_a_home_with_glob_characters_still_reads_the_right_file(database_url, tmp_path):
-    from pdao.db import make_engine
+    from pdao.kernel.db import make_engine
     from tests.conftest import make_settings
 
     s = make_settings(tmp_path / "home[1]*", database_url)

@@ -15,9 +15,11 @@ import duckdb
 import pytest
 from sqlmodel import Session, select
 
-from pdao.audit import AuditEvent
-from sandbox import export, template_runs, worker
-from sandbox.models import Query, QueryResult
+from pdao.kernel.audit import AuditEvent
+from sandbox.queries import worker
+from sandbox.queries.models import Query, QueryResult
+from sandbox.results import export
+from sandbox.templates import runs as template_runs
 from tests.scene_helpers import BY_DISTRICT, active_scene
 from tests.test_scene_templates import underwriting_items
 from tests.test_template_runs import applicants, health, upload  # noqa: F401 - `health` is a fixture
@@ -30,7 +32,7 @@ def _template_scene(client, auth, who: str = "insurer_a") -> str:
 
 
 def _queries(engine, org_code: str = "company_a") -> list[Query]:
-    from catalog.models import Organization
+    from pdao.kernel.identity.models import Organization
 
     with Session(engine) as s:
         org = s.exec(select(Organization).where(Organization.code == org_code)).one()
@@ -177,10 +179,10 @@ def test_a_run_whose_request_died_stops_blocking_its_tenant_when_its_lease_expir
 @contextmanager
 def _slow_engine(monkeypatch):
     """DuckDB statements that run until interrupted (a template slower than its time limit)."""
-    import sandbox.templates
+    import sandbox.templates.library
     from tests.test_outcomes import _SlowConnection
 
-    real = sandbox.templates.domain_connection
+    real = sandbox.templates.library.domain_connection
 
     @contextmanager
     def slow(*args, **kwargs):
@@ -188,7 +190,7 @@ def _slow_engine(monkeypatch):
             yield _SlowConnection(con)
 
     with monkeypatch.context() as m:
-        m.setattr(sandbox.templates, "domain_connection", slow)
+        m.setattr(sandbox.templates.library, "domain_connection", slow)
         yield
 
 
@@ -273,8 +275,8 @@ def test_a_running_run_can_be_cancelled(client, app, auth, engine, settings, hea
 def test_a_held_failure_of_a_lost_run_looks_like_any_held_run(client, auth, engine, settings, health):
     """`template_runs.lost_run_result`: what the worker should store for a prod template run whose
     lease expired (see the report of this change) — to its tenant, the same as any held run."""
-    from pdao.identity.service import principal_for
-    from sandbox import queries
+    from pdao.kernel.identity.service import principal_for
+    from sandbox.queries import service as queries
 
     upload(client, auth("insurer_a"), applicants(health[:10]))
     url = _template_scene(client, auth)
@@ -298,7 +300,7 @@ def test_a_held_failure_of_a_lost_run_looks_like_any_held_run(client, auth, engi
 @pytest.mark.parametrize("failure", [duckdb.InterruptException("INTERRUPT Error: Interrupted!"),
                                      OSError("disk full")])
 def test_a_prod_run_failing_inside_the_domain_ends_its_row_held(client, auth, engine, health, monkeypatch, failure):
-    from sandbox import templates
+    from sandbox.templates import library as templates
 
     upload(client, auth("insurer_a"), applicants(health[:5]))
     url = _template_scene(client, auth)
@@ -355,7 +357,7 @@ def test_the_worker_ends_a_lost_prod_run_as_any_held_run(client, auth, engine, s
     any held run shows (not a bare held failure without the template's columns and report)."""
     from datetime import timedelta
 
-    from pdao.db import utcnow
+    from pdao.kernel.db import utcnow
 
     upload(client, auth("insurer_a"), applicants(health[:10]))
     url = _template_scene(client, auth)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session
 
-from sandbox.store import load_version
+from sandbox.engine.store import load_version
 from tests.scene_helpers import active_scene
 from tests.test_scene_templates import underwriting_items
 from tests.test_tenant_uploads import APPLICANTS, CLAIMS, TODAY, to_csv
@@ -144,7 +144,7 @@ def test_claims_verification_end_to_end(client, auth, engine, settings, synth_fi
     r = client.post("/api/v1/uploads", headers=auth("insurer_a"), data={"schema": json.dumps(CLAIMS_SCHEMA)},
                     files={"file": ("claims.csv", to_csv(rows), "text/csv")})
     assert r.status_code == 201, r.text
-    from sandbox.templates import library_template, template_reads
+    from sandbox.templates.library import library_template, template_reads
 
     items = [{"dataset": d, "field": f, "usage": "join_key" if f in ("id_number", "person_id", "stay_id") else "filter"}
              for d, f in sorted(template_reads(library_template("claims")))]
@@ -165,8 +165,8 @@ def test_claims_verification_end_to_end(client, auth, engine, settings, synth_fi
 def test_a_failing_prod_run_looks_like_any_run_until_review(client, auth, engine, settings, health, monkeypatch):
     """Whether a run fails can depend on the data (a row-multiplying join that fires only for some
     value): the tenant gets the same held answer either way; the reviewer sees the failure."""
-    from pdao.errors import PdaoError
-    from sandbox import templates
+    from pdao.kernel.errors import PdaoError
+    from sandbox.templates import library as templates
 
     upload(client, auth("insurer_a"), applicants(health[:10]))
     scene = active_scene(client, auth, scene_type="underwriting", items=underwriting_items(),

@@ -1,4 +1,4 @@
-"""Approved analysis templates (sandbox/templates.py, issue #6 parts 2–5).
+"""Approved analysis templates (sandbox/templates/library.py, issue #6 parts 2–5).
 
 Pure and engine layer only: no metadata database. A small synthetic city (sandbox.synth, scale
 3000) is generated once; applicants and claims uploads are built from it (valid, missing, expired,
@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pdao.errors import PdaoError
-from sandbox.sql import DatasetInfo, upload_view_name, view_name
+from pdao.kernel.errors import PdaoError
+from sandbox.engine.sql import DatasetInfo, upload_view_name, view_name
 from sandbox.synth import generate
-from sandbox.templates import (
+from sandbox.templates.library import (
     EXCLUSION_REASONS,
     Output,
     Param,
@@ -232,7 +232,7 @@ def test_library_templates_pass_the_check_and_read_what_they_say():
     assert template_reads(lib["claims"]) >= {(INP, "hospital"), (SET, "total_amount"), (SET, "stay_id")}
     # the digest is what an approval records: stable, and any change is a new template
     uw = lib["underwriting"]
-    assert template_digest(uw) == template_digest(load_template(Path("sandbox/template_library/underwriting.yaml")))
+    assert template_digest(uw) == template_digest(load_template(Path("sandbox/templates/template_library/underwriting.yaml")))
     assert template_digest(uw) != template_digest(dataclasses.replace(uw, sql=uw.sql + " "))
     assert template_digest(uw) != template_digest(dataclasses.replace(uw, version=2))
     assert template_digest(uw) != template_digest(lib["claims"])
@@ -667,8 +667,8 @@ def test_engine_errors_do_not_quote_the_data(city, applicants):
 
 
 def test_the_catalog_can_be_given_as_dataset_facts():
-    from sandbox.execute import DatasetMeta
-    from sandbox.templates import descriptor_catalog
+    from sandbox.engine.execute import DatasetMeta
+    from sandbox.templates.library import descriptor_catalog
 
     cat = descriptor_catalog()
     uw = library_template("underwriting")
@@ -857,7 +857,7 @@ def test_outputs_may_say_only_so_much_about_one_field():
 
 
 def test_what_each_output_depends_on_is_reported():
-    from sandbox.templates import template_disclosure
+    from sandbox.templates.library import template_disclosure
 
     d = template_disclosure(library_template("underwriting"))
     assert d["outputs"]["hypertension"] == [f"{CHR}.(rows)", f"{CHR}.condition", f"{CHR}.diagnosed_on"]
@@ -949,7 +949,7 @@ def test_row_multiplication_counted_a_level_up_is_a_dependency():
     outs = [Output("applicant_ref", "ref")] + [Output(f"b{i}", "flag") for i in range(7)]
     problems = check_template(_variant(_chains(7), outs))
     assert any(p.construct == "dataset health.resident" for p in problems), problems
-    from sandbox.templates import template_disclosure
+    from sandbox.templates.library import template_disclosure
     d = template_disclosure(_variant(_chains(2), outs[:3]))
     assert f"{RES}.birth_date" in d["outputs"]["b0"]
 
@@ -960,7 +960,7 @@ def test_distinct_rows_depend_on_the_values_they_keep():
        n AS (SELECT d.applicant_ref, COUNT(*) AS k FROM d GROUP BY d.applicant_ref)
      SELECT p.applicant_ref AS applicant_ref, CASE WHEN n.k > 3 THEN 'a' ELSE 'b' END AS x
      FROM person AS p LEFT JOIN n ON n.applicant_ref = p.applicant_ref"""
-    from sandbox.templates import template_disclosure
+    from sandbox.templates.library import template_disclosure
     assert "health.outpatient_visit.icd10" in template_disclosure(_variant(sql))["outputs"]["x"]
 
 
@@ -973,7 +973,7 @@ def test_runs_see_only_the_consented_applicants_records(city, frames, applicants
      SELECT p.applicant_ref AS applicant_ref, CASE WHEN n.k = 1 THEN 'a' ELSE 'b' END AS x
      FROM person AS p LEFT JOIN n ON n.person_id = p.person_id"""
     assert check_template(_variant(sql)) == []
-    from sandbox import templates as tpl
+    from sandbox.templates import library as tpl
     seen = {}
     real = tpl.domain_connection
 
@@ -1083,7 +1083,7 @@ def test_natural_flags_fit_the_bound():
         f"AND c.condition = '{c}') AS {c}" for c in conds) + " FROM person AS p"
     t = _variant(sql, [Output("applicant_ref", "ref")] + [Output(c, "flag") for c in conds])
     assert check_template(t) == []
-    from sandbox.templates import template_disclosure
+    from sandbox.templates.library import template_disclosure
     assert template_disclosure(t)["datasets"][CHR] == 2 ** 7
 
 

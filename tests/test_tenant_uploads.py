@@ -20,14 +20,14 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from catalog.identifiers import cn_id_check_char, is_valid_cn_id
-from sandbox.upload_models import TenantUpload
-from sandbox.uploads import (
+from sandbox.uploads.models import TenantUpload
+from sandbox.uploads.service import (
     join_key_of,
-    upload_roles,
     latest_upload,
     parse_schema,
     tenant_upload_columns,
     upload_path,
+    upload_roles,
     verify_upload,
 )
 from tests.conftest import login
@@ -376,9 +376,8 @@ def test_concurrent_uploads_get_consecutive_versions(engine, settings, tmp_path)
     """Four uploads of one table at once: versions 1–4, one file each, all read-only."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from catalog.models import Organization
-    from pdao.identity.models import User
-    from sandbox.uploads import store_upload
+    from pdao.kernel.identity.models import Organization, User
+    from sandbox.uploads.service import store_upload
 
     schema = parse_schema(APPLICANTS)
     srcs = []

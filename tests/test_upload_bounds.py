@@ -20,15 +20,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlmodel import Session, func, select
 
-import sandbox.uploads as uploads
+import sandbox.uploads.service as uploads
 from catalog.identifiers import cn_id_check_char, is_cn_mobile, is_valid_cn_id
-from catalog.models import Organization
-from pdao.db import make_engine, migrate
-from pdao.errors import PdaoError
-from pdao.identity.models import User
-from sandbox.pii import find_pii_batch
-from sandbox.upload_models import TenantUpload, TenantUploadUsage
-from sandbox.uploads import (
+from pdao.kernel.db import make_engine, migrate
+from pdao.kernel.errors import PdaoError
+from pdao.kernel.identity.models import Organization, User
+from sandbox.engine.pii import find_pii_batch
+from sandbox.uploads.models import TenantUpload, TenantUploadUsage
+from sandbox.uploads.service import (
     PII_MIN_SCORE,
     cn_id_ok_sql,
     csv_rows_at_most,

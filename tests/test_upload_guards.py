@@ -51,7 +51,7 @@ def test_an_answer_that_cannot_be_audited_is_not_given(client, auth, monkeypatch
     def broken(*_a, **_k):
         raise RuntimeError("audit store down")
 
-    monkeypatch.setattr("pdao.audit.record", broken)
+    monkeypatch.setattr("pdao.kernel.audit.record", broken)
     r = client.get("/api/v1/users", headers=headers)
     assert r.status_code == 503 and r.json()["code"] == "audit_unavailable"
     assert "insurer_a" not in r.text

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session
 
-from sandbox.store import load_version
+from sandbox.engine.store import load_version
 from tests.scene_helpers import active_scene
 from tests.test_queries import work_once
 from tests.test_tenant_uploads import APPLICANTS, TODAY, to_csv

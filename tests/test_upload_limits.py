@@ -26,13 +26,12 @@ from sqlalchemy import update
 from sqlmodel import Session, select
 
 import api.routes.uploads as upload_routes
-import sandbox.uploads as uploads
-from catalog.models import Organization
-from pdao.db import utcnow
-from pdao.errors import PdaoError
-from pdao.identity.models import User
-from sandbox.upload_models import TenantUploadCheck
-from sandbox.uploads import UPLOAD_LEASE_SECONDS, admit_upload, finish_upload
+import sandbox.uploads.service as uploads
+from pdao.kernel.db import utcnow
+from pdao.kernel.errors import PdaoError
+from pdao.kernel.identity.models import Organization, User
+from sandbox.uploads.models import TenantUploadCheck
+from sandbox.uploads.service import UPLOAD_LEASE_SECONDS, admit_upload, finish_upload
 from tests.conftest import login
 from tests.test_tenant_uploads import APPLICANTS, CLAIMS, IDS, applicant_rows, files_under, send, to_csv, upload_rows
 from tests.test_upload_bounds import app_client, audit_reasons
@@ -394,7 +393,7 @@ def test_personal_data_in_a_decimal_column_is_refused(client, auth, engine, sett
                          ("policy_amount", "phone", 1)}, label
         assert not any(v in r.text for v in REVIEW_DECIMALS), label
     # as doubles, the 16-digit card number is beyond what a double holds to the cent: refused as a type
-    # before any scan (sandbox/store.py), never stored rounded
+    # before any scan (sandbox/engine/store.py), never stored rounded
     data = _parquet({"id_number": [IDS[0]] * 3, "policy_amount": [float(v) for v in REVIEW_DECIMALS]})
     r = post(client, a, data, POLICIES, "p.parquet")
     assert r.status_code == 422 and r.json()["code"] in ("upload_invalid", "unexpected_pii"), r.text

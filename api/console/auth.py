@@ -18,9 +18,9 @@ from fastapi import Depends, Form, Request
 from sqlmodel import Session
 
 from api.deps import Authorized, SceneAccess, SceneContext, SessionDep, SettingsDep
-from pdao.config import Settings
-from pdao.errors import PdaoError
-from pdao.identity.service import Principal
+from pdao.kernel.config import Settings
+from pdao.kernel.errors import PdaoError
+from pdao.kernel.identity.service import Principal
 
 PREFIX = "/console"
 SESSION_COOKIE = "pdao_session"
@@ -140,7 +140,7 @@ def optional_principal(request: Request, session: Session, settings: Settings) -
     token = session_token(request)
     if not token:
         return None
-    from pdao.identity.service import principal_from_token
+    from pdao.kernel.identity.service import principal_from_token
 
     try:
         return principal_from_token(session, settings, token)

@@ -16,7 +16,7 @@ from api.console.auth import PREFIX, SESSION_COOKIE
 from api.console.render import finish, render, url
 from api.errors import _HTTP_CODES, _validation_details
 from api.limits import BodyTooLarge
-from pdao.errors import PdaoError
+from pdao.kernel.errors import PdaoError
 
 log = logging.getLogger("pdao.console")
 

@@ -15,7 +15,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from api.console import svg
 from api.console.auth import CSRF_COOKIE, LANG_COOKIE, PREFIX, csrf_token
 from api.console.i18n import DEFAULT_LANG, LANGS, pick, translator
-from pdao.identity.models import Role
+from pdao.kernel.identity.models import Role
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"

@@ -1,8 +1,8 @@
 """The web console's pages: thin, like the API's routes, over the same service functions, behind the
 same authentication and casbin checks (`api/console/auth.py`), audited by the same middleware.
 
-No page decides who may see what by itself: scenes come from `policies.scenes` (get_visible,
-list_visible, to_out), queries and results from `sandbox.queries` / `sandbox.export` (may_see,
+No page decides who may see what by itself: scenes come from `sandbox.scenes.service` (get_visible,
+list_visible, to_out), queries and results from `sandbox.queries.service` / `sandbox.results.export` (may_see,
 visible_rows, cells_visible through `result_out`), the catalog through `policies.catalog_rules`.
 Cells reach a page only as `result_out(...)["rows"]`, which is None unless `cells_visible`.
 """
@@ -13,7 +13,9 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, Path as PathParam, Query as QueryParam, Request
+from fastapi import APIRouter, Form, Request
+from fastapi import Path as PathParam
+from fastapi import Query as QueryParam
 from fastapi.responses import Response
 from pydantic import ValidationError
 
@@ -38,19 +40,21 @@ from api.deps import SessionDep, SettingsDep
 from api.routes.auth import checking_password, client_address, password_login
 from catalog import service as catalog_service
 from catalog.descriptor import Category
-from pdao import audit
-from pdao.alerts import AlertThresholds, collect_alerts
-from pdao.db import MAX_ID, id_in_range, utcnow
-from pdao.errors import PdaoError, invalid
-from pdao.identity import service as identity
-from pdao.identity.models import Role
-from policies import scenes
+from pdao.kernel import audit
+from pdao.kernel.db import MAX_ID, id_in_range, utcnow
+from pdao.kernel.errors import PdaoError, invalid
+from pdao.kernel.identity import service as identity
+from pdao.kernel.identity.models import Role
 from policies.catalog_rules import catalog_scope
 from policies.rules import item_verdict
-from policies.schemas import ReviewIn, SceneIn
-from policies.states import today_in_city
-from sandbox.sql import MAX_SQL_CHARS
-from sandbox import export, queries, worker
+from sandbox.alerts import AlertThresholds, collect_alerts
+from sandbox.engine.sql import MAX_SQL_CHARS
+from sandbox.queries import service as queries
+from sandbox.queries import worker
+from sandbox.results import export
+from sandbox.scenes import service as scenes
+from sandbox.scenes.schemas import ReviewIn, SceneIn
+from sandbox.scenes.states import today_in_city
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -311,7 +315,7 @@ def _scene_view(request: Request, ctx, session, settings, preview: dict | None =
 
 def _own_upload_names(session, principal) -> list[str]:  # noqa: ANN001
     """The tenant's own tables (names only), for the template run form: a run reads only its own."""
-    from sandbox.uploads import upload_scope, visible_uploads
+    from sandbox.uploads.service import upload_scope, visible_uploads
 
     if upload_scope(principal.role, principal.org_id, principal.org_kind) != principal.org_id:
         return []
@@ -744,10 +748,10 @@ __all__ = ["router"]
 # --- tenant uploads (metadata only) --------------------------------------------------------------------
 
 def _upload_tables(session, principal) -> list[dict[str, Any]]:  # noqa: ANN001
-    """The uploads the caller may see (`sandbox.uploads.visible_uploads`, as `GET /api/v1/uploads`),
+    """The uploads the caller may see (`sandbox.uploads.service.visible_uploads`, as `GET /api/v1/uploads`),
     every version, as the API's `UploadOut` (note and warnings: the tenant's own only). Never a cell."""
     from api.routes.uploads import _out as upload_out
-    from sandbox.uploads import upload_scope, visible_uploads
+    from sandbox.uploads.service import upload_scope, visible_uploads
 
     own = upload_scope(principal.role, principal.org_id, principal.org_kind) == principal.org_id
     tables: dict[tuple[str, str], dict[str, Any]] = {}
@@ -781,8 +785,8 @@ async def upload_create(request: Request, principal: page("upload", "create"), s
 
     from api.routes.uploads import _store
     from api.uploads import receive_file
-    from pdao.errors import too_large
-    from sandbox.uploads import MAX_NOTE, UploadSlot
+    from pdao.kernel.errors import too_large
+    from sandbox.uploads.service import MAX_NOTE, UploadSlot
 
     request.state.object = "upload"
     check_origin(request)
@@ -822,12 +826,12 @@ def template_run(scene_id: int, name: str, request: Request, ctx: scene_action("
                  mode: Annotated[Literal["dev", "prod"], Form()],
                  params: Annotated[str, Form(max_length=4000)] = "") -> Response:
     """`POST /api/v1/scenes/{id}/templates/{name}/runs` from a form: the API's `TemplateRunIn`, then
-    `sandbox.template_runs.run` (which checks the scene, the approved digest, the data list and the
+    `sandbox.templates.runs.run` (which checks the scene, the approved digest, the data list and the
     upload); the run's query page follows."""
     import json
 
     from api.routes.queries import TemplateRunIn
-    from sandbox import template_runs
+    from sandbox.templates import runs as template_runs
 
     try:
         parsed = json.loads(params) if params.strip() else {}
@@ -856,7 +860,7 @@ def trace_page(request: Request, principal: page("trace", "create")) -> Response
 async def trace_file(request: Request, principal: page("trace", "create"), session: SessionDep,
                      settings: SettingsDep) -> Response:
     """`POST /api/v1/trace` from a form: the file streamed into the domain's staging folder (never
-    the system's temp), then `sandbox.export.trace`, the same audit detail; the match on a page."""
+    the system's temp), then `sandbox.results.export.trace`, the same audit detail; the match on a page."""
     import uuid
 
     from starlette.concurrency import run_in_threadpool
@@ -880,7 +884,7 @@ async def trace_file(request: Request, principal: page("trace", "create"), sessi
     finally:
         staged.unlink(missing_ok=True)
     # the part's file name is not kept by the streaming reader: the format comes from the content
-    # (the name only breaks ties between delimiters, sandbox.fingerprint.read_found)
+    # (the name only breaks ties between delimiters, sandbox.results.fingerprint.read_found)
     out = await run_in_threadpool(export.trace, session, settings, data, None)
     request.state.audit_detail = {"matched": out["matched"], "match": out.get("match"),
                                   "export_id": out.get("export_id"), "result_id": out.get("result_id")}
@@ -927,7 +931,7 @@ def budget_set(org: Annotated[str, PathParam(max_length=64)], dataset: Annotated
 
 def _company_budgets_of(session, settings, principal) -> list[Any]:  # noqa: ANN001
     """The tenant's own company's budget per dataset (`ledger.company_budgets`), for its gauges."""
-    from sandbox import ledger
+    from sandbox.budgets import ledger
 
     if not _may(principal, "budget", "read"):
         return []
@@ -1005,7 +1009,7 @@ async def api_key_claim(key_id: int, request: Request, principal: action("api_ke
 
 
 def _key_names(session, row) -> tuple[str, str | None]:  # noqa: ANN001
-    from pdao.identity.models import User
+    from pdao.kernel.identity.models import User
 
     owner = session.get(User, row.user_id)
     grantor = session.get(User, row.issued_by) if row.issued_by is not None else None

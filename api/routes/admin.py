@@ -1,4 +1,4 @@
-"""Users (the operator) and API keys: an operator grants one, its owner claims it (pdao/identity/service.py)."""
+"""Users (the operator) and API keys: an operator grants one, its owner claims it (pdao/kernel/identity/service.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from sqlmodel import Session
 
 from api.deps import SessionDep, SettingsDep, caller
 from api.routes.auth import checking_password, client_address
-from pdao.db import utcnow
-from pdao.identity import service
-from pdao.identity.models import ApiKey, User
+from pdao.kernel.db import utcnow
+from pdao.kernel.identity import service
+from pdao.kernel.identity.models import ApiKey, User
 
 router = APIRouter(tags=["admin"])
 

@@ -1,6 +1,6 @@
 """Alerts for the security reviewer (issue 5): patterns in the audit trail worth a look.
 
-Auditors and the office only (casbin `audit read`); the decisions live in `pdao.alerts`.
+Auditors and the office only (casbin `audit read`); the decisions live in `sandbox.alerts`.
 """
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query as QueryParam, Request
+from fastapi import APIRouter, Request
+from fastapi import Query as QueryParam
 
 from api.deps import SessionDep, caller, utc_instant
-from pdao.alerts import AlertThresholds, collect_alerts
-from pdao.db import utcnow
-from pdao.errors import invalid
+from pdao.kernel.db import utcnow
+from pdao.kernel.errors import invalid
+from sandbox.alerts import AlertThresholds, collect_alerts
 
 router = APIRouter(tags=["audit"])
 

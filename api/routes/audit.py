@@ -13,9 +13,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, caller, utc_instant
-from pdao import audit
-from pdao.db import MAX_ID
-from pdao.errors import invalid
+from pdao.kernel import audit
+from pdao.kernel.db import MAX_ID
+from pdao.kernel.errors import invalid
 
 router = APIRouter(tags=["audit"])
 

@@ -14,10 +14,10 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, caller
-from pdao.errors import PdaoError
-from pdao.identity import service
-from pdao.identity.service import Principal
-from pdao.identity.throttle import UNCHECKED, LoginGuard
+from pdao.kernel.errors import PdaoError
+from pdao.kernel.identity import service
+from pdao.kernel.identity.service import Principal
+from pdao.kernel.identity.throttle import UNCHECKED, LoginGuard
 
 router = APIRouter(tags=["auth"])
 
@@ -26,7 +26,7 @@ _guard_lock = threading.Lock()
 
 
 def login_guard(app: FastAPI) -> LoginGuard:
-    """This app's bounds on password checks (pdao/identity/throttle.py), made on first use."""
+    """This app's bounds on password checks (pdao/kernel/identity/throttle.py), made on first use."""
     guard = getattr(app.state, "login_guard", None)
     if guard is None:
         with _guard_lock:

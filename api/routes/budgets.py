@@ -1,5 +1,5 @@
 """Company budgets per dataset, across scenes: what each company may spend on each dataset, and
-has spent, whichever of its scenes the queries came through (`sandbox/ledger.py`). The office sets
+has spent, whichever of its scenes the queries came through (`sandbox/budgets/ledger.py`). The office sets
 the caps; the office and auditors read every company's, a tenant its own (another company's
 answers 404, like a missing one)."""
 
@@ -12,14 +12,16 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
 from api.deps import SessionDep, SettingsDep, caller
-from catalog.models import Dataset, Organization
-from catalog.service import find_dataset, scoped as catalog_scoped
-from pdao import audit
-from pdao.errors import not_found
-from pdao.identity.service import Principal
+from catalog.models import Dataset
+from catalog.service import find_dataset
+from catalog.service import scoped as catalog_scoped
+from pdao.kernel import audit
+from pdao.kernel.errors import not_found
+from pdao.kernel.identity.models import Organization
+from pdao.kernel.identity.service import Principal
 from policies.catalog_rules import CatalogScope, catalog_scope
-from sandbox import ledger
-from sandbox.ledger import CompanyBudgetOut
+from sandbox.budgets import ledger
+from sandbox.budgets.ledger import CompanyBudgetOut
 
 router = APIRouter(tags=["budgets"])
 

@@ -13,10 +13,10 @@ from api.uploads import receive_file
 from catalog import service
 from catalog.descriptor import Category, OpeningClass, Sensitivity, parse_descriptor_dict, parse_descriptor_text
 from catalog.schemas import DatasetOut, DatasetPage, DescriptorReport, VersionOut
-from pdao.errors import bad_request, forbidden, invalid
-from pdao.identity.service import Principal
+from pdao.kernel.errors import bad_request, forbidden, invalid
+from pdao.kernel.identity.service import Principal
 from policies.catalog_rules import CatalogScope, catalog_scope, may_manage_dataset
-from sandbox.store import load_version
+from sandbox.engine.store import load_version
 
 router = APIRouter(tags=["catalog"])
 

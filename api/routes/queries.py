@@ -1,15 +1,18 @@
-"""Queries: thin routes over `sandbox.queries` (results and their review: `api/routes/results.py`)."""
+"""Queries: thin routes over `sandbox.queries.service` (results and their review: `api/routes/results.py`)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query as QueryParam, Request, status
+from fastapi import APIRouter, Request, status
+from fastapi import Query as QueryParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, caller, scene_access
-from sandbox import queries, template_runs, worker
-from sandbox.sql import MAX_SQL_CHARS
+from sandbox.engine.sql import MAX_SQL_CHARS
+from sandbox.queries import service as queries
+from sandbox.queries import worker
+from sandbox.templates import runs as template_runs
 
 router = APIRouter(tags=["queries"])
 

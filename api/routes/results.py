@@ -1,4 +1,4 @@
-"""Results, export review, downloads, lineage and trace: thin routes over `sandbox.export`.
+"""Results, export review, downloads, lineage and trace: thin routes over `sandbox.results.export`.
 Cells leave only as a dev (synthetic) answer to its own tenant, or once export review released a
 prod answer; every file carries an export id and a keyed fingerprint."""
 
@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Query as QueryParam, Request, UploadFile
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import Query as QueryParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, caller
 from api.downloads import SpooledDownload, download_headers
-from pdao.errors import PdaoError
-from sandbox import export, queries
+from pdao.kernel.errors import PdaoError
+from sandbox.queries import service as queries
+from sandbox.results import export
 
 router = APIRouter(tags=["results"])
 

@@ -8,10 +8,9 @@ from fastapi import APIRouter, Query, Request, status
 from pydantic import BaseModel
 
 from api.deps import SessionDep, SettingsDep, caller, scene_access
-from policies import scenes
 from policies.rules import Usage, rule_table
-from policies.scenes import SceneView
-from policies.schemas import (
+from sandbox.scenes import service as scenes
+from sandbox.scenes.schemas import (
     EmergencyStopIn,
     Explanation,
     ReasonIn,
@@ -20,6 +19,7 @@ from policies.schemas import (
     ScenePatch,
     SceneSummary,
 )
+from sandbox.scenes.service import SceneView
 
 router = APIRouter(tags=["scenes"])
 

@@ -14,11 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, caller
 from api.uploads import receive_file
-from catalog.models import Organization
-from pdao.errors import PdaoError, invalid, too_large
-from pdao.identity.models import User
-from sandbox.upload_models import TenantUpload
-from sandbox.uploads import (
+from pdao.kernel.errors import PdaoError, invalid, too_large
+from pdao.kernel.identity.models import Organization, User
+from sandbox.uploads.models import TenantUpload
+from sandbox.uploads.service import (
     MAX_NOTE,
     PII_MIN_SCORE,
     UploadSlot,
@@ -155,7 +154,7 @@ def _check_and_store(request, session, settings, principal,  # noqa: ANN001, ANN
     request.state.object = f"upload:{principal.org_code}/{schema.name}"   # a refusal is audited by name too
     check_join_targets(session, schema, principal.role, principal.org_id, principal.org_kind)
     if note:
-        from sandbox.pii import find_pii_batch
+        from sandbox.engine.pii import find_pii_batch
 
         if any(f.score >= PII_MIN_SCORE for f in find_pii_batch([note])[0]):
             raise invalid("unexpected_pii", "The note holds personal data; nothing was stored.",

@@ -16,7 +16,7 @@ and writes, for each output, ACRO's overall status and per check its status (pas
 review) and the cells its mask flags (``sdc["cells"]`` positions turned into key values), to
 DATA_DIR/acro_verdicts.json together with the thresholds, the acro and pandas versions, ACRO's
 defaults and this command. The file is deterministic (no time stamps, cells sorted), so a re-run that changes it
-means ACRO's verdicts moved; tests/test_disclosure.py compares sandbox/disclosure.py with it.
+means ACRO's verdicts moved; tests/test_disclosure.py compares sandbox/results/disclosure.py with it.
 
 This file runs in the peers venv (acro pins pandas <= 2.3.3); it imports nothing of pdao.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 COMMAND = "bench/.peers-venv/bin/python bench/peers/acro_verdicts.py"
-#: pdao's threshold names (sandbox.disclosure.Thresholds) -> ACRO's config keys (acro/default.yaml)
+#: pdao's threshold names (sandbox.results.disclosure.Thresholds) -> ACRO's config keys (acro/default.yaml)
 ACRO_KEYS = {"min_cell_count": "safe_threshold", "dominance_n": "safe_nk_n", "dominance_k": "safe_nk_k",
              "p_ratio": "safe_pratio_p", "zeros_disclosive": "zeros_are_disclosive"}
 

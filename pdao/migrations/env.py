@@ -1,7 +1,8 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-from pdao.db import import_all_models, make_engine
+from pdao.kernel.db import make_engine
+from pdao.models import import_all_models
 
 import_all_models()
 target_metadata = SQLModel.metadata
