@@ -11,6 +11,6 @@ def import_all_models() -> None:
     import pdao.kernel.identity.models  # noqa: F401
     import policies.models  # noqa: F401
     import sandbox.budgets.ledger  # noqa: F401
-    import sandbox.queries.models  # noqa: F401
+    import sandbox.results.models  # noqa: F401
     import sandbox.scenes.models  # noqa: F401
     import sandbox.uploads.models  # noqa: F401

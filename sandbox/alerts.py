@@ -817,7 +817,7 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
     from pdao.kernel.audit import AuditEvent
     from pdao.kernel.identity.models import Organization, User
     from sandbox.budgets.ledger import BudgetEntry
-    from sandbox.queries.models import Query, QueryResult
+    from sandbox.results.models import Query, QueryResult
     from sandbox.scenes.models import Scene
     from sandbox.scenes.states import effective_status
 

@@ -428,7 +428,7 @@ def live_server(app, engine, settings) -> Iterator[str]:
     """The app served by uvicorn on a free port in a thread, with one query worker (as `pdao serve`)."""
     import uvicorn
 
-    from sandbox.queries.worker import start_in_thread
+    from sandbox.worker import start_in_thread
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",

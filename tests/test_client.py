@@ -13,7 +13,7 @@ import uvicorn
 
 from pdao import client as client_mod
 from pdao.client import Client, PdaoClientError, QueryFailed, QueryTimeout, ResultHeld
-from sandbox.queries.worker import start_in_thread
+from sandbox.worker import start_in_thread
 from tests.conftest import DEMO_PASSWORD
 from tests.scene_helpers import BY_DISTRICT, VISITS, active_scene
 from tests.scene_helpers import DISTRICTS as DISTRICT_DOMAIN

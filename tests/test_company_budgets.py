@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from sandbox.budgets import ledger
-from sandbox.queries.models import Query
+from sandbox.results.models import Query
 from tests.scene_helpers import BY_DISTRICT, VISITS, active_scene, approve, budget, create
 
 RESIDENTS = "health.resident"
@@ -232,7 +232,7 @@ def test_the_migration_counts_what_companies_spent_before_it(client, auth, engin
 
     from pdao.kernel.db import alembic_config, migrate
     from policies.enforcer import SceneEnforcers
-    from sandbox.queries.worker import run_one, worker_name
+    from sandbox.worker import run_one, worker_name
 
     a_scene = active_scene(client, auth)["id"]
     b_scene = active_scene(client, auth, applicant="insurer_b")["id"]

@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from api.console.i18n import MESSAGES, VALUES
 from pdao.kernel.audit import AuditEvent
-from sandbox.queries.models import QueryResult
+from sandbox.results.models import QueryResult
 from tests.conftest import DEMO_PASSWORD
 from tests.console_support import CONSOLE, MISSING_MARK, console_client, csrf_of, post_form
 from tests.scene_helpers import BY_DISTRICT, active_scene, create, today
@@ -382,7 +382,7 @@ def test_every_message_and_every_known_value_has_both_languages():
     from catalog.descriptor import Category, Masking, OpeningClass, Sensitivity, UpdateCycle
     from pdao.kernel.identity.models import Role
     from policies.rules import Usage
-    from sandbox.queries.models import RESULT_STATES
+    from sandbox.results.models import RESULT_STATES
     from sandbox.scenes.schemas import SceneType
     from sandbox.scenes.states import TRANSITIONS
 
@@ -979,8 +979,8 @@ def test_link_pseudonyms_round_trips_from_the_application_form(app, client, auth
 @pytest.mark.default_backend("sqlite")
 def test_a_waiting_dev_query_says_so_and_a_prod_runs_progress_stays_hidden(app, client, auth, engine, settings,
                                                                           loaded):
-    from sandbox.queries.models import Query
-    from sandbox.queries.worker import claim
+    from sandbox.results.models import Query
+    from sandbox.worker import claim
 
     scene = active_scene(client, auth)
     first = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),

@@ -24,7 +24,7 @@ from sqlmodel import Session
 
 from pdao.cli.demo import DEMO_USERS
 from sandbox.engine.store import load_version
-from sandbox.queries.models import QueryResult
+from sandbox.results.models import QueryResult
 from tests.console_support import CONSOLE, console_client
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_export_review import BY_DISTRICT_FEES, _prod_result_id, held_result, review

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from pdao.kernel.audit import AuditEvent
 from pdao.kernel.identity import service as identities
-from sandbox.queries.models import Query, QueryResult, ResultExport
+from sandbox.results.models import Query, QueryResult, ResultExport
 from tests.conftest import DEMO_PASSWORD, first_also_on_postgresql, login
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_cli import pdao  # noqa: F401 - the `pdao` command fixture

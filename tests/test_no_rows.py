@@ -23,7 +23,7 @@ from catalog.descriptor import PACKAGED_DESCRIPTORS
 from pdao.cli.demo import DEMO_USERS
 from policies.enforcer import SceneEnforcers
 from sandbox.engine.store import load_version
-from sandbox.queries.worker import run_one, worker_name
+from sandbox.worker import run_one, worker_name
 from tests.conftest import DEMO_PASSWORD
 from tests.scene_helpers import SCENE_ITEMS, active_scene
 

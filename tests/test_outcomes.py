@@ -19,8 +19,8 @@ from sqlmodel import Session, select
 from policies.enforcer import SceneEnforcers
 from sandbox.budgets import ledger
 from sandbox.queries import outcomes
-from sandbox.queries.models import Query
-from sandbox.queries.worker import claim, run_one, worker_name
+from sandbox.results.models import Query
+from sandbox.worker import claim, run_one, worker_name
 from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene, budget
 from tests.test_upload_joins import ITEMS as JOIN_ITEMS  # noqa: F401
 from tests.test_upload_joins import RESIDENTS, upload_applicants
@@ -268,7 +268,7 @@ def test_parallel_requests_at_a_new_minute_are_all_counted_none_refused(engine, 
 
     from pdao.kernel.db import utcnow
     from pdao.kernel.identity import service as identities
-    from sandbox.queries.models import TenantRate
+    from sandbox.results.models import TenantRate
     from sandbox.queries.service import check_rate
 
     with Session(engine) as s:
@@ -296,7 +296,7 @@ def test_dev_answers_are_kept_within_a_quota_and_for_so_many_days(client, app, a
     from datetime import timedelta
 
     from pdao.kernel.db import utcnow
-    from sandbox.queries.models import QueryResult
+    from sandbox.results.models import QueryResult
     from sandbox.results import export
 
     scene = active_scene(client, auth)

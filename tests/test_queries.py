@@ -8,8 +8,8 @@ from sqlmodel import Session, select
 
 from policies.enforcer import SceneEnforcers
 from sandbox.budgets import ledger
-from sandbox.queries.models import Query
-from sandbox.queries.worker import run_one, worker_name
+from sandbox.results.models import Query
+from sandbox.worker import run_one, worker_name
 from tests.scene_helpers import BY_DISTRICT, DISTRICTS, SCENE_ITEMS, VISITS, active_scene, budget
 
 

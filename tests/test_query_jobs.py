@@ -22,8 +22,8 @@ from pdao.kernel.audit import AuditEvent
 from pdao.kernel.db import utcnow
 from policies.enforcer import SceneEnforcers
 from sandbox.budgets import ledger
-from sandbox.queries.models import Query
-from sandbox.queries.worker import requeue_expired, run_one, worker_name
+from sandbox.results.models import Query
+from sandbox.worker import requeue_expired, run_one, worker_name
 from tests.scene_helpers import BY_DISTRICT, active_scene, budget
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_a_job_whose_worker_keeps_dying_is_held_charged_and_audited(client, auth
 
 
 def test_an_expired_lease_is_requeued_with_an_audit_event(client, auth, engine, settings, loaded):
-    from sandbox.queries.worker import claim
+    from sandbox.worker import claim
 
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
@@ -170,7 +170,7 @@ def test_cancel_a_running_query_stops_it_and_refunds(client, auth, engine, setti
 
 
 def test_the_heartbeat_interrupts_the_engine_on_cancel_and_at_the_time_limit(client, auth, engine, settings, loaded):
-    from sandbox.queries.worker import _Heartbeat, claim
+    from sandbox.worker import _Heartbeat, claim
 
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
@@ -214,7 +214,7 @@ def test_a_cancel_acknowledged_while_the_answer_is_being_stored_leaves_no_result
     """A running prod job that its tenant cancels read the data: it ends `cancelled`, with no result,
     charged (a refund would depend on whether the data had been read in time: sandbox/queries/outcomes.py)."""
     from sandbox.queries.service import run_and_store
-    from sandbox.queries.worker import claim
+    from sandbox.worker import claim
 
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),

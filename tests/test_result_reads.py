@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session, select
 
-from sandbox.queries.models import QueryResult, ResultExport
+from sandbox.results.models import QueryResult, ResultExport
 from sandbox.results import export, fingerprint, read_slots
 from tests.scene_helpers import active_scene
 from tests.test_scene_templates import underwriting_items

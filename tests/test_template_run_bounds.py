@@ -16,8 +16,8 @@ import pytest
 from sqlmodel import Session, select
 
 from pdao.kernel.audit import AuditEvent
-from sandbox.queries import worker
-from sandbox.queries.models import Query, QueryResult
+from sandbox import worker
+from sandbox.results.models import Query, QueryResult
 from sandbox.results import export
 from sandbox.templates import runs as template_runs
 from tests.scene_helpers import BY_DISTRICT, active_scene

@@ -47,10 +47,10 @@ from pdao.kernel.identity import service as identity
 from pdao.kernel.identity.models import Role
 from policies.catalog_rules import catalog_scope
 from policies.rules import item_verdict
+from sandbox import worker
 from sandbox.alerts import AlertThresholds, collect_alerts
 from sandbox.engine.sql import MAX_SQL_CHARS
 from sandbox.queries import service as queries
-from sandbox.queries import worker
 from sandbox.results import export
 from sandbox.scenes import service as scenes
 from sandbox.scenes.schemas import ReviewIn, SceneIn

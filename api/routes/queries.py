@@ -9,9 +9,9 @@ from fastapi import Query as QueryParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, caller, scene_access
+from sandbox import worker
 from sandbox.engine.sql import MAX_SQL_CHARS
 from sandbox.queries import service as queries
-from sandbox.queries import worker
 from sandbox.templates import runs as template_runs
 
 router = APIRouter(tags=["queries"])

@@ -406,8 +406,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     """Serve the API (and /docs) for an existing home, with a query worker."""
     import uvicorn
 
-    from sandbox.queries.worker import start_in_thread
     from sandbox.results.export import sweep_orphans
+    from sandbox.worker import start_in_thread
 
     s = _settings()
     eng = _engine(s)  # migrate before any worker starts
@@ -429,7 +429,7 @@ def worker(once: Annotated[bool, typer.Option("--once", help="stop when the queu
     """Run queued prod queries (any number of these may run beside `pdao serve`)."""
     import logging
 
-    from sandbox.queries.worker import work
+    from sandbox.worker import work
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = _settings()

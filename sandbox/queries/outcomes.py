@@ -3,7 +3,7 @@
 A prod run reads the real data, so whatever its tenant can see of it — its status, an error, when it
 ended, its size, a refund — either does not depend on the data or is paid for in ε.
 `docs/threat-model.md` lists every signal with the test that holds it; these are the rules that
-make the code true to it, shared by queries (`sandbox.queries.service`, `sandbox.queries.worker`) and template runs
+make the code true to it, shared by queries (`sandbox.queries.service`, `sandbox.worker`) and template runs
 (`sandbox.templates.runs`):
 
 - **A run that fails after the data was touched is not told.** It is stored `held`, like any answer,
@@ -32,8 +32,8 @@ import pyarrow as pa
 
 from pdao.kernel.config import Settings
 from sandbox.engine.execute import PlannedAnswer
-from sandbox.queries.models import Query, QueryResult
 from sandbox.results import disclosure, export
+from sandbox.results.models import Query, QueryResult
 
 RUN_CHECK = "run"            # the check a failed run's report fails (never releasable, not even by override)
 

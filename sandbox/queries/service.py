@@ -11,8 +11,8 @@ The order of a submission (each step refuses with a clear JSON error and changes
 4. an aggregate's noise is planned from public facts (422 if it cannot be given DP);
 5. the query is queued as a job; a prod query's ε is reserved in the ledger in the same
    transaction (429 when the budget cannot pay; 429 `rate_limited` past the tenant's rate). A
-   worker (`sandbox.queries.worker`) runs prod jobs; a dev job is run by its own request at once when the
-   tenant has no other dev job running (`sandbox.queries.worker.answer_dev`), on the twin, spending
+   worker (`sandbox.worker`) runs prod jobs; a dev job is run by its own request at once when the
+   tenant has no other dev job running (`sandbox.worker.answer_dev`), on the twin, spending
    nothing, its result marked synthetic. Every run has a time limit. What the tenant can observe of
    a prod run follows `sandbox.queries.outcomes`: a run that fails while reading the data is held and
    charged like any other, and its outcome shows at the end of its timing class.
@@ -54,8 +54,8 @@ from sandbox.engine.execute import preview as plan_preview
 from sandbox.engine.sql import CheckedQuery, check_query
 from sandbox.engine.store import snapshot_path
 from sandbox.queries import outcomes
-from sandbox.queries.models import Query, QueryResult, TenantRate
 from sandbox.results import export, read_slots
+from sandbox.results.models import Query, QueryResult, TenantRate
 from sandbox.scenes import service as scenes
 from sandbox.scenes import states
 from sandbox.scenes.models import Scene, SceneItem
@@ -319,7 +319,7 @@ def submit(session: Session, settings: Settings, enforcers: SceneEnforcers, prin
            sql: str, mode: str, epsilon: float | None, request_id: str | None = None) -> Query:
     """Check, authorize, plan and queue a query; a prod query's ε is reserved in the same
     transaction (the caller commits). Dev and prod queries are jobs alike: a worker, or the request
-    itself for a dev query (`sandbox.queries.worker.answer_dev`), runs them with a time limit."""
+    itself for a dev query (`sandbox.worker.answer_dev`), runs them with a time limit."""
     check_rate(session, settings, scene.org_id)
     p = prepare(session, settings, enforcers, principal, scene, sql, mode, epsilon)
     if p.checked.kind == "aggregate":

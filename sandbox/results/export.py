@@ -53,8 +53,8 @@ from pdao.kernel.identity.models import Organization, Role, User
 from pdao.kernel.identity.service import Principal
 from policies.visibility import tenant_scoped
 from sandbox.engine.execute import Answer, Execution
-from sandbox.queries.models import Query, QueryResult, ResultExport, ResultReview
 from sandbox.results import disclosure, fingerprint, read_slots
+from sandbox.results.models import Query, QueryResult, ResultExport, ResultReview
 from sandbox.scenes.models import Scene, SceneReview
 from sandbox.scenes.schemas import ReleasePolicy
 from sandbox.scenes.service import lock as lock_scene

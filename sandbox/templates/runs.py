@@ -8,7 +8,7 @@ inside the domain (`sandbox.templates.library.run_template`: consent filter adde
 answer is stored held for export review like any row-level answer (never released by policy); a
 dev answer runs on the synthetic twin and is the tenant's at once.
 
-A run answers in its request, bounded like a query job (`sandbox.queries.worker`):
+A run answers in its request, bounded like a query job (`sandbox.worker`):
 
 1. **Checks, reads only.** Every refusal that needs no data answers at once and writes nothing:
    the tenant's query rate (`sandbox.queries.service.check_rate`: a run is a query), the scene, the
@@ -18,10 +18,10 @@ A run answers in its request, bounded like a query job (`sandbox.queries.worker`
    the run's query row is inserted `running`, with a lease, and committed with its audit event
    (`template.start`). "In flight" is that row: it is seen by every process, and a run that dies
    stops renewing its lease, after which it no longer counts and the worker's lease expiry ends it
-   (`sandbox.queries.worker.requeue_expired`; its one attempt is its last, so it is never requeued).
+   (`sandbox.worker.requeue_expired`; its one attempt is its last, so it is never requeued).
 3. **The heavy phase, no transaction open.** Staging the upload, the engine, storing the answer
    file, the PII and consent checks and the content fingerprint run while nothing in the metadata
-   database is locked, so no other request waits for them. A heartbeat (`sandbox.queries.worker._Heartbeat`)
+   database is locked, so no other request waits for them. A heartbeat (`sandbox.leases.Heartbeat`)
    renews the lease and interrupts the engine on a cancel or past the time limit
    (`query_time_limit_seconds` prod, `dev_query_time_limit_seconds` dev), which is also checked
    between the phases that run in Python.
@@ -58,11 +58,11 @@ from pdao.kernel.identity.models import Organization, Role
 from pdao.kernel.identity.service import Principal
 from sandbox.engine.execute import PlannedAnswer
 from sandbox.engine.store import snapshot_path
-from sandbox.queries import outcomes, worker
+from sandbox.queries import leases, outcomes
 from sandbox.queries import service as queries
-from sandbox.queries.models import Query, QueryResult
 from sandbox.queries.service import effective_grants
 from sandbox.results import disclosure, export
+from sandbox.results.models import Query, QueryResult
 from sandbox.scenes import states
 from sandbox.scenes.models import Scene, SceneTemplate
 from sandbox.templates import library as templates
@@ -141,9 +141,9 @@ def run(session: Session, settings: Settings, principal: Principal, scene: Scene
     nothing; after it, the run's row ends `failed` (told), `held` (a prod run that failed inside the
     domain) or `cancelled`."""
     plan = _plan(session, settings, principal, scene, name, upload_name, params, mode)
-    runner = f"{worker.worker_name()}:template"
+    runner = f"{leases.worker_name()}:template"
     q = _admit(session, settings, principal, plan, runner, request_id)
-    beat = worker._Heartbeat(session.get_bind(), settings, q.id, runner, time_limit=worker.time_limit(settings, q))
+    beat = leases.Heartbeat(session.get_bind(), settings, q.id, runner, time_limit=leases.time_limit(settings, q))
     beat.start()
     try:
         return _run_admitted(session, settings, principal, plan, q, runner, beat, request_id)
@@ -288,7 +288,7 @@ def _admit(session: Session, settings: Settings, principal: Principal, plan: _Pl
                   status="running", worker=runner, started_at=now, progress=0.0,
                   lease_until=now + timedelta(seconds=settings.query_lease_seconds),
                   # one attempt, and the last: a run lives in its request, so a run whose lease expired is
-                  # ended by the worker (sandbox.queries.worker.requeue_expired), never put back in the queue
+                  # ended by the worker (sandbox.worker.requeue_expired), never put back in the queue
                   attempts=settings.query_max_attempts)
         session.add(q)
         session.flush()
@@ -431,7 +431,7 @@ _SHOWN_HEAD = re.compile(r"-- template (\S+) v\d+ ")
 
 def lost_run_result(session: Session, settings: Settings, q: Query, code: str = "worker_lost") -> QueryResult:
     """The held result of a prod template run whose request died (its lease expired): what a held
-    failure of that run shows its tenant (for `sandbox.queries.worker`, which ends such a row)."""
+    failure of that run shows its tenant (for `sandbox.worker`, which ends such a row)."""
     m = _SHOWN_HEAD.match(q.sql_text or "")
     row = None if m is None else session.exec(select(SceneTemplate).where(SceneTemplate.scene_id == q.scene_id,
                                                                           SceneTemplate.name == m.group(1))).first()

@@ -4,10 +4,8 @@ Revision ID: 0013
 Revises: 0012
 Create Date: 2026-12-07 21:40:00
 """
-from alembic import op
 import sqlalchemy as sa
-import sqlmodel
-
+from alembic import op
 
 revision = '0013'
 down_revision = '0012'

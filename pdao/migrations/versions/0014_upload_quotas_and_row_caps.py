@@ -8,10 +8,8 @@ Revision ID: 0014
 Revises: 0013
 Create Date: 2026-12-07 21:40:00
 """
-from alembic import op
 import sqlalchemy as sa
-import sqlmodel
-
+from alembic import op
 
 revision = '0014'
 down_revision = '0013'

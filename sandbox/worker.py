@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -43,16 +41,12 @@ from sandbox.budgets import ledger
 from sandbox.engine.execute import PlannedAnswer, planned_answer
 from sandbox.queries import outcomes
 from sandbox.queries import service as queries
-from sandbox.queries.models import Query
+from sandbox.queries.leases import Heartbeat, time_limit, worker_name
 from sandbox.queries.service import finish_failed, query_plan, run_and_store
 from sandbox.results import export
+from sandbox.results.models import Query
 
 log = logging.getLogger("pdao.worker")
-HEARTBEAT_SECONDS = 2.0
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def requeue_expired(session: Session, settings: Settings) -> int:
@@ -164,63 +158,10 @@ def claim(session: Session, settings: Settings, worker: str, *, query_id: int | 
     return None
 
 
-class _Heartbeat(threading.Thread):
-    """Renews the lease, records the engine's progress, and interrupts the engine on cancel or when
-    the run passes its time limit (`reason` says which)."""
-
-    def __init__(self, engine: Engine, settings: Settings, query_id: int, worker: str, *,
-                 time_limit: float = float("inf")) -> None:
-        super().__init__(daemon=True, name=f"pdao-heartbeat-{query_id}")
-        self.engine, self.settings, self.query_id, self.worker = engine, settings, query_id, worker
-        self.time_limit = time_limit
-        self.started = time.monotonic()
-        self.con: Any = None
-        self.reason: str | None = None
-        self.stop = threading.Event()
-
-    def attach(self, con: Any) -> None:
-        self.con = con
-
-    def run(self) -> None:
-        every = min(HEARTBEAT_SECONDS, self.settings.query_lease_seconds / 3, max(self.time_limit / 4, 0.05))
-        while not self.stop.wait(every):
-            try:
-                self.beat()
-            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack
-                log.exception("heartbeat failed for query %s", self.query_id)
-
-    def beat(self) -> None:
-        progress = None
-        if self.con is not None:
-            try:
-                p = self.con.query_progress()
-                progress = max(0.0, min(float(p) / 100.0, 0.99)) if p is not None and p >= 0 else None
-            except Exception:  # noqa: BLE001 - progress is best effort
-                progress = None
-        values: dict[str, Any] = {"lease_until": utcnow() + timedelta(seconds=self.settings.query_lease_seconds)}
-        if progress is not None:
-            values["progress"] = progress
-        with Session(self.engine) as s:
-            s.exec(update(Query).where(Query.id == self.query_id, Query.status == "running", Query.worker == self.worker)
-                   .values(**values).execution_options(synchronize_session=False))
-            s.commit()
-            cancel = s.exec(select(Query.cancel_requested).where(Query.id == self.query_id)).first()
-        if cancel and self.reason is None:
-            self.reason = "cancelled"
-        elif self.reason is None and time.monotonic() - self.started > self.time_limit:
-            self.reason = "time_limit"
-        if self.reason is not None and self.con is not None:
-            self.con.interrupt()
-
-
-def time_limit(settings: Settings, q: Query) -> float:
-    return settings.query_time_limit_seconds if q.mode == "prod" else settings.dev_query_time_limit_seconds
-
-
 def run_claimed(engine: Engine, settings: Settings, enforcers: SceneEnforcers, session: Session, q: Query,
                 worker: str) -> Query:
     """Run a job this runner claimed, with its heartbeat (lease, progress, cancel, time limit)."""
-    beat = _Heartbeat(engine, settings, q.id, worker, time_limit=time_limit(settings, q))
+    beat = Heartbeat(engine, settings, q.id, worker, time_limit=time_limit(settings, q))
     beat.start()
     try:
         stall = float(os.environ.get("PDAO_TEST_WORKER_STALL", "0") or 0)
