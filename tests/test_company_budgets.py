@@ -164,7 +164,7 @@ def test_the_office_sets_a_cap_audited_never_below_what_is_spent(client, auth, e
         assert (r.status_code, r.json()["code"]) == (422, "invalid_request"), bad
     r = client.put(url, headers={**office, "Content-Type": "application/json"}, content=b'{"epsilon": 1e999}')
     assert r.status_code == 422
-    assert client.put(f"/api/v1/budgets/company_a/no.such_dataset", headers=office,
+    assert client.put("/api/v1/budgets/company_a/no.such_dataset", headers=office,
                       json={"epsilon": 1}).status_code == 404
     assert client.put(f"/api/v1/budgets/no_such_org/{VISITS}", headers=office, json={"epsilon": 1}).status_code == 404
     assert client.get(url, headers=office).json()["epsilon_cap"] == 2.0

@@ -686,8 +686,8 @@ def _rows_scene_and_sql(client, auth, synth_files):
 
     day = one_visit_day(synth_files)
     scene = active_scene(client, auth, items=ROWS_ITEMS)
-    sql = (f"SELECT department, person_id FROM health.outpatient_visit WHERE icd10_chapter = 'V' "
-           f"AND visit_date < DATE '{{}}'")
+    sql = ("SELECT department, person_id FROM health.outpatient_visit WHERE icd10_chapter = 'V' "
+           "AND visit_date < DATE '{}'")
     return scene, sql.format(day.isoformat()), sql.format((day + dt.timedelta(days=1)).isoformat())
 
 
@@ -909,7 +909,7 @@ def test_the_office_sees_company_budgets_with_the_warning_and_sets_a_cap(app, cl
     assert "超过该单位在数据集 health.outpatient_visit 上剩余的 ε=10" in form
     en = console_client(app, "office1", lang="en").get(f"{CONSOLE}/scenes/{asking['id']}").text
     assert "more than the ε=10 left of the company&#39;s cap" in en and MISSING_MARK not in en
-    assert f'data-cap-form="company_a/health.outpatient_visit"' in page
+    assert 'data-cap-form="company_a/health.outpatient_visit"' in page
     # the office raises the cap from the scene page: the API's route, its audit event, back to the page
     before = count(engine)
     r = post_form(office, "/budgets/company_a/health.outpatient_visit",

@@ -268,8 +268,8 @@ def test_parallel_requests_at_a_new_minute_are_all_counted_none_refused(engine, 
 
     from pdao.kernel.db import utcnow
     from pdao.kernel.identity import service as identities
-    from sandbox.results.models import TenantRate
     from sandbox.queries.service import check_rate
+    from sandbox.results.models import TenantRate
 
     with Session(engine) as s:
         org_id = identities.principal_for(s, "insurer_a").org_id
@@ -296,8 +296,8 @@ def test_dev_answers_are_kept_within_a_quota_and_for_so_many_days(client, app, a
     from datetime import timedelta
 
     from pdao.kernel.db import utcnow
-    from sandbox.results.models import QueryResult
     from sandbox.results import export
+    from sandbox.results.models import QueryResult
 
     scene = active_scene(client, auth)
     scene_b = active_scene(client, auth, applicant="insurer_b")

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from sqlmodel import Session, select
 
-from sandbox.results.models import QueryResult, ResultExport
 from sandbox.results import export, fingerprint, read_slots
+from sandbox.results.models import QueryResult, ResultExport
 from tests.scene_helpers import active_scene
 from tests.test_scene_templates import underwriting_items
 from tests.test_template_runs import applicants, health, upload  # noqa: F401 - `health` is a fixture

@@ -13,8 +13,8 @@ import pytest
 from sqlmodel import Session, select
 
 from pdao.kernel.audit import AuditEvent
-from sandbox.results.models import QueryResult, ResultReview
 from sandbox.results import export
+from sandbox.results.models import QueryResult, ResultReview
 from tests.scene_helpers import SCENE_ITEMS, VISITS, active_scene
 from tests.test_export_review import _org_of, held_result, make_user, review
 from tests.test_queries import work_once

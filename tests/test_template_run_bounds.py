@@ -17,8 +17,8 @@ from sqlmodel import Session, select
 
 from pdao.kernel.audit import AuditEvent
 from sandbox import worker
-from sandbox.results.models import Query, QueryResult
 from sandbox.results import export
+from sandbox.results.models import Query, QueryResult
 from sandbox.templates import runs as template_runs
 from tests.scene_helpers import BY_DISTRICT, active_scene
 from tests.test_scene_templates import underwriting_items
