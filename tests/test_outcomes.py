@@ -23,7 +23,7 @@ from sandbox.results.models import Query
 from sandbox.worker import claim, run_one, worker_name
 from tests.scene_helpers import BY_DISTRICT, SCENE_ITEMS, VISITS, active_scene, budget
 from tests.test_upload_joins import ITEMS as JOIN_ITEMS  # noqa: F401
-from tests.test_upload_joins import RESIDENTS, upload_applicants
+from tests.test_upload_joins import RESIDENTS, residents, upload_applicants  # noqa: F401 - `residents` is a fixture
 
 # What differs between two runs of the same query whatever happens: who they are and when.
 RUN_IDENTITY = {"id", "query_id", "result_id", "created_at", "started_at", "finished_at", "decided_at"}

@@ -170,7 +170,8 @@ def test_cancel_a_running_query_stops_it_and_refunds(client, auth, engine, setti
 
 
 def test_the_heartbeat_interrupts_the_engine_on_cancel_and_at_the_time_limit(client, auth, engine, settings, loaded):
-    from sandbox.worker import _Heartbeat, claim
+    from sandbox.queries.leases import Heartbeat
+    from sandbox.worker import claim
 
     scene = active_scene(client, auth)
     q = client.post(f"/api/v1/scenes/{scene['id']}/queries", headers=auth("insurer_a"),
@@ -188,7 +189,7 @@ def test_the_heartbeat_interrupts_the_engine_on_cancel_and_at_the_time_limit(cli
         def interrupt(self) -> None:
             self.interrupted += 1
 
-    beat = _Heartbeat(engine, settings, job.id, "me", time_limit=3600)
+    beat = Heartbeat(engine, settings, job.id, "me", time_limit=3600)
     beat.con = Connection()
     beat.beat()
     # staff see the progress; the tenant does not while a prod run runs (a timing signal, sandbox/queries/outcomes.py)
@@ -199,7 +200,7 @@ def test_the_heartbeat_interrupts_the_engine_on_cancel_and_at_the_time_limit(cli
     beat.beat()
     assert beat.con.interrupted == 1 and beat.reason == "cancelled"
 
-    late = _Heartbeat(engine, settings, job.id, "me", time_limit=0.0)
+    late = Heartbeat(engine, settings, job.id, "me", time_limit=0.0)
     late.con = Connection()
     late.reason = None
     with Session(engine) as s:   # a job that was not asked to stop

@@ -13,9 +13,10 @@ and one history row per dataset for its current revision, rebuilt from the catal
 import hashlib
 import json
 
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0003'
 down_revision = '0002'

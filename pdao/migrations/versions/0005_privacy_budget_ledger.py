@@ -4,9 +4,10 @@ Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-28 12:49:00.651602
 """
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0005'
 down_revision = '0004'

@@ -13,9 +13,10 @@ import hashlib
 import json
 from datetime import UTC
 
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0007'
 down_revision = '0006'

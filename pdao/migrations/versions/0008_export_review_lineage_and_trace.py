@@ -4,9 +4,10 @@ Revision ID: 0008
 Revises: 0007
 Create Date: 2026-11-28 17:50:00
 """
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0008'
 down_revision = '0007'

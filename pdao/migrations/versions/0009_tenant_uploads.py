@@ -4,9 +4,10 @@ Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-28 18:43:13
 """
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0009'
 down_revision = '0008'

@@ -12,9 +12,10 @@ Create Date: 2026-12-07 21:40:00
 """
 from datetime import UTC, datetime
 
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0011'
 down_revision = '0010'

@@ -4,8 +4,10 @@ Revision ID: 0013
 Revises: 0012
 Create Date: 2026-12-07 21:40:00
 """
-import sqlalchemy as sa
 from alembic import op
+import sqlalchemy as sa
+import sqlmodel
+
 
 revision = '0013'
 down_revision = '0012'

@@ -8,8 +8,10 @@ Revision ID: 0014
 Revises: 0013
 Create Date: 2026-12-07 21:40:00
 """
-import sqlalchemy as sa
 from alembic import op
+import sqlalchemy as sa
+import sqlmodel
+
 
 revision = '0014'
 down_revision = '0013'

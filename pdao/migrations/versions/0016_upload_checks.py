@@ -9,9 +9,10 @@ Revision ID: 0016
 Revises: 0015
 Create Date: 2026-12-07 23:40:00
 """
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0016'
 down_revision = '0015'

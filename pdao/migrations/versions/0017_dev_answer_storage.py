@@ -7,9 +7,10 @@ Revision ID: 0017
 Revises: 0016
 Create Date: 2026-12-08 02:00:00
 """
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0017'
 down_revision = '0016'

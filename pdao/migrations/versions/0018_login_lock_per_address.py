@@ -11,9 +11,10 @@ Revision ID: 0018
 Revises: 0017
 Create Date: 2026-12-08 02:10:00
 """
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = '0018'
 down_revision = '0017'
