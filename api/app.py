@@ -17,7 +17,7 @@ from api import console
 from api.console.errors import error_page, internal_error_page, is_console
 from api.errors import error_response, install_error_handlers, internal_error_response, nul_refusal
 from api.limits import BodySizeLimit, limits_by_path
-from api.refusals import AnonymousRefusals, Summary, has_credentials
+from api.refusals import AnonymousRefusals, Summary, proves_someone
 from api.routes import admin, alerts, auth, budgets, datasets, health, queries, results, scenes, uploads
 from api.routes import audit as audit_routes
 from pdao import __version__
@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request.state.request_id = uuid.uuid4().hex  # ours: unique; a client's own id goes in the detail
         refusals: AnonymousRefusals = request.app.state.refusals
         client = request.client.host if request.client else "unknown"
-        anonymous = not has_credentials(request.headers, request.cookies)
+        anonymous = not proves_someone(request.headers, request.cookies, request.app.state.settings.secret_key)
         if anonymous and not refusals.admit(client):   # a flood that names nobody: not even run
             refusals.refused(client, 429, request.url.path)
             err = PdaoError(429, "too_many_refused_requests",
@@ -107,8 +107,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else:
                 response = internal_error_page(request) if is_console(request) else internal_error_response(request)
         one_by_one = True
-        if anonymous and response.status_code >= 400 and getattr(request.state, "principal", None) is None:
-            one_by_one = refusals.refused(client, response.status_code, request.url.path)
+        if response.status_code >= 400 and getattr(request.state, "principal", None) is None:
+            # refused, and it named nobody (whatever it carried): counted per address and minute
+            typed = (getattr(request.state, "audit_detail", None) or {}).get("attempted_username")
+            one_by_one = refusals.refused(client, response.status_code, request.url.path,
+                                          attempted_username=typed if isinstance(typed, str) else None)
         await _summaries_due(request.app)
         if one_by_one and not await run_in_threadpool(_record, request, response.status_code):
             # Fail closed: an answer that cannot be audited is not given.

@@ -11,8 +11,12 @@ per address and calendar minute:
 - past `answered_per_minute`, an anonymous request is not even run: `429 too_many_refused_requests`
   at once, counted the same way.
 
-A request that carries credentials (a bearer token or the console's session cookie) is never
-refused here before it runs: a tenant's own requests are audited one by one whatever their status.
+Whether a request names someone is decided by what it proves, not by what it carries: before it
+runs, only a token whose signature is ours (bearer or the console's session cookie) or a
+well-formed API key exempts it from the cut-off; after it ran, only a resolved principal exempts its
+refusal from the count (a made-up `Authorization: Bearer x` wrote one event per request; review r6).
+A summary keeps the names typed in refused logins with their counts, so the `failed_logins` alert
+still sees guesses that went into a summary.
 The counts live in memory; a process that stops writes what it holds at shutdown (`flush_all`), and
 one that crashes loses at most its current minute's summary of anonymous refusals — never a
 request that changed anything.
@@ -23,11 +27,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from sandbox.alerts import REFUSALS_SUMMARY_ACTION
 
 AUDITED_PER_MINUTE = 30
 ANSWERED_PER_MINUTE = 600
-SUMMARY_ACTION = "request.refused_summary"
+SUMMARY_ACTION = REFUSALS_SUMMARY_ACTION     # the alerts read these events (one name for both)
 
 
 @dataclass
@@ -37,6 +44,10 @@ class _Minute:
     counted: int = 0                 # of those, the ones not audited one by one
     statuses: Counter = field(default_factory=Counter)
     paths: Counter = field(default_factory=Counter)
+    names: Counter = field(default_factory=Counter)     # refused logins: the names typed
+
+
+MAX_NAMES = 50      # names kept per summary (the rest counted together)
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class Summary:
     count: int
     statuses: dict[str, int]
     paths: dict[str, int]
+    names: dict[str, int] = field(default_factory=dict)
 
     def audit_fields(self) -> dict:
         from datetime import UTC, datetime
@@ -58,7 +70,7 @@ class Summary:
                 "client": self.client[:64],
                 "detail": {"count": self.count, "minute": start.isoformat().replace("+00:00", "Z"),
                            "statuses": self.statuses, "paths": self.paths,
-                           "audited_one_by_one": AUDITED_PER_MINUTE}}
+                           **({"attempted_usernames": self.names} if self.names else {})}}
 
 
 class AnonymousRefusals:
@@ -89,9 +101,10 @@ class AnonymousRefusals:
             m = self._by_client.get(client)
             return m is None or m.window != self._window(now) or m.refused < self.answered_per_minute
 
-    def refused(self, client: str, status: int, path: str, now: float | None = None) -> bool:
+    def refused(self, client: str, status: int, path: str, now: float | None = None,
+                attempted_username: str | None = None) -> bool:
         """An anonymous request was refused: True when it is to be audited one by one, False when
-        it is counted for the minute's summary."""
+        it is counted for the minute's summary (with the name typed, for a refused login)."""
         with self._lock:
             m = self._minute(client, self._window(now))
             m.refused += 1
@@ -100,6 +113,12 @@ class AnonymousRefusals:
             m.counted += 1
             m.statuses[str(status)] += 1
             m.paths[path[:200]] += 1
+            if attempted_username:
+                name = attempted_username[:64]
+                if name in m.names or len(m.names) < MAX_NAMES:
+                    m.names[name] += 1
+                else:
+                    m.names["…"] += 1
             return False
 
     def due(self, now: float | None = None) -> list[Summary]:
@@ -126,15 +145,25 @@ class AnonymousRefusals:
 
 
 def _summary(client: str, m: _Minute) -> Summary:
-    return Summary(client, m.window * 60, m.counted, dict(m.statuses), dict(m.paths.most_common(5)))
+    return Summary(client, m.window * 60, m.counted, dict(m.statuses), dict(m.paths.most_common(5)), dict(m.names))
 
 
-def has_credentials(headers: object, cookies: dict) -> bool:
-    """Whether a request names someone (it is then audited one by one, whatever happens)."""
+def proves_someone(headers: Mapping[str, str], cookies: Mapping[str, str], secret: str) -> bool:
+    """Whether a request carries a credential worth running it for, before it runs: one of our
+    tokens (its signature and expiry checked, no database) or a well-formed API key."""
     from api.console.auth import SESSION_COOKIE
+    from pdao.kernel.identity import tokens
 
-    return bool(getattr(headers, "get")("authorization")) or SESSION_COOKIE in cookies
+    auth = headers.get("authorization") or ""
+    scheme, _, token = auth.partition(" ")
+    candidates = [token.strip()] if scheme.lower() == "bearer" else []
+    if cookies.get(SESSION_COOKIE):
+        candidates.append(cookies[SESSION_COOKIE])
+    if any(c and tokens.decode_token(c, secret) is not None for c in candidates):
+        return True
+    key = headers.get("x-api-key")
+    return bool(key) and tokens.api_key_prefix(key) is not None
 
 
 __all__ = ["ANSWERED_PER_MINUTE", "AUDITED_PER_MINUTE", "AnonymousRefusals", "SUMMARY_ACTION", "Summary",
-           "has_credentials"]
+           "proves_someone"]

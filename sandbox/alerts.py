@@ -140,6 +140,8 @@ class QueryRecord:
 # ALERT_MAX_EVENTS events of each kind in the window, and ALERT_MAX_SEQS seqs listed per alert.
 ALERT_MAX_EVENTS = 50_000
 ALERT_MAX_SEQS = 100
+SUMMARY_EXPANSION_MAX = 1_000              # refused logins of one name counted from one summary event
+REFUSALS_SUMMARY_ACTION = "request.refused_summary"   # written by api/refusals.py
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,8 @@ def failed_login_bursts(events: Iterable[EventRecord], t: AlertThresholds = Aler
             what_zh = {True: "账号", False: "不存在的用户名", None: "用户名"}[known]
             alerts.append(Alert(
                 kind="failed_logins", severity=_severity(n, t.failed_logins), actor=None, org=None, scene_id=None,
-                first_at=times[start], last_at=times[end], count=n, audit_seqs=tuple(e.seq for e in burst),
+                first_at=times[start], last_at=times[end], count=n,
+                audit_seqs=tuple(dict.fromkeys(e.seq for e in burst)),   # a summary's seq stands for its many
                 detail={"attempted_username": name, "account_exists": known, "clients": dict(clients),
                         "reasons": dict(reasons), "threshold": t.failed_logins,
                         "window_seconds": int(t.failed_login_window.total_seconds())},
@@ -854,7 +857,18 @@ def collect_alerts(session: Any, now: datetime, since: datetime, t: AlertThresho
                            status=row.status, reason=row.reason, synthetic=synthetic.get(rid) if rid else None,
                            client=row.client, attempted_username=typed if isinstance(typed, str) else None)
 
-    events = [event(r) for r in denial_rows] + [event(r) for r in login_rows] + [event(r) for r in download_rows]
+    # refused logins past an address's one-by-one share of a minute are counted in a summary event
+    # with the names typed (api/refusals.py): each counts here as that many refused logins
+    summary_rows = session.exec(select(AuditEvent.seq, AuditEvent.at, AuditEvent.client, AuditEvent.detail).where(
+        *in_window, AuditEvent.action == REFUSALS_SUMMARY_ACTION).order_by(*newest).limit(ALERT_MAX_EVENTS)).all()
+    summarized = [EventRecord(seq=row.seq, at=_utc(row.at), actor=None, action=LOGIN_ACTION, decision="deny",
+                              reason="summarized", client=row.client, attempted_username=name)
+                  for row in summary_rows
+                  for name, n in ((row.detail or {}).get("attempted_usernames") or {}).items()
+                  if isinstance(name, str) and isinstance(n, int) and name != "…"
+                  for _ in range(min(n, SUMMARY_EXPANSION_MAX))]
+    events = ([event(r) for r in denial_rows] + [event(r) for r in login_rows] + summarized
+              + [event(r) for r in download_rows])
 
     orgs = dict(session.exec(select(Organization.id, Organization.code)).all())
 

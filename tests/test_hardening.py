@@ -118,3 +118,51 @@ def test_a_flood_of_anonymous_refusals_is_audited_in_summaries_and_cut_off(app, 
     assert sum(e.detail["statuses"].get("429", 0) for e in summaries) == 6
     assert all(e.client == "testclient" and e.decision == "deny" and e.actor is None for e in summaries)
     assert any(e.path == "/api/v1/me" and e.actor == "insurer_a" for e in events)
+
+
+@pytest.mark.parametrize("carried", [{"headers": {"Authorization": "Bearer x"}},
+                                     {"cookies": {"pdao_session": "x"}},
+                                     {"headers": {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.e30.c2ln"}}])
+def test_made_up_credentials_are_bounded_like_none(app, engine, carried):
+    """Review r6 #1: a made-up `Authorization: Bearer x` (or session cookie) skipped the bounds on
+    anonymous refusals, one chained event per request again. What a request proves decides: a
+    refusal that resolved nobody is counted, and before it runs only one of our tokens exempts it."""
+    from fastapi.testclient import TestClient
+
+    from api.refusals import SUMMARY_ACTION, AnonymousRefusals
+
+    app.state.refusals = AnonymousRefusals(audited_per_minute=3, answered_per_minute=8)
+    with Session(engine) as s:
+        before = s.exec(select(AuditEvent.seq).order_by(AuditEvent.seq.desc())).first() or 0
+    with TestClient(app, raise_server_exceptions=False, cookies=carried.get("cookies")) as c:
+        got = [c.get("/api/v1/scenes", headers=carried.get("headers")).status_code for _ in range(12)]
+    assert got == [401] * 8 + [429] * 4
+    with Session(engine) as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.seq > before)).all()
+    assert len([e for e in events if e.path == "/api/v1/scenes"]) == 3
+    assert sum(e.detail["count"] for e in events if e.action == SUMMARY_ACTION) == 9
+
+
+def test_guesses_past_the_one_by_one_share_still_raise_the_failed_logins_alert(app, client, auth, engine):
+    """Review r6 #3: an attacker spent an address's one-by-one share on `GET /me` without a token,
+    then guessed: the guesses went into a summary without the name, and no alert fired. The summary
+    keeps the names typed with their counts, and the alert counts them."""
+    from fastapi.testclient import TestClient
+
+    from api.app import _write_summaries
+    from api.refusals import SUMMARY_ACTION, AnonymousRefusals
+
+    app.state.refusals = AnonymousRefusals(audited_per_minute=5, answered_per_minute=600)
+    attacker = TestClient(app, raise_server_exceptions=False, client=("203.0.113.50", 1))
+    assert {attacker.get("/api/v1/me").status_code for _ in range(5)} == {401}       # the share, spent
+    guesses = [attacker.post("/api/v1/auth/token", data={"username": "provider1", "password": f"guess-{i}-xx"})
+               for i in range(12)]
+    assert {r.status_code for r in guesses} <= {401, 429}
+    _write_summaries(app, app.state.refusals.flush_all())
+    with Session(engine) as s:
+        [summary] = s.exec(select(AuditEvent).where(AuditEvent.action == SUMMARY_ACTION)).all()
+    assert summary.detail["attempted_usernames"] == {"provider1": 12} and summary.actor is None
+    alerts = client.get("/api/v1/audit/alerts", headers=auth("auditor1")).json()["alerts"]
+    [a] = [a for a in alerts if a["kind"] == "failed_logins"]
+    assert a["detail"]["attempted_username"] == "provider1" and a["count"] == 12
+    assert a["detail"]["clients"] == {"203.0.113.50": 12}
