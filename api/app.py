@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from api import console
 from api.console.errors import error_page, internal_error_page, is_console
@@ -20,6 +21,7 @@ from api.limits import BodySizeLimit, limits_by_path
 from api.refusals import AnonymousRefusals, Summary, proves_someone
 from api.routes import admin, alerts, auth, budgets, datasets, health, queries, results, scenes, uploads
 from api.routes import audit as audit_routes
+from api.slow_clients import send_in_time
 from pdao import __version__
 from pdao.kernel import audit
 from pdao.kernel.config import Settings
@@ -32,6 +34,16 @@ log = logging.getLogger("pdao.api")
 API_PREFIX = "/api/v1"
 
 
+class PdaoApp(FastAPI):
+    """The application; it takes the server's `send` first, so that a client that stops reading
+    any answer is cut off at the connection (`api/slow_clients.py`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            send = send_in_time(scope, send)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     settings.ensure_home()
@@ -42,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await run_in_threadpool(_write_summaries, app, app.state.refusals.flush_all())
 
-    app = FastAPI(
+    app = PdaoApp(
         lifespan=lifespan,
         title="pdao — public-data authorized-operation sandbox",
         description="公共数据授权运营沙箱。Metadata, scenes, queries and results; never raw rows.",

@@ -1,13 +1,12 @@
-"""Streaming a spooled download (`sandbox.results.export.ExportFile`) to the client: a chunk at a time, each
-chunk read off the event loop; a client that stops reading for `SEND_TIMEOUT_SECONDS` is cut off,
-and however the response ends (sent, cut, client gone, never sent) the staged file is closed and the
-user's read slot given back. Without both, one tenant stalled 100 downloads of 14 MB, each pinning
-its (already unlinked) staged file and an open descriptor, and nothing ever timed out.
+"""Streaming a spooled download (`sandbox.results.export.ExportFile`) to the client: a chunk at a
+time, each chunk read off the event loop; however the response ends (sent, cut off by
+`api/slow_clients.py` when the client stops reading, client gone, never sent) the staged file is
+closed and the user's read slot given back. Without both, one tenant stalled 100 downloads of 14 MB,
+each pinning its (already unlinked) staged file and an open descriptor, and nothing ever timed out.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import AsyncIterator, Mapping
 
@@ -17,10 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from sandbox.results.export import ExportFile
 
-log = logging.getLogger(__name__)
-
 CHUNK_BYTES = 1 << 20
-SEND_TIMEOUT_SECONDS = 30.0     # one chunk (1 MiB) must be taken within this: at least ~35 KB/s
 
 
 class SpooledDownload(StreamingResponse):
@@ -38,18 +34,6 @@ class SpooledDownload(StreamingResponse):
         assert file is not None
         while block := await anyio.to_thread.run_sync(file.read, CHUNK_BYTES):
             yield block
-
-    async def stream_response(self, send: Send) -> None:
-        async def send_in_time(message: dict) -> None:
-            with anyio.fail_after(SEND_TIMEOUT_SECONDS):
-                await send(message)
-
-        try:
-            await super().stream_response(send_in_time)
-        except TimeoutError:
-            # the client stopped reading: end the response here; the server closes the connection
-            log.warning("download %s cut off: the client took no data for %.0f s",
-                        self.spooled.export.export_id, SEND_TIMEOUT_SECONDS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -216,9 +216,9 @@ def test_a_stalled_download_keeps_its_read_slot_until_it_is_cut_off(live_server,
     is cut off, which gives the slot and the file back."""
     import httpx
 
-    import api.downloads
+    import api.slow_clients
 
-    monkeypatch.setattr(api.downloads, "SEND_TIMEOUT_SECONDS", 2.0)
+    monkeypatch.setattr(api.slow_clients, "SEND_TIMEOUT_SECONDS", 2.0)
     with Session(engine) as s:       # the dev answer, made large (16 MB as CSV): more than socket buffers hold
         res = s.get(QueryResult, runs["dev"])
         res.content_fp = None
@@ -239,6 +239,14 @@ def test_a_stalled_download_keeps_its_read_slot_until_it_is_cut_off(live_server,
                 break
             time.sleep(0.5)
         assert r.status_code == 200 and len(r.content) == int(r.headers["content-length"]) > 16_000_000
+        # and the stalled connections were aborted, not left to flush what the client never reads
+        # (review r6: closed gracefully, each held its socket and megabytes of buffer)
+        for s in stalled:
+            s.settimeout(5)
+            with pytest.raises((ConnectionResetError, TimeoutError)) as cut:
+                while s.recv(1 << 20):
+                    pass
+            assert cut.type is ConnectionResetError
     finally:
         for s in stalled:
             s.close()
