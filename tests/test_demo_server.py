@@ -91,6 +91,13 @@ def test_demo_then_serve_over_real_http(demo_home):
         unknown = httpx.get(f"{base}/api/v1/no-such-thing")
         assert unknown.status_code == 404 and unknown.json()["code"] == "not_found"
         assert httpx.get(f"{base}/api/v1/datasets").json()["code"] == "not_authenticated"
+        # the query worker runs in a process of its own, never in the server's (review r6: a prod
+        # run's CPU time showed in every request's latency, and with it a held answer's size)
+        children = subprocess.run(["ps", "-o", "args=", "--ppid", str(proc.pid)], capture_output=True,
+                                  text=True).stdout
+        assert "pdao worker" in children, children
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    gone = subprocess.run(["ps", "-o", "args=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+    assert "pdao worker" not in gone

@@ -401,13 +401,15 @@ def trace(file: Annotated[Path, typer.Argument(help="a file found outside: CSV (
 @app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000,
           workers: Annotated[int, typer.Option(help="server processes")] = 1,
-          query_workers: Annotated[int, typer.Option(min=0, help="query worker threads in this process "
+          query_workers: Annotated[int, typer.Option(min=0, help="query worker processes beside the server "
                                                      "(`pdao worker` runs more elsewhere)")] = 1) -> None:
-    """Serve the API (and /docs) for an existing home, with a query worker."""
+    """Serve the API (and /docs) for an existing home, with query workers in processes of their own.
+
+    A prod run never shares the server's process: its CPU time would show in every request's
+    latency, and so would what it depends on (how many rows a held answer matched; review r6)."""
     import uvicorn
 
     from sandbox.results.export import sweep_orphans
-    from sandbox.worker import start_in_thread
 
     s = _settings()
     eng = _engine(s)  # migrate before any worker starts
@@ -416,11 +418,53 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     if swept:
         typer.echo(f"removed {swept} result file(s) a crash left without a result row")
         _audit(eng, "results.sweep", f"{swept} files", "allow", None)
-    for _ in range(query_workers):
-        start_in_thread(eng, s)
+    pool = WorkerProcesses(query_workers)
+    pool.start()
     typer.echo(f"serving {s.home} on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
-    uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info",
-                proxy_headers=False, server_header=False)
+    try:
+        uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info",
+                    proxy_headers=False, server_header=False)
+    finally:
+        pool.stop()
+
+
+class WorkerProcesses:
+    """`pdao worker` processes beside the server, started again when one dies, stopped with it."""
+
+    def __init__(self, n: int) -> None:
+        import threading
+
+        self.n, self.procs, self.stopping = n, [], threading.Event()
+
+    def _spawn(self):  # noqa: ANN202
+        import subprocess
+        import sys
+
+        return subprocess.Popen([sys.executable, "-m", "pdao", "worker"])
+
+    def start(self) -> None:
+        import threading
+
+        self.procs = [self._spawn() for _ in range(self.n)]
+        if self.n:
+            threading.Thread(target=self._watch, daemon=True, name="pdao-worker-watch").start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(5.0):
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None and not self.stopping.is_set():
+                    typer.echo(f"query worker {p.pid} ended ({p.returncode}); starting another", err=True)
+                    self.procs[i] = self._spawn()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except Exception:  # noqa: BLE001 - it would not stop: end it
+                p.kill()
 
 
 @app.command()
