@@ -273,3 +273,15 @@ def test_an_organization_reads_so_many_result_rows_a_minute(app, client, auth, e
         assert len(s.exec(select(ResultExport)).all()) == 1
     # metadata without cells costs nothing
     assert client.get("/api/v1/results", headers=a).status_code == 200
+
+
+def test_a_read_larger_than_a_minutes_budget_leaves_it_in_debt(app, client, auth, runs, settings):
+    """Review r6: a download cost at most a minute's worth of rows however large the answer. It may
+    start once the budget holds a minute's worth, and takes all its rows: the next read waits."""
+    import dataclasses
+
+    app.state.settings = dataclasses.replace(settings, read_rows_per_minute=15)   # the answer has 20 rows
+    a = auth("insurer_a")
+    assert client.get(f"/api/v1/results/{runs['dev']}/download", headers=a).status_code == 200
+    r = _get(client, a, runs["dev"], limit=1)
+    assert r.status_code == 429 and r.json()["code"] == "read_rate_limited"

@@ -445,6 +445,9 @@ def visible_rows(stmt: Any, principal: Principal, org_column: Any) -> Any:
     return None if principal.role is Role.provider else stmt
 
 
+TENANT_LIST_SCAN = 5_000     # a tenant's newest results a status filter looks through
+
+
 def list_results(session: Session, principal: Principal, status: str | None, limit: int = 100) -> list[QueryResult]:
     """The results a principal may list, newest first. A tenant's `status` filter is on the status it
     is shown (`as_tenant_sees`), never the stored one: filtering on the stored status told a tenant
@@ -458,7 +461,7 @@ def list_results(session: Session, principal: Principal, status: str | None, lim
             stmt = stmt.where(QueryResult.status == status)
         return list(session.exec(stmt.limit(limit)).all())
     out: list[QueryResult] = []
-    for r in session.exec(stmt).all():
+    for r in session.exec(stmt.limit(TENANT_LIST_SCAN)).all():
         if hidden_from(principal, session, r):
             continue
         if status is None or as_tenant_sees(session, r).status == status:

@@ -34,18 +34,21 @@ _by_org: dict[int, int] = {}       # organization id -> reads running
 # Rows read per organization and minute (result pages and downloads), a token bucket per
 # organization in this process: one tenant reading 10,000-row pages in a loop (279 in 30 s) slowed
 # every other tenant's requests 5-10x while within every other limit (review r5 #3). A read costs
-# its rows, at most a whole minute's worth (so a large download is one a minute, never refused
-# forever).
+# its rows: it may start once the budget holds them (or a whole minute's worth, for a larger one),
+# and all its rows are taken, so a large download leaves the budget in debt for the minutes it is
+# worth (review r6: capped at a minute's worth, large answers were under-charged).
 _rows_lock = threading.Lock()
 _rows: dict[tuple[str, int], tuple[float, float]] = {}   # (database, org id) -> (rows left, monotonic time)
 
 
 def charge_rows(principal: Principal, rows: int, settings: Settings, now: float | None = None) -> None:
-    """Take `rows` (at least 1, at most `read_rows_per_minute`) from the organization's read budget,
-    or 429 `read_rate_limited` with the seconds until it holds them."""
+    """Take `rows` (at least 1) from the organization's read budget once it holds them (at most a
+    minute's worth is waited for; the rest is debt), or 429 `read_rate_limited` with the seconds
+    until it does."""
     now = time.monotonic() if now is None else now
     per_minute = settings.read_rows_per_minute
-    cost = float(min(max(rows, 1), per_minute))
+    rows = max(rows, 1)
+    cost = float(min(rows, per_minute))
     key = (settings.database_url, principal.org_id)
     with _rows_lock:
         left, at = _rows.get(key, (float(per_minute), now))
@@ -59,7 +62,7 @@ def charge_rows(principal: Principal, rows: int, settings: Settings, now: float 
                             f"贵单位最近一分钟已读取 {per_minute} 行结果，已达上限；请 {wait} 秒后重试（或减小每页行数）。",
                             details={"rows_per_minute": per_minute, "retry_after_seconds": wait},
                             headers={"Retry-After": str(wait)})
-        _rows[key] = (left - cost, now)
+        _rows[key] = (left - rows, now)
 
 
 def in_use(principal: Principal) -> int:
