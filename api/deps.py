@@ -19,6 +19,7 @@ from pdao.kernel.config import Settings
 from pdao.kernel.db import id_in_range
 from pdao.kernel.errors import PdaoError, forbidden, invalid, unauthorized
 from pdao.kernel.identity.service import Principal, principal_from_api_key, principal_from_token
+from policies import access
 from policies.enforcer import role_may
 from sandbox.scenes.models import Scene
 from sandbox.scenes.service import get_visible
@@ -93,7 +94,10 @@ class Authorized:
         return principal
 
     def authorize(self, principal: Principal) -> None:
-        if not role_may(principal.role.value, self.resource, self.action):
+        # the role table (casbin), then whose objects the caller reaches (policies/access.py): an
+        # auditor employed by a company is a tenant, and a tenant never reads the audit trail
+        if (not role_may(principal.role.value, self.resource, self.action)
+                or access.reach_of(principal, self.resource) is access.FORBIDDEN):
             raise forbidden("role_not_permitted",
                             f"The role '{principal.role}' may not {self.action} {self.resource}.",
                             f"角色 {principal.role} 无权对 {self.resource} 执行 {self.action}。")

@@ -8,9 +8,9 @@ every company's objects. So anyone in a company is tenant-scoped whatever their 
 applicant whatever organization it sits in (an applicant's organization is always a company; the
 role alone is enough to scope it).
 
-Used by the uploads (`sandbox.uploads.service.upload_scope`) and the catalog
-(`policies.catalog_rules.catalog_scope`). `sandbox.results.export._tenant_scoped(principal)` means exactly
-`tenant_scoped(principal.role, principal.org_kind)`.
+Used by the reach table (`policies.access`: whose scenes, queries, results, uploads and budgets a
+caller reaches, and who may read the audit trail) and the catalog
+(`policies.catalog_rules.catalog_scope`).
 """
 
 from __future__ import annotations

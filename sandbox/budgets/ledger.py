@@ -37,7 +37,7 @@ from pdao.kernel.config import Settings
 from pdao.kernel.db import utcnow
 from pdao.kernel.errors import PdaoError, conflict, invalid
 from pdao.kernel.identity.models import Organization, Role, User
-from policies.visibility import tenant_scoped
+from policies import access
 from sandbox.scenes import states
 from sandbox.scenes.models import Scene, SceneItem
 
@@ -118,9 +118,11 @@ def company_totals(row: CompanyDatasetBudget | None, settings: Settings) -> Tota
 
 
 def budget_scope(role: Role, org_id: int, org_kind: str) -> int | None:
-    """Whose company budgets a caller (already allowed `budget read` by casbin) may see: its own
-    company's (an org id) for anyone in a company, or every company's (None: the office, auditors)."""
-    return org_id if tenant_scoped(role, org_kind) else None
+    """Whose company budgets a caller (already allowed `budget read` by casbin) may see
+    (`policies.access`, resource `budget`): its own company's (an org id) for anyone in a company,
+    every company's (None: the office, auditors), or nobody's (0: no organization has it)."""
+    r = access.reach(role, org_kind, "budget")
+    return org_id if r is access.OWN else None if r is access.ALL else 0
 
 
 # Scenes that may still spend: the company's other scenes count while one of these (a suspended one

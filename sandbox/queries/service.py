@@ -46,6 +46,7 @@ from pdao.kernel.db import id_in_range, utcnow
 from pdao.kernel.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.kernel.identity.models import Role
 from pdao.kernel.identity.service import Principal
+from policies import access
 from policies.enforcer import SceneEnforcers
 from policies.rules import item_verdict
 from sandbox.budgets import ledger
@@ -613,9 +614,7 @@ cells_visible = export.cells_visible
 
 
 def list_queries(session: Session, principal: Principal, scene_id: int | None = None, limit: int = 100) -> list[Query]:
-    stmt = export.visible_rows(select(Query), principal, Query.org_id)
-    if stmt is None:
-        return []
+    stmt = access.readable(select(Query), principal, "query", Query.org_id)
     if scene_id is not None:
         stmt = stmt.where(Query.scene_id == scene_id)
     return list(session.exec(stmt.order_by(Query.id.desc()).limit(limit)).all())

@@ -51,6 +51,7 @@ from pdao.kernel.db import id_in_range, utcnow
 from pdao.kernel.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.kernel.identity.models import Organization, Role, User
 from pdao.kernel.identity.service import Principal
+from policies import access
 from policies.visibility import tenant_scoped
 from sandbox.engine.execute import Answer, Execution
 from sandbox.results import disclosure, fingerprint, read_slots
@@ -348,11 +349,10 @@ def _tenant_scoped(principal: Principal) -> bool:
 
 
 def may_see(principal: Principal, org_id: int) -> bool:
-    """Tenants (anyone in a company) see their own organization's queries and results; providers
-    none; the office, reviewers, auditors and the operator see metadata. Cells: `cells_visible`."""
-    if _tenant_scoped(principal):
-        return org_id == principal.org_id
-    return principal.role is not Role.provider
+    """Whose queries and results a caller sees (`policies.access`, resource `result`): tenants (anyone
+    in a company) their own organization's; providers none; the office, reviewers, auditors and the
+    operator metadata. Cells: `cells_visible`."""
+    return access.may_read(principal, "result", org_id)
 
 
 def cells_visible(principal: Principal, r: QueryResult, *, decided_by_me: bool = False) -> bool:
@@ -437,14 +437,6 @@ def review_queue(session: Session, principal: Principal, limit: int = 100) -> li
     return list(session.exec(stmt).all())
 
 
-def visible_rows(stmt: Any, principal: Principal, org_column: Any) -> Any:
-    """`stmt` narrowed to what `may_see` allows: a tenant's own organization's rows, none for
-    providers (None: nothing to list), all for the office, reviewers, auditors and the operator."""
-    if _tenant_scoped(principal):
-        return stmt.where(org_column == principal.org_id)
-    return None if principal.role is Role.provider else stmt
-
-
 TENANT_LIST_SCAN = 5_000     # a tenant's newest results a status filter looks through
 
 
@@ -452,9 +444,7 @@ def list_results(session: Session, principal: Principal, status: str | None, lim
     """The results a principal may list, newest first. A tenant's `status` filter is on the status it
     is shown (`as_tenant_sees`), never the stored one: filtering on the stored status told a tenant
     that a reviewer had revised its held answer (it left `held` for `superseded`; review r4 #2)."""
-    stmt = visible_rows(select(QueryResult), principal, QueryResult.org_id)
-    if stmt is None:
-        return []
+    stmt = access.readable(select(QueryResult), principal, "result", QueryResult.org_id)
     stmt = stmt.order_by(QueryResult.id.desc())
     if not _tenant_scoped(principal):
         if status is not None:

@@ -22,11 +22,11 @@ from pdao.kernel.db import id_in_range, utcnow
 from pdao.kernel.errors import PdaoError, conflict, forbidden, invalid, not_found
 from pdao.kernel.identity.models import Organization, Role, User
 from pdao.kernel.identity.service import Principal
+from policies import access
 from policies.catalog_rules import CatalogScope, catalog_scope
 from policies.enforcer import SceneEnforcers, role_may, scene_domain, scene_policy_rows
 from policies.models import CasbinRule
 from policies.rules import FieldFacts, Verdict, item_verdict
-from policies.visibility import tenant_scoped
 from sandbox.budgets.ledger import (
     SceneDatasetBudget,
     budget_scope,
@@ -270,12 +270,11 @@ def may_see(session: Session, principal: Principal, scene: Scene) -> bool:
     """Applicants see their own organization's scenes only; providers the scenes that use their
     department's data; the office, reviewers, auditors and the operator all — except that anyone
     who belongs to a company (a tenant) sees that company's scenes only."""
-    if tenant_scoped(principal.role, principal.org_kind):
-        return scene.org_id == principal.org_id
-    if principal.role is Role.provider:
+    r = access.reach_of(principal, "scene")
+    if r is access.DEPARTMENT:
         return session.exec(select(SceneItem.id).join(Dataset, Dataset.code == SceneItem.dataset).where(
             SceneItem.scene_id == scene.id, Dataset.source_org_id == principal.org_id)).first() is not None
-    return True
+    return access.may_read(principal, "scene", scene.org_id)
 
 
 def get_visible(session: Session, principal: Principal, scene_id: int) -> Scene:
@@ -288,12 +287,10 @@ def get_visible(session: Session, principal: Principal, scene_id: int) -> Scene:
 def list_visible(session: Session, principal: Principal, status: str | None = None,
                  now: datetime | None = None) -> list[SceneSummary]:
     now = now or utcnow()
-    stmt = select(Scene, Organization.code).join(Organization, Organization.id == Scene.org_id)
-    if tenant_scoped(principal.role, principal.org_kind):
-        stmt = stmt.where(Scene.org_id == principal.org_id)
-    elif principal.role is Role.provider:
-        stmt = stmt.where(Scene.id.in_(select(SceneItem.scene_id).join(Dataset, Dataset.code == SceneItem.dataset)
-                                       .where(Dataset.source_org_id == principal.org_id)))
+    stmt = access.readable(
+        select(Scene, Organization.code).join(Organization, Organization.id == Scene.org_id), principal, "scene",
+        Scene.org_id, department=Scene.id.in_(select(SceneItem.scene_id).join(Dataset, Dataset.code == SceneItem.dataset)
+                                              .where(Dataset.source_org_id == principal.org_id)))
     out = []
     for s, org in session.exec(stmt.order_by(Scene.id.desc())).all():
         eff = states.effective_status(s.status, s.valid_from, s.valid_to, now)

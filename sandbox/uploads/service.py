@@ -67,8 +67,8 @@ from pdao.kernel.config import Settings
 from pdao.kernel.db import utcnow
 from pdao.kernel.errors import PdaoError, invalid, not_found
 from pdao.kernel.identity.models import Organization, Role
+from policies import access
 from policies.catalog_rules import catalog_scope
-from policies.visibility import tenant_scoped
 from sandbox.engine.store import (
     _COMPATIBLE,
     DUCK_TYPES,
@@ -1225,11 +1225,8 @@ def upload_scope(role: Role, org_id: int, org_kind: str) -> int | None | bool:
     organization's: anyone tenant-scoped, i.e. an applicant or anyone in a company, a company's own
     reviewer included), None (every tenant's: the office, reviewers and auditors outside companies),
     or False (none: providers, operators)."""
-    if tenant_scoped(role, org_kind):
-        return org_id
-    if role in (Role.office, Role.reviewer, Role.auditor):
-        return None
-    return False
+    r = access.reach(role, org_kind, "upload")
+    return org_id if r is access.OWN else None if r is access.ALL else False
 
 
 def visible_uploads(session: Session, role: Role, org_id: int, org_kind: str, *, name: str | None = None,
