@@ -1,9 +1,11 @@
 """The web console's pages: thin, like the API's routes, over the same service functions, behind the
 same authentication and casbin checks (`api/console/auth.py`), audited by the same middleware.
 
-No page decides who may see what by itself: scenes come from `sandbox.scenes.service` (get_visible,
-list_visible, to_out), queries and results from `sandbox.queries.service` / `sandbox.results.export` (may_see,
-visible_rows, cells_visible through `result_out`), the catalog through `policies.catalog_rules`.
+No page decides who may see what by itself: whose objects a caller reaches is `policies.access`, read
+by the services the pages call — scenes from `sandbox.scenes.service` (get_visible, list_visible,
+to_out), queries and results from `sandbox.queries.service` / `sandbox.results.export` (may_see,
+list_results, cells_visible through `result_out`), uploads and budgets through their scopes — and the
+catalog through `policies.catalog_rules`.
 Cells reach a page only as `result_out(...)["rows"]`, which is None unless `cells_visible`.
 """
 
