@@ -96,11 +96,15 @@ class Authorized:
     def authorize(self, principal: Principal) -> None:
         # the role table (casbin), then whose objects the caller reaches (policies/access.py): an
         # auditor employed by a company is a tenant, and a tenant never reads the audit trail
-        if (not role_may(principal.role.value, self.resource, self.action)
-                or access.reach_of(principal, self.resource) is access.FORBIDDEN):
+        if not role_may(principal.role.value, self.resource, self.action):
             raise forbidden("role_not_permitted",
                             f"The role '{principal.role}' may not {self.action} {self.resource}.",
                             f"角色 {principal.role} 无权对 {self.resource} 执行 {self.action}。")
+        if access.reach_of(principal, self.resource) is access.FORBIDDEN:
+            raise forbidden("tenant_not_permitted",
+                            f"Anyone employed by a company is a tenant, and a tenant may not {self.action} "
+                            f"{self.resource}.",
+                            f"企业人员视同数据使用方，不得对 {self.resource} 执行 {self.action}。")
 
 
 def caller(resource: str, action: str):  # noqa: ANN201 - an Annotated type

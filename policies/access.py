@@ -45,7 +45,7 @@ REACH: dict[str, dict[str, Reach]] = {
     "query":  dict(tenant=OWN, provider=NONE, office=ALL, reviewer=ALL, auditor=ALL, operator=ALL),
     "result": dict(tenant=OWN, provider=NONE, office=ALL, reviewer=ALL, auditor=ALL, operator=ALL),
     "upload": dict(tenant=OWN, provider=NONE, office=ALL, reviewer=ALL, auditor=ALL, operator=NONE),
-    "budget": dict(tenant=OWN, provider=NONE, office=ALL, reviewer=NONE, auditor=ALL, operator=NONE),
+    "budget": dict(tenant=OWN, provider=FORBIDDEN, office=ALL, reviewer=FORBIDDEN, auditor=ALL, operator=FORBIDDEN),
     "audit":  dict(tenant=FORBIDDEN, provider=FORBIDDEN, office=ALL, reviewer=FORBIDDEN, auditor=ALL,
                    operator=FORBIDDEN),
     "trace":  dict(tenant=FORBIDDEN, provider=FORBIDDEN, office=ALL, reviewer=FORBIDDEN, auditor=ALL,

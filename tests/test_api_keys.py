@@ -196,7 +196,10 @@ def test_parallel_claims_give_one_key(client, engine, auth):
     for t in threads:
         t.join()
     won = [a for s, a in answers if s == 200]
-    assert len(won) == 1 and sorted(answers)[1:] == [(409, "api_key_claimed")] * (n - 1), answers
+    # the others: already claimed — or, when six password checks overlap, refused by the lockout
+    # (each attempt is counted before its check; the fifth at once locks the address for a window)
+    assert len(won) == 1 and {a for a in answers if a[0] != 200} <= {(409, "api_key_claimed"),
+                                                                      (429, "login_locked")}, answers
     assert key_row(engine, g["id"]).key_sha256 == tokens.api_key_digest(won[0])
     assert client.get("/api/v1/me", headers={"X-API-Key": won[0]}).status_code == 200
     assert len(decisions(engine, "api_key.claimed")) == 1

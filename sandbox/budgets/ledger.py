@@ -117,12 +117,12 @@ def company_totals(row: CompanyDatasetBudget | None, settings: Settings) -> Tota
                   row.epsilon_spent, row.delta_spent)
 
 
-def budget_scope(role: Role, org_id: int, org_kind: str) -> int | None:
+def budget_scope(role: Role, org_id: int, org_kind: str) -> int | None | bool:
     """Whose company budgets a caller (already allowed `budget read` by casbin) may see
     (`policies.access`, resource `budget`): its own company's (an org id) for anyone in a company,
-    every company's (None: the office, auditors), or nobody's (0: no organization has it)."""
+    every company's (None: the office, auditors), or nobody's (False)."""
     r = access.reach(role, org_kind, "budget")
-    return org_id if r is access.OWN else None if r is access.ALL else 0
+    return org_id if r is access.OWN else None if r is access.ALL else False
 
 
 # Scenes that may still spend: the company's other scenes count while one of these (a suspended one
@@ -351,11 +351,13 @@ def _budget_out(row: CompanyDatasetBudget | None, org: str, dataset: str, settin
         updated_at=None if row is None else row.updated_at)
 
 
-def company_budgets(session: Session, settings: Settings, *, org_id: int | None = None,
+def company_budgets(session: Session, settings: Settings, *, org_id: int | None | bool = None,
                     datasets: Iterable[str] | None = None) -> list[CompanyBudgetOut]:
     """Company budgets by org and dataset: every row (something reserved, or a cap set), and the
     default for each (company, dataset) that a scene submitted or live asks for and has no row yet.
     `org_id` None: every company's."""
+    if org_id is False:      # nobody's (`budget_scope`)
+        return []
     wanted = None if datasets is None else sorted(set(datasets))
     stmt = (select(CompanyDatasetBudget, Organization.code, User.username)
             .join(Organization, Organization.id == CompanyDatasetBudget.org_id)

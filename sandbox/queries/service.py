@@ -604,7 +604,7 @@ def cancel(session: Session, principal: Principal, q: Query, request_id: str | N
 
 def get_query(session: Session, principal: Principal, query_id: int) -> Query:
     q = session.get(Query, query_id) if id_in_range(query_id) else None
-    if q is None or not export.may_see(principal, q.org_id):
+    if q is None or not access.may_read(principal, "query", q.org_id):
         raise not_found("Query", "查询")
     return q
 
