@@ -17,10 +17,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pdao demo
 
-# The layers (import-linter contracts in pyproject.toml) and lint; .ci/run runs this before the tests.
+# The layers (import-linter contracts in pyproject.toml), lint (ruff) and the type check (mypy);
+# .ci/run runs this before the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy pdao api catalog policies sandbox
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
