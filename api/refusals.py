@@ -96,7 +96,7 @@ class AnonymousRefusals:
 
     def admit(self, client: str, now: float | None = None) -> bool:
         """Before an anonymous request runs: False when its address is past `answered_per_minute`
-        refusals this minute (the caller answers 429 and calls `refused(..., audited=False)`)."""
+        refusals this minute (the caller answers 429 and counts it with `refused`)."""
         with self._lock:
             m = self._by_client.get(client)
             return m is None or m.window != self._window(now) or m.refused < self.answered_per_minute
