@@ -166,3 +166,10 @@ def test_guesses_past_the_one_by_one_share_still_raise_the_failed_logins_alert(a
     [a] = [a for a in alerts if a["kind"] == "failed_logins"]
     assert a["detail"]["attempted_username"] == "provider1" and a["count"] == 12
     assert a["detail"]["clients"] == {"203.0.113.50": 12}
+
+
+def test_a_paging_offset_beyond_the_database_range_is_a_clear_422(client, auth):
+    """Found by the schemathesis run (`tests/test_api_fuzz.py`): an offset of 10³² made SQLite
+    overflow and the catalog list answered 500."""
+    r = client.get("/api/v1/datasets", headers=auth("insurer_a"), params={"offset": 10**32})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request" and r.json()["message_zh"]

@@ -13,6 +13,7 @@ from api.uploads import receive_file
 from catalog import service
 from catalog.descriptor import Category, OpeningClass, Sensitivity, parse_descriptor_dict, parse_descriptor_text
 from catalog.schemas import DatasetOut, DatasetPage, DescriptorReport, VersionOut
+from pdao.kernel.db import MAX_ID
 from pdao.kernel.errors import bad_request, forbidden, invalid
 from pdao.kernel.identity.service import Principal
 from policies.catalog_rules import CatalogScope, catalog_scope, may_manage_dataset
@@ -43,7 +44,7 @@ def list_datasets(
     opening_class: OpeningClass | None = None,
     sensitivity: Sensitivity | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> DatasetPage:
     """Datasets the caller may see, with search and filters."""
     flt = service.DatasetFilters(q=q, department=department, category=category, grade=grade, max_grade=max_grade,
