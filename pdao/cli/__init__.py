@@ -1,0 +1,1 @@
+"""The `pdao` command line (`main.app`) and the demo set-up."""

@@ -1,0 +1,1 @@
+"""Users in organizations, passwords, tokens, API keys, the login lockout and its bounds."""
