@@ -665,3 +665,19 @@ def test_the_reach_table_agrees_with_the_role_table():
                 continue
             allowed = role_may(role.value, resource, read_action.get(resource, "read"))
             assert allowed == (row[role.value] is not FORBIDDEN), (resource, role.value, row[role.value], allowed)
+
+
+def test_the_console_offers_an_auditor_employed_by_a_company_no_audit_pages():
+    """The console's navigation follows the reach table too (review r7: it still linked such a
+    caller to pages that answer 403)."""
+    from types import SimpleNamespace
+
+    from api.console.render import NAV, _shown
+    from pdao.kernel.identity.models import Role
+
+    def paths(org_kind: str) -> set[str]:
+        who = SimpleNamespace(role=Role.auditor, org_kind=org_kind)
+        return {entry[1] for entry in NAV if _shown(who, entry)}
+
+    assert {"/audit", "/audit/alerts", "/trace"} <= paths("regulator")
+    assert not {"/audit", "/audit/alerts", "/trace"} & paths("company")

@@ -16,6 +16,7 @@ from api.console import svg
 from api.console.auth import CSRF_COOKIE, LANG_COOKIE, PREFIX, csrf_token
 from api.console.i18n import DEFAULT_LANG, LANGS, pick, translator
 from pdao.kernel.identity.models import Role
+from policies import access
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
@@ -64,7 +65,8 @@ _env.filters["when"] = _fmt_time
 _env.filters["num"] = _fmt_num
 
 
-NAV: list[tuple[str, str, tuple[Role, ...] | None]] = [
+# (label, path, the roles it is for, the resource whose reach may still refuse it: policies/access.py)
+NAV: list[tuple[str, str, tuple[Role, ...] | None] | tuple[str, str, tuple[Role, ...] | None, str]] = [
     ("nav.home", "/", None),
     ("nav.catalog", "/catalog", None),
     ("nav.scenes", "/scenes", None),
@@ -74,12 +76,21 @@ NAV: list[tuple[str, str, tuple[Role, ...] | None]] = [
     ("nav.uploads", "/uploads", (Role.applicant,)),
     ("nav.uploads_staff", "/uploads", (Role.office, Role.reviewer, Role.auditor)),
     ("nav.reviews", "/reviews", (Role.reviewer,)),
-    ("nav.trace", "/trace", (Role.auditor, Role.office)),
-    ("nav.audit", "/audit", (Role.auditor, Role.office)),
-    ("nav.alerts", "/audit/alerts", (Role.auditor, Role.office)),
+    ("nav.trace", "/trace", (Role.auditor, Role.office), "trace"),
+    ("nav.audit", "/audit", (Role.auditor, Role.office), "audit"),
+    ("nav.alerts", "/audit/alerts", (Role.auditor, Role.office), "audit"),
     ("nav.emergency", "/emergency-stop", (Role.office,)),
     ("nav.api_keys", "/api-keys", (Role.applicant, Role.provider, Role.operator)),
 ]
+
+
+def _shown(principal: Any, entry: tuple) -> bool:
+    """A nav entry for this caller: its role is one the entry is for, and (an auditor employed by a
+    company) the resource is not one a tenant is refused."""
+    roles = entry[2]
+    if roles is not None and principal.role not in roles:
+        return False
+    return len(entry) < 4 or access.reach_of(principal, entry[3]) is not access.FORBIDDEN
 
 
 def url(path: str) -> str:
@@ -90,8 +101,7 @@ def render(request: Request, template: str, http_status: int = 200, **ctx: Any) 
     lang = lang_of(request)
     t, tv = translator(lang)
     principal = getattr(request.state, "principal", None)
-    nav = [(t(key), url(path)) for key, path, roles in NAV
-           if principal is not None and (roles is None or principal.role in roles)]
+    nav = [(t(entry[0]), url(entry[1])) for entry in NAV if principal is not None and _shown(principal, entry)]
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     other = "en" if lang == "zh" else "zh"
     context = {

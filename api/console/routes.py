@@ -326,10 +326,12 @@ def _own_upload_names(session, principal) -> list[str]:  # noqa: ANN001
 
 
 def _may(principal, resource: str, act: str) -> bool:  # noqa: ANN001
-    """Whether to show a control: casbin's answer for the role (the action itself is checked again)."""
+    """Whether to show a control: casbin's answer for the role, and a resource a tenant is not refused
+    (`policies.access`); the action itself is checked again."""
+    from policies import access
     from policies.enforcer import role_may
 
-    return role_may(principal.role.value, resource, act)
+    return role_may(principal.role.value, resource, act) and access.reach_of(principal, resource) is not access.FORBIDDEN
 
 
 @router.post("/scenes/{scene_id}/submit", name="scenes.submit")
