@@ -92,8 +92,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request.state.request_id = uuid.uuid4().hex  # ours: unique; a client's own id goes in the detail
         refusals: AnonymousRefusals = request.app.state.refusals
         client = request.client.host if request.client else "unknown"
-        anonymous = not proves_someone(request.headers, request.cookies, request.app.state.settings.secret_key)
-        if anonymous and not refusals.admit(client):   # a flood that names nobody: not even run
+        # a flood from an address that names nobody is not even run (the token's signature is checked
+        # only for an address past its refusals: admit is the cheap test)
+        if not refusals.admit(client) and not proves_someone(request.headers, request.cookies,
+                                                              request.app.state.settings.secret_key):
             refusals.refused(client, 429, request.url.path)
             err = PdaoError(429, "too_many_refused_requests",
                             "Too many refused requests from your address this minute; try again in a minute.",

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pdao.kernel.config import Settings
 from pdao.kernel.errors import PdaoError
 from pdao.kernel.identity.service import Principal
+from pdao.kernel.identity.throttle import refill
 
 MAX_READS_PER_USER = 2
 MAX_READS_PER_ORG = 6
@@ -52,7 +53,7 @@ def charge_rows(principal: Principal, rows: int, settings: Settings, now: float 
     key = (settings.database_url, principal.org_id)
     with _rows_lock:
         left, at = _rows.get(key, (float(per_minute), now))
-        left = min(float(per_minute), left + max(now - at, 0.0) * per_minute / 60.0)
+        left = refill(left, now - at, per_minute)
         if left < cost:
             _rows[key] = (left, now)
             wait = max(1, math.ceil((cost - left) * 60.0 / per_minute))
